@@ -1,0 +1,553 @@
+"""The bus contract: subject names and every message that crosses NATS.
+
+Every role (gateway, balancer, adapter, log sink, SDK on the bus) imports this module and nothing
+else to speak to the others. All payloads are msgspec Structs encoded as JSON; each carries `v`,
+the schema version, so a reader can refuse what it does not understand instead of misreading it.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+import uuid
+from typing import Any, Final, Literal, TypeVar
+
+import msgspec
+
+SCHEMA_VERSION: Final = 1
+DEFAULT_PREFIX: Final = "comfy"
+
+# Characters that would split or wildcard a NATS subject token.
+_FORBIDDEN_IN_TOKEN = frozenset(".*> \t\r\n")
+
+
+class ContractError(ValueError):
+    """A message or a name does not follow the bus contract."""
+
+
+def check_token(value: str, what: str = "id") -> str:
+    """Return `value` if it can stand as one NATS subject token, else raise ContractError."""
+    if not value or len(value) > 128 or any(ch in _FORBIDDEN_IN_TOKEN for ch in value):
+        raise ContractError(
+            f"{what} {value!r} is not usable in a subject: 1-128 characters, "
+            "no dots, spaces or wildcards"
+        )
+    return value
+
+
+class Subjects(msgspec.Struct, frozen=True):
+    """Subject, stream and bucket names under one configurable prefix."""
+
+    prefix: str = DEFAULT_PREFIX
+
+    def __post_init__(self) -> None:
+        check_token(self.prefix, "subject prefix")
+
+    @property
+    def submit(self) -> str:
+        return f"{self.prefix}.submit"
+
+    def jobs(self, server_id: str) -> str:
+        return f"{self.prefix}.jobs.{check_token(server_id, 'server id')}"
+
+    def heartbeat(self, server_id: str) -> str:
+        return f"{self.prefix}.heartbeat.{check_token(server_id, 'server id')}"
+
+    def events(self, job_id: str) -> str:
+        return f"{self.prefix}.events.{check_token(job_id, 'job id')}"
+
+    def control(self, server_id: str) -> str:
+        return f"{self.prefix}.control.{check_token(server_id, 'server id')}"
+
+    @property
+    def logs_query(self) -> str:
+        return f"{self.prefix}.logs.query"
+
+    @property
+    def all_jobs(self) -> str:
+        return f"{self.prefix}.jobs.>"
+
+    @property
+    def all_events(self) -> str:
+        return f"{self.prefix}.events.>"
+
+    @property
+    def all_heartbeats(self) -> str:
+        return f"{self.prefix}.heartbeat.*"
+
+    # The default prefix keeps the documented names; another prefix gets its own resources so
+    # two deployments can share one NATS without seeing each other's jobs.
+    def _resource(self, name: str, sep: str) -> str:
+        if self.prefix == DEFAULT_PREFIX:
+            return name
+        return f"{self.prefix.upper()}{sep}{name}"
+
+    @property
+    def jobs_stream(self) -> str:
+        return self._resource("JOBS", "_")
+
+    @property
+    def events_stream(self) -> str:
+        return self._resource("EVENTS", "_")
+
+    @property
+    def servers_bucket(self) -> str:
+        return f"{self.prefix}_servers"
+
+    @property
+    def jobs_bucket(self) -> str:
+        return f"{self.prefix}_jobs"
+
+    @property
+    def outputs_bucket(self) -> str:
+        return f"{self.prefix}_outputs"
+
+
+def new_id() -> str:
+    """A fresh random id (32 hex characters), usable as a subject token."""
+    return uuid.uuid4().hex
+
+
+def prompt_id_for(job_id: str, attempt: int) -> str:
+    """The ComfyUI prompt id of one attempt of a job.
+
+    Derived, not random, so that an adapter that receives a job again after a crash can find the
+    prompt it may already have queued on ComfyUI and adopt it instead of running it twice.
+    """
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"comfyautomate:{job_id}:{attempt}"))
+
+
+def now() -> float:
+    """Wall-clock time as used in every message: seconds since the epoch."""
+    return time.time()
+
+
+# --------------------------------------------------------------------------------------------
+# Job states
+
+
+class JobStatus(enum.StrEnum):
+    QUEUED = "queued"
+    DISPATCHED = "dispatched"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in TERMINAL_STATUSES
+
+
+TERMINAL_STATUSES: Final = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED})
+
+
+class _Message(msgspec.Struct, kw_only=True, omit_defaults=False):
+    v: int = SCHEMA_VERSION
+
+
+# --------------------------------------------------------------------------------------------
+# Submitting a job
+
+
+class JobInput(msgspec.Struct, frozen=True, kw_only=True):
+    """A file the workflow loads (a LoadImage input), given one of three ways.
+
+    `name` is the file name the workflow refers to; the adapter uploads the file to ComfyUI
+    first and rewrites the workflow to the name ComfyUI gives it.
+    """
+
+    name: str
+    source: Literal["base64", "key", "url"]
+    value: str
+    content_type: str | None = None
+
+
+class JobRequest(_Message, kw_only=True):
+    """What a client asks for: run this workflow (ComfyUI API format) somewhere suitable."""
+
+    workflow: dict[str, Any]
+    overrides: dict[str, Any] = msgspec.field(default_factory=dict)
+    inputs: list[JobInput] = msgspec.field(default_factory=list)
+    server: str | None = None
+    labels: dict[str, str] = msgspec.field(default_factory=dict)
+    priority: int = 0
+    max_attempts: int = 2
+    timeout_s: float | None = None
+    job_id: str | None = None
+    metadata: dict[str, str] = msgspec.field(default_factory=dict)
+
+
+class JobAccepted(_Message, kw_only=True):
+    job_id: str
+    status: JobStatus = JobStatus.QUEUED
+    submitted_at: float
+    log_file_path: str
+
+
+class Error(_Message, kw_only=True):
+    """A refusal or failure, with a machine-readable code and a sentence for people."""
+
+    code: str
+    message: str
+    details: Any = None
+
+
+class Job(_Message, kw_only=True):
+    """One attempt of a job, as handed to the adapter of the server it is bound to."""
+
+    job_id: str
+    attempt: int
+    server_id: str
+    request: JobRequest
+    submitted_at: float
+    dispatched_at: float
+
+    @property
+    def prompt_id(self) -> str:
+        return prompt_id_for(self.job_id, self.attempt)
+
+
+# --------------------------------------------------------------------------------------------
+# Servers
+
+
+class Capabilities(msgspec.Struct, kw_only=True):
+    """What a server can run: its node types and model files, and its device."""
+
+    node_types: list[str] = msgspec.field(default_factory=list)
+    models: dict[str, list[str]] = msgspec.field(default_factory=dict)
+    device: str | None = None
+    vram_total: int | None = None
+    vram_free: int | None = None
+
+
+class Heartbeat(_Message, kw_only=True):
+    """An adapter's view of its server, published about once a second.
+
+    `capabilities` is sent only when it changed (or on request), since /object_info is large;
+    `capabilities_hash` lets a balancer notice that it missed one and ask.
+    """
+
+    server_id: str
+    address: str
+    ts: float
+    healthy: bool
+    reason: str | None = None
+    queue_running: int = 0
+    queue_pending: int = 0
+    in_flight: list[str] = msgspec.field(default_factory=list)
+    capacity: int = 2
+    weight: float = 1.0
+    labels: dict[str, str] = msgspec.field(default_factory=dict)
+    capabilities_hash: str = ""
+    capabilities: Capabilities | None = None
+    interval_s: float = 1.0
+
+
+class ServerRecord(_Message, kw_only=True):
+    """A registered server, as kept in KV `comfy_servers` under its id."""
+
+    server_id: str
+    name: str
+    address: str
+    weight: float = 1.0
+    capacity: int = 2
+    labels: dict[str, str] = msgspec.field(default_factory=dict)
+    registered_at: float
+
+
+# --------------------------------------------------------------------------------------------
+# Events: one tagged Struct per kind. On the wire: {"type": "...", "data": {...}, ...}.
+
+
+class OutputFile(msgspec.Struct, kw_only=True):
+    """One stored output of a job."""
+
+    node_id: str
+    filename: str
+    key: str
+    size: int
+    content_type: str
+    url: str
+    kind: str = "images"
+
+
+class QueuedData(msgspec.Struct, kw_only=True):
+    request: JobRequest
+    log_file_path: str
+
+
+class DispatchedData(msgspec.Struct, kw_only=True):
+    server_id: str
+    attempt: int
+
+
+class RunningData(msgspec.Struct, kw_only=True):
+    attempt: int
+    prompt_id: str
+    # ComfyUI answered 200 but dropped some output nodes: kept so it is never passed over.
+    node_errors: dict[str, Any] = msgspec.field(default_factory=dict)
+
+
+class NodeStartedData(msgspec.Struct, kw_only=True):
+    node_id: str
+    class_type: str | None = None
+
+
+class NodeProgressData(msgspec.Struct, kw_only=True):
+    node_id: str
+    value: int
+    max: int
+
+
+class NodeCachedData(msgspec.Struct, kw_only=True):
+    node_ids: list[str]
+
+
+class NodeOutputData(msgspec.Struct, kw_only=True):
+    node_id: str
+    output: dict[str, Any]
+
+
+class SucceededData(msgspec.Struct, kw_only=True):
+    outputs: list[OutputFile] = msgspec.field(default_factory=list)
+    node_errors: dict[str, Any] = msgspec.field(default_factory=dict)
+    duration_s: float | None = None
+
+
+class FailedData(msgspec.Struct, kw_only=True):
+    """Why a job failed. `code` is ours; the exception fields are ComfyUI's when it raised."""
+
+    code: str
+    message: str
+    retryable: bool = False
+    node_id: str | None = None
+    node_type: str | None = None
+    exception_type: str | None = None
+    traceback: list[str] = msgspec.field(default_factory=list)
+    node_errors: dict[str, Any] = msgspec.field(default_factory=dict)
+
+
+class CancelledData(msgspec.Struct, kw_only=True):
+    reason: str = "cancelled by request"
+
+
+class RetriedData(msgspec.Struct, kw_only=True):
+    attempt: int
+    reason: str
+    previous_server_id: str | None = None
+
+
+class HistoryData(msgspec.Struct, kw_only=True):
+    prompt_id: str
+    history: dict[str, Any]
+
+
+class _Event(_Message, kw_only=True, tag_field="type"):
+    event_id: str
+    job_id: str
+    seq: int
+    ts: float
+    server_id: str | None = None
+
+
+class Queued(_Event, tag="queued", kw_only=True):
+    data: QueuedData
+
+
+class Dispatched(_Event, tag="dispatched", kw_only=True):
+    data: DispatchedData
+
+
+class Running(_Event, tag="running", kw_only=True):
+    data: RunningData
+
+
+class NodeStarted(_Event, tag="node_started", kw_only=True):
+    data: NodeStartedData
+
+
+class NodeProgress(_Event, tag="node_progress", kw_only=True):
+    data: NodeProgressData
+
+
+class NodeCached(_Event, tag="node_cached", kw_only=True):
+    data: NodeCachedData
+
+
+class NodeOutput(_Event, tag="node_output", kw_only=True):
+    data: NodeOutputData
+
+
+class Succeeded(_Event, tag="succeeded", kw_only=True):
+    data: SucceededData
+
+
+class Failed(_Event, tag="failed", kw_only=True):
+    data: FailedData
+
+
+class Cancelled(_Event, tag="cancelled", kw_only=True):
+    data: CancelledData
+
+
+class Retried(_Event, tag="retried", kw_only=True):
+    data: RetriedData
+
+
+class History(_Event, tag="history", kw_only=True):
+    data: HistoryData
+
+
+Event = (
+    Queued
+    | Dispatched
+    | Running
+    | NodeStarted
+    | NodeProgress
+    | NodeCached
+    | NodeOutput
+    | Succeeded
+    | Failed
+    | Cancelled
+    | Retried
+    | History
+)
+EVENT_TYPES: Final[tuple[type[_Event], ...]] = (
+    Queued,
+    Dispatched,
+    Running,
+    NodeStarted,
+    NodeProgress,
+    NodeCached,
+    NodeOutput,
+    Succeeded,
+    Failed,
+    Cancelled,
+    Retried,
+    History,
+)
+TERMINAL_EVENTS: Final = (Succeeded, Failed, Cancelled)
+
+# The status a job is in once an event of this kind has happened; node events leave it running.
+STATUS_AFTER: Final[dict[type[_Event], JobStatus]] = {
+    Queued: JobStatus.QUEUED,
+    Dispatched: JobStatus.DISPATCHED,
+    Running: JobStatus.RUNNING,
+    Succeeded: JobStatus.SUCCEEDED,
+    Failed: JobStatus.FAILED,
+    Cancelled: JobStatus.CANCELLED,
+    Retried: JobStatus.QUEUED,
+}
+
+
+def event_type(event: Event) -> str:
+    """The wire tag of an event (`queued`, `node_progress`, ...)."""
+    tag = type(event).__struct_config__.tag
+    assert isinstance(tag, str)
+    return tag
+
+
+# --------------------------------------------------------------------------------------------
+# Control and logs
+
+
+class Cancel(_Message, kw_only=True):
+    job_id: str
+    reason: str = "cancelled by request"
+
+
+class ControlReply(_Message, kw_only=True):
+    ok: bool
+    message: str = ""
+
+
+class LogQuery(_Message, kw_only=True):
+    sql: str
+    max_rows: int = 10_000
+    timeout_s: float = 10.0
+
+
+class Column(msgspec.Struct, frozen=True):
+    name: str
+    type: str
+
+
+class LogQueryResult(_Message, kw_only=True):
+    columns: list[Column]
+    rows: list[list[Any]]
+    truncated: bool = False
+    elapsed_ms: float = 0.0
+
+
+class JobRecord(_Message, kw_only=True):
+    """The current state of one job, as kept in KV `comfy_jobs` under its id."""
+
+    job_id: str
+    status: JobStatus
+    submitted_at: float
+    updated_at: float
+    log_file_path: str
+    priority: int = 0
+    server_id: str | None = None
+    attempt: int = 0
+    max_attempts: int = 2
+    last_seq: int = 0
+    outputs: list[OutputFile] = msgspec.field(default_factory=list)
+    error: FailedData | None = None
+
+
+# --------------------------------------------------------------------------------------------
+# Encoding
+
+_encoder = msgspec.json.Encoder()
+M = TypeVar("M", bound=msgspec.Struct)
+
+
+def encode(message: msgspec.Struct) -> bytes:
+    """Encode any contract message as JSON bytes."""
+    return _encoder.encode(message)
+
+
+class _Decoders:
+    def __init__(self) -> None:
+        self._by_type: dict[Any, msgspec.json.Decoder[Any]] = {}
+
+    def get(self, kind: Any) -> msgspec.json.Decoder[Any]:
+        decoder = self._by_type.get(kind)
+        if decoder is None:
+            decoder = self._by_type[kind] = msgspec.json.Decoder(kind)
+        return decoder
+
+
+_decoders = _Decoders()
+
+
+def _check_version(message: Any, kind: Any) -> None:
+    version = getattr(message, "v", SCHEMA_VERSION)
+    if version > SCHEMA_VERSION:
+        name = getattr(kind, "__name__", "message")
+        raise ContractError(
+            f"{name} has schema version {version}; this build understands up to {SCHEMA_VERSION}"
+        )
+
+
+def decode(data: bytes, kind: type[M]) -> M:
+    """Decode JSON bytes as `kind`, raising ContractError with a readable reason on mismatch."""
+    try:
+        message: M = _decoders.get(kind).decode(data)
+    except msgspec.DecodeError as exc:
+        raise ContractError(f"invalid {kind.__name__}: {exc}") from exc
+    _check_version(message, kind)
+    return message
+
+
+def decode_event(data: bytes) -> Event:
+    """Decode one Event of any kind."""
+    try:
+        event: Event = _decoders.get(Event).decode(data)
+    except msgspec.DecodeError as exc:
+        raise ContractError(f"invalid Event: {exc}") from exc
+    _check_version(event, Event)
+    return event

@@ -1,0 +1,42 @@
+"""Process life: logging set-up and turning SIGINT/SIGTERM into an event to wait on."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+
+def setup_logging(level: str = "INFO") -> None:
+    """One log format for every role, on stderr."""
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+    )
+
+
+@contextmanager
+def stop_on_signals(stop: asyncio.Event) -> Iterator[None]:
+    """Set `stop` on SIGINT or SIGTERM for the duration of the block, then restore defaults.
+
+    A second signal while stopping is left to the event loop's handler, so a stuck shutdown can
+    still be interrupted by pressing Ctrl-C again.
+    """
+    loop = asyncio.get_running_loop()
+    signals = (signal.SIGINT, signal.SIGTERM)
+
+    def on_signal(signum: signal.Signals) -> None:
+        logging.getLogger(__name__).info("%s received; stopping", signum.name)
+        stop.set()
+        for sig in signals:
+            loop.remove_signal_handler(sig)
+
+    for sig in signals:
+        loop.add_signal_handler(sig, on_signal, sig)
+    try:
+        yield
+    finally:
+        for sig in signals:
+            loop.remove_signal_handler(sig)

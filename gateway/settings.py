@@ -1,0 +1,122 @@
+"""One typed settings object for every role.
+
+Values come from, lowest precedence first: the defaults below, a TOML file, environment
+variables `COMFYAUTOMATE_<FIELD>` and command-line flags. A misspelt key in the TOML file is an
+error rather than a silently ignored setting.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Final
+
+import msgspec
+
+ENV_PREFIX: Final = "COMFYAUTOMATE_"
+DEFAULT_CONFIG_FILE: Final = "comfyautomate.toml"
+
+
+class SettingsError(ValueError):
+    """A setting has a value that cannot be used; the message names it."""
+
+
+class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Every setting, with the default a single machine runs on."""
+
+    # Bus
+    nats_url: str = "nats://127.0.0.1:4222"
+    subject_prefix: str = "comfy"
+    embedded_nats: bool = True
+    nats_conf: str | None = None
+    nats_user: str | None = None
+    nats_password: str | None = None
+    # Files
+    data_dir: str = "data"
+    # Gateway
+    host: str = "127.0.0.1"
+    port: int = 8000
+    public_url: str | None = None
+    api_keys: list[str] = msgspec.field(default_factory=list)
+    # Balancing and adapters
+    heartbeat_interval_s: float = 1.0
+    default_capacity: int = 2
+    default_max_attempts: int = 2
+    # Storage
+    storage: str = "local"
+
+    @property
+    def data_path(self) -> Path:
+        return Path(self.data_dir)
+
+    @property
+    def logs_path(self) -> Path:
+        return self.data_path / "logs"
+
+
+_FIELD_TYPES: Final[dict[str, Any]] = {
+    field.name: field.type for field in msgspec.structs.fields(Settings)
+}
+
+
+def _from_env(environ: Mapping[str, str]) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for name, kind in _FIELD_TYPES.items():
+        raw = environ.get(ENV_PREFIX + name.upper())
+        if raw is None:
+            continue
+        # Lists and tables are written as JSON in the environment; scalars as plain text.
+        is_container = "list" in str(kind) or "dict" in str(kind)
+        if is_container and raw.strip().startswith(("[", "{")):
+            try:
+                values[name] = json.loads(raw)
+            except json.JSONDecodeError as exc:
+                raise SettingsError(f"{ENV_PREFIX}{name.upper()} is not valid JSON: {exc}") from exc
+        elif is_container:
+            values[name] = [item.strip() for item in raw.split(",") if item.strip()]
+        else:
+            values[name] = raw
+    return values
+
+
+def _from_file(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as fh:
+            table = tomllib.load(fh)
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise SettingsError(f"cannot read settings file {path}: {exc}") from exc
+    # Allow both a flat file and one with a [comfyautomate] table.
+    section = table.get("comfyautomate", table)
+    if not isinstance(section, dict):
+        raise SettingsError(f"{path}: [comfyautomate] must be a table")
+    return section
+
+
+def load_settings(
+    flags: Mapping[str, Any] | None = None,
+    *,
+    config_file: str | Path | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Settings:
+    """Build Settings from a TOML file, the environment and flags (flags win).
+
+    `flags` holds only the options given on the command line; None values are ignored so that an
+    absent flag does not hide the environment. The file is `config_file`, else
+    `$COMFYAUTOMATE_CONFIG`, else `./comfyautomate.toml` when it exists.
+    """
+    environ = os.environ if environ is None else environ
+    merged: dict[str, Any] = {}
+    file = config_file or environ.get(ENV_PREFIX + "CONFIG")
+    if file is not None:
+        merged.update(_from_file(Path(file)))
+    elif Path(DEFAULT_CONFIG_FILE).is_file():
+        merged.update(_from_file(Path(DEFAULT_CONFIG_FILE)))
+    merged.update(_from_env(environ))
+    merged.update({key: value for key, value in (flags or {}).items() if value is not None})
+    try:
+        return msgspec.convert(merged, Settings, strict=False)
+    except msgspec.ValidationError as exc:
+        raise SettingsError(f"invalid setting: {exc}") from exc
