@@ -430,6 +430,53 @@ EVENT_TYPES: Final[tuple[type[_Event], ...]] = (
 )
 TERMINAL_EVENTS: Final = (Succeeded, Failed, Cancelled)
 
+EventData = (
+    QueuedData
+    | DispatchedData
+    | RunningData
+    | NodeStartedData
+    | NodeProgressData
+    | NodeCachedData
+    | NodeOutputData
+    | SucceededData
+    | FailedData
+    | CancelledData
+    | RetriedData
+    | HistoryData
+)
+# Each kind of payload belongs to exactly one kind of event, so a payload names its event.
+EVENT_FOR_DATA: Final[dict[type[EventData], type[_Event]]] = {
+    QueuedData: Queued,
+    DispatchedData: Dispatched,
+    RunningData: Running,
+    NodeStartedData: NodeStarted,
+    NodeProgressData: NodeProgress,
+    NodeCachedData: NodeCached,
+    NodeOutputData: NodeOutput,
+    SucceededData: Succeeded,
+    FailedData: Failed,
+    CancelledData: Cancelled,
+    RetriedData: Retried,
+    HistoryData: History,
+}
+
+
+def make_event(
+    data: EventData, *, job_id: str, seq: int, server_id: str | None, event_id: str | None = None
+) -> Event:
+    """Wrap a payload in the event it belongs to, stamped with a fresh id and the time."""
+    kind: Any = EVENT_FOR_DATA[type(data)]
+    event: Event = kind(
+        event_id=event_id or new_id(),
+        job_id=job_id,
+        seq=seq,
+        ts=now(),
+        server_id=server_id,
+        data=data,
+    )
+    return event
+
+
 # The status a job is in once an event of this kind has happened; node events leave it running.
 STATUS_AFTER: Final[dict[type[_Event], JobStatus]] = {
     Queued: JobStatus.QUEUED,

@@ -1,0 +1,131 @@
+"""Publishing a job's events on `comfy.events.<job_id>` with gap-free sequence numbers.
+
+Several processes write to one job's subject over its life (the balancer, then an adapter, then
+perhaps another adapter), so the next `seq` cannot be a local counter alone. Each publish states
+the stream sequence it expects to be the subject's last (`Nats-Expected-Last-Subject-Sequence`);
+if another writer got there first, the publisher reads the subject's last event and tries again.
+The same check makes a retried publish safe: if the first try was stored after all, the last
+event is our own and nothing is written twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import OrderedDict
+
+from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js import JetStreamContext
+from nats.js.errors import BadRequestError, NotFoundError
+
+from gateway.contract import (
+    Event,
+    EventData,
+    Subjects,
+    decode_event,
+    encode,
+    make_event,
+    new_id,
+)
+
+log = logging.getLogger(__name__)
+
+_WRONG_LAST_SEQUENCE = 10071
+_MAX_TRIES = 20
+
+
+class EventPublishError(RuntimeError):
+    """An event could not be stored in the EVENTS stream."""
+
+
+class _JobLog:
+    """What this process knows of one job's subject: its last event, and a lock for order."""
+
+    __slots__ = ("event_id", "lock", "seq", "stream_seq")
+
+    def __init__(self) -> None:
+        self.lock = asyncio.Lock()
+        self.seq = -1  # unknown until read from the stream or written by us
+        self.stream_seq = 0
+        self.event_id: str | None = None
+
+
+class EventPublisher:
+    """Appends events to jobs' subjects. One per process; safe to use from many tasks.
+
+    Correctness rests on the server's sequence check alone; the per-job lock and the memory of
+    recent jobs only save round trips, so forgetting a job early costs one read, never an error.
+    """
+
+    def __init__(
+        self,
+        js: JetStreamContext,
+        subjects: Subjects,
+        *,
+        server_id: str | None = None,
+        publish_timeout: float = 5.0,
+        remember: int = 10_000,
+    ) -> None:
+        self._js = js
+        self._subjects = subjects
+        self._server_id = server_id
+        self._timeout = publish_timeout
+        self._remember = remember
+        self._jobs: OrderedDict[str, _JobLog] = OrderedDict()
+
+    async def emit(self, job_id: str, data: EventData, *, server_id: str | None = None) -> Event:
+        """Append the event that `data` belongs to; return it as stored."""
+        job = self._jobs.get(job_id)
+        if job is None:
+            job = self._jobs[job_id] = _JobLog()
+            while len(self._jobs) > self._remember:
+                self._jobs.popitem(last=False)
+        else:
+            self._jobs.move_to_end(job_id)
+        async with job.lock:
+            return await self._append(job_id, job, data, server_id or self._server_id)
+
+    async def _append(
+        self, job_id: str, job: _JobLog, data: EventData, server_id: str | None
+    ) -> Event:
+        subject = self._subjects.events(job_id)
+        if job.seq < 0:
+            await self._read_last(job_id, job)
+        event_id = new_id()
+        for _ in range(_MAX_TRIES):
+            event = make_event(
+                data, job_id=job_id, seq=job.seq + 1, server_id=server_id, event_id=event_id
+            )
+            headers = {
+                "Nats-Msg-Id": event_id,
+                "Nats-Expected-Last-Subject-Sequence": str(job.stream_seq),
+            }
+            try:
+                ack = await self._js.publish(
+                    subject, encode(event), timeout=self._timeout, headers=headers
+                )
+            except BadRequestError as exc:
+                if exc.err_code != _WRONG_LAST_SEQUENCE:
+                    raise EventPublishError(f"event for job {job_id} refused: {exc}") from exc
+            except NatsTimeoutError:
+                log.warning("an event of job %s timed out; checking before retrying", job_id)
+            else:
+                job.seq, job.stream_seq, job.event_id = event.seq, ack.seq, event_id
+                return event
+            # Another writer appended, or our timed-out try was stored: read the subject's end.
+            await self._read_last(job_id, job)
+            if job.event_id == event_id:
+                return event
+        raise EventPublishError(f"could not append an event to job {job_id}: too much contention")
+
+    async def _read_last(self, job_id: str, job: _JobLog) -> None:
+        try:
+            raw = await self._js.get_last_msg(
+                self._subjects.events_stream, self._subjects.events(job_id)
+            )
+        except NotFoundError:
+            job.seq, job.stream_seq, job.event_id = 0, 0, None
+            return
+        assert raw.data is not None and raw.seq is not None
+        last = decode_event(raw.data)
+        job.seq, job.stream_seq, job.event_id = last.seq, raw.seq, last.event_id

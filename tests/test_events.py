@@ -1,0 +1,85 @@
+from __future__ import annotations
+
+import asyncio
+
+from nats.js import JetStreamContext
+
+from gateway.bus import connect
+from gateway.contract import (
+    CancelledData,
+    NodeCached,
+    NodeCachedData,
+    NodeProgressData,
+    Subjects,
+    decode_event,
+)
+from gateway.events import EventPublisher
+from gateway.natsserver import NatsServer
+
+
+async def _events_of(js: JetStreamContext, job_id: str) -> list[int]:
+    sub = await js.subscribe(f"comfy.events.{job_id}", ordered_consumer=True)
+    info = await js.stream_info("EVENTS", subjects_filter=f"comfy.events.{job_id}")
+    count = (info.state.subjects or {}).get(f"comfy.events.{job_id}", 0)
+    seqs = []
+    async with asyncio.timeout(10):
+        for _ in range(count):
+            msg = await sub.next_msg(timeout=5)
+            seqs.append(decode_event(msg.data).seq)
+    await sub.unsubscribe()
+    return seqs
+
+
+async def test_events_are_numbered_from_one(js: JetStreamContext) -> None:
+    publisher = EventPublisher(js, Subjects(), server_id="s1")
+    first = await publisher.emit("job1", NodeCachedData(node_ids=["1"]))
+    second = await publisher.emit("job1", CancelledData())
+    assert isinstance(first, NodeCached)
+    assert (first.seq, second.seq) == (1, 2)
+    assert first.server_id == "s1"
+    assert first.event_id != second.event_id
+    assert await _events_of(js, "job1") == [1, 2]
+
+
+async def test_two_writers_on_one_job_keep_the_sequence_gap_free(
+    nats_server: NatsServer, js: JetStreamContext
+) -> None:
+    # Two connections stand for two processes (a balancer and an adapter, say).
+    other = await connect(nats_server.url, "other")
+    try:
+        a = EventPublisher(js, Subjects())
+        b = EventPublisher(other.jetstream(), Subjects())
+
+        async def write(publisher: EventPublisher, n: int) -> list[int]:
+            return [
+                (await publisher.emit("job2", NodeProgressData(node_id="1", value=i, max=n))).seq
+                for i in range(n)
+            ]
+
+        got_a, got_b = await asyncio.gather(write(a, 40), write(b, 40))
+    finally:
+        await other.close()
+    assert sorted(got_a + got_b) == list(range(1, 81))
+    assert await _events_of(js, "job2") == list(range(1, 81))
+
+
+async def test_a_publisher_that_forgot_a_job_continues_its_sequence(js: JetStreamContext) -> None:
+    publisher = EventPublisher(js, Subjects(), remember=1)
+    await publisher.emit("a", CancelledData())
+    await publisher.emit("b", CancelledData())  # pushes "a" out of memory
+    again = await publisher.emit("a", CancelledData())
+    assert again.seq == 2
+    fresh = EventPublisher(js, Subjects())
+    assert (await fresh.emit("a", CancelledData())).seq == 3
+
+
+async def test_many_jobs_at_once(js: JetStreamContext) -> None:
+    publisher = EventPublisher(js, Subjects())
+
+    async def job(i: int) -> None:
+        for _ in range(3):
+            await publisher.emit(f"j{i}", NodeCachedData(node_ids=[]))
+
+    await asyncio.gather(*(job(i) for i in range(50)))
+    assert (await js.stream_info("EVENTS")).state.messages == 150
+    assert await _events_of(js, "j7") == [1, 2, 3]
