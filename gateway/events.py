@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 from collections import OrderedDict
 
 from nats.errors import TimeoutError as NatsTimeoutError
@@ -31,7 +32,7 @@ from gateway.contract import (
 log = logging.getLogger(__name__)
 
 _WRONG_LAST_SEQUENCE = 10071
-_MAX_TRIES = 20
+_MAX_TRIES = 200
 
 
 class EventPublishError(RuntimeError):
@@ -92,7 +93,7 @@ class EventPublisher:
         if job.seq < 0:
             await self._read_last(job_id, job)
         event_id = new_id()
-        for _ in range(_MAX_TRIES):
+        for attempt in range(_MAX_TRIES):
             event = make_event(
                 data, job_id=job_id, seq=job.seq + 1, server_id=server_id, event_id=event_id
             )
@@ -116,6 +117,8 @@ class EventPublisher:
             await self._read_last(job_id, job)
             if job.event_id == event_id:
                 return event
+            # A short random pause keeps two busy writers from starving each other.
+            await asyncio.sleep(random.uniform(0, min(0.05, 0.0005 * 2**attempt)))
         raise EventPublishError(f"could not append an event to job {job_id}: too much contention")
 
     async def _read_last(self, job_id: str, job: _JobLog) -> None:
