@@ -7,7 +7,9 @@ that changed between versions is updated in place.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import AsyncIterator
 from typing import Any
 
 import msgspec
@@ -24,6 +26,8 @@ _STREAM_NAME_IN_USE = 10058
 # Publishes carrying the same Nats-Msg-Id within this window are stored once.
 DUPLICATE_WINDOW_S = 120.0
 _MAX_MESSAGE = 1024 * 1024
+# A leader that stops renewing its lease is replaced after this long.
+LEADER_LEASE_S = 5.0
 
 
 class BusResources(msgspec.Struct, frozen=True, kw_only=True):
@@ -129,6 +133,16 @@ async def ensure_resources(
             replicas=sizing.replicas,
         )
     )
+    await js.create_key_value(
+        api.KeyValueConfig(
+            bucket=subjects.balancer_bucket,
+            description="Balancer leadership lease (one dispatching balancer at a time)",
+            history=1,
+            ttl=LEADER_LEASE_S,
+            storage=api.StorageType.FILE,
+            replicas=sizing.replicas,
+        )
+    )
     await js.create_object_store(
         subjects.outputs_bucket,
         api.ObjectStoreConfig(
@@ -138,3 +152,18 @@ async def ensure_resources(
             replicas=sizing.replicas,
         ),
     )
+
+
+@contextlib.asynccontextmanager
+async def session(url: str, name: str, subjects: Subjects) -> AsyncIterator[Client]:
+    """A connection for one role, with the contract's resources in place; closed on exit.
+
+    Closing drains: subscriptions stop taking messages and what was published is flushed.
+    """
+    client = await connect(url, name)
+    try:
+        await ensure_resources(client.jetstream(), subjects)
+        yield client
+    finally:
+        if not client.is_closed:
+            await client.drain()

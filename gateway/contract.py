@@ -102,6 +102,10 @@ class Subjects(msgspec.Struct, frozen=True):
     def outputs_bucket(self) -> str:
         return f"{self.prefix}_outputs"
 
+    @property
+    def balancer_bucket(self) -> str:
+        return f"{self.prefix}_balancer"
+
 
 def new_id() -> str:
     """A fresh random id (32 hex characters), usable as a subject token."""
@@ -311,6 +315,7 @@ class NodeOutputData(msgspec.Struct, kw_only=True):
 
 
 class SucceededData(msgspec.Struct, kw_only=True):
+    attempt: int = 0
     outputs: list[OutputFile] = msgspec.field(default_factory=list)
     node_errors: dict[str, Any] = msgspec.field(default_factory=dict)
     duration_s: float | None = None
@@ -321,6 +326,7 @@ class FailedData(msgspec.Struct, kw_only=True):
 
     code: str
     message: str
+    attempt: int = 0
     retryable: bool = False
     node_id: str | None = None
     node_type: str | None = None
@@ -331,11 +337,19 @@ class FailedData(msgspec.Struct, kw_only=True):
 
 class CancelledData(msgspec.Struct, kw_only=True):
     reason: str = "cancelled by request"
+    attempt: int = 0
 
 
 class RetriedData(msgspec.Struct, kw_only=True):
+    """An attempt ended without a result and the job goes back to the queue.
+
+    `attempt` is the attempt that ended. `started` says whether it had reached ComfyUI's
+    execution: only those count against `max_attempts`.
+    """
+
     attempt: int
     reason: str
+    started: bool = True
     previous_server_id: str | None = None
 
 
@@ -462,7 +476,13 @@ EVENT_FOR_DATA: Final[dict[type[EventData], type[_Event]]] = {
 
 
 def make_event(
-    data: EventData, *, job_id: str, seq: int, server_id: str | None, event_id: str | None = None
+    data: EventData,
+    *,
+    job_id: str,
+    seq: int,
+    server_id: str | None,
+    event_id: str | None = None,
+    ts: float | None = None,
 ) -> Event:
     """Wrap a payload in the event it belongs to, stamped with a fresh id and the time."""
     kind: Any = EVENT_FOR_DATA[type(data)]
@@ -470,7 +490,7 @@ def make_event(
         event_id=event_id or new_id(),
         job_id=job_id,
         seq=seq,
-        ts=now(),
+        ts=now() if ts is None else ts,
         server_id=server_id,
         data=data,
     )
@@ -500,14 +520,28 @@ def event_type(event: Event) -> str:
 # Control and logs
 
 
-class Cancel(_Message, kw_only=True):
+class _Control(_Message, kw_only=True, tag_field="op"):
+    pass
+
+
+class Cancel(_Control, tag="cancel", kw_only=True):
+    """Cancel a job: dequeue it from ComfyUI if pending, interrupt it if running."""
+
     job_id: str
     reason: str = "cancelled by request"
+
+
+class Describe(_Control, tag="describe", kw_only=True):
+    """Ask an adapter for its server's full capabilities (a balancer that missed them)."""
+
+
+Control = Cancel | Describe
 
 
 class ControlReply(_Message, kw_only=True):
     ok: bool
     message: str = ""
+    capabilities: Capabilities | None = None
 
 
 class LogQuery(_Message, kw_only=True):
@@ -539,8 +573,11 @@ class JobRecord(_Message, kw_only=True):
     priority: int = 0
     server_id: str | None = None
     attempt: int = 0
+    runs: int = 0
     max_attempts: int = 2
     last_seq: int = 0
+    started_at: float | None = None
+    finished_at: float | None = None
     outputs: list[OutputFile] = msgspec.field(default_factory=list)
     error: FailedData | None = None
 
@@ -571,30 +608,31 @@ class _Decoders:
 _decoders = _Decoders()
 
 
-def _check_version(message: Any, kind: Any) -> None:
-    version = getattr(message, "v", SCHEMA_VERSION)
-    if version > SCHEMA_VERSION:
-        name = getattr(kind, "__name__", "message")
+def _decode_as(data: bytes, kind: Any, name: str) -> Any:
+    try:
+        message = _decoders.get(kind).decode(data)
+    except msgspec.DecodeError as exc:
+        raise ContractError(f"invalid {name}: {exc}") from exc
+    if message.v > SCHEMA_VERSION:
         raise ContractError(
-            f"{name} has schema version {version}; this build understands up to {SCHEMA_VERSION}"
+            f"{name} has schema version {message.v}; this build understands up to {SCHEMA_VERSION}"
         )
+    return message
 
 
 def decode(data: bytes, kind: type[M]) -> M:
     """Decode JSON bytes as `kind`, raising ContractError with a readable reason on mismatch."""
-    try:
-        message: M = _decoders.get(kind).decode(data)
-    except msgspec.DecodeError as exc:
-        raise ContractError(f"invalid {kind.__name__}: {exc}") from exc
-    _check_version(message, kind)
+    message: M = _decode_as(data, kind, kind.__name__)
     return message
 
 
 def decode_event(data: bytes) -> Event:
     """Decode one Event of any kind."""
-    try:
-        event: Event = _decoders.get(Event).decode(data)
-    except msgspec.DecodeError as exc:
-        raise ContractError(f"invalid Event: {exc}") from exc
-    _check_version(event, Event)
+    event: Event = _decode_as(data, Event, "Event")
     return event
+
+
+def decode_control(data: bytes) -> Control:
+    """Decode one control request (Cancel, Describe)."""
+    request: Control = _decode_as(data, Control, "control request")
+    return request

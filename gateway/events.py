@@ -74,8 +74,19 @@ class EventPublisher:
         self._remember = remember
         self._jobs: OrderedDict[str, _JobLog] = OrderedDict()
 
-    async def emit(self, job_id: str, data: EventData, *, server_id: str | None = None) -> Event:
-        """Append the event that `data` belongs to; return it as stored."""
+    async def emit(
+        self,
+        job_id: str,
+        data: EventData,
+        *,
+        server_id: str | None = None,
+        ts: float | None = None,
+    ) -> Event:
+        """Append the event that `data` belongs to; return it as stored.
+
+        `ts` defaults to now; the submit path passes the submission time so that the `queued`
+        event and the job's record agree to the microsecond.
+        """
         job = self._jobs.get(job_id)
         if job is None:
             job = self._jobs[job_id] = _JobLog()
@@ -84,10 +95,15 @@ class EventPublisher:
         else:
             self._jobs.move_to_end(job_id)
         async with job.lock:
-            return await self._append(job_id, job, data, server_id or self._server_id)
+            return await self._append(job_id, job, data, server_id or self._server_id, ts)
 
     async def _append(
-        self, job_id: str, job: _JobLog, data: EventData, server_id: str | None
+        self,
+        job_id: str,
+        job: _JobLog,
+        data: EventData,
+        server_id: str | None,
+        ts: float | None,
     ) -> Event:
         subject = self._subjects.events(job_id)
         if job.seq < 0:
@@ -95,7 +111,12 @@ class EventPublisher:
         event_id = new_id()
         for attempt in range(_MAX_TRIES):
             event = make_event(
-                data, job_id=job_id, seq=job.seq + 1, server_id=server_id, event_id=event_id
+                data,
+                job_id=job_id,
+                seq=job.seq + 1,
+                server_id=server_id,
+                event_id=event_id,
+                ts=ts,
             )
             headers = {
                 "Nats-Msg-Id": event_id,

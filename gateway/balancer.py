@@ -1,0 +1,60 @@
+"""The balancer: answers `comfy.submit` and, while it holds the lease, dispatches jobs.
+
+It runs inside the gateway process by default (`comfyautomate gateway` and `up`), or alone as
+`comfyautomate balancer`; any number of replicas may run against one NATS.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+
+from nats.aio.client import Client
+
+from gateway.contract import Subjects, new_id
+from gateway.dispatcher import Dispatcher
+from gateway.events import EventPublisher
+from gateway.fleet import FleetView
+from gateway.leader import hold_leadership
+from gateway.settings import Settings
+from gateway.submit import Submitter
+
+log = logging.getLogger(__name__)
+
+
+class Balancer:
+    """Submit service plus (when leading) the dispatcher, over one NATS connection."""
+
+    def __init__(self, nc: Client, fleet: FleetView, settings: Settings) -> None:
+        self._nc = nc
+        self._fleet = fleet
+        self._settings = settings
+        self._subjects = Subjects(settings.subject_prefix)
+        self.holder = f"{socket.gethostname()}-{os.getpid()}-{new_id()[:8]}"
+        self.dispatcher: Dispatcher | None = None
+        self.submitter: Submitter | None = None
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Serve until `stop` is set; then stop taking submissions and give up the lease."""
+        js = self._nc.jetstream()
+        jobs_kv = await js.key_value(self._subjects.jobs_bucket)
+        lease_kv = await js.key_value(self._subjects.balancer_bucket)
+        publisher = EventPublisher(js, self._subjects)
+        self.submitter = Submitter(
+            jobs_kv,
+            self._subjects,
+            self._fleet.table,
+            publisher,
+            data_dir=self._settings.data_path,
+        )
+        dispatcher = self.dispatcher = Dispatcher(
+            self._nc, js, jobs_kv, self._subjects, self._fleet.table, publisher
+        )
+        self._fleet.on_change(lambda _server_id: dispatcher.wake())
+        subscription = await self.submitter.serve(self._nc)
+        try:
+            await hold_leadership(lease_kv, self.holder, dispatcher.run, stop)
+        finally:
+            await subscription.unsubscribe()

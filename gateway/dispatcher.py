@@ -1,0 +1,403 @@
+"""The leading balancer's work: keep job records from events, bind pending jobs to servers.
+
+Only the lease holder runs this (see leader.py), so it is the single writer of existing records
+in KV `comfy_jobs` and the only one deciding where a job goes. It reads every event through a
+durable consumer, so a new leader continues exactly where the last one stopped; pending jobs are
+rebuilt from KV on start, which is what makes them survive a restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import logging
+import time
+from typing import Final
+
+import msgspec
+from nats.aio.client import Client
+from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js import JetStreamContext, api
+from nats.js.errors import KeyNotFoundError
+from nats.js.kv import KeyValue
+
+from gateway.contract import (
+    Cancel,
+    Cancelled,
+    DispatchedData,
+    Event,
+    FailedData,
+    Job,
+    JobRecord,
+    JobRequest,
+    JobStatus,
+    Queued,
+    Retried,
+    RetriedData,
+    Running,
+    Subjects,
+    decode,
+    decode_event,
+    encode,
+    now,
+)
+from gateway.events import EventPublisher
+from gateway.jobstate import BOUND, apply_event, attempts_left, record_from_queued
+from gateway.placement import Candidate, Pending, Requirements, missing, plan, requirements
+from gateway.servers import ServerTable
+
+log = logging.getLogger(__name__)
+
+CONSUMER: Final = "balancer"
+_BATCH: Final = 256
+# A server with no speed estimate yet is assumed to take this long per job, divided by weight.
+_DEFAULT_SECONDS_PER_JOB: Final = 1.0
+
+
+class _Queue:
+    """Pending jobs by priority (higher first), then age (older first)."""
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[int, float, str]] = []
+        self._live: set[str] = set()
+
+    def __len__(self) -> int:
+        return len(self._live)
+
+    def __contains__(self, job_id: str) -> bool:
+        return job_id in self._live
+
+    def push(self, record: JobRecord) -> None:
+        if record.job_id not in self._live:
+            self._live.add(record.job_id)
+            heapq.heappush(self._heap, (-record.priority, record.submitted_at, record.job_id))
+
+    def discard(self, job_id: str) -> None:
+        self._live.discard(job_id)  # its heap entry is skipped lazily
+
+    def head(self, n: int) -> list[str]:
+        """The first `n` pending job ids in order, without removing them."""
+        while self._heap and self._heap[0][2] not in self._live:
+            heapq.heappop(self._heap)
+        return [job_id for _, _, job_id in heapq.nsmallest(n, self._heap) if job_id in self._live]
+
+
+class Dispatcher:
+    """Binds jobs to servers and keeps their records, while this process leads."""
+
+    def __init__(
+        self,
+        nc: Client,
+        js: JetStreamContext,
+        jobs_kv: KeyValue,
+        subjects: Subjects,
+        servers: ServerTable,
+        publisher: EventPublisher,
+        *,
+        tick: float = 0.5,
+        stale_grace: float = 3.0,
+    ) -> None:
+        self._nc = nc
+        self._js = js
+        self._kv = jobs_kv
+        self._subjects = subjects
+        self._servers = servers
+        self._publisher = publisher
+        self._tick = tick
+        self._stale_grace = stale_grace
+        self._records: dict[str, JobRecord] = {}
+        self._needs: dict[str, Requirements] = {}
+        self._queue = _Queue()
+        self._started_at: dict[str, float] = {}
+        self._handed_back: dict[str, int] = {}  # job id -> attempt already handed back
+        self._wake = asyncio.Event()
+        self._since = time.monotonic()
+
+    def wake(self) -> None:
+        """Ask for a dispatch round soon (a server reported room, say)."""
+        self._wake.set()
+
+    @property
+    def pending(self) -> int:
+        return len(self._queue)
+
+    def bound_to(self, server_id: str) -> int:
+        return sum(
+            1 for r in self._records.values() if r.server_id == server_id and r.status in BOUND
+        )
+
+    async def run(self) -> None:
+        """Lead until cancelled."""
+        self._since = time.monotonic()
+        await self._load_records()
+        sub = await self._js.pull_subscribe(
+            self._subjects.all_events,
+            durable=CONSUMER,
+            stream=self._subjects.events_stream,
+            config=api.ConsumerConfig(
+                ack_policy=api.AckPolicy.EXPLICIT,
+                deliver_policy=api.DeliverPolicy.ALL,
+                max_ack_pending=20_000,
+                ack_wait=30,
+            ),
+        )
+        try:
+            async with asyncio.TaskGroup() as tasks:
+                tasks.create_task(self._consume(sub))
+                tasks.create_task(self._dispatch_loop())
+        finally:
+            await sub.unsubscribe()
+
+    async def _load_records(self) -> None:
+        watcher = await self._kv.watchall()
+        try:
+            async for entry in watcher:
+                if entry is None:  # the initial values are all delivered
+                    break
+                if entry.value is None or entry.operation is not None:
+                    continue
+                record = decode(entry.value, JobRecord)
+                if not record.status.terminal:
+                    await self._adopt(record)
+        finally:
+            await watcher.stop()  # type: ignore[no-untyped-call]
+        log.info("leading: %d open jobs, %d pending", len(self._records), len(self._queue))
+
+    async def _adopt(self, record: JobRecord) -> None:
+        request = await self._request_of(record.job_id)
+        if request is None:
+            log.error("job %s has a record but no queued event; failing it", record.job_id)
+            await self._fail(record, "lost", "the job's request is missing from the event log")
+            return
+        self._records[record.job_id] = record
+        self._needs[record.job_id] = requirements(request)
+        if record.status is JobStatus.QUEUED:
+            self._queue.push(record)
+
+    # -- events --------------------------------------------------------------------------
+
+    async def _consume(self, sub: JetStreamContext.PullSubscription) -> None:
+        while True:
+            try:
+                messages = await sub.fetch(_BATCH, timeout=self._tick)
+            except NatsTimeoutError:
+                continue
+            done = []
+            for message in messages:
+                try:
+                    event = decode_event(message.data)
+                except ValueError:
+                    log.exception("dropping an event that does not decode: %r", message.data[:200])
+                    await message.term()
+                    continue
+                try:
+                    await self._on_event(event)
+                except Exception:  # one bad event must not stop the fleet; it is retried later
+                    log.exception("event %s of job %s failed; retrying it", event.seq, event.job_id)
+                    await message.nak(delay=1.0)
+                    continue
+                done.append(message)
+            # Records are written before the acks: a crash here replays, never skips.
+            for message in done:
+                await message.ack()
+            self._wake.set()
+
+    async def _on_event(self, event: Event) -> None:
+        record = self._records.get(event.job_id)
+        if isinstance(event, Queued) and record is None:
+            await self._on_new_job(event)
+            return
+        if record is None:
+            return  # a job that ended before this leader started, or unknown
+        updated = apply_event(record, event)
+        if updated is None:
+            return
+        await self._store(updated)
+        if isinstance(event, Running):
+            self._started_at[event.job_id] = event.ts
+        if updated.status.terminal:
+            self._finish(record, updated, event)
+        elif isinstance(event, Retried):
+            await self._requeue(updated, event)
+
+    async def _on_new_job(self, event: Queued) -> None:
+        # KV is the truth: a replayed queued event of a job that has moved on must not revive it.
+        try:
+            entry = await self._kv.get(event.job_id)
+        except KeyNotFoundError:
+            record = record_from_queued(event)
+        else:
+            assert entry.value is not None
+            record = decode(entry.value, JobRecord)
+        if record.status.terminal:
+            return
+        self._records[record.job_id] = record
+        self._needs[record.job_id] = requirements(event.data.request)
+        if record.status is JobStatus.QUEUED:
+            self._queue.push(record)
+
+    def _forget(self, job_id: str) -> None:
+        self._records.pop(job_id, None)
+        self._needs.pop(job_id, None)
+        self._queue.discard(job_id)
+        self._handed_back.pop(job_id, None)
+
+    def _finish(self, before: JobRecord, after: JobRecord, event: Event) -> None:
+        self._forget(after.job_id)
+        started = self._started_at.pop(after.job_id, None)
+        if started is not None and before.server_id is not None:
+            self._servers.observe_run(before.server_id, event.ts - started)
+        if isinstance(event, Cancelled) and before.status in BOUND and before.server_id:
+            # Cancelled while bound: make sure the adapter stops it too.
+            asyncio.get_running_loop().create_task(self._forward_cancel(before))
+
+    async def _forward_cancel(self, record: JobRecord) -> None:
+        assert record.server_id is not None
+        try:
+            await self._nc.request(
+                self._subjects.control(record.server_id),
+                encode(Cancel(job_id=record.job_id)),
+                timeout=2.0,
+            )
+        except Exception:  # the adapter may be gone; its own check of the record stops it
+            log.warning("could not forward the cancel of %s", record.job_id, exc_info=True)
+
+    async def _requeue(self, record: JobRecord, event: Retried) -> None:
+        self._started_at.pop(record.job_id, None)
+        self._handed_back.pop(record.job_id, None)
+        if attempts_left(record):
+            self._queue.push(record)
+            return
+        self._records[record.job_id] = record
+        await self._fail(
+            record,
+            "attempts_exhausted",
+            f"gave up after {record.runs} attempt(s); last: {event.data.reason}",
+        )
+
+    async def _fail(self, record: JobRecord, code: str, message: str) -> None:
+        data = FailedData(code=code, message=message, attempt=record.attempt)
+        await self._publisher.emit(record.job_id, data)
+
+    async def _store(self, record: JobRecord) -> None:
+        self._records[record.job_id] = record
+        await self._kv.put(record.job_id, encode(record))
+
+    async def _request_of(self, job_id: str) -> JobRequest | None:
+        try:
+            raw = await self._js.get_msg(
+                self._subjects.events_stream,
+                seq=1,
+                subject=self._subjects.events(job_id),
+                next=True,
+            )
+        except Exception:
+            log.exception("cannot read the queued event of job %s", job_id)
+            return None
+        if raw.data is None:
+            return None
+        event = decode_event(raw.data)
+        return event.data.request if isinstance(event, Queued) else None
+
+    # -- dispatching -----------------------------------------------------------------------
+
+    async def _dispatch_loop(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self._tick)
+            self._wake.clear()
+            await self._hand_back_from_dead_servers()
+            await self._dispatch_round()
+
+    def _candidates(self) -> list[Candidate]:
+        bound: dict[str, int] = {}
+        for record in self._records.values():
+            if record.status in BOUND and record.server_id is not None:
+                bound[record.server_id] = bound.get(record.server_id, 0) + 1
+        return [
+            Candidate(
+                server_id=s.server_id,
+                capacity=s.capacity,
+                bound=bound.get(s.server_id, 0),
+                seconds_per_job=s.seconds_per_job or _DEFAULT_SECONDS_PER_JOB / max(s.weight, 0.01),
+            )
+            for s in self._servers.live()
+            if s.capabilities is not None
+        ]
+
+    async def _dispatch_round(self) -> None:
+        candidates = self._candidates()
+        if not candidates or not len(self._queue):
+            return
+        window = self._queue.head(max(64, 4 * sum(c.capacity for c in candidates)))
+        states = {c.server_id: self._servers.get(c.server_id) for c in candidates}
+        pending = []
+        for job_id in window:
+            need = self._needs[job_id]
+            eligible = frozenset(
+                server_id
+                for server_id, state in states.items()
+                if state is not None
+                and state.capabilities is not None
+                and (need.server is None or need.server == server_id)
+                and not missing(need, state.capabilities, state.labels)
+            )
+            pending.append(Pending(job_id=job_id, eligible=eligible))
+        for job_id, server_id in plan(pending, candidates):
+            await self._bind(self._records[job_id], server_id)
+
+    async def _bind(self, record: JobRecord, server_id: str) -> None:
+        request = await self._request_of(record.job_id)
+        if request is None:
+            self._forget(record.job_id)
+            await self._fail(record, "lost", "the job's request is missing from the event log")
+            return
+        attempt = record.attempt + 1
+        at = now()
+        bound = msgspec.structs.replace(
+            record, status=JobStatus.DISPATCHED, server_id=server_id, attempt=attempt, updated_at=at
+        )
+        # The record first: once it says "dispatched", no other leader binds the job again.
+        await self._store(bound)
+        self._queue.discard(record.job_id)
+        job = Job(
+            job_id=record.job_id,
+            attempt=attempt,
+            server_id=server_id,
+            request=request,
+            submitted_at=record.submitted_at,
+            dispatched_at=at,
+        )
+        await self._js.publish(
+            self._subjects.jobs(server_id),
+            encode(job),
+            headers={"Nats-Msg-Id": f"{record.job_id}.{attempt}"},
+        )
+        await self._publisher.emit(
+            record.job_id, DispatchedData(server_id=server_id, attempt=attempt), server_id=server_id
+        )
+
+    async def _hand_back_from_dead_servers(self) -> None:
+        clock = self._servers.now()
+        warming_up = time.monotonic() - self._since < self._stale_grace
+        for record in list(self._records.values()):
+            if record.status not in BOUND or record.server_id is None:
+                continue
+            if self._handed_back.get(record.job_id) == record.attempt:
+                continue
+            state = self._servers.get(record.server_id)
+            silent = state is None or state.heartbeat is None
+            if (state is not None and state.is_stale(clock)) or (silent and not warming_up):
+                self._handed_back[record.job_id] = record.attempt
+                reason = f"server {record.server_id} stopped sending heartbeats"
+                log.warning("job %s: %s; handing it back", record.job_id, reason)
+                await self._publisher.emit(
+                    record.job_id,
+                    RetriedData(
+                        attempt=record.attempt,
+                        reason=reason,
+                        started=record.status is JobStatus.RUNNING,
+                        previous_server_id=record.server_id,
+                    ),
+                )

@@ -1,0 +1,98 @@
+"""A job's record and how events move it: every transition of the lifecycle, in one place.
+
+    queued → dispatched(server) → running → succeeded | failed | cancelled
+                 ↑___________ retried ___________|
+
+The record lives in KV `comfy_jobs`. Events arrive at least once and, across writers, may be
+applied late; `apply_event` is therefore idempotent (seq already applied: no change) and ignores
+events of an attempt that has been superseded, so a server thought dead that reports back late
+cannot undo what happened since.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+import msgspec
+
+from gateway.contract import (
+    Cancelled,
+    Dispatched,
+    Event,
+    Failed,
+    JobRecord,
+    JobStatus,
+    Queued,
+    Retried,
+    Running,
+    Succeeded,
+)
+
+BOUND: Final = frozenset({JobStatus.DISPATCHED, JobStatus.RUNNING})
+
+
+def record_from_queued(event: Queued) -> JobRecord:
+    """The first record of a job, from its `queued` event."""
+    request = event.data.request
+    return JobRecord(
+        job_id=event.job_id,
+        status=JobStatus.QUEUED,
+        submitted_at=event.ts,
+        updated_at=event.ts,
+        log_file_path=event.data.log_file_path,
+        priority=request.priority,
+        max_attempts=request.max_attempts,
+        last_seq=event.seq,
+    )
+
+
+def _current_attempt(record: JobRecord, attempt: int) -> bool:
+    # Attempt 0 means "not tied to an attempt" (a cancel before dispatch, say).
+    return attempt in (0, record.attempt)
+
+
+def apply_event(record: JobRecord | None, event: Event) -> JobRecord | None:
+    """The record after `event`, or None when the event changes nothing worth storing.
+
+    Node-level events (progress, outputs, history) never change the record: they are the log's
+    business, and writing the record for each would cost a KV write per progress step.
+    """
+    if record is None:
+        return record_from_queued(event) if isinstance(event, Queued) else None
+    if event.seq <= record.last_seq or record.status.terminal:
+        return None
+    update = _transition(record, event)
+    if update is None:
+        return None
+    return msgspec.structs.replace(record, last_seq=event.seq, updated_at=event.ts, **update)
+
+
+def _transition(record: JobRecord, event: Event) -> dict[str, object] | None:
+    match event:
+        case Dispatched(data=data) if data.attempt >= record.attempt:
+            if record.status is JobStatus.DISPATCHED and data.attempt == record.attempt:
+                return None  # the dispatcher wrote this already, before publishing the job
+            return {
+                "status": JobStatus.DISPATCHED,
+                "server_id": data.server_id,
+                "attempt": data.attempt,
+            }
+        case Running(data=data) if data.attempt == record.attempt and record.status in BOUND:
+            if record.status is JobStatus.RUNNING:
+                return None
+            return {"status": JobStatus.RUNNING, "runs": record.runs + 1, "started_at": event.ts}
+        case Succeeded(data=data) if _current_attempt(record, data.attempt):
+            return {"status": JobStatus.SUCCEEDED, "outputs": data.outputs, "finished_at": event.ts}
+        case Failed(data=data) if _current_attempt(record, data.attempt):
+            return {"status": JobStatus.FAILED, "error": data, "finished_at": event.ts}
+        case Cancelled(data=data) if _current_attempt(record, data.attempt):
+            return {"status": JobStatus.CANCELLED, "finished_at": event.ts}
+        case Retried(data=data) if data.attempt == record.attempt and record.status in BOUND:
+            return {"status": JobStatus.QUEUED, "server_id": None}
+        case _:
+            return None
+
+
+def attempts_left(record: JobRecord) -> bool:
+    """Whether a job handed back to the queue may run again."""
+    return record.runs < record.max_attempts

@@ -1,0 +1,167 @@
+"""Accepting a job: check it, record it, log it, answer. The one path for REST and NATS.
+
+A job is accepted once its record exists in KV `comfy_jobs` and its `queued` event (with the
+whole request) is stored in the EVENTS stream; from then on it always reaches an end. Anything
+wrong with the request is refused before either is written, so a refusal changes nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+from typing import Final
+
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.js.errors import KeyWrongLastSequenceError
+from nats.js.kv import KeyValue
+
+from gateway.contract import (
+    ContractError,
+    Error,
+    JobAccepted,
+    JobRecord,
+    JobRequest,
+    JobStatus,
+    QueuedData,
+    Subjects,
+    check_token,
+    decode,
+    encode,
+    new_id,
+    now,
+)
+from gateway.events import EventPublisher
+from gateway.logsink.paths import log_file_path
+from gateway.placement import missing, requirements
+from gateway.servers import ServerTable
+from gateway.workflow import WorkflowError, apply_overrides, workflow_problems
+
+log = logging.getLogger(__name__)
+
+QUEUE_GROUP: Final = "balancer"
+MAX_ATTEMPTS_LIMIT: Final = 20
+
+
+class Refused(Exception):
+    """A request that cannot be accepted; carries the Error to answer with."""
+
+    def __init__(self, code: str, message: str, details: object = None) -> None:
+        super().__init__(message)
+        self.error = Error(code=code, message=message, details=details)
+
+
+class Submitter:
+    """Checks and accepts job requests."""
+
+    def __init__(
+        self,
+        jobs_kv: KeyValue,
+        subjects: Subjects,
+        servers: ServerTable,
+        publisher: EventPublisher,
+        *,
+        data_dir: Path,
+        max_concurrent: int = 256,
+    ) -> None:
+        self._kv = jobs_kv
+        self._subjects = subjects
+        self._servers = servers
+        self._publisher = publisher
+        self._data_dir = data_dir
+        self._slots = asyncio.Semaphore(max_concurrent)
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def submit(self, request: JobRequest) -> JobAccepted:
+        """Accept `request` or raise Refused saying why."""
+        self._check(request)
+        job_id = request.job_id or new_id()
+        submitted_at = now()
+        path = str(log_file_path(self._data_dir, job_id, submitted_at))
+        record = JobRecord(
+            job_id=job_id,
+            status=JobStatus.QUEUED,
+            submitted_at=submitted_at,
+            updated_at=submitted_at,
+            log_file_path=path,
+            priority=request.priority,
+            max_attempts=request.max_attempts,
+            last_seq=1,
+        )
+        try:
+            await self._kv.create(job_id, encode(record))
+        except KeyWrongLastSequenceError:
+            raise Refused("duplicate_job", f"job id {job_id!r} is already in use") from None
+        await self._publisher.emit(
+            job_id, QueuedData(request=request, log_file_path=path), ts=submitted_at
+        )
+        return JobAccepted(job_id=job_id, submitted_at=submitted_at, log_file_path=path)
+
+    def _check(self, request: JobRequest) -> None:
+        problems = workflow_problems(request.workflow)
+        if problems:
+            raise Refused("invalid_workflow", "; ".join(problems), {"problems": problems})
+        try:
+            apply_overrides(request.workflow, request.overrides)
+        except WorkflowError as exc:
+            raise Refused("invalid_overrides", str(exc)) from None
+        if request.job_id is not None:
+            try:
+                check_token(request.job_id, "job id")
+            except ContractError as exc:
+                raise Refused("invalid_request", str(exc)) from None
+        if not 1 <= request.max_attempts <= MAX_ATTEMPTS_LIMIT:
+            raise Refused(
+                "invalid_request", f"max_attempts must be between 1 and {MAX_ATTEMPTS_LIMIT}"
+            )
+        self._check_runnable(request)
+
+    def _check_runnable(self, request: JobRequest) -> None:
+        """Refuse a job that no known server could ever run; wait if none is known yet."""
+        need = requirements(request)
+        if need.server is not None:
+            state = self._servers.get(need.server)
+            if state is None:
+                raise Refused("unknown_server", f"no server {need.server!r} is registered")
+            states = [state]
+        else:
+            states = list(self._servers)
+        judged = [(s, missing(need, s.capabilities, s.labels)) for s in states if s.capabilities]
+        if not judged or any(not lack for _, lack in judged):
+            return
+        closest, lack = min(judged, key=lambda pair: len(pair[1].describe()))
+        raise Refused(
+            "unschedulable",
+            f"no server can run this workflow; the closest, {closest.server_id}, lacks "
+            + lack.describe(),
+            {state.server_id: lack.describe() for state, lack in judged},
+        )
+
+    # -- the NATS face of the same path ------------------------------------------------------
+
+    async def serve(self, nc: Client) -> Subscription:
+        """Answer JobRequests on `comfy.submit` (queue group `balancer`)."""
+        return await nc.subscribe(self._subjects.submit, queue=QUEUE_GROUP, cb=self._on_request)
+
+    async def _on_request(self, msg: Msg) -> None:
+        # Callbacks of one subscription run one at a time: answer each request in its own task.
+        task = asyncio.create_task(self._answer(msg))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _answer(self, msg: Msg) -> None:
+        async with self._slots:
+            reply: JobAccepted | Error
+            try:
+                reply = await self.submit(decode(msg.data, JobRequest))
+            except ContractError as exc:
+                reply = Error(code="invalid_request", message=str(exc))
+            except Refused as exc:
+                reply = exc.error
+            except Exception as exc:
+                log.exception("submitting a job failed")
+                reply = Error(code="internal", message=f"the job was not accepted: {exc}")
+            if msg.reply:
+                await msg.respond(encode(reply))

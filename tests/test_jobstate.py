@@ -1,0 +1,87 @@
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from gateway import contract as c
+from gateway.jobstate import apply_event, attempts_left
+
+REQUEST = c.JobRequest(
+    workflow={"1": {"class_type": "X", "inputs": {}}}, priority=3, max_attempts=2
+)
+
+
+def ev(kind: type[Any], seq: int, data: Any, ts: float = 0.0) -> Any:
+    return kind(event_id=f"e{seq}", job_id="j", seq=seq, ts=ts or float(seq), data=data)
+
+
+def queued() -> c.JobRecord:
+    record = apply_event(None, ev(c.Queued, 1, c.QueuedData(request=REQUEST, log_file_path="p")))
+    assert record is not None
+    return record
+
+
+def test_a_queued_event_creates_the_record() -> None:
+    record = queued()
+    assert (record.status, record.priority, record.max_attempts) == ("queued", 3, 2)
+    assert record.log_file_path == "p"
+    assert apply_event(None, ev(c.Running, 2, c.RunningData(attempt=1, prompt_id="p"))) is None
+
+
+def test_the_happy_path() -> None:
+    r = queued()
+    r = apply_event(r, ev(c.Dispatched, 2, c.DispatchedData(server_id="s", attempt=1)))
+    assert r is not None and (r.status, r.server_id, r.attempt) == ("dispatched", "s", 1)
+    r = apply_event(r, ev(c.Running, 3, c.RunningData(attempt=1, prompt_id="p"), ts=10))
+    assert r is not None and (r.status, r.runs, r.started_at) == ("running", 1, 10)
+    # Node events are the log's business; they leave the record alone.
+    assert (
+        apply_event(r, ev(c.NodeProgress, 4, c.NodeProgressData(node_id="1", value=1, max=2)))
+        is None
+    )
+    r = apply_event(r, ev(c.Succeeded, 5, c.SucceededData(attempt=1, outputs=[]), ts=12))
+    assert r is not None and (r.status, r.finished_at, r.last_seq) == ("succeeded", 12, 5)
+    # Nothing moves a finished job.
+    assert apply_event(r, ev(c.Failed, 6, c.FailedData(code="x", message="m"))) is None
+
+
+def test_an_event_seen_twice_changes_nothing() -> None:
+    r = apply_event(queued(), ev(c.Dispatched, 2, c.DispatchedData(server_id="s", attempt=1)))
+    assert r is not None
+    assert apply_event(r, ev(c.Dispatched, 2, c.DispatchedData(server_id="t", attempt=1))) is None
+
+
+def test_a_late_event_of_a_superseded_attempt_is_ignored() -> None:
+    r: Any = queued()
+    r = apply_event(r, ev(c.Dispatched, 2, c.DispatchedData(server_id="a", attempt=1)))
+    r = apply_event(r, ev(c.Running, 3, c.RunningData(attempt=1, prompt_id="p")))
+    r = apply_event(r, ev(c.Retried, 4, c.RetriedData(attempt=1, reason="server a died")))
+    assert (r.status, r.server_id, r.runs) == ("queued", None, 1)
+    assert attempts_left(r)
+    r = apply_event(r, ev(c.Dispatched, 5, c.DispatchedData(server_id="b", attempt=2)))
+    # Server a comes back and reports the old attempt: too late.
+    assert apply_event(r, ev(c.Succeeded, 6, c.SucceededData(attempt=1, outputs=[]))) is None
+    assert apply_event(r, ev(c.Running, 6, c.RunningData(attempt=1, prompt_id="p"))) is None
+    assert apply_event(r, ev(c.Retried, 6, c.RetriedData(attempt=1, reason="again"))) is None
+    r = apply_event(r, ev(c.Running, 6, c.RunningData(attempt=2, prompt_id="q")))
+    assert (r.status, r.runs) == ("running", 2)
+    assert not attempts_left(r)
+
+
+@pytest.mark.parametrize(
+    ("event", "status"),
+    [
+        (ev(c.Cancelled, 3, c.CancelledData()), "cancelled"),
+        (ev(c.Failed, 3, c.FailedData(code="unschedulable", message="m")), "failed"),
+    ],
+)
+def test_a_job_can_end_before_it_is_dispatched(event: Any, status: str) -> None:
+    r = apply_event(queued(), event)
+    assert r is not None and r.status == status
+
+
+def test_a_handback_before_running_does_not_count_as_a_run() -> None:
+    r: Any = apply_event(queued(), ev(c.Dispatched, 2, c.DispatchedData(server_id="a", attempt=1)))
+    r = apply_event(r, ev(c.Retried, 3, c.RetriedData(attempt=1, reason="busy", started=False)))
+    assert (r.status, r.runs) == ("queued", 0)
