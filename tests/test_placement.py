@@ -60,7 +60,7 @@ def test_a_job_waits_for_a_fast_busy_server_rather_than_take_a_slow_idle_one() -
     assert plan(_jobs(1, {"fast", "slow"}), [fast, slow]) == []
     # With a long queue the slow server is worth using too, for the jobs further back.
     bindings = plan(_jobs(20, {"fast", "slow"}), [fast, slow])
-    assert [s for _, s in bindings] == ["slow", "slow"]
+    assert [s for _, s in bindings] == ["slow"]
     assert bindings[0][0] not in ("j0", "j1")
 
 
