@@ -35,6 +35,8 @@ class Balancer:
         self.holder = f"{socket.gethostname()}-{os.getpid()}-{new_id()[:8]}"
         self.dispatcher: Dispatcher | None = None
         self.submitter: Submitter | None = None
+        self.leads = False
+        self.ready = asyncio.Event()  # set once comfy.submit is answered
 
     async def run(self, stop: asyncio.Event) -> None:
         """Serve until `stop` is set; then stop taking submissions and give up the lease."""
@@ -54,7 +56,17 @@ class Balancer:
         )
         self._fleet.on_change(lambda _server_id: dispatcher.wake())
         subscription = await self.submitter.serve(self._nc)
+        await self._nc.flush()  # the subscription is known to the server from here on
+        self.ready.set()
+
+        async def lead() -> None:
+            self.leads = True
+            try:
+                await dispatcher.run()
+            finally:
+                self.leads = False
+
         try:
-            await hold_leadership(lease_kv, self.holder, dispatcher.run, stop)
+            await hold_leadership(lease_kv, self.holder, lead, stop)
         finally:
             await subscription.unsubscribe()

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -53,8 +54,48 @@ def build_parser() -> argparse.ArgumentParser:
         const=False,
         help="never start nats-server; fail if --nats-url does not answer",
     )
+    up.add_argument(
+        "--comfyui",
+        action="append",
+        default=[],
+        metavar="HOST:PORT",
+        help="a ComfyUI server to use (repeatable); more can be registered later by the API",
+    )
+    up.add_argument(
+        "--simulate",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also start N fake ComfyUI servers (no GPU needed) and use them",
+    )
     up.add_argument("--ready-file", type=Path, help=argparse.SUPPRESS)
     up.set_defaults(handler=_run_up)
+
+    gateway = commands.add_parser(
+        "gateway",
+        help="run the REST gateway (with a balancer inside, unless --no-balancer)",
+        description="Serve the REST API; by default also answer comfy.submit and dispatch jobs.",
+    )
+    _common(gateway)
+    gateway.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    gateway.add_argument("--port", type=int, help="port to listen on (default 8000)")
+    gateway.add_argument(
+        "--no-balancer", action="store_true", help="serve REST only; run balancers elsewhere"
+    )
+    gateway.set_defaults(handler=_run_gateway)
+
+    balancer = commands.add_parser(
+        "balancer",
+        help="run a balancer alone (answers comfy.submit, dispatches jobs)",
+        description="A balancer without the REST API; run as many as you like on one NATS.",
+    )
+    _common(balancer)
+    balancer.set_defaults(handler=_run_balancer)
+
+    from plugins.simulator import cli as simulator_cli
+
+    simulator_cli.add_parser(commands)
+    commands.choices["simulate"].set_defaults(handler=simulator_cli.run)
     return parser
 
 
@@ -67,13 +108,40 @@ def _settings_from(args: argparse.Namespace) -> Settings:
 def _run_up(args: argparse.Namespace) -> int:
     from gateway.up import up
 
-    return up(_settings_from(args), ready_file=args.ready_file)
+    return up(
+        _settings_from(args),
+        comfyui=args.comfyui,
+        simulate=args.simulate,
+        ready_file=args.ready_file,
+    )
+
+
+def _run_role(args: argparse.Namespace, role: Callable[..., Coroutine[Any, Any, None]]) -> int:
+    from gateway.roles import run_role
+
+    return run_role(_settings_from(args), role)
+
+
+def _run_gateway(args: argparse.Namespace) -> int:
+    from gateway.service import run_gateway
+
+    async def role(settings: Settings, url: str, stop: asyncio.Event) -> None:
+        await run_gateway(settings, url, stop, with_balancer=not args.no_balancer)
+
+    return _run_role(args, role)
+
+
+def _run_balancer(args: argparse.Namespace) -> int:
+    from gateway.service import run_balancer
+
+    return _run_role(args, run_balancer)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse the command line, run the chosen command, return its exit code."""
     args = build_parser().parse_args(argv)
-    setup_logging(args.log_level)
+    if args.command != "simulate":  # the simulator sets up its own logging
+        setup_logging(args.log_level)
     try:
         code: int = args.handler(args)
     except SettingsError as exc:

@@ -122,10 +122,9 @@ class Dispatcher:
     def pending(self) -> int:
         return len(self._queue)
 
-    def bound_to(self, server_id: str) -> int:
-        return sum(
-            1 for r in self._records.values() if r.server_id == server_id and r.status in BOUND
-        )
+    def open_statuses(self) -> list[str]:
+        """The status of every job not yet finished."""
+        return [record.status.value for record in self._records.values()]
 
     async def run(self) -> None:
         """Lead until cancelled."""

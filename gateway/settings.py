@@ -41,6 +41,8 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     port: int = 8000
     public_url: str | None = None
     api_keys: list[str] = msgspec.field(default_factory=list)
+    # Networks (CIDR) or host names that servers may be registered at; empty allows any.
+    server_allowlist: list[str] = msgspec.field(default_factory=list)
     # Balancing and adapters
     heartbeat_interval_s: float = 1.0
     default_capacity: int = 2

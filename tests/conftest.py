@@ -5,6 +5,7 @@ Every process a fixture starts is stopped by that fixture, also when the test fa
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -15,6 +16,8 @@ from nats.js import JetStreamContext
 from gateway.bus import connect, ensure_resources
 from gateway.contract import Subjects
 from gateway.natsserver import NatsServer, start_nats_server
+from gateway.service import run_gateway
+from gateway.settings import Settings
 
 
 @pytest.fixture
@@ -48,3 +51,35 @@ async def js(nc: Client, subjects: Subjects) -> JetStreamContext:
     context = nc.jetstream()
     await ensure_resources(context, subjects)
     return context
+
+
+@pytest.fixture
+def settings(nats_server: NatsServer, tmp_path: Path) -> Settings:
+    """Settings of a one-machine deployment on the test's broker and temp folder."""
+    return Settings(nats_url=nats_server.url, data_dir=str(tmp_path / "data"), port=0)
+
+
+async def start_gateway(settings: Settings, stop: asyncio.Event) -> tuple[str, asyncio.Task[None]]:
+    """Run a gateway (with its balancer) in this event loop; return its URL and task."""
+    listening: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+    task = asyncio.create_task(run_gateway(settings, settings.nats_url, stop, listening=listening))
+    done, _ = await asyncio.wait({task, listening}, timeout=20, return_when=asyncio.FIRST_COMPLETED)
+    if task in done:
+        task.result()  # raises what stopped it
+    if listening not in done:
+        stop.set()
+        raise TimeoutError("the gateway did not start listening within 20 s")
+    return listening.result(), task
+
+
+@pytest.fixture
+async def gateway(settings: Settings) -> AsyncIterator[str]:
+    """Base URL of a real gateway over real HTTP, on a free port."""
+    stop = asyncio.Event()
+    url, task = await start_gateway(settings, stop)
+    try:
+        yield url
+    finally:
+        stop.set()
+        async with asyncio.timeout(20):
+            await task

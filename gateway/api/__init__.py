@@ -1,0 +1,1 @@
+"""The REST front end (Litestar): the gateway's public HTTP API."""

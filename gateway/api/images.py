@@ -1,0 +1,73 @@
+"""`/images/{key}`: stream a stored output from whichever storage backend is configured."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from litestar import Request, Response, get
+from litestar.params import FromPath
+from litestar.response import Stream
+
+from gateway.api.errors import ApiError
+from gateway.api.services import ServicesDep
+from plugins.storage.base import InvalidKey, NotFound
+
+_RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
+
+
+def parse_range(header: str, size: int) -> tuple[int, int] | None:
+    """The [start, end) of a single-range `Range` header; None when it asks for everything.
+
+    Raises ApiError 416 when the range cannot be satisfied; several ranges in one header are
+    answered with the whole object, which RFC 9110 allows.
+    """
+    match = _RANGE.match(header.strip())
+    if match is None:
+        return None
+    first, last = match.groups()
+    if not first and not last:
+        return None
+    if not first:  # a suffix: the last N bytes
+        length = int(last)
+        if length == 0:
+            raise ApiError(
+                416, "range_not_satisfiable", f"empty suffix range of a {size}-byte object"
+            )
+        return max(0, size - length), size
+    start = int(first)
+    end = size if not last else min(int(last) + 1, size)
+    if start >= size or end <= start:
+        raise ApiError(416, "range_not_satisfiable", f"{header} is outside a {size}-byte object")
+    return start, end
+
+
+@get("/images/{key:path}", tags=["images"])
+async def image(
+    key: FromPath[str], services: ServicesDep, request: Request[Any, Any, Any]
+) -> Response[Any]:
+    """A stored output, with its content type; `Range` requests are answered with 206."""
+    storage = services.storage
+    if storage is None:
+        raise ApiError(503, "no_storage", "no storage backend is configured")
+    key = key.lstrip("/")
+    try:
+        stored = await storage.stat(key)
+    except InvalidKey as exc:
+        raise ApiError(400, "invalid_key", str(exc)) from None
+    except NotFound:
+        raise ApiError(404, "not_found", f"nothing is stored under {key!r}") from None
+    headers = {"Accept-Ranges": "bytes", "Cache-Control": "public, max-age=31536000, immutable"}
+    span = parse_range(request.headers.get("range", ""), stored.size)
+    if span is None:
+        headers["Content-Length"] = str(stored.size)
+        return Stream(storage.open(key), media_type=stored.content_type, headers=headers)
+    start, end = span
+    headers["Content-Range"] = f"bytes {start}-{end - 1}/{stored.size}"
+    headers["Content-Length"] = str(end - start)
+    return Stream(
+        storage.open(key, start=start, end=end),
+        media_type=stored.content_type,
+        headers=headers,
+        status_code=206,
+    )

@@ -1,0 +1,119 @@
+"""Request and response bodies of the REST API (msgspec Structs; OpenAPI is generated)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from gateway.contract import FailedData, JobInput, JobStatus, OutputFile
+
+
+class _ReadsLikeADict:
+    """Lets a result answer `result["images"]` as well as `result.images`."""
+
+    __slots__ = ()
+
+    def __getitem__(self, name: str) -> Any:
+        if name not in self.__struct_fields__:  # type: ignore[attr-defined]
+            raise KeyError(name)
+        return getattr(self, name)
+
+    def get(self, name: str, default: Any = None) -> Any:
+        return getattr(self, name, default)
+
+    def to_dict(self) -> dict[str, Any]:
+        return msgspec.to_builtins(self)  # type: ignore[no-any-return]
+
+
+class WorkflowSubmission(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """A workflow to run, in ComfyUI's API format, with how to run it."""
+
+    workflow: dict[str, Any]
+    overrides: dict[str, Any] = msgspec.field(default_factory=dict)
+    inputs: list[JobInput] = msgspec.field(default_factory=list)
+    server: str | None = None
+    labels: dict[str, str] = msgspec.field(default_factory=dict)
+    priority: int = 0
+    max_attempts: int | None = None
+    timeout: float | None = None  # execute: seconds to wait before answering 202
+    job_id: str | None = None
+    metadata: dict[str, str] = msgspec.field(default_factory=dict)
+
+
+class Timings(_ReadsLikeADict, msgspec.Struct, kw_only=True):
+    submitted_at: float
+    started_at: float | None = None
+    finished_at: float | None = None
+    queue_wait_s: float | None = None
+    run_s: float | None = None
+    total_s: float | None = None
+
+
+class JobResult(_ReadsLikeADict, msgspec.Struct, kw_only=True):
+    """A job as the API reports it: status, where it ran, what it made, where its log is."""
+
+    job_id: str
+    status: JobStatus
+    server_id: str | None
+    attempts: int
+    images: list[str]
+    outputs: list[OutputFile]
+    log_file_path: str
+    timings: Timings
+    error: FailedData | None = None
+
+
+class Submitted(_ReadsLikeADict, msgspec.Struct, kw_only=True):
+    job_id: str
+    status: JobStatus
+    log_file_path: str
+    status_url: str
+    result_url: str
+    events_url: str
+
+
+class ServerRegistration(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """A ComfyUI server to add to the fleet."""
+
+    name: str
+    address: str
+    server_id: str | None = None
+    weight: float = 1.0
+    capacity: int = 2
+    labels: dict[str, str] = msgspec.field(default_factory=dict)
+
+
+class ServerHealth(_ReadsLikeADict, msgspec.Struct, kw_only=True):
+    server_id: str
+    name: str
+    address: str
+    status: str  # healthy, unhealthy, offline, unknown
+    reason: str | None
+    last_seen_s: float | None
+    queue_running: int
+    queue_pending: int
+    in_flight: int
+    capacity: int
+    weight: float
+    labels: dict[str, str]
+    node_types: int
+    models: dict[str, int]
+    device: str | None
+    seconds_per_job: float | None
+
+
+class HealthReport(_ReadsLikeADict, msgspec.Struct, kw_only=True):
+    status: str
+    nats: bool
+    servers: int
+    healthy_servers: int
+    leader: bool
+
+
+class ErrorBody(msgspec.Struct, kw_only=True):
+    """Every error answer: a code to branch on, a sentence for people, details if any."""
+
+    code: str
+    message: str
+    details: Any = None

@@ -1,0 +1,203 @@
+"""`/workflow/*`: submit, execute and wait, status, result, cancel, live events."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+from urllib.parse import quote
+
+import msgspec
+from litestar import Controller, Request, Response, get, post
+from litestar.params import FromPath, FromQuery, JSONBody
+from litestar.response import ServerSentEvent
+from litestar.response.sse import ServerSentEventMessage
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js import api
+
+from gateway.api.errors import ApiError
+from gateway.api.schemas import JobResult, Submitted, Timings, WorkflowSubmission
+from gateway.api.services import ServicesDep
+from gateway.contract import (
+    TERMINAL_EVENTS,
+    Cancel,
+    CancelledData,
+    ControlReply,
+    JobRecord,
+    JobRequest,
+    decode,
+    decode_event,
+    encode,
+    event_type,
+)
+from gateway.jobstate import BOUND
+
+log = logging.getLogger(__name__)
+
+DEFAULT_EXECUTE_TIMEOUT = 300.0
+
+
+def base_url(services: ServicesDep, request: Request[Any, Any, Any]) -> str:
+    """Where clients reach this gateway: the configured public URL, else what they called."""
+    return (services.settings.public_url or str(request.base_url)).rstrip("/")
+
+
+def to_request(body: WorkflowSubmission, services: ServicesDep) -> JobRequest:
+    return JobRequest(
+        workflow=body.workflow,
+        overrides=body.overrides,
+        inputs=body.inputs,
+        server=body.server,
+        labels=body.labels,
+        priority=body.priority,
+        max_attempts=body.max_attempts or services.settings.default_max_attempts,
+        timeout_s=body.timeout,
+        job_id=body.job_id,
+        metadata=body.metadata,
+    )
+
+
+def to_result(record: JobRecord, base: str) -> JobResult:
+    outputs = [
+        msgspec.structs.replace(o, url=f"{base}/images/{quote(o.key)}") for o in record.outputs
+    ]
+    started, finished = record.started_at, record.finished_at
+    return JobResult(
+        job_id=record.job_id,
+        status=record.status,
+        server_id=record.server_id,
+        attempts=record.attempt,
+        images=[o.url for o in outputs if o.content_type.startswith("image/")],
+        outputs=outputs,
+        log_file_path=record.log_file_path,
+        timings=Timings(
+            submitted_at=record.submitted_at,
+            started_at=started,
+            finished_at=finished,
+            queue_wait_s=None if started is None else started - record.submitted_at,
+            run_s=None if started is None or finished is None else finished - started,
+            total_s=None if finished is None else finished - record.submitted_at,
+        ),
+        error=record.error,
+    )
+
+
+class WorkflowController(Controller):
+    path = "/workflow"
+    tags = ("workflows",)
+
+    @post("/submit", status_code=202)
+    async def submit(
+        self,
+        data: JSONBody[WorkflowSubmission],
+        services: ServicesDep,
+        request: Request[Any, Any, Any],
+    ) -> Submitted:
+        """Queue a workflow and answer at once with the job id."""
+        accepted = await services.submit(to_request(data, services))
+        base = f"{base_url(services, request)}/workflow"
+        return Submitted(
+            job_id=accepted.job_id,
+            status=accepted.status,
+            log_file_path=accepted.log_file_path,
+            status_url=f"{base}/status/{accepted.job_id}",
+            result_url=f"{base}/result/{accepted.job_id}",
+            events_url=f"{base}/events/{accepted.job_id}",
+        )
+
+    @post("/execute", status_code=200)
+    async def execute(
+        self,
+        data: JSONBody[WorkflowSubmission],
+        services: ServicesDep,
+        request: Request[Any, Any, Any],
+    ) -> Response[JobResult]:
+        """Run a workflow and wait for its end (up to `timeout`, then 202 with the job)."""
+        accepted = await services.submit(to_request(data, services))
+        timeout = data.timeout if data.timeout is not None else DEFAULT_EXECUTE_TIMEOUT
+        record = await services.wait_for_end(accepted.job_id, timeout)
+        status = 200 if record.status.terminal else 202
+        return Response(to_result(record, base_url(services, request)), status_code=status)
+
+    @get("/status/{job_id:str}")
+    async def status(
+        self, job_id: FromPath[str], services: ServicesDep, request: Request[Any, Any, Any]
+    ) -> JobResult:
+        """Where a job is now."""
+        return to_result(await services.record(job_id), base_url(services, request))
+
+    @get("/result/{job_id:str}")
+    async def result(
+        self,
+        job_id: FromPath[str],
+        services: ServicesDep,
+        request: Request[Any, Any, Any],
+        wait: FromQuery[float] = 0.0,
+    ) -> JobResult:
+        """A job's result; `?wait=SECONDS` waits for it to finish first."""
+        record = await services.wait_for_end(job_id, min(wait, DEFAULT_EXECUTE_TIMEOUT))
+        return to_result(record, base_url(services, request))
+
+    @post("/cancel/{job_id:str}", status_code=200)
+    async def cancel(
+        self, job_id: FromPath[str], services: ServicesDep, request: Request[Any, Any, Any]
+    ) -> JobResult:
+        """Cancel a job: dequeued if waiting, interrupted if running."""
+        record = await services.record(job_id)
+        if record.status.terminal:
+            raise ApiError(409, "already_finished", f"job {job_id} already {record.status}")
+        if record.status in BOUND and record.server_id is not None:
+            if not await _ask_adapter_to_cancel(services, record):
+                await services.publisher.emit(
+                    job_id, CancelledData(reason="cancelled by request", attempt=record.attempt)
+                )
+        else:
+            await services.publisher.emit(job_id, CancelledData(reason="cancelled by request"))
+        record = await services.wait_for_end(job_id, 10.0)
+        return to_result(record, base_url(services, request))
+
+    @get("/events/{job_id:str}")
+    async def events(self, job_id: FromPath[str], services: ServicesDep) -> ServerSentEvent:
+        """Every event of the job, from the first, live, as Server-Sent Events; ends with it."""
+        await services.record(job_id)  # 404 before the stream starts
+        return ServerSentEvent(_event_stream(services, job_id))
+
+
+async def _ask_adapter_to_cancel(services: ServicesDep, record: JobRecord) -> bool:
+    assert record.server_id is not None
+    try:
+        reply = await services.nc.request(
+            services.subjects.control(record.server_id),
+            encode(Cancel(job_id=record.job_id)),
+            timeout=5.0,
+        )
+    except (NoRespondersError, NatsTimeoutError):
+        log.warning("adapter %s did not answer a cancel; cancelling here", record.server_id)
+        return False
+    return decode(reply.data, ControlReply).ok
+
+
+async def _event_stream(
+    services: ServicesDep, job_id: str
+) -> AsyncIterator[ServerSentEventMessage]:
+    sub = await services.js.subscribe(
+        services.subjects.events(job_id),
+        ordered_consumer=True,
+        deliver_policy=api.DeliverPolicy.ALL,
+    )
+    try:
+        while True:
+            try:
+                msg = await sub.next_msg(timeout=15.0)
+            except NatsTimeoutError:
+                yield ServerSentEventMessage(comment="keep-alive")
+                continue
+            event = decode_event(msg.data)
+            yield ServerSentEventMessage(
+                data=msg.data.decode(), event=event_type(event), id=event.seq
+            )
+            if isinstance(event, TERMINAL_EVENTS):
+                return
+    finally:
+        await sub.unsubscribe()

@@ -1,0 +1,143 @@
+"""What the sync and async clients share: request bodies, response decoding, SSE parsing.
+
+The two clients only move bytes; everything they say and understand is built here once.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from gateway.api.schemas import JobResult, ServerHealth
+from gateway.contract import TERMINAL_STATUSES, ServerRecord
+from sdk.errors import JobFailed, error_from
+
+Inputs = Mapping[str, "str | Path | bytes"]
+
+
+def submission(
+    workflow: Mapping[str, Any] | str | Path,
+    *,
+    overrides: Mapping[str, Any] | None = None,
+    inputs: Inputs | None = None,
+    server: str | None = None,
+    labels: Mapping[str, str] | None = None,
+    priority: int = 0,
+    max_attempts: int | None = None,
+    timeout: float | None = None,
+    job_id: str | None = None,
+) -> dict[str, Any]:
+    """The JSON body of /workflow/submit and /workflow/execute.
+
+    `workflow` may be the graph itself or a path to its JSON file. Each input is a file path or
+    bytes (sent inline) or a `http(s)://` URL the server side downloads; its name is the file
+    name the workflow's LoadImage refers to.
+    """
+    graph = (
+        json.loads(Path(workflow).read_text())
+        if isinstance(workflow, str | Path)
+        else dict(workflow)
+    )
+    body: dict[str, Any] = {"workflow": graph, "priority": priority}
+    if overrides:
+        body["overrides"] = dict(overrides)
+    if inputs:
+        body["inputs"] = [_input(name, value) for name, value in inputs.items()]
+    if server is not None:
+        body["server"] = server
+    if labels:
+        body["labels"] = dict(labels)
+    if max_attempts is not None:
+        body["max_attempts"] = max_attempts
+    if timeout is not None:
+        body["timeout"] = timeout
+    if job_id is not None:
+        body["job_id"] = job_id
+    return body
+
+
+def _input(name: str, value: str | Path | bytes) -> dict[str, str]:
+    if isinstance(value, str) and value.startswith(("http://", "https://")):
+        return {"name": name, "source": "url", "value": value}
+    data = value if isinstance(value, bytes) else Path(value).read_bytes()
+    return {"name": name, "source": "base64", "value": base64.b64encode(data).decode()}
+
+
+def check(status: int, content: bytes) -> bytes:
+    """The body of a successful answer; raise the matching SDK error otherwise."""
+    if status < 400:
+        return content
+    try:
+        body: Any = json.loads(content)
+    except ValueError:
+        body = content.decode(errors="replace")
+    raise error_from(status, body)
+
+
+def job_result(content: bytes) -> JobResult:
+    return msgspec.json.decode(content, type=JobResult)
+
+
+def job_result_id(content: bytes) -> str:
+    """The job id of a /workflow/submit answer."""
+    return str(json.loads(content)["job_id"])
+
+
+def json_object(content: bytes) -> dict[str, Any]:
+    value = json.loads(content)
+    if not isinstance(value, dict):
+        raise ValueError("the gateway answered with something other than a JSON object")
+    return value
+
+
+def finished(result: JobResult) -> bool:
+    return result.status in TERMINAL_STATUSES
+
+
+def raise_if_failed(result: JobResult) -> JobResult:
+    if result.status != "succeeded":
+        raise JobFailed(result)
+    return result
+
+
+def servers(content: bytes) -> list[ServerHealth]:
+    return msgspec.json.decode(content, type=list[ServerHealth])
+
+
+def server_record(content: bytes) -> ServerRecord:
+    return msgspec.json.decode(content, type=ServerRecord)
+
+
+class SSEParser:
+    """Turns the lines of a Server-Sent Events stream into events, one line at a time."""
+
+    def __init__(self) -> None:
+        self._data: list[str] = []
+
+    def feed(self, line: str) -> dict[str, Any] | None:
+        """The event that `line` completes, if it completes one."""
+        if line.startswith("data:"):
+            self._data.append(line[5:].lstrip())
+            return None
+        if line.strip() or not self._data:
+            return None  # event:, id:, comments, or a blank line with nothing pending
+        event: dict[str, Any] = json.loads("\n".join(self._data))
+        self._data = []
+        return event
+
+
+def is_last_event(event: Mapping[str, Any]) -> bool:
+    return event.get("type") in {"succeeded", "failed", "cancelled"}
+
+
+def output_path(directory: Path, key: str) -> Path:
+    """Where `download_outputs` puts an output: its key, kept inside `directory`."""
+    target = (directory / key).resolve()
+    if not target.is_relative_to(directory.resolve()):
+        raise ValueError(f"output key {key!r} would leave {directory}")
+    return target

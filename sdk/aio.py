@@ -1,0 +1,170 @@
+"""`AsyncComfyUISDK`: the asyncio twin of ComfyUISDK, with the same methods."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from gateway.api.schemas import JobResult, ServerHealth
+from gateway.contract import ServerRecord
+from sdk import _protocol as p
+from sdk.errors import GatewayUnreachable
+
+AsyncProgressCallback = Callable[[dict[str, Any]], Awaitable[None] | None]
+
+
+class AsyncComfyUISDK:
+    """Talk to a ComfyAutomate gateway from asyncio code.
+
+    async with AsyncComfyUISDK("http://localhost:8000") as sdk:
+        result = await sdk.execute_workflow(workflow)
+    """
+
+    def __init__(
+        self,
+        gateway_url: str = "http://localhost:8000",
+        api_key: str | None = None,
+        timeout: float = 300.0,
+    ) -> None:
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.gateway_url = gateway_url.rstrip("/")
+        self.timeout = timeout
+        self._http = httpx.AsyncClient(base_url=self.gateway_url, headers=headers, timeout=timeout)
+
+    async def close(self) -> None:
+        await self._http.aclose()
+
+    async def __aenter__(self) -> AsyncComfyUISDK:
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        await self.close()
+
+    async def _call(self, method: str, path: str, **kwargs: Any) -> bytes:
+        try:
+            reply = await self._http.request(method, path, **kwargs)
+        except httpx.TransportError as exc:
+            raise GatewayUnreachable(f"no gateway answers at {self.gateway_url}: {exc}") from exc
+        return p.check(reply.status_code, reply.content)
+
+    async def register_server(
+        self,
+        name: str,
+        address: str,
+        *,
+        server_id: str | None = None,
+        weight: float = 1.0,
+        capacity: int = 2,
+        labels: Mapping[str, str] | None = None,
+    ) -> ServerRecord:
+        """Add a ComfyUI server (`host:port`) to the fleet."""
+        body = {
+            "name": name,
+            "address": address,
+            "weight": weight,
+            "capacity": capacity,
+            "labels": dict(labels or {}),
+        }
+        if server_id is not None:
+            body["server_id"] = server_id
+        return p.server_record(await self._call("POST", "/servers", json=body))
+
+    async def list_servers(self) -> list[ServerHealth]:
+        return p.servers(await self._call("GET", "/servers"))
+
+    async def get_servers_health(self) -> list[ServerHealth]:
+        return await self.list_servers()
+
+    async def remove_server(self, server_id: str) -> None:
+        await self._call("DELETE", f"/servers/{server_id}")
+
+    async def submit_workflow(self, workflow: Any, **options: Any) -> str:
+        """Queue a workflow; returns its job id at once."""
+        body = p.submission(workflow, **options)
+        return p.job_result_id(await self._call("POST", "/workflow/submit", json=body))
+
+    async def execute_workflow(
+        self,
+        workflow: Any,
+        *,
+        on_progress: AsyncProgressCallback | None = None,
+        raise_on_failure: bool = True,
+        **options: Any,
+    ) -> JobResult:
+        """Run a workflow and return its result once it ends (see ComfyUISDK.execute_workflow)."""
+        timeout = options.get("timeout") or self.timeout
+        if on_progress is None:
+            body = p.submission(workflow, **options)
+            content = await self._call("POST", "/workflow/execute", json=body, timeout=timeout + 10)
+            result = p.job_result(content)
+            if not p.finished(result):
+                result = await self.wait(result.job_id, timeout=timeout)
+        else:
+            job_id = await self.submit_workflow(workflow, **options)
+            async for event in self.stream_events(job_id):
+                outcome = on_progress(event)
+                if outcome is not None:
+                    await outcome
+            result = await self.get_result(job_id)
+        return p.raise_if_failed(result) if raise_on_failure else result
+
+    async def get_status(self, job_id: str) -> JobResult:
+        return p.job_result(await self._call("GET", f"/workflow/status/{job_id}"))
+
+    async def get_result(self, job_id: str) -> JobResult:
+        return p.job_result(await self._call("GET", f"/workflow/result/{job_id}"))
+
+    async def wait(self, job_id: str, timeout: float | None = None) -> JobResult:
+        limit = timeout or self.timeout
+        content = await self._call(
+            "GET", f"/workflow/result/{job_id}", params={"wait": limit}, timeout=limit + 10
+        )
+        return p.job_result(content)
+
+    async def cancel(self, job_id: str) -> JobResult:
+        return p.job_result(await self._call("POST", f"/workflow/cancel/{job_id}"))
+
+    async def stream_events(self, job_id: str) -> AsyncIterator[dict[str, Any]]:
+        """Every event of the job, from the first, as it happens; ends with the job."""
+        parser = p.SSEParser()
+        try:
+            async with self._http.stream(
+                "GET", f"/workflow/events/{job_id}", timeout=None
+            ) as reply:
+                if reply.status_code >= 400:
+                    p.check(reply.status_code, await reply.aread())
+                async for line in reply.aiter_lines():
+                    event = parser.feed(line)
+                    if event is not None:
+                        yield event
+                        if p.is_last_event(event):
+                            return
+        except httpx.TransportError as exc:
+            raise GatewayUnreachable(f"event stream of {job_id} broke: {exc}") from exc
+
+    async def get_logs(self, job_id: str) -> dict[str, Any]:
+        return p.json_object(await self._call("GET", f"/workflow/logs/{job_id}"))
+
+    async def query_logs(self, sql: str, max_rows: int | None = None) -> dict[str, Any]:
+        body: dict[str, Any] = {"sql": sql}
+        if max_rows is not None:
+            body["max_rows"] = max_rows
+        return p.json_object(await self._call("POST", "/logs/query", json=body))
+
+    async def download_outputs(self, result: JobResult, directory: str | Path) -> list[Path]:
+        """Save every output of a result under `directory` (as `<job_id>/<file>`)."""
+        saved = []
+        for output in result.outputs:
+            target = p.output_path(Path(directory), output.key)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            async with self._http.stream("GET", output.url) as reply:
+                if reply.status_code >= 400:
+                    p.check(reply.status_code, await reply.aread())
+                with target.open("wb") as fh:
+                    async for chunk in reply.aiter_bytes():
+                        fh.write(chunk)
+            saved.append(target)
+        return saved

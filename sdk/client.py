@@ -1,0 +1,181 @@
+"""`ComfyUISDK`: the synchronous client of the gateway's REST API."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from gateway.api.schemas import JobResult, ServerHealth
+from gateway.contract import ServerRecord
+from sdk import _protocol as p
+from sdk.errors import GatewayUnreachable
+
+ProgressCallback = Callable[[dict[str, Any]], None]
+
+
+class ComfyUISDK:
+    """Talk to a ComfyAutomate gateway.
+
+    sdk = ComfyUISDK(gateway_url="http://localhost:8000")
+    result = sdk.execute_workflow(workflow)
+    print(result["images"], result.log_file_path)
+    """
+
+    def __init__(
+        self,
+        gateway_url: str = "http://localhost:8000",
+        api_key: str | None = None,
+        timeout: float = 300.0,
+    ) -> None:
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.gateway_url = gateway_url.rstrip("/")
+        self.timeout = timeout
+        self._http = httpx.Client(base_url=self.gateway_url, headers=headers, timeout=timeout)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> ComfyUISDK:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def _call(self, method: str, path: str, **kwargs: Any) -> bytes:
+        try:
+            reply = self._http.request(method, path, **kwargs)
+        except httpx.TransportError as exc:
+            raise GatewayUnreachable(f"no gateway answers at {self.gateway_url}: {exc}") from exc
+        return p.check(reply.status_code, reply.content)
+
+    # -- servers ------------------------------------------------------------------------------
+
+    def register_server(
+        self,
+        name: str,
+        address: str,
+        *,
+        server_id: str | None = None,
+        weight: float = 1.0,
+        capacity: int = 2,
+        labels: Mapping[str, str] | None = None,
+    ) -> ServerRecord:
+        """Add a ComfyUI server (`host:port`) to the fleet."""
+        body = {
+            "name": name,
+            "address": address,
+            "weight": weight,
+            "capacity": capacity,
+            "labels": dict(labels or {}),
+        }
+        if server_id is not None:
+            body["server_id"] = server_id
+        return p.server_record(self._call("POST", "/servers", json=body))
+
+    def list_servers(self) -> list[ServerHealth]:
+        return p.servers(self._call("GET", "/servers"))
+
+    def get_servers_health(self) -> list[ServerHealth]:
+        """Every server with its status, queue and last heartbeat."""
+        return self.list_servers()
+
+    def remove_server(self, server_id: str) -> None:
+        self._call("DELETE", f"/servers/{server_id}")
+
+    # -- jobs ---------------------------------------------------------------------------------
+
+    def submit_workflow(self, workflow: Any, **options: Any) -> str:
+        """Queue a workflow; returns its job id at once. Options as for execute_workflow."""
+        body = p.submission(workflow, **options)
+        return str(p.job_result_id(self._call("POST", "/workflow/submit", json=body)))
+
+    def execute_workflow(
+        self,
+        workflow: Any,
+        *,
+        on_progress: ProgressCallback | None = None,
+        raise_on_failure: bool = True,
+        **options: Any,
+    ) -> JobResult:
+        """Run a workflow and return its result once it ends.
+
+        Options: overrides, inputs, server, labels, priority, max_attempts, timeout, job_id.
+        `on_progress` is called with every event of the job as it happens. A failed or
+        cancelled job raises JobFailed unless `raise_on_failure=False`.
+        """
+        timeout = options.get("timeout") or self.timeout
+        if on_progress is None:
+            body = p.submission(workflow, **options)
+            content = self._call("POST", "/workflow/execute", json=body, timeout=timeout + 10)
+            result = p.job_result(content)
+            if not p.finished(result):
+                result = self.wait(result.job_id, timeout=timeout)
+        else:
+            job_id = self.submit_workflow(workflow, **options)
+            for event in self.stream_events(job_id):
+                on_progress(event)
+            result = self.get_result(job_id)
+        return p.raise_if_failed(result) if raise_on_failure else result
+
+    def get_status(self, job_id: str) -> JobResult:
+        return p.job_result(self._call("GET", f"/workflow/status/{job_id}"))
+
+    def get_result(self, job_id: str) -> JobResult:
+        return p.job_result(self._call("GET", f"/workflow/result/{job_id}"))
+
+    def wait(self, job_id: str, timeout: float | None = None) -> JobResult:
+        """The job's result once it ends (or as it stands after `timeout` seconds)."""
+        limit = timeout or self.timeout
+        content = self._call(
+            "GET", f"/workflow/result/{job_id}", params={"wait": limit}, timeout=limit + 10
+        )
+        return p.job_result(content)
+
+    def cancel(self, job_id: str) -> JobResult:
+        return p.job_result(self._call("POST", f"/workflow/cancel/{job_id}"))
+
+    def stream_events(self, job_id: str) -> Iterator[dict[str, Any]]:
+        """Every event of the job, from the first, as it happens; ends with the job."""
+        parser = p.SSEParser()
+        try:
+            with self._http.stream("GET", f"/workflow/events/{job_id}", timeout=None) as reply:
+                if reply.status_code >= 400:
+                    p.check(reply.status_code, reply.read())
+                for line in reply.iter_lines():
+                    event = parser.feed(line)
+                    if event is not None:
+                        yield event
+                        if p.is_last_event(event):
+                            return
+        except httpx.TransportError as exc:
+            raise GatewayUnreachable(f"event stream of {job_id} broke: {exc}") from exc
+
+    # -- logs and outputs ---------------------------------------------------------------------
+
+    def get_logs(self, job_id: str) -> dict[str, Any]:
+        """The job's log: `entries` (every event), `entry_count`, `log_file_path`."""
+        return p.json_object(self._call("GET", f"/workflow/logs/{job_id}"))
+
+    def query_logs(self, sql: str, max_rows: int | None = None) -> dict[str, Any]:
+        """Run a SELECT on the log index: `columns`, `rows`, `truncated`."""
+        body: dict[str, Any] = {"sql": sql}
+        if max_rows is not None:
+            body["max_rows"] = max_rows
+        return p.json_object(self._call("POST", "/logs/query", json=body))
+
+    def download_outputs(self, result: JobResult, directory: str | Path) -> list[Path]:
+        """Save every output of a result under `directory` (as `<job_id>/<file>`)."""
+        saved = []
+        for output in result.outputs:
+            target = p.output_path(Path(directory), output.key)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with self._http.stream("GET", output.url) as reply, target.open("wb") as fh:
+                if reply.status_code >= 400:
+                    p.check(reply.status_code, reply.read())
+                for chunk in reply.iter_bytes():
+                    fh.write(chunk)
+            saved.append(target)
+        return saved

@@ -1,0 +1,79 @@
+"""The SDK's exceptions, one tree:
+
+ComfyAutomateError
+├── ApiError                 the gateway answered with an error
+│   ├── InvalidWorkflow      400: the workflow or request is not valid (lists the problems)
+│   ├── NotFound             404: no such job or server
+│   ├── Unschedulable        422: no server can run it (names what is missing)
+│   └── Unavailable          503/504: no balancer, or it did not answer
+├── JobFailed                the job ended failed or cancelled (carries the result)
+└── GatewayUnreachable       no gateway at that URL
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class ComfyAutomateError(Exception):
+    """Anything the SDK raises."""
+
+
+class ApiError(ComfyAutomateError):
+    """An error answer from the gateway: HTTP status, code and message."""
+
+    def __init__(self, status: int, code: str, message: str, details: Any = None) -> None:
+        super().__init__(f"{message} [{code}, HTTP {status}]")
+        self.status = status
+        self.code = code
+        self.message = message
+        self.details = details
+
+
+class InvalidWorkflow(ApiError):
+    pass
+
+
+class NotFound(ApiError):
+    pass
+
+
+class Unschedulable(ApiError):
+    pass
+
+
+class Unavailable(ApiError):
+    pass
+
+
+class JobFailed(ComfyAutomateError):
+    """The job ended without success; `result` holds its status, error and log path."""
+
+    def __init__(self, result: Any) -> None:
+        error = result.error
+        reason = f": {error.message}" if error is not None else ""
+        super().__init__(f"job {result.job_id} {result.status}{reason}")
+        self.result = result
+
+
+class GatewayUnreachable(ComfyAutomateError):
+    pass
+
+
+_BY_STATUS: dict[int, type[ApiError]] = {
+    400: InvalidWorkflow,
+    404: NotFound,
+    413: InvalidWorkflow,
+    422: Unschedulable,
+    503: Unavailable,
+    504: Unavailable,
+}
+
+
+def error_from(status: int, body: Any) -> ApiError:
+    """The exception for an error answer (the gateway's `{code, message, details}` body)."""
+    if isinstance(body, dict) and "message" in body:
+        code, message, details = body.get("code", "error"), body["message"], body.get("details")
+    else:
+        code, message, details = "error", str(body)[:500], None
+    return _BY_STATUS.get(status, ApiError)(status, code, message, details)

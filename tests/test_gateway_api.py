@@ -1,0 +1,97 @@
+"""The REST API over real HTTP, with real NATS; checks that need no ComfyUI."""
+
+from __future__ import annotations
+
+import httpx
+
+TINY = {
+    "1": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 1,
+                                                 "color": 0}},
+    "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "t"}},
+}
+
+
+async def test_health_schema_and_metrics(gateway: str) -> None:
+    async with httpx.AsyncClient(base_url=gateway) as client:
+        health = await client.get("/health")
+        assert health.status_code == 200
+        assert health.json()["nats"] is True
+        schema = await client.get("/schema/openapi.json")
+        assert schema.status_code == 200
+        paths = schema.json()["paths"]
+        for path in ("/workflow/execute", "/workflow/submit", "/servers", "/servers/health",
+                     "/workflow/status/{job_id}", "/workflow/events/{job_id}"):
+            assert path in paths, path
+        metrics = await client.get("/metrics")
+        assert metrics.status_code == 200
+        assert "comfyautomate_events_stored" in metrics.text
+
+
+async def test_a_ui_format_workflow_is_refused_with_advice(gateway: str) -> None:
+    ui = {"nodes": [{"id": 1, "type": "SaveImage"}], "links": [], "version": 0.4}
+    async with httpx.AsyncClient(base_url=gateway) as client:
+        reply = await client.post("/workflow/submit", json={"workflow": ui})
+    assert reply.status_code == 400
+    body = reply.json()
+    assert body["code"] == "invalid_workflow"
+    assert "UI format" in body["message"] and "API" in body["message"]
+
+
+async def test_bad_requests_get_clear_errors(gateway: str) -> None:
+    async with httpx.AsyncClient(base_url=gateway) as client:
+        not_json = await client.post(
+            "/workflow/submit", content=b"{not json", headers={"content-type": "application/json"}
+        )
+        assert not_json.status_code == 400
+        assert not_json.json()["code"] == "invalid_request"
+        wrong_type = await client.post("/workflow/submit", json={"workflow": "a string"})
+        assert wrong_type.status_code == 400
+        unknown_field = await client.post("/workflow/submit", json={"workflow": TINY, "x": 1})
+        assert unknown_field.status_code == 400
+        override = await client.post(
+            "/workflow/submit", json={"workflow": TINY, "overrides": {"99.width": 5}}
+        )
+        assert override.status_code == 400
+        assert override.json()["code"] == "invalid_overrides"
+        assert "99" in override.json()["message"]
+        unknown = await client.get("/workflow/status/nosuchjob")
+        assert unknown.status_code == 404
+        assert unknown.json()["code"] == "unknown_job"
+        big = await client.post(
+            "/workflow/submit",
+            content=b'{"workflow": {"1": "' + b"x" * (11 * 1024 * 1024) + b'"}}',
+            headers={"content-type": "application/json"},
+        )
+        assert big.status_code == 413
+        pinned = await client.post("/workflow/submit", json={"workflow": TINY, "server": "ghost"})
+        assert pinned.status_code == 404
+        assert pinned.json()["code"] == "unknown_server"
+
+
+async def test_server_registration_refuses_bad_addresses(gateway: str) -> None:
+    async with httpx.AsyncClient(base_url=gateway) as client:
+        malformed = await client.post("/servers", json={"name": "a", "address": "not an address"})
+        assert malformed.status_code == 400
+        assert malformed.json()["code"] == "invalid_address"
+        # Nothing listens on port 9 of loopback.
+        dead = await client.post("/servers", json={"name": "a", "address": "127.0.0.1:9"})
+        assert dead.status_code == 422
+        assert dead.json()["code"] == "unreachable"
+        assert (await client.get("/servers")).json() == []
+        missing = await client.delete("/servers/nope")
+        assert missing.status_code == 404
+
+
+async def test_a_job_waits_while_no_server_is_known(gateway: str) -> None:
+    async with httpx.AsyncClient(base_url=gateway) as client:
+        reply = await client.post("/workflow/submit", json={"workflow": TINY, "priority": 2})
+        assert reply.status_code == 202, reply.text
+        job = reply.json()
+        assert job["log_file_path"].endswith(f"_{job['job_id']}.jsonl")
+        status = await client.get(f"/workflow/status/{job['job_id']}")
+        assert status.json()["status"] == "queued"
+        cancel = await client.post(f"/workflow/cancel/{job['job_id']}")
+        assert cancel.status_code == 200
+        assert cancel.json()["status"] == "cancelled"
+        again = await client.post(f"/workflow/cancel/{job['job_id']}")
+        assert again.status_code == 409
