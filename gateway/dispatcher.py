@@ -53,6 +53,8 @@ CONSUMER: Final = "balancer"
 _BATCH: Final = 256
 # A server with no speed estimate yet is assumed to take this long per job, divided by weight.
 _DEFAULT_SECONDS_PER_JOB: Final = 1.0
+# How long a record may wait for its queued event before the submission is declared lost.
+UNCONFIRMED_GRACE_S: Final = 30.0
 
 
 class _Queue:
@@ -111,6 +113,8 @@ class Dispatcher:
         self._queue = _Queue()
         self._started_at: dict[str, float] = {}
         self._handed_back: dict[str, int] = {}  # job id -> attempt already handed back
+        # Records seen without their queued event, and since when (monotonic).
+        self._unconfirmed: dict[str, tuple[JobRecord, float]] = {}
         self._wake = asyncio.Event()
         self._since = time.monotonic()
 
@@ -166,8 +170,9 @@ class Dispatcher:
     async def _adopt(self, record: JobRecord) -> None:
         request = await self._request_of(record.job_id)
         if request is None:
-            log.error("job %s has a record but no queued event; failing it", record.job_id)
-            await self._fail(record, "lost", "the job's request is missing from the event log")
+            # Being submitted right now (its queued event is on the way), or a submission that
+            # died half-way; the second kind is failed once it has waited long enough.
+            self._unconfirmed[record.job_id] = (record, time.monotonic())
             return
         self._records[record.job_id] = record
         self._needs[record.job_id] = requirements(request)
@@ -221,6 +226,7 @@ class Dispatcher:
             await self._requeue(updated, event)
 
     async def _on_new_job(self, event: Queued) -> None:
+        self._unconfirmed.pop(event.job_id, None)
         # KV is the truth: a replayed queued event of a job that has moved on must not revive it.
         try:
             entry = await self._kv.get(event.job_id)
@@ -306,6 +312,7 @@ class Dispatcher:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self._tick)
             self._wake.clear()
+            await self._fail_unconfirmed()
             await self._hand_back_from_dead_servers()
             await self._dispatch_round()
 
@@ -376,6 +383,19 @@ class Dispatcher:
         await self._publisher.emit(
             record.job_id, DispatchedData(server_id=server_id, attempt=attempt), server_id=server_id
         )
+
+    async def _fail_unconfirmed(self) -> None:
+        expired = [
+            record
+            for record, since in self._unconfirmed.values()
+            if time.monotonic() - since > UNCONFIRMED_GRACE_S
+        ]
+        for record in expired:
+            del self._unconfirmed[record.job_id]
+            if await self._request_of(record.job_id) is None:
+                log.error("job %s has a record but never got its queued event", record.job_id)
+                self._records[record.job_id] = record  # so that its failure is recorded
+                await self._fail(record, "lost", "the job's submission did not complete")
 
     async def _hand_back_from_dead_servers(self) -> None:
         clock = self._servers.now()
