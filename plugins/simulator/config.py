@@ -59,7 +59,11 @@ DEFAULT_MODEL_FOLDERS: tuple[str, ...] = (
 
 
 def _default_models() -> dict[str, list[str]]:
-    return {"checkpoints": ["sd15.safetensors"], "loras": [], "vae": []}
+    return {
+        "checkpoints": ["sd15.safetensors", "v1-5-pruned-emaonly.safetensors"],
+        "loras": [],
+        "vae": [],
+    }
 
 
 class SimulatorConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
