@@ -49,7 +49,6 @@ class Balancer:
             self._subjects,
             self._fleet.table,
             publisher,
-            data_dir=self._settings.data_path,
         )
         dispatcher = self.dispatcher = Dispatcher(
             self._nc, js, jobs_kv, self._subjects, self._fleet.table, publisher

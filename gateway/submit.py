@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from pathlib import Path
 from typing import Final
 
 from nats.aio.client import Client
@@ -34,7 +33,7 @@ from gateway.contract import (
     now,
 )
 from gateway.events import EventPublisher
-from gateway.logsink.paths import log_file_path
+from gateway.logsink.paths import log_file_relpath
 from gateway.placement import missing, requirements
 from gateway.servers import ServerTable
 from gateway.workflow import WorkflowError, apply_overrides, workflow_problems
@@ -63,14 +62,12 @@ class Submitter:
         servers: ServerTable,
         publisher: EventPublisher,
         *,
-        data_dir: Path,
         max_concurrent: int = 256,
     ) -> None:
         self._kv = jobs_kv
         self._subjects = subjects
         self._servers = servers
         self._publisher = publisher
-        self._data_dir = data_dir
         self._slots = asyncio.Semaphore(max_concurrent)
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -79,7 +76,7 @@ class Submitter:
         self._check(request)
         job_id = request.job_id or new_id()
         submitted_at = now()
-        path = str(log_file_path(self._data_dir, job_id, submitted_at))
+        path = log_file_relpath(job_id, submitted_at)
         record = JobRecord(
             job_id=job_id,
             status=JobStatus.QUEUED,

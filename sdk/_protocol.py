@@ -95,6 +95,13 @@ def json_object(content: bytes) -> dict[str, Any]:
     return value
 
 
+def json_list(content: bytes) -> list[dict[str, Any]]:
+    value = json.loads(content)
+    if not isinstance(value, list):
+        raise ValueError("the gateway answered with something other than a JSON list")
+    return value
+
+
 def finished(result: JobResult) -> bool:
     return result.status in TERMINAL_STATUSES
 

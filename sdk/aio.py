@@ -145,6 +145,14 @@ class AsyncComfyUISDK:
         except httpx.TransportError as exc:
             raise GatewayUnreachable(f"event stream of {job_id} broke: {exc}") from exc
 
+    async def list_jobs(
+        self, *, status: str | None = None, server: str | None = None, limit: int = 50
+    ) -> list[dict[str, Any]]:
+        """Recent jobs, newest first (from the log index), optionally filtered."""
+        params = {k: v for k, v in {"status": status, "server": server}.items() if v}
+        content = await self._call("GET", "/workflow/jobs", params={**params, "limit": limit})
+        return p.json_list(content)
+
     async def get_logs(self, job_id: str) -> dict[str, Any]:
         return p.json_object(await self._call("GET", f"/workflow/logs/{job_id}"))
 

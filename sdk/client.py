@@ -155,6 +155,14 @@ class ComfyUISDK:
 
     # -- logs and outputs ---------------------------------------------------------------------
 
+    def list_jobs(
+        self, *, status: str | None = None, server: str | None = None, limit: int = 50
+    ) -> list[dict[str, Any]]:
+        """Recent jobs, newest first (from the log index), optionally filtered."""
+        params = {k: v for k, v in {"status": status, "server": server}.items() if v}
+        content = self._call("GET", "/workflow/jobs", params={**params, "limit": limit})
+        return p.json_list(content)
+
     def get_logs(self, job_id: str) -> dict[str, Any]:
         """The job's log: `entries` (every event), `entry_count`, `log_file_path`."""
         return p.json_object(self._call("GET", f"/workflow/logs/{job_id}"))

@@ -10,6 +10,7 @@ from litestar.openapi.plugins import SwaggerRenderPlugin
 
 from gateway.api.errors import EXCEPTION_HANDLERS
 from gateway.api.images import image
+from gateway.api.logs import job_logs, logs_query, recent_jobs
 from gateway.api.servers import ServerController
 from gateway.api.services import Services
 from gateway.api.system import health, metrics
@@ -22,7 +23,16 @@ MAX_BODY_BYTES = 10 * 1024 * 1024
 def create_app(services: Services, *, max_body_bytes: int = MAX_BODY_BYTES) -> Litestar:
     """The REST API over `services`; OpenAPI at /schema, a docs UI at /schema/swagger."""
     return Litestar(
-        route_handlers=[WorkflowController, ServerController, image, health, metrics],
+        route_handlers=[
+            WorkflowController,
+            ServerController,
+            image,
+            job_logs,
+            logs_query,
+            recent_jobs,
+            health,
+            metrics,
+        ],
         dependencies={"services": Provide(lambda: services, sync_to_thread=False)},
         exception_handlers=EXCEPTION_HANDLERS,
         request_max_body_size=max_body_bytes,

@@ -69,6 +69,10 @@ class Services:
         self.storage = storage
         self.balancer = balancer
 
+    def log_path(self, relpath: str) -> str:
+        """A job's log file as this gateway's users see it: under the data folder."""
+        return str(self.settings.data_path / relpath)
+
     @property
     def leads(self) -> bool:
         """Whether the balancer in this process holds the dispatching lease."""

@@ -18,7 +18,7 @@ from nats.js import api
 
 from gateway.api.errors import ApiError
 from gateway.api.schemas import JobResult, Submitted, Timings, WorkflowSubmission
-from gateway.api.services import ServicesDep
+from gateway.api.services import Services, ServicesDep
 from gateway.contract import (
     TERMINAL_EVENTS,
     Cancel,
@@ -38,12 +38,12 @@ log = logging.getLogger(__name__)
 DEFAULT_EXECUTE_TIMEOUT = 300.0
 
 
-def base_url(services: ServicesDep, request: Request[Any, Any, Any]) -> str:
+def base_url(services: Services, request: Request[Any, Any, Any]) -> str:
     """Where clients reach this gateway: the configured public URL, else what they called."""
     return (services.settings.public_url or str(request.base_url)).rstrip("/")
 
 
-def to_request(body: WorkflowSubmission, services: ServicesDep) -> JobRequest:
+def to_request(body: WorkflowSubmission, services: Services) -> JobRequest:
     return JobRequest(
         workflow=body.workflow,
         overrides=body.overrides,
@@ -58,7 +58,8 @@ def to_request(body: WorkflowSubmission, services: ServicesDep) -> JobRequest:
     )
 
 
-def to_result(record: JobRecord, base: str) -> JobResult:
+def to_result(record: JobRecord, services: Services, request: Request[Any, Any, Any]) -> JobResult:
+    base = base_url(services, request)
     outputs = [
         msgspec.structs.replace(o, url=f"{base}/images/{quote(o.key)}") for o in record.outputs
     ]
@@ -70,7 +71,7 @@ def to_result(record: JobRecord, base: str) -> JobResult:
         attempts=record.attempt,
         images=[o.url for o in outputs if o.content_type.startswith("image/")],
         outputs=outputs,
-        log_file_path=record.log_file_path,
+        log_file_path=services.log_path(record.log_file_path),
         timings=Timings(
             submitted_at=record.submitted_at,
             started_at=started,
@@ -100,7 +101,7 @@ class WorkflowController(Controller):
         return Submitted(
             job_id=accepted.job_id,
             status=accepted.status,
-            log_file_path=accepted.log_file_path,
+            log_file_path=services.log_path(accepted.log_file_path),
             status_url=f"{base}/status/{accepted.job_id}",
             result_url=f"{base}/result/{accepted.job_id}",
             events_url=f"{base}/events/{accepted.job_id}",
@@ -118,14 +119,14 @@ class WorkflowController(Controller):
         timeout = data.timeout if data.timeout is not None else DEFAULT_EXECUTE_TIMEOUT
         record = await services.wait_for_end(accepted.job_id, timeout)
         status = 200 if record.status.terminal else 202
-        return Response(to_result(record, base_url(services, request)), status_code=status)
+        return Response(to_result(record, services, request), status_code=status)
 
     @get("/status/{job_id:str}")
     async def status(
         self, job_id: FromPath[str], services: ServicesDep, request: Request[Any, Any, Any]
     ) -> JobResult:
         """Where a job is now."""
-        return to_result(await services.record(job_id), base_url(services, request))
+        return to_result(await services.record(job_id), services, request)
 
     @get("/result/{job_id:str}")
     async def result(
@@ -137,7 +138,7 @@ class WorkflowController(Controller):
     ) -> JobResult:
         """A job's result; `?wait=SECONDS` waits for it to finish first."""
         record = await services.wait_for_end(job_id, min(wait, DEFAULT_EXECUTE_TIMEOUT))
-        return to_result(record, base_url(services, request))
+        return to_result(record, services, request)
 
     @post("/cancel/{job_id:str}", status_code=200)
     async def cancel(
@@ -155,7 +156,7 @@ class WorkflowController(Controller):
         else:
             await services.publisher.emit(job_id, CancelledData(reason="cancelled by request"))
         record = await services.wait_for_end(job_id, 10.0)
-        return to_result(record, base_url(services, request))
+        return to_result(record, services, request)
 
     @get("/events/{job_id:str}")
     async def events(self, job_id: FromPath[str], services: ServicesDep) -> ServerSentEvent:
@@ -164,7 +165,7 @@ class WorkflowController(Controller):
         return ServerSentEvent(_event_stream(services, job_id))
 
 
-async def _ask_adapter_to_cancel(services: ServicesDep, record: JobRecord) -> bool:
+async def _ask_adapter_to_cancel(services: Services, record: JobRecord) -> bool:
     assert record.server_id is not None
     try:
         reply = await services.nc.request(

@@ -1,0 +1,115 @@
+"""`/workflow/logs/{job_id}`, `/logs/query` and `/workflow/jobs`: answered by the log sink."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+from litestar import get, post
+from litestar.params import FromPath, FromQuery, JSONBody
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeoutError
+
+from gateway.api.errors import ApiError
+from gateway.api.services import Services, ServicesDep
+from gateway.contract import ContractError, JobStatus, LogQueryResult, check_token
+from gateway.logsink.client import LogQueryError, job_log, query_logs
+
+# HTTP status for the log sink's refusal codes; anything else is a bad query (400).
+_STATUS = {
+    "unknown_job": 404,
+    "not_found": 404,
+    "timeout": 504,
+    "no_log_sink": 503,
+    "too_large": 413,
+    "internal": 500,
+}
+
+
+class LogQueryBody(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """One SELECT over the log index (tables `events` and `jobs`, and the ready-made views)."""
+
+    sql: str
+    max_rows: int = 10_000
+    timeout_s: float = 10.0
+
+
+class JobLogBody(msgspec.Struct, kw_only=True):
+    job_id: str
+    log_file_path: str
+    entry_count: int
+    entries: list[dict[str, Any]]
+
+
+async def _ask_sink(call: Any) -> Any:
+    try:
+        return await call
+    except LogQueryError as exc:
+        raise ApiError(_STATUS.get(exc.code, 400), exc.code, exc.message, exc.details) from None
+    except NoRespondersError:
+        raise ApiError(503, "no_log_sink", "no log sink is running to answer") from None
+    except NatsTimeoutError:
+        raise ApiError(504, "log_sink_timeout", "the log sink did not answer in time") from None
+
+
+@get("/workflow/logs/{job_id:str}", tags=["logs"])
+async def job_logs(job_id: FromPath[str], services: ServicesDep) -> JobLogBody:
+    """Every event of a job as its JSONL log file holds it, with the file's path."""
+    log = await _ask_sink(job_log(services.nc, services.subjects, job_id))
+    return JobLogBody(
+        job_id=log.job_id,
+        log_file_path=services.log_path(log.log_file_path),
+        entry_count=log.entry_count,
+        entries=log.entries,
+    )
+
+
+@post("/logs/query", tags=["logs"], status_code=200)
+async def logs_query(data: JSONBody[LogQueryBody], services: ServicesDep) -> LogQueryResult:
+    """Run one read-only SELECT on the log index (sandboxed: no files, no settings)."""
+    call = query_logs(
+        services.nc,
+        services.subjects,
+        data.sql,
+        max_rows=data.max_rows,
+        timeout_s=data.timeout_s,
+    )
+    result: LogQueryResult = await _ask_sink(call)
+    return result
+
+
+@get("/workflow/jobs", tags=["workflows"])
+async def recent_jobs(
+    services: ServicesDep,
+    status: FromQuery[JobStatus | None] = None,
+    server: FromQuery[str | None] = None,
+    limit: FromQuery[int] = 50,
+) -> list[dict[str, Any]]:
+    """Recent jobs, newest first, from the log index; filter by status and server."""
+    return await list_jobs(services, status=status, server=server, limit=limit)
+
+
+async def list_jobs(
+    services: Services, *, status: JobStatus | None, server: str | None, limit: int
+) -> list[dict[str, Any]]:
+    where = []
+    # Both filters are checked against closed sets before they are put into SQL.
+    if status is not None:
+        where.append(f"status = '{JobStatus(status).value}'")
+    if server is not None:
+        try:
+            check_token(server, "server id")
+        except ContractError as exc:
+            raise ApiError(400, "invalid_request", str(exc)) from None
+        if "'" in server or "\\" in server:
+            raise ApiError(400, "invalid_request", "server ids have no quotes")
+        where.append(f"server_id = '{server}'")
+    clause = f"WHERE {' AND '.join(where)}" if where else ""
+    sql = (
+        "SELECT job_id, status, server_id, attempts, submitted_at, started_at, finished_at, "
+        "duration_s, queue_wait_s, error_type, error_message, output_count, log_file_path "
+        f"FROM jobs {clause} ORDER BY submitted_at DESC LIMIT {max(1, min(limit, 1000))}"
+    )
+    result: LogQueryResult = await _ask_sink(query_logs(services.nc, services.subjects, sql))
+    names = [column.name for column in result.columns]
+    return [dict(zip(names, row, strict=True)) for row in result.rows]

@@ -1,0 +1,90 @@
+"""Asking the log sink from anywhere on the bus: SQL over the index, or one job's whole log."""
+
+from __future__ import annotations
+
+from typing import Any, Final
+
+import msgspec
+from nats.aio.client import Client
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeoutError
+
+from gateway.contract import Error, LogQuery, LogQueryResult, Subjects, encode
+from gateway.logsink.messages import JobLog, JobLogPage, JobLogRequest, job_log_subject
+
+# Time for the request to travel and the reply to be built, beyond the query's own limit.
+_MARGIN_S: Final = 5.0
+
+
+class LogQueryError(RuntimeError):
+    """The log sink refused or failed a request; `code` says why (see README.md)."""
+
+    def __init__(self, code: str, message: str, details: Any = None) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+        self.details = details
+
+
+class _Probe(msgspec.Struct):
+    code: str | None = None
+    message: str | None = None
+
+
+_probe: Final = msgspec.json.Decoder(_Probe)
+_error: Final = msgspec.json.Decoder(Error)
+
+
+def _raise_if_error(data: bytes) -> None:
+    probe = _probe.decode(data)
+    if probe.code is not None and probe.message is not None:
+        error = _error.decode(data)
+        raise LogQueryError(error.code, error.message, error.details)
+
+
+async def _request(nc: Client, subject: str, payload: bytes, within: float) -> bytes:
+    try:
+        reply = await nc.request(subject, payload, timeout=within)
+    except NoRespondersError as exc:
+        raise LogQueryError(
+            "no_log_sink", f"no log sink answers on {subject}: is `comfyautomate logsink` running?"
+        ) from exc
+    except NatsTimeoutError as exc:
+        raise LogQueryError("timeout", f"the log sink did not answer within {within:g} s") from exc
+    _raise_if_error(reply.data)
+    return reply.data
+
+
+async def query_logs(
+    nc: Client,
+    subjects: Subjects,
+    sql: str,
+    *,
+    max_rows: int = 10_000,
+    timeout_s: float = 10.0,
+) -> LogQueryResult:
+    """Run one SELECT on the log index; raise LogQueryError if the sink refuses it."""
+    payload = encode(LogQuery(sql=sql, max_rows=max_rows, timeout_s=timeout_s))
+    data = await _request(nc, subjects.logs_query, payload, timeout_s + _MARGIN_S)
+    return msgspec.json.decode(data, type=LogQueryResult)
+
+
+async def job_log(
+    nc: Client, subjects: Subjects, job_id: str, *, timeout_s: float = 10.0
+) -> JobLog:
+    """A job's events in seq order, as recorded, and the path of its log file.
+
+    Raises LogQueryError with code `not_found` when the sink has no event of that job.
+    """
+    entries: list[dict[str, Any]] = []
+    offset = 0
+    while True:
+        payload = msgspec.json.encode(JobLogRequest(job_id=job_id, offset=offset))
+        data = await _request(nc, job_log_subject(subjects), payload, timeout_s)
+        page = msgspec.json.decode(data, type=JobLogPage)
+        entries.extend(msgspec.json.decode(raw) for raw in page.entries)
+        if page.complete or page.next_offset <= offset:
+            break
+        offset = page.next_offset
+    entries.sort(key=lambda entry: int(entry.get("seq", 0)))
+    return JobLog(job_id=job_id, log_file_path=page.log_file_path, entries=entries)

@@ -1,0 +1,225 @@
+"""The log sink as a whole: recovery, the consumer, the writer thread and the query service.
+
+`run_logsink(settings, stop)` is what `comfyautomate logsink` and `comfyautomate up` run;
+`LogSink` is the same as an async context manager on a connection the caller owns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from types import TracebackType
+from typing import TypeVar
+
+import duckdb
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+
+from gateway.bus import connect, ensure_resources
+from gateway.contract import Subjects
+from gateway.logsink.config import SinkConfig
+from gateway.logsink.consumer import EventPuller
+from gateway.logsink.jsonl import JsonlError
+from gateway.logsink.rebuild import reconcile
+from gateway.logsink.service import LogService
+from gateway.logsink.store import LogStore
+from gateway.settings import Settings
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class LogSink:
+    """A running log sink on `nc`. Use `async with LogSink(...) as sink:`.
+
+    On exit it stops fetching, stores and acknowledges what it holds, finishes the queries in
+    progress and closes the index.
+    """
+
+    def __init__(
+        self,
+        nc: Client,
+        subjects: Subjects,
+        data_dir: str | Path,
+        config: SinkConfig | None = None,
+    ) -> None:
+        self._nc = nc
+        self._js = nc.jetstream()
+        self._subjects = subjects
+        self.data_dir = Path(data_dir)
+        self.config = config or SinkConfig()
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="logsink-writer")
+        self._stopping = asyncio.Event()
+        self._store: LogStore | None = None
+        self._service: LogService | None = None
+        self._puller: EventPuller | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._acked_upto = 0
+        self._progress = asyncio.Condition()
+        self.events_written = 0
+        self.events_duplicate = 0
+
+    async def _in_writer(self, work: Callable[[], T]) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._writer, work)
+
+    async def __aenter__(self) -> LogSink:
+        try:
+            await self._start()
+        except BaseException:
+            await self._close_resources()
+            raise
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def _start(self) -> None:
+        config = self.config
+        self._store = store = await self._in_writer(lambda: LogStore(self.data_dir, config))
+        # Lines a crash left in the files but not in the index go in before any redelivery.
+        await self._in_writer(lambda: reconcile(store))
+        cursors = [await self._in_writer(store.index.cursor) for _ in range(config.query_workers)]
+        self._service = LogService(self._nc, self._subjects, cursors, self.data_dir, config)
+        self._puller = EventPuller(self._nc, self._js, self._subjects, config)
+        await self._puller.start()
+        info = await self._js.consumer_info(self._subjects.events_stream, config.durable)
+        self._acked_upto = info.ack_floor.stream_seq or 0
+        self._task = asyncio.create_task(self._run(), name="logsink")
+        log.info("log sink running: data in %s", self.data_dir.resolve())
+
+    async def _run(self) -> None:
+        assert self._service is not None
+        async with asyncio.TaskGroup() as tasks:
+            tasks.create_task(self._consume())
+            tasks.create_task(self._service.run(self._stopping))
+
+    async def wait(self, stop: asyncio.Event) -> None:
+        """Run until `stop` is set; raise if the sink fails first."""
+        assert self._task is not None
+        stopper = asyncio.ensure_future(stop.wait())
+        try:
+            await asyncio.wait({stopper, self._task}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopper.cancel()
+        if self._task.done():
+            self._task.result()
+
+    async def close(self) -> None:
+        """Stop gracefully (see the class docstring). Safe to call twice."""
+        self._stopping.set()
+        try:
+            if self._task is not None:
+                # A failure was raised by wait() already; here it is only logged.
+                (outcome,) = await asyncio.gather(self._task, return_exceptions=True)
+                if isinstance(outcome, BaseException) and not isinstance(
+                    outcome, asyncio.CancelledError
+                ):
+                    log.error("the log sink stopped on an error: %r", outcome)
+        finally:
+            await self._close_resources()
+
+    async def _close_resources(self) -> None:
+        puller, self._puller = self._puller, None
+        if puller is not None:
+            # Normally stopped by the consumer already; this covers a failed start.
+            await puller.stop()
+        service, self._service = self._service, None
+        if service is not None:
+            await asyncio.get_running_loop().run_in_executor(None, service.close)
+        store, self._store = self._store, None
+        if store is not None:
+            await self._in_writer(store.close)
+        self._writer.shutdown(wait=True)
+
+    async def wait_caught_up(self) -> None:
+        """Wait until every event now in the stream is stored and acknowledged.
+
+        Wakes on each acknowledged batch; bound it with asyncio.timeout.
+        """
+        info = await self._js.stream_info(self._subjects.events_stream)
+        target = info.state.last_seq
+        async with self._progress:
+            await self._progress.wait_for(lambda: self._acked_upto >= target)
+
+    # ---------------------------------------------------------------------------------------
+
+    async def _consume(self) -> None:
+        puller = self._puller
+        assert puller is not None
+        while not self._stopping.is_set():
+            batch = await puller.next_batch(self._stopping)
+            if batch:
+                await self._store_and_ack(batch)
+        held = await puller.stop()
+        for start in range(0, len(held), self.config.batch_size):
+            await self._store_and_ack(held[start : start + self.config.batch_size])
+        await self._nc.flush()
+
+    async def _store_and_ack(self, batch: list[Msg]) -> None:
+        store = self._store
+        assert store is not None
+        raws = [msg.data for msg in batch]
+        delay = self.config.retry_min_s
+        while True:
+            try:
+                stats = await self._in_writer(lambda: store.write_batch(raws))
+                break
+            except (JsonlError, duckdb.FatalException):
+                raise
+            except Exception:
+                log.exception("storing %d events failed; trying again in %.1f s", len(raws), delay)
+            if self._stopping.is_set():
+                log.warning("stopping with %d events not stored; they come again", len(raws))
+                return
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await self._stopping.wait()
+            delay = min(delay * 2, self.config.retry_max_s)
+        for msg in batch:
+            await msg.ack()
+        self.events_written += stats.written
+        self.events_duplicate += stats.duplicates
+        last = batch[-1].metadata.sequence.stream
+        async with self._progress:
+            self._acked_upto = max(self._acked_upto, last)
+            self._progress.notify_all()
+
+
+async def run_logsink(
+    settings: Settings,
+    stop: asyncio.Event,
+    *,
+    nc: Client | None = None,
+    config: SinkConfig | None = None,
+) -> None:
+    """Run the log sink until `stop` is set (what `comfyautomate logsink` and `up` call).
+
+    Uses `nc` when given (`up` shares its connection), else connects to settings.nats_url.
+    """
+    subjects = Subjects(settings.subject_prefix)
+    own = nc is None
+    client = nc if nc is not None else await _connect(settings)
+    try:
+        await ensure_resources(client.jetstream(), subjects)
+        async with LogSink(client, subjects, settings.data_path, config) as sink:
+            await sink.wait(stop)
+    finally:
+        if own:
+            await client.drain()
+
+
+async def _connect(settings: Settings) -> Client:
+    options = {}
+    if settings.nats_user:
+        options = {"user": settings.nats_user, "password": settings.nats_password or ""}
+    return await connect(settings.nats_url, "logsink", **options)
