@@ -6,7 +6,6 @@ import argparse
 import asyncio
 import sys
 from collections.abc import Callable, Coroutine, Sequence
-from pathlib import Path
 from typing import Any
 
 from gateway.lifecycle import setup_logging
@@ -68,7 +67,6 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="also start N fake ComfyUI servers (no GPU needed) and use them",
     )
-    up.add_argument("--ready-file", type=Path, help=argparse.SUPPRESS)
     up.set_defaults(handler=_run_up)
 
     gateway = commands.add_parser(
@@ -92,7 +90,14 @@ def build_parser() -> argparse.ArgumentParser:
     _common(balancer)
     balancer.set_defaults(handler=_run_balancer)
 
+    from gateway import clientcli
+    from gateway.logsink import cli as logsink_cli
+    from plugins.comfyui import cli as adapter_cli
     from plugins.simulator import cli as simulator_cli
+
+    adapter_cli.add_parser(commands)
+    logsink_cli.add_parsers(commands)
+    clientcli.add_parsers(commands)
 
     simulator_cli.add_parser(commands)
     commands.choices["simulate"].set_defaults(handler=simulator_cli.run)
@@ -112,7 +117,6 @@ def _run_up(args: argparse.Namespace) -> int:
         _settings_from(args),
         comfyui=args.comfyui,
         simulate=args.simulate,
-        ready_file=args.ready_file,
     )
 
 
@@ -141,7 +145,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Parse the command line, run the chosen command, return its exit code."""
     args = build_parser().parse_args(argv)
     if args.command != "simulate":  # the simulator sets up its own logging
-        setup_logging(args.log_level)
+        setup_logging(getattr(args, "log_level", "WARNING"))
     try:
         code: int = args.handler(args)
     except SettingsError as exc:

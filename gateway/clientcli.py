@@ -18,23 +18,27 @@ GATEWAY_ENV = "COMFYAUTOMATE_GATEWAY_URL"
 _err = Console(stderr=True)
 
 
-def _gateway_option(parser: argparse.ArgumentParser) -> None:
+def _gateway_options() -> argparse.ArgumentParser:
+    """Options every client command takes, wherever they stand on the line."""
+    parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument(
         "--gateway",
         default=os.environ.get(GATEWAY_ENV, "http://127.0.0.1:8000"),
         help=f"gateway URL (default ${GATEWAY_ENV} or http://127.0.0.1:8000)",
     )
     parser.add_argument("--api-key", default=os.environ.get("COMFYAUTOMATE_API_KEY"))
+    return parser
 
 
 def add_parsers(commands: Any) -> None:
     """Add `submit`, `servers` and `jobs` to the CLI's subcommands."""
+    common = _gateway_options()
     submit = commands.add_parser(
         "submit",
+        parents=[common],
         help="submit a workflow (API format JSON); --wait shows live progress",
         description="Submit a workflow. Without --wait, prints the job id and returns.",
     )
-    _gateway_option(submit)
     submit.add_argument("workflow", type=Path, help="workflow file in ComfyUI's API format")
     submit.add_argument("--wait", action="store_true", help="follow progress until the end")
     submit.add_argument(
@@ -53,29 +57,27 @@ def add_parsers(commands: Any) -> None:
     submit.set_defaults(handler=_submit)
 
     servers = commands.add_parser("servers", help="list, add or remove ComfyUI servers")
-    _gateway_option(servers)
     verbs = servers.add_subparsers(dest="verb", required=True, metavar="VERB")
-    verbs.add_parser("list", help="every server with its health and load")
-    add = verbs.add_parser("add", help="register a server")
+    verbs.add_parser("list", parents=[common], help="every server with its health and load")
+    add = verbs.add_parser("add", parents=[common], help="register a server")
     add.add_argument("name")
     add.add_argument("address", help="HOST:PORT of its ComfyUI")
     add.add_argument("--capacity", type=int, default=2)
     add.add_argument("--weight", type=float, default=1.0)
     add.add_argument("--label", action="append", default=[], metavar="KEY=VALUE")
-    remove = verbs.add_parser("remove", help="unregister a server")
+    remove = verbs.add_parser("remove", parents=[common], help="unregister a server")
     remove.add_argument("server_id")
     servers.set_defaults(handler=_servers)
 
     jobs = commands.add_parser("jobs", help="list, show or cancel jobs")
-    _gateway_option(jobs)
     verbs = jobs.add_subparsers(dest="verb", required=True, metavar="VERB")
-    listing = verbs.add_parser("list", help="recent jobs, newest first")
+    listing = verbs.add_parser("list", parents=[common], help="recent jobs, newest first")
     listing.add_argument("--status")
     listing.add_argument("--server")
     listing.add_argument("--limit", type=int, default=20)
-    show = verbs.add_parser("show", help="a job's status and result")
+    show = verbs.add_parser("show", parents=[common], help="a job's status and result")
     show.add_argument("job_id")
-    cancel = verbs.add_parser("cancel", help="cancel a job")
+    cancel = verbs.add_parser("cancel", parents=[common], help="cancel a job")
     cancel.add_argument("job_id")
     jobs.set_defaults(handler=_jobs)
 

@@ -17,7 +17,6 @@ from typing import Final
 
 import msgspec
 from nats.aio.client import Client
-from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext, api
 from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
@@ -185,7 +184,7 @@ class Dispatcher:
         while True:
             try:
                 messages = await sub.fetch(_BATCH, timeout=self._tick)
-            except NatsTimeoutError:
+            except TimeoutError:  # nats-py raises its own subclass or asyncio's: nothing came
                 continue
             done = []
             for message in messages:

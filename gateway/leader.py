@@ -46,6 +46,12 @@ async def hold_leadership(
         log.info("%s holds the balancer lease", holder)
         try:
             await _lead(kv, holder, revision, work, stop, renew_every)
+        except Exception:
+            # The lead's work failed: give the lease up (another replica, or this one after a
+            # pause, takes over from the durable state) rather than take the process down.
+            log.exception("%s: the balancer's work failed; giving up the lease", holder)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), renew_every)
         finally:
             await _release(kv, holder)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
 import signal
 from collections.abc import Iterator
@@ -15,6 +16,8 @@ def setup_logging(level: str = "INFO") -> None:
         level=level.upper(),
         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
     )
+    # One line per HTTP request to ComfyUI drowns what matters; their failures still show.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 @contextmanager
@@ -35,8 +38,19 @@ def stop_on_signals(stop: asyncio.Event) -> Iterator[None]:
 
     for sig in signals:
         loop.add_signal_handler(sig, on_signal, sig)
+    # `kill -USR1 PID` shows what every task is waiting on: the tool for a stuck shutdown.
+    loop.add_signal_handler(signal.SIGUSR1, _dump_tasks)
     try:
         yield
     finally:
-        for sig in signals:
+        for sig in (*signals, signal.SIGUSR1):
             loop.remove_signal_handler(sig)
+
+
+def _dump_tasks() -> None:
+    out = io.StringIO()
+    tasks = asyncio.all_tasks()
+    out.write(f"--- {len(tasks)} asyncio tasks ---\n")
+    for task in tasks:
+        task.print_stack(limit=6, file=out)
+    logging.getLogger(__name__).warning("%s", out.getvalue())

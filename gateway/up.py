@@ -1,28 +1,59 @@
-"""`comfyautomate up`: the whole system on one machine, embedded NATS included."""
+"""`comfyautomate up`: the whole system on one machine, embedded NATS included.
+
+One process runs every role (gateway with its balancer, log sink, an adapter per registered
+server) around a nats-server child; `--simulate N` adds N fake ComfyUI servers so the system can
+be seen working without a GPU. Ctrl-C or SIGTERM stops the roles in reverse order, the broker
+last, and nothing is left running.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import re
+from collections.abc import Sequence
 from contextlib import AsyncExitStack
 from pathlib import Path
+from typing import Any
 
-from gateway.bus import connect, ensure_resources
-from gateway.contract import Subjects
+import msgspec
+from nats.aio.client import Client
+
+from gateway.adapterhost import AdapterHost
+from gateway.bus import session
+from gateway.contract import ServerRecord, Subjects, encode, now
 from gateway.lifecycle import stop_on_signals
+from gateway.logsink.sink import run_logsink
 from gateway.natsserver import DEFAULT_CONF, embedded_nats
+from gateway.service import run_gateway, storage_for
 from gateway.settings import Settings
+from plugins.simulator import SimulatorConfig, run_simulator
 
 log = logging.getLogger(__name__)
 
 
-async def run_up(settings: Settings, *, ready_file: Path | None = None) -> int:
-    """Start every role in this process and run until SIGINT or SIGTERM; return an exit code.
+def _server_id(address: str) -> str:
+    return "comfyui-" + re.sub(r"[^A-Za-z0-9]+", "-", address).strip("-")
 
-    Shutdown unwinds in reverse order of start, so the broker is the last thing to stop and
-    every role can hand back its work before it goes.
-    """
+
+async def _register(
+    nc: Client, subjects: Subjects, server_id: str, name: str, address: str
+) -> None:
+    kv = await nc.jetstream().key_value(subjects.servers_bucket)
+    record = ServerRecord(server_id=server_id, name=name, address=address, registered_at=now())
+    await kv.put(server_id, encode(record))
+
+
+async def run_up(
+    settings: Settings,
+    *,
+    comfyui: Sequence[str] = (),
+    simulate: int = 0,
+    simulator_config: SimulatorConfig | None = None,
+) -> int:
+    """Run everything until SIGINT or SIGTERM; return the exit code."""
     stop = asyncio.Event()
+    subjects = Subjects(settings.subject_prefix)
     with stop_on_signals(stop):
         async with AsyncExitStack() as stack:
             url = settings.nats_url
@@ -31,18 +62,58 @@ async def run_up(settings: Settings, *, ready_file: Path | None = None) -> int:
                 url = await stack.enter_async_context(
                     embedded_nats(url, settings.data_path, config=conf)
                 )
-            nc = await connect(url, "comfyautomate-up")
-            stack.push_async_callback(nc.close)
-            await ensure_resources(nc.jetstream(), Subjects(settings.subject_prefix))
-            summary = f"ComfyAutomate is up: NATS at {url}, data in {settings.data_path.resolve()}"
-            log.info(summary)
-            print(summary, flush=True)  # noqa: T201 - the one line a person waits for
-            if ready_file is not None:
-                ready_file.write_text(url)
-            await stop.wait()
+            servers: list[tuple[str, str, str]] = [
+                (_server_id(address), address, address) for address in comfyui
+            ]
+            for index in range(simulate):
+                config = simulator_config or SimulatorConfig()
+                sim_dir = settings.data_path / "simulators" / f"sim-{index + 1}"
+                sim = await stack.enter_async_context(
+                    run_simulator(_with_dir(config, sim_dir), host="127.0.0.1", port=0)
+                )
+                servers.append((f"sim-{index + 1}", f"Simulated ComfyUI {index + 1}", sim.address))
+            nc = await stack.enter_async_context(session(url, "up", subjects))
+            for server_id, name, address in servers:
+                await _register(nc, subjects, server_id, name, address)
+            storage = storage_for(settings, nc.jetstream())
+            await stack.enter_async_context(storage)
+            listening: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+            async with asyncio.TaskGroup() as tasks:
+                tasks.create_task(run_logsink(settings, stop, nc=nc))
+                tasks.create_task(AdapterHost(nc, settings, storage).run(stop))
+                gateway = tasks.create_task(run_gateway(settings, url, stop, listening=listening))
+                started: set[asyncio.Future[Any]] = {listening, gateway}
+                await asyncio.wait(started, return_when=asyncio.FIRST_COMPLETED)
+                if listening.done():
+                    _announce(listening.result(), url, settings, servers)
     return 0
 
 
-def up(settings: Settings, *, ready_file: Path | None = None) -> int:
+def _with_dir(config: SimulatorConfig, directory: Path) -> SimulatorConfig:
+    return msgspec.structs.replace(config, base_dir=str(directory))
+
+
+def _announce(
+    base: str,
+    url: str,
+    settings: Settings,
+    servers: list[tuple[str, str, str]],
+) -> None:
+    lines = [
+        f"ComfyAutomate is up at {base}  (API docs: {base}/schema/swagger)",
+        f"  NATS:    {url}",
+        f"  data:    {settings.data_path.resolve()}",
+    ]
+    lines += [f"  server:  {sid} at {address}" for sid, _, address in servers]
+    lines.append("Press Ctrl-C to stop.")
+    print("\n".join(lines), flush=True)  # noqa: T201 - what a person starting it waits for
+
+
+def up(
+    settings: Settings,
+    *,
+    comfyui: Sequence[str] = (),
+    simulate: int = 0,
+) -> int:
     """Synchronous entry point for the CLI."""
-    return asyncio.run(run_up(settings, ready_file=ready_file))
+    return asyncio.run(run_up(settings, comfyui=comfyui, simulate=simulate))

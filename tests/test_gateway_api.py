@@ -5,8 +5,10 @@ from __future__ import annotations
 import httpx
 
 TINY = {
-    "1": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 1,
-                                                 "color": 0}},
+    "1": {
+        "class_type": "EmptyImage",
+        "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": 0},
+    },
     "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "t"}},
 }
 
@@ -19,8 +21,14 @@ async def test_health_schema_and_metrics(gateway: str) -> None:
         schema = await client.get("/schema/openapi.json")
         assert schema.status_code == 200
         paths = schema.json()["paths"]
-        for path in ("/workflow/execute", "/workflow/submit", "/servers", "/servers/health",
-                     "/workflow/status/{job_id}", "/workflow/events/{job_id}"):
+        for path in (
+            "/workflow/execute",
+            "/workflow/submit",
+            "/servers",
+            "/servers/health",
+            "/workflow/status/{job_id}",
+            "/workflow/events/{job_id}",
+        ):
             assert path in paths, path
         metrics = await client.get("/metrics")
         assert metrics.status_code == 200

@@ -14,7 +14,7 @@ from gateway.api.logs import job_logs, logs_query, recent_jobs
 from gateway.api.servers import ServerController
 from gateway.api.services import Services
 from gateway.api.system import health, metrics
-from gateway.api.workflows import WorkflowController
+from gateway.api.workflows import WorkflowController, job_events_ws
 
 # Workflows are JSON graphs; 10 MB is far above any real one and far below harm.
 MAX_BODY_BYTES = 10 * 1024 * 1024
@@ -25,6 +25,7 @@ def create_app(services: Services, *, max_body_bytes: int = MAX_BODY_BYTES) -> L
     return Litestar(
         route_handlers=[
             WorkflowController,
+            job_events_ws,
             ServerController,
             image,
             job_logs,
@@ -44,4 +45,6 @@ def create_app(services: Services, *, max_body_bytes: int = MAX_BODY_BYTES) -> L
             render_plugins=[SwaggerRenderPlugin()],
         ),
         response_cache_config=ResponseCacheConfig(),
+        # The process sets up logging once for every role; Litestar must not add its own.
+        logging_config=None,
     )

@@ -8,7 +8,7 @@ from typing import Any
 from urllib.parse import quote
 
 import msgspec
-from litestar import Controller, Request, Response, get, post
+from litestar import Controller, Request, Response, WebSocket, get, post, websocket
 from litestar.params import FromPath, FromQuery, JSONBody
 from litestar.response import ServerSentEvent
 from litestar.response.sse import ServerSentEventMessage
@@ -24,6 +24,7 @@ from gateway.contract import (
     Cancel,
     CancelledData,
     ControlReply,
+    Event,
     JobRecord,
     JobRequest,
     decode,
@@ -179,9 +180,11 @@ async def _ask_adapter_to_cancel(services: Services, record: JobRecord) -> bool:
     return decode(reply.data, ControlReply).ok
 
 
-async def _event_stream(
-    services: ServicesDep, job_id: str
-) -> AsyncIterator[ServerSentEventMessage]:
+async def job_events(services: Services, job_id: str) -> AsyncIterator[Event | None]:
+    """The job's events from the first, live, ending with its terminal event.
+
+    None stands for 15 s without an event, so a stream can send a keep-alive.
+    """
     sub = await services.js.subscribe(
         services.subjects.events(job_id),
         ordered_consumer=True,
@@ -192,13 +195,38 @@ async def _event_stream(
             try:
                 msg = await sub.next_msg(timeout=15.0)
             except NatsTimeoutError:
-                yield ServerSentEventMessage(comment="keep-alive")
+                yield None
                 continue
             event = decode_event(msg.data)
-            yield ServerSentEventMessage(
-                data=msg.data.decode(), event=event_type(event), id=event.seq
-            )
+            yield event
             if isinstance(event, TERMINAL_EVENTS):
                 return
     finally:
         await sub.unsubscribe()
+
+
+async def _event_stream(services: Services, job_id: str) -> AsyncIterator[ServerSentEventMessage]:
+    async for event in job_events(services, job_id):
+        if event is None:
+            yield ServerSentEventMessage(comment="keep-alive")
+        else:
+            yield ServerSentEventMessage(
+                data=encode(event).decode(), event=event_type(event), id=event.seq
+            )
+
+
+@websocket("/workflow/events/{job_id:str}/ws")
+async def job_events_ws(
+    socket: WebSocket[Any, Any, Any], job_id: FromPath[str], services: ServicesDep
+) -> None:
+    """The same events as /workflow/events/{job_id}, one JSON text frame each."""
+    await socket.accept()
+    try:
+        await services.record(job_id)
+    except ApiError as exc:
+        await socket.close(code=4404, reason=exc.message[:120])
+        return
+    async for event in job_events(services, job_id):
+        if event is not None:
+            await socket.send_text(encode(event).decode())
+    await socket.close()

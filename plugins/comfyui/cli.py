@@ -1,0 +1,109 @@
+"""`comfyautomate adapter` (and `python -m plugins.comfyui`): one server's adapter as a process."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from typing import Any
+
+from gateway.bus import session
+from gateway.contract import Subjects
+from gateway.roles import run_role
+from gateway.settings import Settings, SettingsError, load_settings
+from plugins.comfyui.adapter import run_adapter
+from plugins.comfyui.options import AdapterOptions
+
+__all__ = ["add_arguments", "add_parser", "main", "parse_labels", "run_adapter"]
+
+_DESCRIPTION = """\
+Run the adapter of one ComfyUI server: take the jobs the balancer binds to it from NATS, run
+them on ComfyUI, publish their progress and store their outputs, and heartbeat its health.
+Stops on SIGINT/SIGTERM, letting running jobs finish within --grace seconds.
+"""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The adapter's options, for any parser."""
+    parser.add_argument("--server-id", required=True, help="the server's id on the bus")
+    parser.add_argument("--address", required=True, metavar="HOST:PORT", help="ComfyUI address")
+    parser.add_argument("--capacity", type=int, help="jobs bound at once (default 2)")
+    parser.add_argument("--weight", type=float, default=1.0, help="relative speed (default 1)")
+    parser.add_argument(
+        "--label",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a label jobs can require (repeatable)",
+    )
+    parser.add_argument("--config", help="TOML settings file")
+    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING (default INFO)")
+    parser.add_argument("--nats-url", help="NATS server URL (default nats://127.0.0.1:4222)")
+    parser.add_argument("--data-dir", help="where the local storage keeps outputs (default ./data)")
+    parser.add_argument("--prefix", dest="subject_prefix", help="subject prefix (default comfy)")
+    parser.add_argument("--storage", help="storage backend for outputs: local, nats, ...")
+    parser.add_argument("--grace", type=float, help="seconds running jobs get on shutdown (30)")
+    parser.add_argument("--ack-wait", type=float, help="seconds before JetStream redelivers (30)")
+    parser.add_argument("--job-timeout", type=float, help="default job timeout in s (3600)")
+
+
+def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add the `adapter` command to a CLI's subparsers; its handler returns an exit code."""
+    parser = subparsers.add_parser(
+        "adapter",
+        help="run the adapter of one ComfyUI server",
+        description=_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_arguments(parser)
+    parser.set_defaults(handler=main)
+
+
+def parse_labels(items: list[str]) -> dict[str, str]:
+    """`["gpu=a100", "zone=eu"]` as a dict; SettingsError for an item without `=`."""
+    labels = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise SettingsError(f"--label {item!r} must look like key=value")
+        labels[key.strip()] = value.strip()
+    return labels
+
+
+def _options(args: argparse.Namespace) -> AdapterOptions:
+    changes: dict[str, Any] = {}
+    if args.grace is not None:
+        changes["grace_s"] = args.grace
+    if args.ack_wait is not None:
+        changes["ack_wait_s"] = args.ack_wait
+    if args.job_timeout is not None:
+        changes["default_timeout_s"] = args.job_timeout
+    return AdapterOptions(**changes)
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run the adapter until SIGINT/SIGTERM; the exit code (1 when NATS does not answer)."""
+    flags = {
+        name: getattr(args, name, None)
+        for name in ("nats_url", "data_dir", "subject_prefix", "storage")
+    }
+    settings = load_settings(flags, config_file=args.config)
+    labels = parse_labels(args.label)
+    options = _options(args)
+    capacity = args.capacity if args.capacity is not None else settings.default_capacity
+
+    async def role(settings: Settings, url: str, stop: asyncio.Event) -> None:
+        subjects = Subjects(settings.subject_prefix)
+        async with session(url, f"adapter-{args.server_id}", subjects) as nc:
+            await run_adapter(
+                nc,
+                settings,
+                stop,
+                server_id=args.server_id,
+                address=args.address,
+                capacity=capacity,
+                weight=args.weight,
+                labels=labels,
+                options=options,
+            )
+
+    return run_role(settings, role)

@@ -1,0 +1,28 @@
+"""The adapter's tunables, with defaults for a real GPU server; tests shorten the timings."""
+
+from __future__ import annotations
+
+import msgspec
+
+
+class AdapterOptions(msgspec.Struct, frozen=True, kw_only=True):
+    """Timings and limits of one adapter. Durations are in seconds."""
+
+    default_timeout_s: float = 3600.0
+    """A job without `timeout_s` ends `failed` (code timeout) after this long."""
+    silence_s: float = 5.0
+    """A job whose socket has been silent this long is cross-checked with /history and /queue."""
+    poll_s: float = 0.5
+    """How often a job followed without a websocket is polled."""
+    unreachable_grace_s: float = 3.0
+    """A submitted job whose ComfyUI stays unreachable this long is handed back."""
+    stop_wait_s: float = 10.0
+    """After an interrupt, how long to wait for the prompt to leave ComfyUI's queue."""
+    grace_s: float = 30.0
+    """On shutdown, how long running jobs may go on before they are handed back."""
+    ack_wait_s: float = 30.0
+    """JetStream redelivers a job whose adapter stopped confirming progress for this long."""
+    capabilities_refresh_s: float = 60.0
+    capabilities_resend_s: float = 30.0
+    max_input_bytes: int = 200 * 1024 * 1024
+    url_timeout_s: float = 60.0

@@ -1,0 +1,171 @@
+"""The one websocket an adapter keeps open to its ComfyUI server, and the routing of its messages.
+
+ComfyUI sends a prompt's messages only to the socket registered under the prompt's client id.
+Two traps decide how this follower reconnects (see the protocol notes): a second socket with the
+same clientId steals the first one's messages, and when the older socket is finally closed the
+server unregisters the newer one too, which then hears nothing at all. So every connection gets
+a fresh client id; prompts submitted under an earlier id lose their messages, and their runners
+are told (`Lost`) so they follow them by polling /history and /queue instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections.abc import Callable
+
+import websockets
+from websockets.asyncio.client import ClientConnection, connect
+
+from plugins.comfyui.client import ws_url
+from plugins.comfyui.messages import Status, WsMessage, decode_ws, prompt_of
+
+log = logging.getLogger(__name__)
+
+
+class Lost:
+    """Marker: the socket this prompt's messages would come on is gone; poll instead."""
+
+
+class Nudge:
+    """Marker: something asked the runner to look at its state again (cancel, hand back)."""
+
+
+LOST = Lost()
+NUDGE = Nudge()
+Item = WsMessage | Lost | Nudge
+
+
+class Watch:
+    """The messages of one prompt, in arrival order."""
+
+    def __init__(self, prompt_id: str, live: bool) -> None:
+        self.prompt_id = prompt_id
+        # False when no socket was open at registration: nothing will arrive, poll from the start.
+        self.live = live
+        self._queue: asyncio.Queue[Item] = asyncio.Queue()
+
+    def put(self, item: Item) -> None:
+        if isinstance(item, Lost):
+            self.live = False
+        self._queue.put_nowait(item)
+
+    async def get(self) -> Item:
+        return await self._queue.get()
+
+
+class Follower:
+    """Keeps one websocket open (reconnecting with backoff) and routes messages by prompt id."""
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        on_status: Callable[[int], None] | None = None,
+        backoff_max: float = 5.0,
+        open_timeout: float = 5.0,
+    ) -> None:
+        self.address = address
+        self.connected = asyncio.Event()
+        self.connections = 0
+        self._client_id = uuid.uuid4().hex
+        self._on_status = on_status
+        self._backoff_max = backoff_max
+        self._open_timeout = open_timeout
+        self._watches: dict[str, Watch] = {}
+        self._socket: ClientConnection | None = None
+        self._closing: set[asyncio.Task[None]] = set()
+
+    @property
+    def client_id(self) -> str:
+        """The client id of the current (or next) connection: submit prompts with it."""
+        return self._client_id
+
+    def watch(self, prompt_id: str) -> Watch:
+        """Start routing `prompt_id`'s messages; register BEFORE submitting the prompt.
+
+        Messages can arrive before POST /prompt has answered, and the prompt id is known in
+        advance (derived from the job), so nothing is missed.
+        """
+        watch = Watch(prompt_id, live=self.connected.is_set())
+        self._watches[prompt_id] = watch
+        return watch
+
+    def unwatch(self, prompt_id: str) -> None:
+        self._watches.pop(prompt_id, None)
+
+    def reconnect(self, reason: str) -> None:
+        """Drop the current socket and open a new one (it looks alive but delivers nothing)."""
+        socket = self._socket
+        if socket is not None:
+            log.warning("websocket to %s: reconnecting (%s)", self.address, reason)
+            task = asyncio.get_running_loop().create_task(socket.close())
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+
+    async def run(self) -> None:
+        """Connect, follow, reconnect; until cancelled."""
+        delay = 0.1
+        while True:
+            self._client_id = uuid.uuid4().hex
+            url = ws_url(self.address, self._client_id)
+            try:
+                async with connect(
+                    url,
+                    open_timeout=self._open_timeout,
+                    # ComfyUI never pings; our pings make a dead peer show up as an error
+                    # instead of silence.
+                    ping_interval=10,
+                    ping_timeout=10,
+                    close_timeout=1,
+                    max_size=64 * 1024 * 1024,
+                    max_queue=256,
+                ) as socket:
+                    delay = 0.1
+                    await self._follow(socket)
+            except (OSError, TimeoutError, websockets.WebSocketException) as exc:
+                log.info("websocket to %s: %s: %s", self.address, type(exc).__name__, exc)
+            finally:
+                self._disconnected()
+            await asyncio.sleep(delay)
+            delay = min(self._backoff_max, delay * 2)
+
+    async def _follow(self, socket: ClientConnection) -> None:
+        self._socket = socket
+        self.connections += 1
+        self.connected.set()
+        log.info("websocket to %s open (client id %s)", self.address, self._client_id)
+        async for frame in socket:
+            if isinstance(frame, bytes):
+                continue  # previews and TEXT frames: nothing the bus carries
+            message = decode_ws(frame)
+            if message is None:
+                continue
+            if isinstance(message, Status):
+                if self._on_status is not None:
+                    self._on_status(message.data.status.exec_info.queue_remaining)
+                continue
+            prompt_id = prompt_of(message)
+            watch = self._watches.get(prompt_id) if prompt_id is not None else None
+            if watch is not None:
+                watch.put(message)
+
+    def _disconnected(self) -> None:
+        was_connected = self.connected.is_set()
+        self._socket = None
+        self.connected.clear()
+        if was_connected:
+            log.warning(
+                "websocket to %s closed; prompts in flight are followed by polling", self.address
+            )
+        for watch in list(self._watches.values()):
+            watch.put(LOST)
+
+    async def close(self) -> None:
+        """Close the socket (the run task is cancelled by its owner)."""
+        socket = self._socket
+        if socket is not None:
+            with contextlib.suppress(websockets.WebSocketException, OSError):
+                await socket.close()

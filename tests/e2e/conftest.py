@@ -1,0 +1,146 @@
+"""The whole system in the test's event loop: real NATS, gateway, balancer, log sink, adapters.
+
+Fake ComfyUI servers are the only stand-ins. Servers are registered through the REST API, and
+the adapter host starts an adapter for each, as `comfyautomate up` does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Callable, Coroutine
+from contextlib import AsyncExitStack
+from pathlib import Path
+from typing import Any
+
+import httpx
+import msgspec
+import pytest
+
+from gateway.adapterhost import AdapterHost
+from gateway.bus import session
+from gateway.contract import Subjects
+from gateway.logsink.sink import run_logsink
+from gateway.service import storage_for
+from gateway.settings import Settings
+from plugins.simulator import Simulator, SimulatorConfig, run_simulator
+from tests.conftest import start_gateway
+
+
+def tiny(seed: int = 0, prefix: str = "e2e") -> dict[str, Any]:
+    """A three-node workflow; `seed` changes the image so that no two jobs share a cache."""
+    return {
+        "1": {
+            "class_type": "EmptyImage",
+            "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": seed % 16_777_216},
+        },
+        "2": {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}},
+        "3": {
+            "class_type": "SaveImage",
+            "inputs": {"images": ["2", 0], "filename_prefix": prefix},
+            "_meta": {"title": "Save"},
+        },
+    }
+
+
+class System:
+    """Handles on a running system: its URL, its simulators, and ways to change it."""
+
+    def __init__(self, settings: Settings, stack: AsyncExitStack) -> None:
+        self.settings = settings
+        self.url = ""
+        self.sims: dict[str, Simulator] = {}
+        self._stack = stack
+        self._gateways: list[tuple[asyncio.Event, asyncio.Task[None]]] = []
+
+    async def add_server(
+        self,
+        server_id: str,
+        config: SimulatorConfig | None = None,
+        **registration: Any,
+    ) -> Simulator:
+        """Start a fake ComfyUI and register it by REST; wait until it heartbeats healthy."""
+        base = Path(self.settings.data_dir) / "sims" / server_id
+        config = msgspec.structs.replace(config or SimulatorConfig(), base_dir=str(base))
+        sim = await self._stack.enter_async_context(run_simulator(config))
+        self.sims[server_id] = sim
+        body = {"name": server_id, "address": sim.address, "server_id": server_id, **registration}
+        async with httpx.AsyncClient(base_url=self.url) as client:
+            reply = await client.post("/servers", json=body)
+            assert reply.status_code == 201, reply.text
+            await wait_until(lambda: _healthy(client, server_id), "server healthy")
+        return sim
+
+    async def start_gateway(self) -> str:
+        stop = asyncio.Event()
+        url, task = await start_gateway(self.settings, stop)
+        self._gateways.append((stop, task))
+        return url
+
+    async def stop_gateway(self, index: int) -> None:
+        stop, task = self._gateways.pop(index)
+        stop.set()
+        async with asyncio.timeout(20):
+            await task
+
+    async def stop_all_gateways(self) -> None:
+        while self._gateways:
+            await self.stop_gateway(0)
+
+
+async def _healthy(client: httpx.AsyncClient, server_id: str) -> bool:
+    servers = (await client.get("/servers")).json()
+    return any(
+        s["server_id"] == server_id and s["status"] == "healthy" and s["node_types"] > 0
+        for s in servers
+    )
+
+
+async def wait_until(
+    check: Callable[[], Coroutine[Any, Any, bool]], what: str, within: float = 20.0
+) -> None:
+    """Ask an API until `check` holds, failing after `within` seconds.
+
+    For state that shows only through another component's API (what the gateway thinks of a
+    server, what the sink has written); each try is a real request, not a sleep standing in for
+    an event, and the pause between tries only keeps the loop from spinning.
+    """
+    try:
+        async with asyncio.timeout(within):
+            while not await check():  # noqa: ASYNC110 - paced retries of a real request
+                await asyncio.sleep(0.05)
+    except TimeoutError:
+        raise AssertionError(f"not within {within} s: {what}") from None
+
+
+async def sse_events(client: httpx.AsyncClient, job_id: str) -> list[dict[str, Any]]:
+    """Every event of a job from GET /workflow/events (the stream ends with the job)."""
+    events = []
+    async with client.stream("GET", f"/workflow/events/{job_id}") as stream:
+        assert stream.headers["content-type"].startswith("text/event-stream")
+        async for line in stream.aiter_lines():
+            if line.startswith("data:"):
+                events.append(json.loads(line[5:]))  # noqa: PERF401 - reads clearer
+    return events
+
+
+@pytest.fixture
+async def system(settings: Settings) -> AsyncIterator[System]:
+    subjects = Subjects(settings.subject_prefix)
+    stop = asyncio.Event()
+    async with AsyncExitStack() as stack:
+        nc = await stack.enter_async_context(session(settings.nats_url, "e2e", subjects))
+        storage = await stack.enter_async_context(storage_for(settings, nc.jetstream()))
+        system = System(settings, stack)
+        roles = [
+            asyncio.create_task(run_logsink(settings, stop, nc=nc)),
+            asyncio.create_task(AdapterHost(nc, settings, storage).run(stop)),
+        ]
+        try:
+            system.url = await system.start_gateway()
+            yield system
+        finally:
+            await system.stop_all_gateways()
+            stop.set()
+            async with asyncio.timeout(30):
+                await asyncio.gather(*roles)

@@ -1,0 +1,146 @@
+"""Jobs end to end: REST and NATS, results, images, events in order, logs."""
+
+from __future__ import annotations
+
+import json
+import struct
+import zlib
+
+import httpx
+import websockets
+
+from gateway.bus import connect
+from gateway.contract import JobAccepted, JobRequest, Subjects, decode, encode
+from tests.e2e.conftest import System, sse_events, tiny, wait_until
+
+
+def png_size(data: bytes) -> tuple[int, int]:
+    """Width and height of a PNG, after checking that it is one (signature, IHDR, IDAT)."""
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = struct.unpack(">II", data[16:24])
+    idat = data.index(b"IDAT")
+    length = struct.unpack(">I", data[idat - 4 : idat])[0]
+    zlib.decompress(data[idat + 4 : idat + 4 + length])
+    return width, height
+
+
+async def test_execute_by_rest_returns_images_that_download(system: System) -> None:
+    await system.add_server("gpu1")
+    async with httpx.AsyncClient(base_url=system.url, timeout=60) as client:
+        reply = await client.post("/workflow/execute", json={"workflow": tiny(1)})
+        assert reply.status_code == 200, reply.text
+        result = reply.json()
+        assert result["status"] == "succeeded"
+        assert result["server_id"] == "gpu1"
+        assert len(result["images"]) == 1
+        assert result["log_file_path"].endswith(f"_{result['job_id']}.jsonl")
+        image = await client.get(result["images"][0])
+        assert image.status_code == 200
+        assert image.headers["content-type"] == "image/png"
+        assert png_size(image.content) == (64, 64)
+        output = result["outputs"][0]
+        assert output["size"] == len(image.content)
+        assert output["node_id"] == "3"
+        assert result["timings"]["run_s"] >= 0
+
+
+async def test_rest_and_nats_submissions_give_the_same_result(system: System) -> None:
+    await system.add_server("gpu1")
+    nc = await connect(system.settings.nats_url, "client")
+    try:
+        reply = await nc.request(
+            Subjects().submit, encode(JobRequest(workflow=tiny(2), priority=1)), timeout=10
+        )
+        by_nats = decode(reply.data, JobAccepted)
+    finally:
+        await nc.close()
+    async with httpx.AsyncClient(base_url=system.url, timeout=60) as client:
+        by_rest = (await client.post("/workflow/submit", json={"workflow": tiny(3)})).json()
+        results = []
+        for job_id in (by_nats.job_id, by_rest["job_id"]):
+            reply = await client.get(f"/workflow/result/{job_id}", params={"wait": 30})
+            results.append(reply.json())
+    assert [r["status"] for r in results] == ["succeeded", "succeeded"]
+    assert results[0].keys() == results[1].keys()
+    assert all(len(r["images"]) == 1 for r in results)
+
+
+async def test_submit_status_result_and_events_in_order(system: System) -> None:
+    await system.add_server("gpu1")
+    async with httpx.AsyncClient(base_url=system.url, timeout=60) as client:
+        job = (await client.post("/workflow/submit", json={"workflow": tiny(4)})).json()
+        status = (await client.get(f"/workflow/status/{job['job_id']}")).json()
+        assert status["status"] in {"queued", "dispatched", "running", "succeeded"}
+        events = await sse_events(client, job["job_id"])
+        result = (await client.get(f"/workflow/result/{job['job_id']}")).json()
+    assert result["status"] == "succeeded"
+    assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
+    kinds = [e["type"] for e in events]
+    assert kinds[0] == "queued" and kinds[-1] == "succeeded"
+    for kind in ("dispatched", "running", "node_started", "node_output", "history"):
+        assert kind in kinds, kind
+    assert kinds.index("dispatched") < kinds.index("running") < kinds.index("history")
+    assert events[0]["data"]["request"]["workflow"] == tiny(4)
+
+
+async def test_the_job_log_holds_every_event(system: System) -> None:
+    await system.add_server("gpu1")
+    async with httpx.AsyncClient(base_url=system.url, timeout=60) as client:
+        result = (await client.post("/workflow/execute", json={"workflow": tiny(5)})).json()
+        job_id = result["job_id"]
+        events = await sse_events(client, job_id)
+
+        async def logged() -> bool:
+            reply = await client.get(f"/workflow/logs/{job_id}")
+            return reply.status_code == 200 and reply.json()["entry_count"] >= len(events)
+
+        await wait_until(logged, "the sink has every event of the job")
+        log = (await client.get(f"/workflow/logs/{job_id}")).json()
+        assert log["entry_count"] == len(events)
+        assert [e["event_id"] for e in log["entries"]] == [e["event_id"] for e in events]
+        assert log["log_file_path"].endswith(f"_{job_id}.jsonl")
+        rows = (
+            await client.post(
+                "/logs/query", json={"sql": f"SELECT status FROM jobs WHERE job_id = '{job_id}'"}
+            )
+        ).json()["rows"]
+        assert rows == [["succeeded"]]
+
+
+async def test_overrides_by_title_reach_comfyui(system: System) -> None:
+    await system.add_server("gpu1")
+    body = {"workflow": tiny(6), "overrides": {"Save.filename_prefix": "renamed", "1.width": 32}}
+    async with httpx.AsyncClient(base_url=system.url, timeout=60) as client:
+        result = (await client.post("/workflow/execute", json=body)).json()
+        assert result["status"] == "succeeded", result
+        assert result["outputs"][0]["filename"].startswith("renamed_")
+        image = await client.get(result["images"][0])
+    assert png_size(image.content) == (32, 64)
+
+
+async def test_a_failing_node_fails_the_job_with_the_error(system: System) -> None:
+    from plugins.simulator import SimulatorConfig
+
+    await system.add_server(
+        "gpu1",
+        SimulatorConfig(fail_nodes=["ImageInvert"], fail_exception_message="boom"),
+    )
+    async with httpx.AsyncClient(base_url=system.url, timeout=60) as client:
+        result = (await client.post("/workflow/execute", json={"workflow": tiny(7)})).json()
+    assert result["status"] == "failed"
+    error = result["error"]
+    assert error["node_id"] == "2"
+    assert "boom" in error["message"]
+    assert error["traceback"]
+
+
+async def test_events_also_come_over_a_websocket(system: System) -> None:
+
+    await system.add_server("gpu1")
+    async with httpx.AsyncClient(base_url=system.url, timeout=60) as client:
+        job = (await client.post("/workflow/submit", json={"workflow": tiny(8)})).json()
+    ws_url = system.url.replace("http://", "ws://") + f"/workflow/events/{job['job_id']}/ws"
+    async with websockets.connect(ws_url) as socket:
+        events = [json.loads(frame) async for frame in socket]
+    assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
+    assert events[-1]["type"] == "succeeded"

@@ -1,0 +1,96 @@
+"""Every SDK method against the running system, the sync client and its async twin."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from plugins.simulator import SimulatorConfig
+from sdk import AsyncComfyUISDK, ComfyUISDK, InvalidWorkflow, JobFailed, NotFound, Unschedulable
+from tests.e2e.conftest import System, tiny
+from tests.e2e.test_e2e_jobs import png_size
+
+LOAD = {
+    "1": {"class_type": "LoadImage", "inputs": {"image": "input.png"}},
+    "2": {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}},
+    "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "in"}},
+}
+
+
+async def test_the_sync_client(system: System, tmp_path: Path) -> None:
+    sim = await system.add_server("gpu1")
+    await asyncio.to_thread(_drive_sync, system.url, sim.address, tmp_path)
+
+
+def _drive_sync(url: str, address: str, tmp_path: Path) -> None:
+    # The sync client blocks, so it runs in a thread beside the system's event loop.
+    with ComfyUISDK(gateway_url=url, timeout=60) as sdk:
+        record = sdk.register_server(name="Second name", address=address, server_id="gpu1")
+        assert record.address == address
+        assert [s.server_id for s in sdk.list_servers()] == ["gpu1"]
+        assert sdk.get_servers_health()[0].status == "healthy"
+
+        result = sdk.execute_workflow(tiny(11))
+        assert result["status"] == result.status == "succeeded"
+        files = sdk.download_outputs(result, tmp_path / "out")
+        assert png_size(files[0].read_bytes()) == (64, 64)
+
+        events: list[dict[str, Any]] = []
+        result = sdk.execute_workflow(tiny(12), on_progress=events.append)
+        assert events[0]["type"] == "queued" and events[-1]["type"] == "succeeded"
+
+        job_id = sdk.submit_workflow(tiny(13), overrides={"Save.filename_prefix": "sdk"})
+        assert sdk.get_status(job_id).job_id == job_id
+        done = sdk.wait(job_id, timeout=30)
+        assert done.status == "succeeded"
+        assert done.outputs[0].filename.startswith("sdk_")
+        assert sdk.get_result(job_id).status == "succeeded"
+        seqs = [e["seq"] for e in sdk.stream_events(job_id)]
+        assert seqs == list(range(1, len(seqs) + 1))
+
+        logs = sdk.get_logs(job_id)
+        assert logs["job_id"] == job_id and logs["entry_count"] >= 1
+        rows = sdk.query_logs("SELECT count(*) AS n FROM jobs", max_rows=5)["rows"]
+        assert rows[0][0] >= 1
+        assert any(job["job_id"] == job_id for job in sdk.list_jobs(limit=10))
+
+        png = files[0].read_bytes()
+        result = sdk.execute_workflow(LOAD, inputs={"input.png": png})
+        assert result.status == "succeeded"
+
+        with pytest.raises(InvalidWorkflow, match="UI format"):
+            sdk.submit_workflow({"nodes": [], "links": []})
+        with pytest.raises(Unschedulable, match="NoSuchNode"):
+            sdk.submit_workflow({"1": {"class_type": "NoSuchNode", "inputs": {}}})
+        with pytest.raises(NotFound):
+            sdk.get_status("nosuchjob")
+
+        sdk.remove_server("gpu1")
+        assert sdk.list_servers() == []
+
+
+async def test_the_async_client(system: System) -> None:
+    sim = await system.add_server("gpu1", SimulatorConfig(fail_nodes=["ImageInvert"]))
+    async with AsyncComfyUISDK(gateway_url=system.url, timeout=60) as sdk:
+        assert (await sdk.list_servers())[0].address == sim.address
+        with pytest.raises(JobFailed) as failure:
+            await sdk.execute_workflow(tiny(21))
+        assert failure.value.result.error.node_id == "2"
+        result = await sdk.execute_workflow(tiny(22), raise_on_failure=False)
+        assert result.status == "failed"
+
+        seen: list[str] = []
+
+        async def on_progress(event: dict[str, Any]) -> None:
+            seen.append(event["type"])
+
+        await sdk.execute_workflow(tiny(23), on_progress=on_progress, raise_on_failure=False)
+        assert seen[-1] == "failed"
+        job_id = await sdk.submit_workflow(tiny(24))
+        assert (await sdk.wait(job_id, timeout=30)).status == "failed"
+        assert [e async for e in sdk.stream_events(job_id)][-1]["type"] == "failed"
+        assert (await sdk.get_logs(job_id))["entry_count"] >= 1
+        assert (await sdk.query_logs("SELECT 1"))["rows"] == [[1]]

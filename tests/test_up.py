@@ -1,0 +1,152 @@
+"""`comfyautomate up` as a user runs it: a subprocess, the README's quick start, then Ctrl-C."""
+
+from __future__ import annotations
+
+import os
+import re
+import select
+import signal
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import pid_alive, wait_pid_gone
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _children(pid: int) -> list[int]:
+    """Every descendant of `pid`, from /proc."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        parent = int(stat.rsplit(")", 1)[1].split()[1])
+        if parent == pid:
+            child = int(entry.name)
+            found += [child, *_children(child)]
+    return found
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+def running_up(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], str]]:
+    """`comfyautomate up --simulate 1` on free ports; yields the process and the gateway URL."""
+    command = [
+        sys.executable, "-m", "gateway.cli", "up",
+        "--simulate", "1",
+        "--port", str(_free_port()),
+        "--nats-url", f"nats://127.0.0.1:{_free_port()}",
+        "--data-dir", str(tmp_path / "data"),
+    ]  # fmt: skip
+    log = (tmp_path / "up.log").open("w")
+    process = subprocess.Popen(
+        command, cwd=ROOT, stdout=subprocess.PIPE, stderr=log, text=True, bufsize=1
+    )
+    try:
+        yield process, _gateway_url(process)
+    finally:
+        if process.poll() is None:
+            for pid in _children(process.pid):
+                if pid_alive(pid):
+                    os.kill(pid, signal.SIGKILL)
+            process.kill()
+        process.wait()
+        assert process.stdout is not None
+        process.stdout.close()
+        log.close()
+
+
+def _gateway_url(process: subprocess.Popen[str]) -> str:
+    """The URL `up` announces on its first line; fails if it exits or says nothing in 60 s."""
+    assert process.stdout is not None
+    pidfd = os.pidfd_open(process.pid)
+    try:
+        readable, _, _ = select.select([process.stdout, pidfd], [], [], 60)
+        if process.stdout in readable:
+            line = process.stdout.readline()
+            match = re.search(r"is up at (http://\S+)", line)
+            assert match, line
+            return match.group(1)
+        if pidfd in readable:
+            raise AssertionError(f"comfyautomate up exited with {process.wait()}")
+        raise AssertionError("comfyautomate up did not announce itself in 60 s")
+    finally:
+        os.close(pidfd)
+
+
+QUICK_START = textwrap.dedent(
+    """
+    import json, sys
+    from sdk import ComfyUISDK
+
+    workflow = json.load(open("workflows/model_free/tiny.json"))
+    sdk = ComfyUISDK(gateway_url=sys.argv[1])
+    sdk.register_server(name="My Server", address=sys.argv[2])
+    result = sdk.execute_workflow(workflow)
+    print(result['images']); print(result['log_file_path'])
+    print(len(sdk.download_outputs(result, sys.argv[3])))
+    """
+)
+
+
+def test_quick_start_runs_verbatim_and_up_stops_cleanly(
+    running_up: tuple[subprocess.Popen[str], str], tmp_path: Path
+) -> None:
+    process, url = running_up
+    descendants = _children(process.pid)
+    assert any("nats-server" in _cmdline(pid) for pid in descendants)
+    import httpx
+
+    servers = httpx.get(f"{url}/servers", timeout=10).json()
+    sim_address = servers[0]["address"]
+    run = subprocess.run(
+        [sys.executable, "-c", QUICK_START, url, sim_address, str(tmp_path / "out")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stderr
+    images, log_path, downloaded = run.stdout.splitlines()
+    assert "/images/" in images
+    assert log_path.endswith(".jsonl")
+    assert downloaded == "1"
+    process.send_signal(signal.SIGINT)
+    assert process.wait(timeout=30) == 0
+    for pid in descendants:
+        assert wait_pid_gone(pid, timeout=10), f"{_cmdline(pid)} outlived comfyautomate up"
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ")
+    except OSError:
+        return ""
+
+
+def test_up_leaves_nothing_after_sigterm(running_up: tuple[subprocess.Popen[str], str]) -> None:
+    process, _ = running_up
+    descendants = _children(process.pid)
+    process.send_signal(signal.SIGTERM)
+    try:
+        assert process.wait(timeout=30) == 0
+    except subprocess.TimeoutExpired:
+        process.send_signal(signal.SIGUSR1)  # it logs what every task is waiting on
+        raise
+    assert all(wait_pid_gone(pid, timeout=10) for pid in descendants)
