@@ -12,7 +12,7 @@ from nats.errors import TimeoutError as NatsTimeoutError
 
 from gateway.api.errors import ApiError
 from gateway.api.services import Services, ServicesDep
-from gateway.contract import ContractError, JobStatus, LogQueryResult, check_token
+from gateway.contract import ContractError, JobStatus, LogQuery, LogQueryResult, check_token
 from gateway.logsink.client import LogQueryError, job_log, query_logs
 
 # HTTP status for the log sink's refusal codes; anything else is a bad query (400).
@@ -24,14 +24,6 @@ _STATUS = {
     "too_large": 413,
     "internal": 500,
 }
-
-
-class LogQueryBody(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    """One SELECT over the log index (tables `events` and `jobs`, and the ready-made views)."""
-
-    sql: str
-    max_rows: int = 10_000
-    timeout_s: float = 10.0
 
 
 class JobLogBody(msgspec.Struct, kw_only=True):
@@ -65,7 +57,7 @@ async def job_logs(job_id: FromPath[str], services: ServicesDep) -> JobLogBody:
 
 
 @post("/logs/query", tags=["logs"], status_code=200)
-async def logs_query(data: JSONBody[LogQueryBody], services: ServicesDep) -> LogQueryResult:
+async def logs_query(data: JSONBody[LogQuery], services: ServicesDep) -> LogQueryResult:
     """Run one read-only SELECT on the log index (sandboxed: no files, no settings)."""
     call = query_logs(
         services.nc,

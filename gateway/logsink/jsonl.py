@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Final
 
+from gateway.files import fsync_dir
 from gateway.logsink import paths
 
 log = logging.getLogger(__name__)
@@ -122,7 +123,7 @@ class JsonlFiles:
         for fd in fds:
             os.fdatasync(fd)
         if created_any:
-            _fsync_dir(self.folder)
+            fsync_dir(self.folder)
 
     def undo(self, undo: list[Undo]) -> None:
         """Cut files back to where an append found them; JsonlError if that fails."""
@@ -143,14 +144,6 @@ class JsonlFiles:
         while self._fds:
             _, fd = self._fds.popitem()
             os.close(fd)
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def read_lines(path: Path, offset: int) -> tuple[list[tuple[bytes, int]], int]:

@@ -23,6 +23,7 @@ from collections.abc import AsyncGenerator, AsyncIterable, Callable
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from gateway.files import fsync_dir
 from plugins.storage.base import (
     CHUNK_SIZE,
     InvalidKey,
@@ -61,15 +62,6 @@ def _write_all(file: BinaryIO, digest: hashlib._Hash, data: bytes | bytearray) -
     # Hashing here, in the worker thread, keeps it off the loop too (hashlib drops the GIL).
     digest.update(data)
     file.write(data)
-
-
-def _fsync_dir(directory: Path) -> None:
-    # Makes the rename itself durable, not just the file's contents.
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class LocalStorage(Storage):
@@ -191,7 +183,7 @@ class LocalStorage(Storage):
                 raise
         temp.replace(target)
         if self._fsync:
-            _fsync_dir(target.parent)
+            fsync_dir(target.parent)
 
     @staticmethod
     def _discard(file: BinaryIO, temp: Path, cause: BaseException) -> None:
