@@ -58,6 +58,9 @@ async def connect(url: str, name: str, **options: Any) -> Client:
         "name": name,
         "max_reconnect_attempts": -1,
         "reconnect_time_wait": 0.5,
+        # Draining waits for subscription callbacks; a stuck one must not hold a shutdown for
+        # nats-py's default 30 s.
+        "drain_timeout": 5,
         "error_cb": on_error,
         "disconnected_cb": on_disconnect,
         "reconnected_cb": on_reconnect,
