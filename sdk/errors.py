@@ -70,10 +70,22 @@ _BY_STATUS: dict[int, type[ApiError]] = {
 }
 
 
+# Codes that say more than their HTTP status (and are all a bus answer has).
+_BY_CODE: dict[str, type[ApiError]] = {
+    "unschedulable": Unschedulable,
+    "unknown_server": NotFound,
+    "unknown_job": NotFound,
+    "invalid_request": InvalidWorkflow,
+    "invalid_workflow": InvalidWorkflow,
+    "invalid_overrides": InvalidWorkflow,
+}
+
+
 def error_from(status: int, body: Any) -> ApiError:
     """The exception for an error answer (the gateway's `{code, message, details}` body)."""
     if isinstance(body, dict) and "message" in body:
         code, message, details = body.get("code", "error"), body["message"], body.get("details")
     else:
         code, message, details = "error", str(body)[:500], None
-    return _BY_STATUS.get(status, ApiError)(status, code, message, details)
+    kind = _BY_CODE.get(code) or _BY_STATUS.get(status, ApiError)
+    return kind(status, code, message, details)

@@ -94,3 +94,21 @@ async def test_the_async_client(system: System) -> None:
         assert [e async for e in sdk.stream_events(job_id)][-1]["type"] == "failed"
         assert (await sdk.get_logs(job_id))["entry_count"] >= 1
         assert (await sdk.query_logs("SELECT 1"))["rows"] == [[1]]
+
+
+async def test_submitting_on_the_bus(system: System) -> None:
+    from gateway.contract import Succeeded, event_type
+    from sdk.nats import NatsClient
+
+    await system.add_server("gpu1")
+    async with await NatsClient.connect(system.settings.nats_url) as bus:
+        accepted = await bus.submit(tiny(41), overrides={"Save.filename_prefix": "bus"})
+        kinds = [event_type(e) async for e in bus.events(accepted.job_id)]
+        assert kinds[0] == "queued" and kinds[-1] == "succeeded"
+        end = await bus.wait(accepted.job_id)
+        assert isinstance(end, Succeeded)
+        assert end.data.outputs[0].filename.startswith("bus_")
+        with pytest.raises(InvalidWorkflow, match="UI format"):
+            await bus.submit({"nodes": [], "links": []})
+        with pytest.raises(Unschedulable, match="NoSuchNode"):
+            await bus.submit({"1": {"class_type": "NoSuchNode", "inputs": {}}})
