@@ -87,9 +87,14 @@ async def _lead(
                 break
     finally:
         stopped.cancel()
-        worker.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await worker  # an error in the leader's work propagates from here
+        # A cancellation that lands inside a library call can be swallowed there (seen with
+        # nats-py during start-up), so ask again until the work has really stopped.
+        while not worker.done():
+            worker.cancel()
+            await asyncio.wait({worker}, timeout=1.0)
+        failure = None if worker.cancelled() else worker.exception()
+        if failure is not None:
+            raise failure
 
 
 async def _release(kv: KeyValue, holder: str) -> None:
