@@ -121,10 +121,6 @@ class Dispatcher:
         """Ask for a dispatch round soon (a server reported room, say)."""
         self._wake.set()
 
-    @property
-    def pending(self) -> int:
-        return len(self._queue)
-
     def open_statuses(self) -> list[str]:
         """The status of every job not yet finished."""
         return [record.status.value for record in self._records.values()]

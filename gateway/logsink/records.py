@@ -13,6 +13,7 @@ from typing import Any, Final
 
 import msgspec
 
+from gateway import contract
 from gateway.contract import ContractError
 
 log = logging.getLogger(__name__)
@@ -98,17 +99,11 @@ _succeeded: Final = msgspec.json.Decoder(_Succeeded)
 _failed: Final = msgspec.json.Decoder(_Failed)
 _sorted: Final = msgspec.json.Encoder(order="sorted")
 
-# The status a job is in after an event of this type (contract.STATUS_AFTER, by wire tag).
+# The status a job is in after an event of this type: the contract's table, by wire tag.
 STATUS_AFTER: Final = {
-    "queued": "queued",
-    "dispatched": "dispatched",
-    "running": "running",
-    "succeeded": "succeeded",
-    "failed": "failed",
-    "cancelled": "cancelled",
-    "retried": "queued",
+    kind.__struct_config__.tag: status.value for kind, status in contract.STATUS_AFTER.items()
 }
-TERMINAL: Final = frozenset({"succeeded", "failed", "cancelled"})
+TERMINAL: Final = frozenset(status.value for status in contract.TERMINAL_STATUSES)
 
 
 def workflow_hash(workflow: dict[str, Any]) -> str:
