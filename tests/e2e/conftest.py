@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,7 @@ from gateway.service import storage_for
 from gateway.settings import Settings
 from plugins.simulator import Simulator, SimulatorConfig, run_simulator
 from tests.conftest import start_gateway
+from tests.helpers import poll_until
 
 
 def tiny(seed: int = 0, prefix: str = "e2e") -> dict[str, Any]:
@@ -68,7 +69,7 @@ class System:
         async with httpx.AsyncClient(base_url=self.url) as client:
             reply = await client.post("/servers", json=body)
             assert reply.status_code == 201, reply.text
-            await wait_until(lambda: _healthy(client, server_id), "server healthy")
+            await poll_until(lambda: _healthy(client, server_id), "server healthy")
         return sim
 
     async def start_gateway(self) -> str:
@@ -94,23 +95,6 @@ async def _healthy(client: httpx.AsyncClient, server_id: str) -> bool:
         s["server_id"] == server_id and s["status"] == "healthy" and s["node_types"] > 0
         for s in servers
     )
-
-
-async def wait_until(
-    check: Callable[[], Coroutine[Any, Any, bool]], what: str, within: float = 20.0
-) -> None:
-    """Ask an API until `check` holds, failing after `within` seconds.
-
-    For state that shows only through another component's API (what the gateway thinks of a
-    server, what the sink has written); each try is a real request, not a sleep standing in for
-    an event, and the pause between tries only keeps the loop from spinning.
-    """
-    try:
-        async with asyncio.timeout(within):
-            while not await check():  # noqa: ASYNC110 - paced retries of a real request
-                await asyncio.sleep(0.05)
-    except TimeoutError:
-        raise AssertionError(f"not within {within} s: {what}") from None
 
 
 async def sse_events(client: httpx.AsyncClient, job_id: str) -> list[dict[str, Any]]:

@@ -9,7 +9,8 @@ from typing import Any
 import httpx
 
 from plugins.simulator import SimulatorConfig
-from tests.e2e.conftest import System, tiny, wait_until
+from tests.e2e.conftest import System, tiny
+from tests.helpers import poll_until
 
 NODE_SECONDS = 0.1  # three nodes: 0.3 s a job on a 1x server
 
@@ -71,7 +72,7 @@ async def test_all_jobs_succeed_when_a_server_dies_mid_load(system: System) -> N
     await system.add_server("steady", config)
     async with httpx.AsyncClient(base_url=system.url, timeout=90) as client:
         ids = await _submit_all(client, [{"workflow": tiny(4000 + i)} for i in range(20)])
-        await wait_until(lambda: _running_on(client, ids, "doomed"), "a job runs on doomed")
+        await poll_until(lambda: _running_on(client, ids, "doomed"), "a job runs on doomed")
         doomed.crash()
         results = await _results(client, ids)
     assert [r["status"] for r in results] == ["succeeded"] * 20, results

@@ -11,7 +11,8 @@ import websockets
 
 from gateway.bus import connect
 from gateway.contract import JobAccepted, JobRequest, Subjects, decode, encode
-from tests.e2e.conftest import System, sse_events, tiny, wait_until
+from tests.e2e.conftest import System, sse_events, tiny
+from tests.helpers import poll_until
 
 
 def png_size(data: bytes) -> tuple[int, int]:
@@ -94,7 +95,7 @@ async def test_the_job_log_holds_every_event(system: System) -> None:
             reply = await client.get(f"/workflow/logs/{job_id}")
             return reply.status_code == 200 and reply.json()["entry_count"] >= len(events)
 
-        await wait_until(logged, "the sink has every event of the job")
+        await poll_until(logged, "the sink has every event of the job")
         log = (await client.get(f"/workflow/logs/{job_id}")).json()
         assert log["entry_count"] == len(events)
         assert [e["event_id"] for e in log["entries"]] == [e["event_id"] for e in events]

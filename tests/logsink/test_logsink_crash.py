@@ -8,7 +8,6 @@ import json
 import os
 import signal
 import sys
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import duckdb
@@ -19,6 +18,7 @@ from gateway.contract import Subjects
 from gateway.events import EventPublisher
 from gateway.logsink import SinkConfig, index_path, paths
 from gateway.natsserver import NatsServer
+from tests.helpers import poll_until
 from tests.logsink.jobs import run_job
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -53,17 +53,6 @@ async def _acked(js: JetStreamContext, subjects: Subjects) -> tuple[int, int, in
     except NotFoundError:
         return 0, 0, 0
     return info.ack_floor.stream_seq, info.num_pending or 0, info.num_ack_pending or 0
-
-
-async def _poll(
-    check: Callable[[], Awaitable[bool]], *, interval: float = 0.02, within: float = 20.0
-) -> None:
-    """Wait for a condition on another process, asking the broker every `interval` seconds."""
-    async with asyncio.timeout(within):
-        while True:
-            if await check():
-                return
-            await asyncio.sleep(interval)
 
 
 async def _acked_at_least(js: JetStreamContext, subjects: Subjects, count: int) -> bool:
@@ -101,7 +90,7 @@ async def test_sigkill_mid_burst_then_restart_keeps_every_event_exactly_once(
     process = await _start_sink(nats_server.url, data_dir, log)
     try:
         # The sink is another process: poll its consumer on the broker, with a deadline.
-        await _poll(lambda: _consumer_exists(js, subjects))
+        await poll_until(lambda: _consumer_exists(js, subjects), "the sink's consumer exists")
 
         async def burst() -> list[str]:
             jobs = await asyncio.gather(
@@ -120,7 +109,9 @@ async def test_sigkill_mid_burst_then_restart_keeps_every_event_exactly_once(
             return [event.event_id for events in jobs for event in events]
 
         publishing = asyncio.create_task(burst())
-        await _poll(lambda: _acked_at_least(js, subjects, 1000), interval=0.005)
+        await poll_until(
+            lambda: _acked_at_least(js, subjects, 1000), "1000 events acked", every=0.005
+        )
         os.kill(process.pid, signal.SIGKILL)
         await process.wait()
         killed_at = (await _acked(js, subjects))[0]
@@ -129,7 +120,7 @@ async def test_sigkill_mid_burst_then_restart_keeps_every_event_exactly_once(
         assert killed_at < total, "the kill came after the burst; nothing to recover"
 
         process = await _start_sink(nats_server.url, data_dir, log)
-        await _poll(lambda: _all_acked(js, subjects, total))
+        await poll_until(lambda: _all_acked(js, subjects, total), "every event acked")
         assert await _stop(process, signal.SIGTERM) == 0, log.read_text()
     finally:
         if process.returncode is None:
