@@ -9,7 +9,6 @@ rebuilt from KV on start, which is what makes them survive a restart.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import heapq
 import logging
 import time
@@ -43,6 +42,7 @@ from gateway.contract import (
 )
 from gateway.events import EventPublisher
 from gateway.jobstate import BOUND, apply_event, attempts_left, record_from_queued
+from gateway.lifecycle import wait_event
 from gateway.placement import Candidate, Pending, Requirements, missing, plan, requirements
 from gateway.servers import ServerTable
 
@@ -304,8 +304,7 @@ class Dispatcher:
 
     async def _dispatch_loop(self) -> None:
         while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self._tick)
+            await wait_event(self._wake, self._tick)
             self._wake.clear()
             await self._fail_unconfirmed()
             await self._hand_back_from_dead_servers()

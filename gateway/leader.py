@@ -9,7 +9,6 @@ it up at once so a standby takes over without waiting.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -18,6 +17,7 @@ from nats.js.errors import KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
 from gateway.bus import LEADER_LEASE_S
+from gateway.lifecycle import wait_event
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +40,7 @@ async def hold_leadership(
     while not stop.is_set():
         revision = await _try_acquire(kv, holder)
         if revision is None:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), renew_every)
+            await wait_event(stop, renew_every)
             continue
         log.info("%s holds the balancer lease", holder)
         try:
@@ -50,8 +49,7 @@ async def hold_leadership(
             # The lead's work failed: give the lease up (another replica, or this one after a
             # pause, takes over from the durable state) rather than take the process down.
             log.exception("%s: the balancer's work failed; giving up the lease", holder)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), renew_every)
+            await wait_event(stop, renew_every)
         finally:
             await _release(kv, holder)
 

@@ -54,3 +54,18 @@ def _dump_tasks() -> None:
     for task in tasks:
         task.print_stack(limit=6, file=out)
     logging.getLogger(__name__).warning("%s", out.getvalue())
+
+
+async def wait_event(event: asyncio.Event, within: float) -> bool:
+    """Wait up to `within` seconds for `event`; True if it is set.
+
+    Built on asyncio.timeout rather than wait_for: on Python 3.11, wait_for can turn a
+    cancellation that races its time-out into a TimeoutError, and a loop that ignores time-outs
+    then never stops.
+    """
+    try:
+        async with asyncio.timeout(within):
+            await event.wait()
+    except TimeoutError:
+        return False
+    return True

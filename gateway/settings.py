@@ -40,7 +40,17 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     host: str = "127.0.0.1"
     port: int = 8000
     public_url: str | None = None
+    # SHA-256 hex digests of the REST API keys ("plain:KEY" is hashed at start); required when
+    # `host` is beyond loopback.
     api_keys: list[str] = msgspec.field(default_factory=list)
+    # Workflows are JSON graphs; 10 MB is far above any real one and far below harm.
+    max_body_bytes: int = 10 * 1024 * 1024
+    # Submissions (submit and execute) per API key, or per address without keys: a token
+    # bucket of `submit_burst` refilled at `submit_rate_per_s`; a rate of 0 turns it off.
+    submit_rate_per_s: float = 20.0
+    submit_burst: int = 100
+    # Event streams (SSE and websocket together) open at once on one gateway.
+    max_event_streams: int = 256
     # Networks (CIDR) or host names that servers may be registered at; empty allows any.
     server_allowlist: list[str] = msgspec.field(default_factory=list)
     # Balancing and adapters

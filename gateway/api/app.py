@@ -4,24 +4,32 @@ from __future__ import annotations
 
 from litestar import Litestar
 from litestar.config.response_cache import ResponseCacheConfig
+from litestar.datastructures import State
 from litestar.di import Provide
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import SwaggerRenderPlugin
 
+from gateway.api.auth import ApiKeyGuard, check_settings, openapi_security
 from gateway.api.errors import EXCEPTION_HANDLERS
 from gateway.api.images import image
+from gateway.api.limits import STATE_KEY, Limits, RateLimited, rate_limited, too_large
 from gateway.api.logs import job_logs, logs_query, recent_jobs
 from gateway.api.servers import ServerController
 from gateway.api.services import Services
 from gateway.api.system import health, metrics
 from gateway.api.workflows import WorkflowController, job_events_ws
 
-# Workflows are JSON graphs; 10 MB is far above any real one and far below harm.
-MAX_BODY_BYTES = 10 * 1024 * 1024
 
+def create_app(services: Services) -> Litestar:
+    """The REST API over `services`; OpenAPI at /schema, a docs UI at /schema/swagger.
 
-def create_app(services: Services, *, max_body_bytes: int = MAX_BODY_BYTES) -> Litestar:
-    """The REST API over `services`; OpenAPI at /schema, a docs UI at /schema/swagger."""
+    Raises SettingsError when the settings cannot be served safely: an open API (no
+    `api_keys`) on a host beyond loopback, a malformed key, a limit out of range.
+    """
+    settings = services.settings
+    digests = check_settings(settings)
+    limits = Limits(settings)
+    components, security = openapi_security(digests)
     return Litestar(
         route_handlers=[
             WorkflowController,
@@ -35,14 +43,22 @@ def create_app(services: Services, *, max_body_bytes: int = MAX_BODY_BYTES) -> L
             metrics,
         ],
         dependencies={"services": Provide(lambda: services, sync_to_thread=False)},
-        exception_handlers=EXCEPTION_HANDLERS,
-        request_max_body_size=max_body_bytes,
+        guards=[ApiKeyGuard(digests)],
+        exception_handlers={
+            **EXCEPTION_HANDLERS,
+            RateLimited: rate_limited,
+            413: too_large(limits.max_body_bytes),
+        },
+        request_max_body_size=limits.max_body_bytes,
+        state=State({STATE_KEY: limits}),
         openapi_config=OpenAPIConfig(
             title="ComfyAutomate",
             version="0.1.0",
             description="Run ComfyUI workflows across a fleet of GPU servers.",
             path="/schema",
             render_plugins=[SwaggerRenderPlugin()],
+            components=components,
+            security=security,
         ),
         response_cache_config=ResponseCacheConfig(),
         # The process sets up logging once for every role; Litestar must not add its own.

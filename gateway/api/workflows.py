@@ -17,6 +17,7 @@ from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import api
 
 from gateway.api.errors import ApiError
+from gateway.api.limits import hold, limits_of, submit_rate_limit
 from gateway.api.schemas import JobResult, Submitted, Timings, WorkflowSubmission
 from gateway.api.services import Services, ServicesDep
 from gateway.contract import (
@@ -89,7 +90,7 @@ class WorkflowController(Controller):
     path = "/workflow"
     tags = ("workflows",)
 
-    @post("/submit", status_code=202)
+    @post("/submit", status_code=202, guards=[submit_rate_limit])
     async def submit(
         self,
         data: JSONBody[WorkflowSubmission],
@@ -108,7 +109,7 @@ class WorkflowController(Controller):
             events_url=f"{base}/events/{accepted.job_id}",
         )
 
-    @post("/execute", status_code=200)
+    @post("/execute", status_code=200, guards=[submit_rate_limit])
     async def execute(
         self,
         data: JSONBody[WorkflowSubmission],
@@ -160,10 +161,13 @@ class WorkflowController(Controller):
         return to_result(record, services, request)
 
     @get("/events/{job_id:str}")
-    async def events(self, job_id: FromPath[str], services: ServicesDep) -> ServerSentEvent:
+    async def events(
+        self, job_id: FromPath[str], services: ServicesDep, request: Request[Any, Any, Any]
+    ) -> ServerSentEvent:
         """Every event of the job, from the first, live, as Server-Sent Events; ends with it."""
         await services.record(job_id)  # 404 before the stream starts
-        return ServerSentEvent(_event_stream(services, job_id))
+        slot = limits_of(request.app).streams.acquire()  # 503 when too many are open
+        return ServerSentEvent(hold(slot, _event_stream(services, job_id)))
 
 
 async def _ask_adapter_to_cancel(services: Services, record: JobRecord) -> bool:
@@ -223,10 +227,13 @@ async def job_events_ws(
     await socket.accept()
     try:
         await services.record(job_id)
+        slot = limits_of(socket.app).streams.acquire()
     except ApiError as exc:
-        await socket.close(code=4404, reason=exc.message[:120])
+        # 4000 + the HTTP status: 4404 for an unknown job, 4503 for too many streams.
+        await socket.close(code=4000 + exc.status, reason=exc.message[:120])
         return
-    async for event in job_events(services, job_id):
-        if event is not None:
-            await socket.send_text(encode(event).decode())
+    with slot:
+        async for event in job_events(services, job_id):
+            if event is not None:
+                await socket.send_text(encode(event).decode())
     await socket.close()

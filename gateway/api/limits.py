@@ -1,0 +1,192 @@
+"""Limits on what one client can take: submit rate, concurrent event streams, body size.
+
+The app keeps one `Limits` in its state; handlers reach it through `limits_of(app)`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import weakref
+from collections.abc import AsyncIterator, Callable
+from types import TracebackType
+from typing import Any, Final, TypeVar
+
+from litestar import Litestar, Request, Response
+from litestar.connection import ASGIConnection
+from litestar.exceptions import HTTPException
+from litestar.handlers import BaseRouteHandler
+
+from gateway.api.auth import CLIENT_ID_STATE
+from gateway.api.errors import ApiError
+from gateway.settings import Settings, SettingsError
+
+T = TypeVar("T")
+
+STATE_KEY: Final = "comfyautomate_limits"
+# Buckets of clients idle long enough to be full again are dropped past this many, so a stream
+# of new addresses cannot grow the table without end.
+_PRUNE_ABOVE: Final = 10_000
+
+
+class RateLimited(ApiError):
+    """429 with the seconds to wait, in `Retry-After` and in `details`."""
+
+    def __init__(self, retry_after: int, rate: float, burst: int) -> None:
+        super().__init__(
+            429,
+            "rate_limited",
+            f"too many submissions: {burst} at once, then {rate:g} per second "
+            f"(submit_burst, submit_rate_per_s); retry in {retry_after} s",
+            {"retry_after_s": retry_after, "submit_rate_per_s": rate, "submit_burst": burst},
+        )
+        self.retry_after = retry_after
+
+
+class TokenBuckets:
+    """One token bucket per client: `burst` tokens, refilled at `rate` per second."""
+
+    def __init__(
+        self, rate: float, burst: int, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.rate = rate
+        self.burst = burst
+        self._clock = clock
+        self._buckets: dict[str, tuple[float, float]] = {}  # client -> (tokens, at)
+
+    def _level(self, client: str, now: float) -> float:
+        tokens, at = self._buckets.get(client, (float(self.burst), now))
+        return min(float(self.burst), tokens + (now - at) * self.rate)
+
+    def take(self, client: str) -> None:
+        """Spend one token of `client`'s bucket, or raise RateLimited."""
+        now = self._clock()
+        tokens = self._level(client, now)
+        if tokens < 1.0:
+            raise RateLimited(math.ceil((1.0 - tokens) / self.rate), self.rate, self.burst)
+        self._buckets[client] = (tokens - 1.0, now)
+        if len(self._buckets) > _PRUNE_ABOVE:
+            full = [c for c in self._buckets if self._level(c, now) >= self.burst]
+            for c in full:
+                del self._buckets[c]
+
+
+class StreamSlot:
+    """One held event stream; released once, however many times `release` is called."""
+
+    def __init__(self, slots: StreamSlots) -> None:
+        self._slots: StreamSlots | None = slots
+
+    def release(self) -> None:
+        if self._slots is not None:
+            self._slots.in_use -= 1
+            self._slots = None
+
+    def __enter__(self) -> StreamSlot:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.release()
+
+
+class StreamSlots:
+    """Counts SSE and websocket event streams together against `max_event_streams`."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.in_use = 0
+
+    def acquire(self) -> StreamSlot:
+        """A slot, or a 503 `too_many_streams` when all are taken."""
+        if self.in_use >= self.limit:
+            raise ApiError(
+                503,
+                "too_many_streams",
+                f"{self.limit} event streams are open, the most this gateway serves "
+                "(max_event_streams); retry later or poll /workflow/status",
+                {"max_event_streams": self.limit},
+            )
+        self.in_use += 1
+        return StreamSlot(self)
+
+
+def hold(slot: StreamSlot, stream: AsyncIterator[T]) -> AsyncIterator[T]:
+    """`stream`, releasing `slot` when it ends, fails, or is dropped without ever starting."""
+
+    async def held() -> AsyncIterator[T]:
+        with slot:
+            async for item in stream:
+                yield item
+
+    wrapped = held()
+    # A generator that is never iterated (the client left before the body) never runs its
+    # `with`; the finalizer gives the slot back when the generator is collected.
+    weakref.finalize(wrapped, slot.release)
+    return wrapped
+
+
+class Limits:
+    """The per-app limiters built from the settings."""
+
+    def __init__(self, settings: Settings) -> None:
+        if settings.max_body_bytes < 1:
+            raise SettingsError("max_body_bytes must be at least 1")
+        if settings.submit_rate_per_s < 0 or settings.submit_burst < 1:
+            raise SettingsError("submit_rate_per_s must be >= 0 and submit_burst >= 1")
+        if settings.max_event_streams < 1:
+            raise SettingsError("max_event_streams must be at least 1")
+        self.max_body_bytes = settings.max_body_bytes
+        # A rate of 0 turns the submit limit off.
+        self.submits = (
+            TokenBuckets(settings.submit_rate_per_s, settings.submit_burst)
+            if settings.submit_rate_per_s > 0
+            else None
+        )
+        self.streams = StreamSlots(settings.max_event_streams)
+
+
+def limits_of(app: Litestar) -> Limits:
+    limits = app.state[STATE_KEY]
+    assert isinstance(limits, Limits)
+    return limits
+
+
+def client_id(connection: ASGIConnection[Any, Any, Any, Any]) -> str:
+    """Who a limit applies to: the API key the guard accepted, else the client's address."""
+    accepted = connection.state.get(CLIENT_ID_STATE)
+    if isinstance(accepted, str):
+        return accepted
+    return "addr:" + (connection.client.host if connection.client else "?")
+
+
+def submit_rate_limit(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
+    """Guard for submit and execute: one token per request, before the body is read."""
+    buckets = limits_of(connection.app).submits
+    if buckets is not None:
+        buckets.take(client_id(connection))
+
+
+def rate_limited(_: Request[Any, Any, Any], exc: RateLimited) -> Response[dict[str, Any]]:
+    return Response(
+        {"code": exc.code, "message": exc.message, "details": exc.details},
+        status_code=exc.status,
+        headers={"Retry-After": str(exc.retry_after)},
+    )
+
+
+def too_large(limit: int) -> Callable[[Request[Any, Any, Any], HTTPException], Response[Any]]:
+    """Handler of 413 that names the limit and the setting, in the API's error shape."""
+
+    def handler(_: Request[Any, Any, Any], exc: HTTPException) -> Response[dict[str, Any]]:
+        return Response(
+            {
+                "code": "too_large",
+                "message": f"the request body is over {limit} bytes (max_body_bytes)",
+                "details": {"max_body_bytes": limit},
+            },
+            status_code=413,
+        )
+
+    return handler
