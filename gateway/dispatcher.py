@@ -42,7 +42,7 @@ from gateway.contract import (
 )
 from gateway.events import EventPublisher
 from gateway.jobstate import BOUND, apply_event, attempts_left, record_from_queued
-from gateway.lifecycle import wait_event
+from gateway.lifecycle import stop_tasks, wait_event
 from gateway.placement import Candidate, Pending, Requirements, missing, plan, requirements
 from gateway.servers import ServerTable
 
@@ -140,12 +140,21 @@ class Dispatcher:
                 ack_wait=30,
             ),
         )
+        loops = {
+            asyncio.create_task(self._consume(sub), name="dispatcher-events"),
+            asyncio.create_task(self._dispatch_loop(), name="dispatcher-binding"),
+        }
         try:
-            async with asyncio.TaskGroup() as tasks:
-                tasks.create_task(self._consume(sub))
-                tasks.create_task(self._dispatch_loop())
+            done, _ = await asyncio.wait(loops, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                task.result()  # a loop only ends by failing: raise what it raised
         finally:
-            await sub.unsubscribe()
+            # Not a TaskGroup: its single cancellation of each child can be lost inside nats-py,
+            # and then leadership could never be given up.
+            try:
+                await stop_tasks(*loops)
+            finally:
+                await sub.unsubscribe()
 
     async def _load_records(self) -> None:
         watcher = await self._kv.watchall()

@@ -17,7 +17,7 @@ from nats.js.errors import KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
 from gateway.bus import LEADER_LEASE_S
-from gateway.lifecycle import wait_event
+from gateway.lifecycle import stop_tasks, wait_event
 
 log = logging.getLogger(__name__)
 
@@ -85,11 +85,7 @@ async def _lead(
                 break
     finally:
         stopped.cancel()
-        # A cancellation that lands inside a library call can be swallowed there (seen with
-        # nats-py during start-up), so ask again until the work has really stopped.
-        while not worker.done():
-            worker.cancel()
-            await asyncio.wait({worker}, timeout=1.0)
+        await stop_tasks(worker)
         failure = None if worker.cancelled() else worker.exception()
         if failure is not None:
             raise failure

@@ -8,6 +8,7 @@ import logging
 import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 
 def setup_logging(level: str = "INFO") -> None:
@@ -69,3 +70,22 @@ async def wait_event(event: asyncio.Event, within: float) -> bool:
     except TimeoutError:
         return False
     return True
+
+
+async def stop_tasks(*tasks: asyncio.Task[Any]) -> None:
+    """Cancel `tasks` and return once every one has ended.
+
+    A cancellation can be lost inside a library call (nats-py turns some into other errors, and
+    3.11's wait_for can swallow one), so the request is repeated until each task is done. If the
+    caller is cancelled meanwhile, it still waits for them, then re-raises.
+    """
+    interrupted = False
+    while running := [task for task in tasks if not task.done()]:
+        for task in running:
+            task.cancel()
+        try:
+            await asyncio.wait(running, timeout=1.0)
+        except asyncio.CancelledError:
+            interrupted = True
+    if interrupted:
+        raise asyncio.CancelledError
