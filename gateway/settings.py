@@ -46,8 +46,9 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # Workflows are JSON graphs; 10 MB is far above any real one and far below harm.
     max_body_bytes: int = 10 * 1024 * 1024
     # Submissions (submit and execute) per API key, or per address without keys: a token
-    # bucket of `submit_burst` refilled at `submit_rate_per_s`; a rate of 0 turns it off.
-    submit_rate_per_s: float = 20.0
+    # bucket of `submit_burst` refilled at `submit_rate_per_s`; a rate of 0 turns it off. Off by
+    # default: one trusted client feeding a fleet is the common case, and it may submit 1000/s.
+    submit_rate_per_s: float = 0.0
     submit_burst: int = 100
     # Event streams (SSE and websocket together) open at once on one gateway.
     max_event_streams: int = 256

@@ -20,6 +20,7 @@ import msgspec
 from nats.aio.client import Client
 
 from gateway.adapterhost import AdapterHost
+from gateway.api.auth import check_settings
 from gateway.bus import session
 from gateway.contract import ServerRecord, Subjects, encode, now
 from gateway.lifecycle import stop_on_signals
@@ -52,6 +53,7 @@ async def run_up(
     simulator_config: SimulatorConfig | None = None,
 ) -> int:
     """Run everything until SIGINT or SIGTERM; return the exit code."""
+    check_settings(settings)  # refuse an unsafe setup before anything starts
     stop = asyncio.Event()
     subjects = Subjects(settings.subject_prefix)
     with stop_on_signals(stop):
