@@ -108,7 +108,8 @@ class AsyncComfyUISDK:
                 outcome = on_progress(event)
                 if outcome is not None:
                     await outcome
-            result = await self.get_result(job_id)
+            # The job's record follows its events by a moment: wait for it, don't just read it.
+            result = await self.wait(job_id, timeout=timeout)
         return p.raise_if_failed(result) if raise_on_failure else result
 
     async def get_status(self, job_id: str) -> JobResult:

@@ -117,7 +117,8 @@ class ComfyUISDK:
             job_id = self.submit_workflow(workflow, **options)
             for event in self.stream_events(job_id):
                 on_progress(event)
-            result = self.get_result(job_id)
+            # The job's record follows its events by a moment: wait for it, don't just read it.
+            result = self.wait(job_id, timeout=timeout)
         return p.raise_if_failed(result) if raise_on_failure else result
 
     def get_status(self, job_id: str) -> JobResult:

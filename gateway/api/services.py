@@ -7,10 +7,11 @@ test can build the whole app around a real NATS connection.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 
 from litestar.di import NamedDependency
 from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
@@ -68,6 +69,9 @@ class Services:
         self.publisher = EventPublisher(self.js, self.subjects)
         self.storage = storage
         self.balancer = balancer
+        self._waiters: dict[str, list[asyncio.Future[JobRecord]]] = {}
+        self._records_sub: Subscription | None = None
+        self._records_prefix = ""
 
     def log_path(self, relpath: str) -> str:
         """A job's log file as this gateway's users see it: under the data folder."""
@@ -110,24 +114,55 @@ class Services:
         assert entry.value is not None
         return decode(entry.value, JobRecord)
 
+    async def start(self) -> None:
+        """Follow job records as they change, for the requests that wait on them.
+
+        One plain subscription to the bucket's subjects for the whole process: a watcher per
+        waiting request would be a JetStream consumer each, and a few thousand waiting clients
+        hit the server's consumer limit.
+        """
+        prefix = f"$KV.{self.subjects.jobs_bucket}."
+        self._records_sub = await self.nc.subscribe(prefix + ">", cb=self._on_record)
+        self._records_prefix = prefix
+
+    async def close(self) -> None:
+        if self._records_sub is not None:
+            await self._records_sub.unsubscribe()
+            self._records_sub = None
+
+    async def _on_record(self, msg: Msg) -> None:
+        job_id = msg.subject[len(self._records_prefix) :]
+        if job_id not in self._waiters or not msg.data:
+            return
+        try:
+            record = decode(msg.data, JobRecord)
+        except ContractError:
+            return
+        if record.status.terminal:
+            for waiter in self._waiters.pop(job_id, []):
+                if not waiter.done():
+                    waiter.set_result(record)
+
     async def wait_for_end(self, job_id: str, within: float) -> JobRecord:
         """The job's record once it is finished, or its latest record after `within` seconds."""
-        latest = await self.record(job_id)
-        if latest.status.terminal or within <= 0:
-            return latest
-        watcher = await self.jobs_kv.watch(job_id)
+        waiter: asyncio.Future[JobRecord] = asyncio.get_running_loop().create_future()
+        # Registered before the record is read, so an end that lands in between is not missed.
+        self._waiters.setdefault(job_id, []).append(waiter)
         try:
-            with contextlib.suppress(TimeoutError):
+            latest = await self.record(job_id)
+            if latest.status.terminal or within <= 0:
+                return latest
+            try:
                 async with asyncio.timeout(within):
-                    async for entry in watcher:
-                        if entry is None or entry.value is None:
-                            continue
-                        latest = decode(entry.value, JobRecord)
-                        if latest.status.terminal:
-                            break
+                    return await waiter
+            except TimeoutError:
+                return await self.record(job_id)
         finally:
-            await watcher.stop()  # type: ignore[no-untyped-call]
-        return latest
+            waiting = self._waiters.get(job_id, [])
+            if waiter in waiting:
+                waiting.remove(waiter)
+            if not waiting:
+                self._waiters.pop(job_id, None)
 
 
 # How handlers ask for the Services (Litestar injects it by this parameter name).

@@ -202,9 +202,13 @@ async def job_events(services: Services, job_id: str) -> AsyncIterator[Event | N
                 yield None
                 continue
             event = decode_event(msg.data)
-            yield event
             if isinstance(event, TERMINAL_EVENTS):
+                # The job's record follows its events by a moment; end the stream only once the
+                # record agrees, so a client reading the result next sees the end too.
+                await services.wait_for_end(job_id, 10.0)
+                yield event
                 return
+            yield event
     finally:
         await sub.unsubscribe()
 

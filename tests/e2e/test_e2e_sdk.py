@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ from plugins.simulator import SimulatorConfig
 from sdk import AsyncComfyUISDK, ComfyUISDK, InvalidWorkflow, JobFailed, NotFound, Unschedulable
 from tests.e2e.conftest import System, tiny
 from tests.e2e.test_e2e_jobs import png_size
+from tests.helpers import poll_until
 
 LOAD = {
     "1": {"class_type": "LoadImage", "inputs": {"image": "input.png"}},
@@ -51,7 +53,7 @@ def _drive_sync(url: str, address: str, tmp_path: Path) -> None:
         seqs = [e["seq"] for e in sdk.stream_events(job_id)]
         assert seqs == list(range(1, len(seqs) + 1))
 
-        logs = sdk.get_logs(job_id)
+        logs = _logs_when_written(sdk, job_id)
         assert logs["job_id"] == job_id and logs["entry_count"] >= 1
         rows = sdk.query_logs("SELECT count(*) AS n FROM jobs", max_rows=5)["rows"]
         assert rows[0][0] >= 1
@@ -70,6 +72,18 @@ def _drive_sync(url: str, address: str, tmp_path: Path) -> None:
 
         sdk.remove_server("gpu1")
         assert sdk.list_servers() == []
+
+
+def _logs_when_written(sdk: ComfyUISDK, job_id: str) -> dict[str, Any]:
+    # The sink writes a moment after the job ends; this runs in a thread, so it asks in a loop.
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            return sdk.get_logs(job_id)
+        except NotFound:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
 
 
 async def test_the_async_client(system: System) -> None:
@@ -92,7 +106,14 @@ async def test_the_async_client(system: System) -> None:
         job_id = await sdk.submit_workflow(tiny(24))
         assert (await sdk.wait(job_id, timeout=30)).status == "failed"
         assert [e async for e in sdk.stream_events(job_id)][-1]["type"] == "failed"
-        assert (await sdk.get_logs(job_id))["entry_count"] >= 1
+
+        async def logged() -> bool:
+            try:
+                return bool((await sdk.get_logs(job_id))["entry_count"])
+            except NotFound:  # the sink writes a moment after the job ends
+                return False
+
+        await poll_until(logged, "the job's log is written")
         assert (await sdk.query_logs("SELECT 1"))["rows"] == [[1]]
 
 
