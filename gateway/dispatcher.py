@@ -109,6 +109,7 @@ class Dispatcher:
         self._stale_grace = stale_grace
         self._records: dict[str, JobRecord] = {}
         self._needs: dict[str, Requirements] = {}
+        self._requests: dict[str, JobRequest] = {}  # of queued jobs seen arriving
         self._queue = _Queue()
         self._started_at: dict[str, float] = {}
         self._handed_back: dict[str, int] = {}  # job id -> attempt already handed back
@@ -244,10 +245,13 @@ class Dispatcher:
         self._records[record.job_id] = record
         self._needs[record.job_id] = requirements(event.data.request)
         if record.status is JobStatus.QUEUED:
+            # Kept until the job is bound: it saves reading the event back from the stream.
+            self._requests[record.job_id] = event.data.request
             self._queue.push(record)
 
     def _forget(self, job_id: str) -> None:
         self._records.pop(job_id, None)
+        self._requests.pop(job_id, None)
         self._needs.pop(job_id, None)
         self._queue.discard(job_id)
         self._handed_back.pop(job_id, None)
@@ -357,7 +361,7 @@ class Dispatcher:
             await self._bind(self._records[job_id], server_id)
 
     async def _bind(self, record: JobRecord, server_id: str) -> None:
-        request = await self._request_of(record.job_id)
+        request = self._requests.pop(record.job_id, None) or await self._request_of(record.job_id)
         if request is None:
             self._forget(record.job_id)
             await self._fail(record, "lost", "the job's request is missing from the event log")
