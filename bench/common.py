@@ -28,25 +28,15 @@ from gateway.natsserver import start_nats_server
 from gateway.service import storage_for
 from gateway.settings import Settings
 from plugins.simulator import Simulator, SimulatorConfig, run_simulator
+from plugins.simulator.samples import tiny_workflow
 from tests.conftest import start_gateway
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def tiny(seed: int = 0, prefix: str = "bench") -> dict[str, Any]:
-    """Three nodes; `seed` changes the image so that ComfyUI's cache never answers."""
-    return {
-        "1": {
-            "class_type": "EmptyImage",
-            "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": seed % 16_777_216},
-        },
-        "2": {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}},
-        "3": {
-            "class_type": "SaveImage",
-            "inputs": {"images": ["2", 0], "filename_prefix": prefix},
-            "_meta": {"title": "Save"},
-        },
-    }
+    """The sample workflow, its outputs named for the benchmarks."""
+    return tiny_workflow(seed, prefix)
 
 
 def pct(values: list[float], q: float) -> float:

@@ -6,6 +6,7 @@ Every process a fixture starts is stopped by that fixture, also when the test fa
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -72,9 +73,9 @@ async def start_gateway(settings: Settings, stop: asyncio.Event) -> tuple[str, a
     return listening.result(), task
 
 
-@pytest.fixture
-async def gateway(settings: Settings) -> AsyncIterator[str]:
-    """Base URL of a real gateway over real HTTP, on a free port."""
+@contextlib.asynccontextmanager
+async def running_gateway(settings: Settings) -> AsyncIterator[str]:
+    """A gateway for the block: its base URL; stopped on exit, also when the block fails."""
     stop = asyncio.Event()
     url, task = await start_gateway(settings, stop)
     try:
@@ -83,3 +84,10 @@ async def gateway(settings: Settings) -> AsyncIterator[str]:
         stop.set()
         async with asyncio.timeout(20):
             await task
+
+
+@pytest.fixture
+async def gateway(settings: Settings) -> AsyncIterator[str]:
+    """Base URL of a real gateway over real HTTP, on a free port."""
+    async with running_gateway(settings) as url:
+        yield url

@@ -17,7 +17,7 @@ from gateway.api.auth import check_exposure, hash_key, is_loopback, key_digests
 from gateway.settings import Settings, SettingsError, load_settings
 from sdk import AsyncComfyUISDK
 from sdk.errors import ApiError as SdkApiError
-from tests.conftest import start_gateway
+from tests.conftest import running_gateway, start_gateway
 from tests.test_gateway_api import TINY
 
 KEY_A = "alpha-secret-4f1c9e"
@@ -29,14 +29,8 @@ WRONG = "wrong-secret-0b3e11"
 async def keyed_gateway(settings: Settings) -> AsyncIterator[str]:
     """A gateway with two keys: one stored hashed, one given as `plain:`."""
     keyed = msgspec.structs.replace(settings, api_keys=[hash_key(KEY_A), "plain:" + KEY_B])
-    stop = asyncio.Event()
-    url, task = await start_gateway(keyed, stop)
-    try:
+    async with running_gateway(keyed) as url:
         yield url
-    finally:
-        stop.set()
-        async with asyncio.timeout(20):
-            await task
 
 
 async def test_no_key_is_401_with_a_bearer_challenge(keyed_gateway: str) -> None:

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 import httpx
@@ -16,21 +15,13 @@ from websockets.asyncio.client import connect as ws_connect
 from gateway.api.errors import ApiError
 from gateway.api.limits import RateLimited, StreamSlots, TokenBuckets, hold
 from gateway.settings import Settings
-from tests.conftest import start_gateway
+from tests.conftest import running_gateway
 from tests.test_gateway_api import TINY
 
 
-@contextlib.asynccontextmanager
-async def running(settings: Settings, **changes: Any) -> AsyncIterator[str]:
+def running(settings: Settings, **changes: Any) -> AbstractAsyncContextManager[str]:
     """A real gateway on `settings` with `changes`; yields its URL."""
-    stop = asyncio.Event()
-    url, task = await start_gateway(msgspec.structs.replace(settings, **changes), stop)
-    try:
-        yield url
-    finally:
-        stop.set()
-        async with asyncio.timeout(20):
-            await task
+    return running_gateway(msgspec.structs.replace(settings, **changes))
 
 
 async def test_submissions_past_the_burst_get_429_with_retry_after(settings: Settings) -> None:

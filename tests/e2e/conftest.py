@@ -24,24 +24,14 @@ from gateway.logsink.sink import run_logsink
 from gateway.service import storage_for
 from gateway.settings import Settings
 from plugins.simulator import Simulator, SimulatorConfig, run_simulator
+from plugins.simulator.samples import tiny_workflow
 from tests.conftest import start_gateway
 from tests.helpers import poll_until
 
 
 def tiny(seed: int = 0, prefix: str = "e2e") -> dict[str, Any]:
-    """A three-node workflow; `seed` changes the image so that no two jobs share a cache."""
-    return {
-        "1": {
-            "class_type": "EmptyImage",
-            "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": seed % 16_777_216},
-        },
-        "2": {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}},
-        "3": {
-            "class_type": "SaveImage",
-            "inputs": {"images": ["2", 0], "filename_prefix": prefix},
-            "_meta": {"title": "Save"},
-        },
-    }
+    """The sample workflow, its outputs named for these tests."""
+    return tiny_workflow(seed, prefix)
 
 
 class System:
