@@ -7,29 +7,20 @@ balancer) as tasks of the caller's event loop; fake ComfyUI servers are register
 
 from __future__ import annotations
 
-import asyncio
 import json
 import statistics
 import tempfile
 import time
 from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-import httpx
-import msgspec
-
-from gateway.adapterhost import AdapterHost
-from gateway.bus import session
-from gateway.contract import Subjects
-from gateway.logsink.sink import run_logsink
 from gateway.natsserver import start_nats_server
-from gateway.service import storage_for
 from gateway.settings import Settings
-from plugins.simulator import Simulator, SimulatorConfig, run_simulator
 from plugins.simulator.samples import tiny_workflow
-from tests.conftest import start_gateway
+from tests.e2e.conftest import System
+from tests.e2e.conftest import running_system as system_on_broker
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -104,47 +95,6 @@ def write_results(name: str, payload: dict[str, Any]) -> Path:
     return path
 
 
-class System:
-    """A running system: its URL, settings, fake servers."""
-
-    def __init__(self, settings: Settings, stack: AsyncExitStack) -> None:
-        self.settings = settings
-        self.url = ""
-        self.sims: dict[str, Simulator] = {}
-        self._stack = stack
-
-    async def add_server(
-        self, server_id: str, config: SimulatorConfig | None = None, **registration: Any
-    ) -> Simulator:
-        base = Path(self.settings.data_dir) / "sims" / server_id
-        config = msgspec.structs.replace(config or SimulatorConfig(), base_dir=str(base))
-        sim = await self._stack.enter_async_context(run_simulator(config))
-        self.sims[server_id] = sim
-        body = {"name": server_id, "address": sim.address, "server_id": server_id, **registration}
-        async with httpx.AsyncClient(base_url=self.url, timeout=30) as client:
-            reply = await client.post("/servers", json=body)
-            if reply.status_code != 201:
-                raise RuntimeError(reply.text)
-            deadline = time.monotonic() + 30
-            while time.monotonic() < deadline:
-                servers = (await client.get("/servers")).json()
-                if any(
-                    s["server_id"] == server_id and s["status"] == "healthy" and s["node_types"]
-                    for s in servers
-                ):
-                    return sim
-                await asyncio.sleep(0.05)
-        raise RuntimeError(f"server {server_id} never became healthy")
-
-
-async def _stop_tasks(tasks: list[asyncio.Task[Any]], within: float) -> None:
-    """Wait for tasks told to stop; cancel what is still running after `within` seconds."""
-    _, pending = await asyncio.wait(tasks, timeout=within)
-    for task in pending:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
-
-
 @asynccontextmanager
 async def running_system(**settings_kw: Any) -> AsyncIterator[System]:
     """NATS (child process), log sink, adapter host and gateway in this loop; all stopped.
@@ -162,26 +112,7 @@ async def running_system(**settings_kw: Any) -> AsyncIterator[System]:
                 port=0,
                 **({"submit_rate_per_s": 0.0} | settings_kw),
             )
-            subjects = Subjects(settings.subject_prefix)
-            stop = asyncio.Event()
-            async with AsyncExitStack() as stack:
-                nc = await stack.enter_async_context(session(settings.nats_url, "bench", subjects))
-                storage = await stack.enter_async_context(storage_for(settings, nc.jetstream()))
-                system = System(settings, stack)
-                roles = [
-                    asyncio.create_task(run_logsink(settings, stop, nc=nc)),
-                    asyncio.create_task(AdapterHost(nc, settings, storage).run(stop)),
-                ]
-                gw_stop = asyncio.Event()
-                gw_task: asyncio.Task[None] | None = None
-                try:
-                    system.url, gw_task = await start_gateway(settings, gw_stop)
-                    yield system
-                finally:
-                    gw_stop.set()
-                    if gw_task is not None:
-                        await _stop_tasks([gw_task], 20)
-                    stop.set()
-                    await _stop_tasks(roles, 20)
+            async with system_on_broker(settings) as system:
+                yield system
         finally:
             await server.stop()

@@ -7,6 +7,7 @@ the adapter host starts an adapter for each, as `comfyautomate up` does.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
@@ -100,6 +101,16 @@ async def sse_events(client: httpx.AsyncClient, job_id: str) -> list[dict[str, A
 
 @pytest.fixture
 async def system(settings: Settings) -> AsyncIterator[System]:
+    async with running_system(settings) as running:
+        yield running
+
+
+@contextlib.asynccontextmanager
+async def running_system(settings: Settings) -> AsyncIterator[System]:
+    """Log sink, adapter host and a gateway on `settings`' broker, in this event loop.
+
+    Every role and fake server it started is stopped on exit, also when the block fails.
+    """
     subjects = Subjects(settings.subject_prefix)
     stop = asyncio.Event()
     async with AsyncExitStack() as stack:
