@@ -146,6 +146,15 @@ async def ensure_resources(
             replicas=sizing.replicas,
         )
     )
+    await js.create_key_value(
+        api.KeyValueConfig(
+            bucket=subjects.prompts_bucket,
+            description="Prompts taken through the ComfyUI-compatible API",
+            history=1,
+            storage=api.StorageType.FILE,
+            replicas=sizing.replicas,
+        )
+    )
     await js.create_object_store(
         subjects.outputs_bucket,
         api.ObjectStoreConfig(

@@ -106,6 +106,10 @@ class Subjects(msgspec.Struct, frozen=True):
     def balancer_bucket(self) -> str:
         return f"{self.prefix}_balancer"
 
+    @property
+    def prompts_bucket(self) -> str:
+        return f"{self.prefix}_prompts"
+
 
 def new_id() -> str:
     """A fresh random id (32 hex characters), usable as a subject token."""
@@ -275,6 +279,8 @@ class OutputFile(msgspec.Struct, kw_only=True):
     content_type: str
     url: str
     kind: str = "images"
+    type: str = "output"
+    """ComfyUI's folder of the file: "output", or "temp" for previews."""
 
 
 class QueuedData(msgspec.Struct, kw_only=True):
@@ -560,6 +566,25 @@ class LogQueryResult(_Message, kw_only=True):
     rows: list[list[Any]]
     truncated: bool = False
     elapsed_ms: float = 0.0
+
+
+class NativePrompt(_Message, kw_only=True):
+    """A prompt taken through the ComfyUI-compatible API, kept in KV `comfy_prompts`.
+
+    Its key is the prompt id, which is also its job's id. The entry's revision (the bucket's
+    sequence when it was created) is the prompt's `number` unless the client chose one, so every
+    gateway numbers prompts alike. `prompt` is the graph exactly as the client sent it.
+    """
+
+    prompt_id: str
+    caller: str
+    prompt: dict[str, Any]
+    extra_data: dict[str, Any] = msgspec.field(default_factory=dict)
+    outputs_to_execute: list[str] = msgspec.field(default_factory=list)
+    client_id: str | None = None
+    number: float | None = None
+    front: bool = False
+    created_ms: int = 0
 
 
 class JobRecord(_Message, kw_only=True):

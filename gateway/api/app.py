@@ -14,6 +14,7 @@ from gateway.api.errors import EXCEPTION_HANDLERS
 from gateway.api.images import image
 from gateway.api.limits import STATE_KEY, Limits, RateLimited, rate_limited, too_large
 from gateway.api.logs import job_logs, logs_query, recent_jobs
+from gateway.api.native.routes import NATIVE_ROUTES
 from gateway.api.servers import ServerController
 from gateway.api.services import Services
 from gateway.api.system import health, metrics
@@ -41,6 +42,7 @@ def create_app(services: Services) -> Litestar:
             recent_jobs,
             health,
             metrics,
+            *NATIVE_ROUTES,
         ],
         dependencies={"services": Provide(lambda: services, sync_to_thread=False)},
         guards=[ApiKeyGuard(digests)],

@@ -9,6 +9,8 @@ is allowed only while the gateway listens on loopback alone.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import hmac
 import ipaddress
@@ -91,13 +93,24 @@ def check_settings(settings: Settings) -> list[bytes]:
 
 
 def presented_key(connection: ASGIConnection[Any, Any, Any, Any]) -> str | None:
-    """The key the client sent, from `Authorization: Bearer` or `X-API-Key`."""
+    """The key the client sent: `Authorization: Bearer`, `X-API-Key`, or Basic's password.
+
+    Basic is for ComfyUI clients that only know user and password: the key is the password,
+    the user name is ignored.
+    """
     header = connection.headers.get("x-api-key")
     if header and header.strip():
         return header.strip()
     scheme, _, credentials = connection.headers.get("authorization", "").partition(" ")
     if scheme.lower() == "bearer" and credentials.strip():
         return credentials.strip()
+    if scheme.lower() == "basic" and credentials.strip():
+        try:
+            decoded = base64.b64decode(credentials.strip(), validate=True).decode()
+        except (binascii.Error, UnicodeDecodeError):
+            return None
+        password = decoded.partition(":")[2]
+        return password or None
     return None
 
 
@@ -125,7 +138,8 @@ class ApiKeyGuard:
         key = presented_key(connection)
         if key is None:
             raise NotAuthorizedException(
-                "an API key is required: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'",
+                "an API key is required: send 'Authorization: Bearer <key>', 'X-API-Key: <key>', "
+                "or the key as the Basic auth password",
                 headers={"WWW-Authenticate": 'Bearer realm="comfyautomate"'},
             )
         digest = hash_key(key).encode()

@@ -7,6 +7,8 @@ test can build the whole app around a real NATS connection.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 
 from litestar.di import NamedDependency
 from nats.aio.client import Client
@@ -19,9 +21,13 @@ from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
 
 from gateway.api.errors import ApiError
+from gateway.api.native.service import NativeService
 from gateway.balancer import Balancer
+from gateway.contract import Cancel as CancelRequest
 from gateway.contract import (
+    CancelledData,
     ContractError,
+    ControlReply,
     Error,
     JobAccepted,
     JobRecord,
@@ -32,8 +38,11 @@ from gateway.contract import (
 )
 from gateway.events import EventPublisher
 from gateway.fleet import FleetView
+from gateway.jobstate import BOUND
 from gateway.settings import Settings
 from plugins.storage.base import Storage
+
+log = logging.getLogger(__name__)
 
 # HTTP status for each refusal code of the submit path.
 SUBMIT_STATUS = {
@@ -69,6 +78,8 @@ class Services:
         self.publisher = EventPublisher(self.js, self.subjects)
         self.storage = storage
         self.balancer = balancer
+        self.native: NativeService | None = None
+        self._native_task: asyncio.Task[None] | None = None
         self._waiters: dict[str, list[asyncio.Future[JobRecord]]] = {}
         self._records_sub: Subscription | None = None
         self._records_prefix = ""
@@ -124,20 +135,64 @@ class Services:
         prefix = f"$KV.{self.subjects.jobs_bucket}."
         self._records_sub = await self.nc.subscribe(prefix + ">", cb=self._on_record)
         self._records_prefix = prefix
+        self.native = NativeService(self, await self.js.key_value(self.subjects.prompts_bucket))
+        self._native_task = asyncio.create_task(self.native.index.run())
 
     async def close(self) -> None:
+        if self.native is not None:
+            await self.native.close()
+        if self._native_task is not None:
+            self._native_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._native_task
+            self._native_task = None
         if self._records_sub is not None:
             await self._records_sub.unsubscribe()
             self._records_sub = None
 
+    async def cancel(self, job_id: str) -> JobRecord:
+        """Cancel a job: dequeued if waiting, interrupted if running; its record after.
+
+        ApiError 404 for an unknown job, 409 for one that has ended.
+        """
+        record = await self.record(job_id)
+        if record.status.terminal:
+            raise ApiError(409, "already_finished", f"job {job_id} already {record.status}")
+        if record.status in BOUND and record.server_id is not None:
+            if not await self._ask_adapter_to_cancel(record):
+                await self.publisher.emit(
+                    job_id, CancelledData(reason="cancelled by request", attempt=record.attempt)
+                )
+        else:
+            await self.publisher.emit(job_id, CancelledData(reason="cancelled by request"))
+        return await self.wait_for_end(job_id, 10.0)
+
+    async def _ask_adapter_to_cancel(self, record: JobRecord) -> bool:
+        assert record.server_id is not None
+        try:
+            reply = await self.nc.request(
+                self.subjects.control(record.server_id),
+                encode(CancelRequest(job_id=record.job_id)),
+                timeout=5.0,
+            )
+        except (NoRespondersError, NatsTimeoutError):
+            log.warning("adapter %s did not answer a cancel; cancelling here", record.server_id)
+            return False
+        return decode(reply.data, ControlReply).ok
+
     async def _on_record(self, msg: Msg) -> None:
         job_id = msg.subject[len(self._records_prefix) :]
-        if job_id not in self._waiters or not msg.data:
+        native = (
+            self.native if self.native is not None and self.native.index.knows(job_id) else None
+        )
+        if (job_id not in self._waiters and native is None) or not msg.data:
             return
         try:
             record = decode(msg.data, JobRecord)
         except ContractError:
             return
+        if native is not None:
+            native.index.on_record(record)
         if record.status.terminal:
             for waiter in self._waiters.pop(job_id, []):
                 if not waiter.done():

@@ -69,7 +69,8 @@ def output_files(outputs: dict[str, dict[str, Any]]) -> list[OutputRef]:
     ]
 
 
-def _safe_name(filename: str) -> str:
+def safe_name(filename: str) -> str:
+    """The storage key segment an output file name becomes (its first choice, before clashes)."""
     # A storage key segment may not be hidden or hold a slash; ComfyUI names are plain anyway.
     name = filename.replace("\\", "/").rsplit("/", 1)[-1].lstrip(".")
     return name or "output"
@@ -77,7 +78,7 @@ def _safe_name(filename: str) -> str:
 
 def output_key(job_id: str, ref: OutputRef, taken: set[str]) -> str:
     """`<job_id>/<filename>`, or `<job_id>/<node_id>-<filename>` if two outputs share a name."""
-    name = _safe_name(ref.filename)
+    name = safe_name(ref.filename)
     key = f"{job_id}/{name}"
     if key in taken:
         key = f"{job_id}/{ref.node_id}-{name}"
@@ -127,6 +128,7 @@ async def store_output(
             content_type=stored.content_type,
             url=storage.url(stored.key),
             kind=ref.kind,
+            type=ref.type,
         )
     raise AssertionError("unreachable")  # pragma: no cover
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
-from .nodedefs import NodeRegistry, types_match
+from .nodedefs import NodeDef, types_match
 
 _INNER_FRAME = (
     '  File "/srv/ComfyUI/execution.py", line 852, in validate_inputs\n'
@@ -75,10 +75,16 @@ def _fail(kind: str, message: str, details: str = "", extra: Error | None = None
     return Validation(ok=False, error=error)
 
 
+class Registry(Protocol):
+    """Where validation looks node classes up: one server's registry, or a fleet's."""
+
+    def get(self, class_type: object) -> NodeDef | None: ...
+
+
 class Validator:
     """Validates one prompt against the server's node registry."""
 
-    def __init__(self, registry: NodeRegistry, image_exists: Callable[[str], bool]) -> None:
+    def __init__(self, registry: Registry, image_exists: Callable[[str], bool]) -> None:
         self._registry = registry
         self._image_exists = image_exists
 

@@ -1,0 +1,292 @@
+"""Our job events told the way ComfyUI tells them: websocket messages and history entries.
+
+A prompt's events come from whichever server runs it; `PromptRelay` turns them into the message
+types a single ComfyUI sends, in its order (see the protocol notes): `execution_start`,
+`execution_cached`, then per node `progress_state` (running), `executing`, `executed`,
+`progress_state` (finished), then `execution_success` / `execution_error` /
+`execution_interrupted`. `status` and the closing `executing` with node null are the socket
+hub's, because they depend on the caller's queue and on the job's record.
+
+Output files are named as the gateway serves them from storage: `subfolder` is the job id and
+`filename` the stored name, so names are unique across the fleet and `/view` finds them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from gateway.api.native.prompts import Entry
+from gateway.contract import (
+    Cancelled,
+    Event,
+    Failed,
+    JobStatus,
+    NodeCached,
+    NodeOutput,
+    NodeProgress,
+    NodeStarted,
+    OutputFile,
+    Retried,
+    Running,
+    Succeeded,
+)
+from plugins.comfyui.outputs import safe_name
+
+# Message types ComfyUI still sends, to every socket, for a prompt without a client id.
+BROADCAST_TYPES = frozenset({"progress_state", "progress", "execution_interrupted"})
+
+
+def ms(seconds: float | None) -> int:
+    return int((seconds or 0.0) * 1000)
+
+
+def native_file(job_id: str, filename: str, folder: str) -> dict[str, str]:
+    """How a stored output is named to ComfyUI clients (`/view` reverses it)."""
+    return {"filename": filename, "subfolder": job_id, "type": folder}
+
+
+def stored_file(job_id: str, output: OutputFile) -> dict[str, str]:
+    return native_file(job_id, output.key.rsplit("/", 1)[-1], output.type)
+
+
+def rename_output(job_id: str, output: dict[str, Any]) -> dict[str, Any]:
+    """A node's UI output with every file renamed to where the gateway will serve it."""
+    renamed: dict[str, Any] = {}
+    for kind, items in output.items():
+        if isinstance(items, list) and all(_is_file(item) for item in items):
+            renamed[kind] = [
+                native_file(job_id, safe_name(item["filename"]), str(item.get("type") or "output"))
+                for item in items
+            ]
+        else:
+            renamed[kind] = items
+    return renamed
+
+
+def _is_file(item: Any) -> bool:
+    return isinstance(item, dict) and isinstance(item.get("filename"), str) and "type" in item
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    """One text message for the prompt's client (or, if `broadcast`, for all its sockets)."""
+
+    type: str
+    data: dict[str, Any]
+
+    @property
+    def broadcast(self) -> bool:
+        return self.type in BROADCAST_TYPES
+
+
+@dataclass
+class PromptRelay:
+    """The translation state of one prompt's run."""
+
+    prompt_id: str
+    last_seq: int = 0
+    started: bool = False
+    cached_sent: bool = False
+    current: str | None = None
+    executed: list[str] = field(default_factory=list)
+    nodes: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def translate(self, event: Event) -> list[Outgoing]:
+        """The ComfyUI messages `event` stands for (none for our own bookkeeping events)."""
+        if event.seq <= self.last_seq:
+            return []  # seen already (a redelivery)
+        self.last_seq = event.seq
+        out: list[Outgoing] = []
+        match event:
+            case Running():
+                self._restart()
+                self.started = True
+                out.append(self._message("execution_start", timestamp=ms(event.ts)))
+            case NodeCached(data=data):
+                if not self.cached_sent:
+                    self.cached_sent = True
+                    out.append(self._cached(data.node_ids, event.ts))
+            case NodeStarted(data=data):
+                out += self._opening(event.ts)
+                out += self._finish_current()
+                self.current = data.node_id
+                self.nodes[data.node_id] = self._node_state(data.node_id, "running")
+                out.append(self._progress_state())
+                out.append(self._message("executing", node=data.node_id, display_node=data.node_id))
+            case NodeProgress(data=data):
+                state = self.nodes.get(data.node_id)
+                if state is not None:
+                    state["value"], state["max"] = data.value, data.max
+                out.append(
+                    Outgoing(
+                        "progress",
+                        {
+                            "value": data.value,
+                            "max": data.max,
+                            "prompt_id": self.prompt_id,
+                            "node": data.node_id,
+                        },
+                    )
+                )
+            case NodeOutput(data=data):
+                out += self._opening(event.ts)
+                self.executed.append(data.node_id)
+                output = rename_output(self.prompt_id, data.output)
+                out.append(
+                    self._message(
+                        "executed",
+                        node=data.node_id,
+                        display_node=data.node_id,
+                        output=output,
+                    )
+                )
+            case Succeeded():
+                out += self._opening(event.ts)
+                out += self._finish_current()
+                out.append(self._message("execution_success", timestamp=ms(event.ts)))
+            case Failed(data=data):
+                if self.started:
+                    out += self._opening(event.ts)
+                out.append(Outgoing("execution_error", error_data(self.prompt_id, data, event.ts)))
+            case Cancelled():
+                if self.started:
+                    out.append(
+                        Outgoing(
+                            "execution_interrupted",
+                            {
+                                "prompt_id": self.prompt_id,
+                                "node_id": self.current,
+                                "node_type": None,
+                                "executed": list(self.executed),
+                                "timestamp": ms(event.ts),
+                            },
+                        )
+                    )
+            case Retried():
+                self._restart()  # the next run starts over, as a fresh prompt would
+        return out
+
+    def _restart(self) -> None:
+        self.started = False
+        self.cached_sent = False
+        self.current = None
+        self.executed.clear()
+        self.nodes.clear()
+
+    def _opening(self, ts: float) -> list[Outgoing]:
+        """`execution_cached` with nothing cached, if the server said nothing about its cache."""
+        if self.cached_sent:
+            return []
+        self.cached_sent = True
+        return [self._cached([], ts)]
+
+    def _cached(self, nodes: list[str], ts: float) -> Outgoing:
+        return Outgoing(
+            "execution_cached",
+            {"nodes": list(nodes), "prompt_id": self.prompt_id, "timestamp": ms(ts)},
+        )
+
+    def _finish_current(self) -> list[Outgoing]:
+        if self.current is None:
+            return []
+        state = self.nodes[self.current]
+        state["state"] = "finished"
+        state["value"] = state["max"]
+        self.current = None
+        return [self._progress_state()]
+
+    def _node_state(self, node_id: str, state: str) -> dict[str, Any]:
+        return {
+            "value": 0,
+            "max": 1,
+            "state": state,
+            "node_id": node_id,
+            "prompt_id": self.prompt_id,
+            "display_node_id": node_id,
+            "parent_node_id": None,
+            "real_node_id": node_id,
+        }
+
+    def _progress_state(self) -> Outgoing:
+        nodes = {node_id: dict(state) for node_id, state in self.nodes.items()}
+        return Outgoing("progress_state", {"prompt_id": self.prompt_id, "nodes": nodes})
+
+    def _message(self, kind: str, **fields: Any) -> Outgoing:
+        # ComfyUI puts prompt_id after the node in node messages, first in the others.
+        if "node" in fields:
+            return Outgoing(kind, {**fields, "prompt_id": self.prompt_id})
+        return Outgoing(kind, {"prompt_id": self.prompt_id, **fields})
+
+
+def error_data(prompt_id: str, data: Any, ts: float) -> dict[str, Any]:
+    """`execution_error`'s data from a Failed event's data (FailedData)."""
+    return {
+        "prompt_id": prompt_id,
+        "node_id": data.node_id,
+        "node_type": data.node_type,
+        "executed": [],
+        "exception_message": data.message,
+        "exception_type": data.exception_type or data.code,
+        "traceback": list(data.traceback),
+        "current_inputs": {},
+        "current_outputs": [],
+        "timestamp": ms(ts),
+    }
+
+
+def history_entry(entry: Entry) -> dict[str, Any]:
+    """The `/history` entry of an ended prompt, shaped as ComfyUI stores it."""
+    prompt = entry.prompt
+    record = entry.record
+    assert record is not None
+    outputs: dict[str, dict[str, list[dict[str, str]]]] = {}
+    if record.status == JobStatus.SUCCEEDED:
+        for output in record.outputs:
+            files = outputs.setdefault(output.node_id, {}).setdefault(output.kind, [])
+            files.append(stored_file(prompt.prompt_id, output))
+    messages: list[list[Any]] = []
+    started = record.started_at if record.started_at is not None else record.finished_at
+    stamp = {"prompt_id": prompt.prompt_id, "timestamp": ms(started)}
+    end = {"prompt_id": prompt.prompt_id, "timestamp": ms(record.finished_at)}
+    if record.started_at is not None or record.status != JobStatus.CANCELLED:
+        messages.append(["execution_start", stamp])
+        messages.append(["execution_cached", {"nodes": [], **stamp}])
+    if record.status == JobStatus.SUCCEEDED:
+        messages.append(["execution_success", end])
+    elif record.status == JobStatus.FAILED and record.error is not None:
+        error = error_data(prompt.prompt_id, record.error, record.finished_at or 0.0)
+        messages.append(["execution_error", error])
+    elif record.status == JobStatus.CANCELLED:
+        messages.append(
+            ["execution_interrupted", {**end, "node_id": None, "node_type": None, "executed": []}]
+        )
+    succeeded = record.status == JobStatus.SUCCEEDED
+    return {
+        "prompt": queue_item(entry),
+        "outputs": outputs,
+        "status": {
+            "status_str": "success" if succeeded else "error",
+            "completed": succeeded,
+            "messages": messages,
+        },
+        "meta": {
+            node_id: {
+                "node_id": node_id,
+                "display_node": node_id,
+                "parent_node": None,
+                "real_node_id": node_id,
+            }
+            for node_id in outputs
+        },
+    }
+
+
+def queue_item(entry: Entry) -> list[Any]:
+    """`[number, prompt_id, prompt, extra_data, outputs_to_execute]`, as in /queue and history."""
+    prompt = entry.prompt
+    extra = dict(prompt.extra_data)
+    if prompt.client_id is not None:
+        extra["client_id"] = prompt.client_id
+    extra["create_time"] = prompt.created_ms
+    return [entry.number, prompt.prompt_id, prompt.prompt, extra, list(prompt.outputs_to_execute)]

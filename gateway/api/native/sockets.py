@@ -1,0 +1,180 @@
+"""The ComfyUI-compatible `/ws` sockets of one gateway and what each is sent.
+
+ComfyUI routes a prompt's messages to the socket registered under the prompt's client id, and
+broadcasts `status` to every socket. Here "every socket" means every socket of the same caller
+(API key), so no caller hears of another's work. Events reach this process on one subscription
+to all job events, held only while at least one socket is open.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, Final
+
+import msgspec
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+
+from gateway.api.native.messages import Outgoing, PromptRelay
+from gateway.api.native.prompts import Entry, PromptIndex
+from gateway.contract import (
+    TERMINAL_EVENTS,
+    Cancelled,
+    ContractError,
+    Running,
+    Subjects,
+    decode_event,
+)
+
+log = logging.getLogger(__name__)
+
+# Frames a socket may have waiting; a client this far behind is disconnected, not buffered for.
+MAX_BACKLOG: Final = 10_000
+# How long the closing `executing` waits for the job's record to show the end.
+SETTLE_S: Final = 10.0
+
+_encoder = msgspec.json.Encoder()
+
+
+def frame(kind: str, data: dict[str, Any]) -> str:
+    return _encoder.encode({"type": kind, "data": data}).decode()
+
+
+def status_frame(remaining: int, sid: str | None = None) -> str:
+    data: dict[str, Any] = {"status": {"exec_info": {"queue_remaining": remaining}}}
+    if sid is not None:
+        data["sid"] = sid
+    return frame("status", data)
+
+
+class NativeSocket:
+    """One connected client: its identity and the frames waiting to be written to it."""
+
+    def __init__(self, caller: str, client_id: str) -> None:
+        self.caller = caller
+        self.client_id = client_id
+        self.frames: asyncio.Queue[str | None] = asyncio.Queue(MAX_BACKLOG)
+        self.previews = False  # asked for preview metadata with feature_flags
+
+    def send(self, text: str) -> None:
+        try:
+            self.frames.put_nowait(text)
+        except asyncio.QueueFull:
+            log.warning("socket %s fell %d frames behind; closing it", self.client_id, MAX_BACKLOG)
+            self.close()
+
+    def close(self) -> None:
+        """Ask the writer to stop (it drains nothing more)."""
+        while True:
+            try:
+                self.frames.put_nowait(None)
+                return
+            except asyncio.QueueFull:
+                self.frames.get_nowait()
+
+
+class SocketHub:
+    """Routes prompt messages and queue status to the sockets that may see them."""
+
+    def __init__(self, nc: Client, subjects: Subjects, index: PromptIndex) -> None:
+        self._nc = nc
+        self._subjects = subjects
+        self._index = index
+        self._sockets: dict[str, set[NativeSocket]] = {}
+        self._by_client: dict[tuple[str, str], NativeSocket] = {}
+        self._relays: dict[str, PromptRelay] = {}
+        self._sub: Subscription | None = None
+        self._events_prefix = subjects.events("x")[:-1]
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # -- sockets -----------------------------------------------------------------------------
+
+    async def connect(self, caller: str, client_id: str) -> NativeSocket:
+        """Register a socket; the newest one of a client id takes over its messages."""
+        socket = NativeSocket(caller, client_id)
+        self._sockets.setdefault(caller, set()).add(socket)
+        self._by_client[(caller, client_id)] = socket
+        if self._sub is None:
+            self._sub = await self._nc.subscribe(self._subjects.all_events, cb=self._on_event)
+        socket.send(status_frame(self._index.remaining(caller), sid=client_id))
+        return socket
+
+    async def disconnect(self, socket: NativeSocket) -> None:
+        sockets = self._sockets.get(socket.caller, set())
+        sockets.discard(socket)
+        if not sockets:
+            self._sockets.pop(socket.caller, None)
+        if self._by_client.get((socket.caller, socket.client_id)) is socket:
+            del self._by_client[(socket.caller, socket.client_id)]
+        if not self._sockets and self._sub is not None:
+            sub, self._sub = self._sub, None
+            self._relays.clear()
+            await sub.unsubscribe()
+
+    async def close(self) -> None:
+        for sockets in list(self._sockets.values()):
+            for socket in sockets:
+                socket.close()
+        if self._sub is not None:
+            await self._sub.unsubscribe()
+            self._sub = None
+        for task in list(self._tasks):
+            task.cancel()
+
+    # -- what is sent ------------------------------------------------------------------------
+
+    def queue_changed(self, caller: str, *, besides: str | None = None) -> None:
+        """Tell every socket of `caller` how many of its prompts remain."""
+        sockets = self._sockets.get(caller)
+        if sockets:
+            text = status_frame(self._index.remaining(caller, besides=besides))
+            for socket in sockets:
+                socket.send(text)
+
+    def _deliver(self, entry: Entry, message: Outgoing) -> None:
+        client_id = entry.prompt.client_id
+        if client_id is not None:
+            socket = self._by_client.get((entry.prompt.caller, client_id))
+            if socket is not None:
+                socket.send(frame(message.type, message.data))
+        elif message.broadcast:
+            text = frame(message.type, message.data)
+            for socket in self._sockets.get(entry.prompt.caller, ()):
+                socket.send(text)
+
+    async def _on_event(self, msg: Msg) -> None:
+        job_id = msg.subject[len(self._events_prefix) :]
+        entry = self._index.get(job_id)
+        if entry is None or entry.prompt.caller not in self._sockets:
+            return
+        try:
+            event = decode_event(msg.data)
+        except ContractError:
+            log.exception("skipping an unreadable event of %s", job_id)
+            return
+        relay = self._relays.setdefault(job_id, PromptRelay(job_id))
+        if isinstance(event, Running):
+            self.queue_changed(entry.prompt.caller)  # "picked up", before execution_start
+        for message in relay.translate(event):
+            self._deliver(entry, message)
+        if isinstance(event, TERMINAL_EVENTS):
+            ran = relay.started or not isinstance(event, Cancelled)
+            task = asyncio.create_task(self._close_prompt(entry, ran))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _close_prompt(self, entry: Entry, ran: bool) -> None:
+        """After the end: `status`, then `executing` null once history has the entry."""
+        try:
+            await self._index.settle(entry.prompt_id, SETTLE_S)
+            self.queue_changed(entry.prompt.caller, besides=entry.prompt_id)
+            client_id = entry.prompt.client_id
+            if client_id is None or not ran:
+                return  # ComfyUI closes only a client id's prompt, and only one that ran
+            socket = self._by_client.get((entry.prompt.caller, client_id))
+            if socket is not None:
+                socket.send(frame("executing", {"node": None, "prompt_id": entry.prompt_id}))
+        finally:
+            self._relays.pop(entry.prompt_id, None)
