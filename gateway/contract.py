@@ -59,6 +59,14 @@ class Subjects(msgspec.Struct, frozen=True):
     def control(self, server_id: str) -> str:
         return f"{self.prefix}.control.{check_token(server_id, 'server id')}"
 
+    def previews(self, server_id: str) -> str:
+        """ComfyUI's binary preview frames from one server, as they came (not persisted)."""
+        return f"{self.prefix}.previews.{check_token(server_id, 'server id')}"
+
+    @property
+    def all_previews(self) -> str:
+        return f"{self.prefix}.previews.*"
+
     @property
     def logs_query(self) -> str:
         return f"{self.prefix}.logs.query"

@@ -103,10 +103,18 @@ class Adapter:
             resend_s=options.capabilities_resend_s,
             on_unhealthy=self._on_unhealthy,
         )
-        self._follower = Follower(address, on_status=self._monitor.note_queue_remaining)
+        self._follower = Follower(
+            address,
+            on_status=self._monitor.note_queue_remaining,
+            on_preview=self._publish_preview,
+        )
         self._runs: dict[str, JobRun] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._slot = asyncio.Event()
+
+    async def _publish_preview(self, frame: bytes) -> None:
+        # Core NATS, not JetStream: a preview is worth showing live and nothing afterwards.
+        await self._nc.publish(self._subjects.previews(self.server_id), frame)
 
     # -- what control and the heartbeat ask -----------------------------------------------------
 

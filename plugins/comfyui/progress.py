@@ -14,7 +14,8 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import Final
 
 import websockets
 from websockets.asyncio.client import ClientConnection, connect
@@ -23,6 +24,10 @@ from plugins.comfyui.client import ws_url
 from plugins.comfyui.messages import Status, WsMessage, decode_ws, prompt_of
 
 log = logging.getLogger(__name__)
+
+
+PREVIEW_FLAGS: Final = '{"type":"feature_flags","data":{"supports_preview_metadata":true}}'
+PREVIEW_WITH_METADATA: Final = (4).to_bytes(4, "big")
 
 
 class Lost:
@@ -64,6 +69,7 @@ class Follower:
         address: str,
         *,
         on_status: Callable[[int], None] | None = None,
+        on_preview: Callable[[bytes], Awaitable[None]] | None = None,
         backoff_max: float = 5.0,
         open_timeout: float = 5.0,
     ) -> None:
@@ -72,6 +78,7 @@ class Follower:
         self.connections = 0
         self._client_id = uuid.uuid4().hex
         self._on_status = on_status
+        self._on_preview = on_preview
         self._backoff_max = backoff_max
         self._open_timeout = open_timeout
         self._watches: dict[str, Watch] = {}
@@ -137,9 +144,15 @@ class Follower:
         self.connections += 1
         self.connected.set()
         log.info("websocket to %s open (client id %s)", self.address, self._client_id)
+        if self._on_preview is not None:
+            # Previews then come with their prompt and node (binary type 4); only a first
+            # message may ask for that.
+            await socket.send(PREVIEW_FLAGS)
         async for frame in socket:
             if isinstance(frame, bytes):
-                continue  # previews and TEXT frames: nothing the bus carries
+                if self._on_preview is not None and frame[:4] == PREVIEW_WITH_METADATA:
+                    await self._on_preview(frame)
+                continue  # TEXT frames and the like: nothing the bus carries
             message = decode_ws(frame)
             if message is None:
                 continue

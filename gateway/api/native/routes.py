@@ -323,13 +323,15 @@ async def native_ws(socket: WebSocket[Any, Any, Any], services: ServicesDep) -> 
     conn = await native.hub.connect(_caller(socket), client_id)
     try:
         async with asyncio.TaskGroup() as tasks:
-            tasks.create_task(_read(socket, conn))
+            tasks.create_task(_read(socket, conn, native))
             tasks.create_task(_write(socket, conn))
     finally:
         await native.hub.disconnect(conn)
 
 
-async def _read(socket: WebSocket[Any, Any, Any], conn: NativeSocket) -> None:
+async def _read(
+    socket: WebSocket[Any, Any, Any], conn: NativeSocket, native: NativeService
+) -> None:
     first = True
     try:
         while True:
@@ -341,9 +343,8 @@ async def _read(socket: WebSocket[Any, Any, Any], conn: NativeSocket) -> None:
                     # Only a first message may negotiate features, as on ComfyUI.
                     if isinstance(message, dict) and message.get("type") == "feature_flags":
                         data = message.get("data")
-                        conn.previews = isinstance(data, dict) and bool(
-                            data.get("supports_preview_metadata")
-                        )
+                        if isinstance(data, dict) and data.get("supports_preview_metadata"):
+                            await native.hub.want_previews(conn)
                         conn.send(frame("feature_flags", FEATURES))
     except WebSocketDisconnect:
         pass
@@ -353,8 +354,11 @@ async def _read(socket: WebSocket[Any, Any, Any], conn: NativeSocket) -> None:
 
 async def _write(socket: WebSocket[Any, Any, Any], conn: NativeSocket) -> None:
     try:
-        while (text := await conn.frames.get()) is not None:
-            await socket.send_text(text)
+        while (item := await conn.frames.get()) is not None:
+            if isinstance(item, bytes):
+                await socket.send_bytes(item)
+            else:
+                await socket.send_text(item)
     except WebSocketDisconnect:
         pass
     finally:

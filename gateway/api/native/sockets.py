@@ -55,10 +55,10 @@ class NativeSocket:
     def __init__(self, caller: str, client_id: str) -> None:
         self.caller = caller
         self.client_id = client_id
-        self.frames: asyncio.Queue[str | None] = asyncio.Queue(MAX_BACKLOG)
+        self.frames: asyncio.Queue[str | bytes | None] = asyncio.Queue(MAX_BACKLOG)
         self.previews = False  # asked for preview metadata with feature_flags
 
-    def send(self, text: str) -> None:
+    def send(self, text: str | bytes) -> None:
         try:
             self.frames.put_nowait(text)
         except asyncio.QueueFull:
@@ -86,6 +86,9 @@ class SocketHub:
         self._by_client: dict[tuple[str, str], NativeSocket] = {}
         self._relays: dict[str, PromptRelay] = {}
         self._sub: Subscription | None = None
+        self._previews_sub: Subscription | None = None
+        # ComfyUI's prompt id of each run (from `running` events) -> our prompt id.
+        self._runs: dict[str, str] = {}
         self._events_prefix = subjects.events("x")[:-1]
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -108,18 +111,29 @@ class SocketHub:
             self._sockets.pop(socket.caller, None)
         if self._by_client.get((socket.caller, socket.client_id)) is socket:
             del self._by_client[(socket.caller, socket.client_id)]
-        if not self._sockets and self._sub is not None:
-            sub, self._sub = self._sub, None
+        if not self._sockets:
             self._relays.clear()
-            await sub.unsubscribe()
+            self._runs.clear()
+            for sub in (self._sub, self._previews_sub):
+                if sub is not None:
+                    await sub.unsubscribe()
+            self._sub = self._previews_sub = None
+
+    async def want_previews(self, socket: NativeSocket) -> None:
+        """The socket negotiated preview metadata: relay binary previews to it."""
+        socket.previews = True
+        if self._previews_sub is None:
+            subject = self._subjects.all_previews
+            self._previews_sub = await self._nc.subscribe(subject, cb=self._on_preview)
 
     async def close(self) -> None:
         for sockets in list(self._sockets.values()):
             for socket in sockets:
                 socket.close()
-        if self._sub is not None:
-            await self._sub.unsubscribe()
-            self._sub = None
+        for sub in (self._sub, self._previews_sub):
+            if sub is not None:
+                await sub.unsubscribe()
+        self._sub = self._previews_sub = None
         for task in list(self._tasks):
             task.cancel()
 
@@ -156,6 +170,7 @@ class SocketHub:
             return
         relay = self._relays.setdefault(job_id, PromptRelay(job_id))
         if isinstance(event, Running):
+            self._runs[event.data.prompt_id] = job_id
             self.queue_changed(entry.prompt.caller)  # "picked up", before execution_start
         for message in relay.translate(event):
             self._deliver(entry, message)
@@ -178,3 +193,46 @@ class SocketHub:
                 socket.send(frame("executing", {"node": None, "prompt_id": entry.prompt_id}))
         finally:
             self._relays.pop(entry.prompt_id, None)
+            self._runs = {run: job for run, job in self._runs.items() if job != entry.prompt_id}
+
+    async def _on_preview(self, msg: Msg) -> None:
+        preview = parse_preview(msg.data)
+        job_id = self._runs.get(preview[0]["prompt_id"]) if preview is not None else None
+        entry = self._index.get(job_id) if job_id is not None else None
+        if preview is None or entry is None:
+            return
+        metadata, image = preview
+        metadata["prompt_id"] = entry.prompt_id
+        data = preview_frame(metadata, image)
+        if entry.prompt.client_id is not None:
+            socket = self._by_client.get((entry.prompt.caller, entry.prompt.client_id))
+            targets = [socket] if socket is not None else []
+        else:
+            targets = list(self._sockets.get(entry.prompt.caller, ()))
+        for socket in targets:
+            if socket.previews:
+                socket.send(data)
+
+
+_PREVIEW_WITH_METADATA: Final = 4
+
+
+def parse_preview(frame: bytes) -> tuple[dict[str, Any], bytes] | None:
+    """(metadata, image) of ComfyUI's binary type 4 frame; None for anything else."""
+    if len(frame) < 8 or int.from_bytes(frame[:4], "big") != _PREVIEW_WITH_METADATA:
+        return None
+    length = int.from_bytes(frame[4:8], "big")
+    try:
+        metadata = msgspec.json.decode(frame[8 : 8 + length])
+    except msgspec.DecodeError:
+        return None
+    if not isinstance(metadata, dict) or not isinstance(metadata.get("prompt_id"), str):
+        return None
+    return metadata, frame[8 + length :]
+
+
+def preview_frame(metadata: dict[str, Any], image: bytes) -> bytes:
+    """A binary type 4 frame: event type, metadata length, metadata JSON, image bytes."""
+    encoded = _encoder.encode(metadata)
+    header = _PREVIEW_WITH_METADATA.to_bytes(4, "big") + len(encoded).to_bytes(4, "big")
+    return header + encoded + image
