@@ -23,6 +23,7 @@ from litestar.response import Stream
 from gateway.api.auth import CLIENT_ID_STATE
 from gateway.api.errors import ApiError
 from gateway.api.images import parse_range
+from gateway.api.limits import limits_of, submit_rate_limit
 from gateway.api.native.fleetinfo import FEATURES
 from gateway.api.native.messages import history_entry, queue_item
 from gateway.api.native.service import ANONYMOUS, NativeService
@@ -76,7 +77,7 @@ async def _body(request: Request[Any, Any, Any]) -> Any:
 # -- prompts ---------------------------------------------------------------------------------
 
 
-@post(_paths("/prompt"), status_code=200, include_in_schema=False)
+@post(_paths("/prompt"), status_code=200, include_in_schema=False, guards=[submit_rate_limit])
 async def post_prompt(services: ServicesDep, request: Request[Any, Any, Any]) -> Response[bytes]:
     """Queue a prompt on the fleet; ComfyUI's answer (`prompt_id`, `number`, `node_errors`)."""
     raw = await request.body()
@@ -319,14 +320,20 @@ async def native_ws(socket: WebSocket[Any, Any, Any], services: ServicesDep) -> 
     """ComfyUI's socket: `status` with `sid` first, then the caller's prompts' messages."""
     native = _native(services)
     await socket.accept()
-    client_id = socket.query_params.get("clientId") or uuid.uuid4().hex
-    conn = await native.hub.connect(_caller(socket), client_id)
     try:
-        async with asyncio.TaskGroup() as tasks:
-            tasks.create_task(_read(socket, conn, native))
-            tasks.create_task(_write(socket, conn))
-    finally:
-        await native.hub.disconnect(conn)
+        slot = limits_of(socket.app).streams.acquire()
+    except ApiError as exc:
+        await socket.close(code=4000 + exc.status, reason=exc.message[:120])
+        return
+    client_id = socket.query_params.get("clientId") or uuid.uuid4().hex
+    with slot:
+        conn = await native.hub.connect(_caller(socket), client_id)
+        try:
+            async with asyncio.TaskGroup() as tasks:
+                tasks.create_task(_read(socket, conn, native))
+                tasks.create_task(_write(socket, conn))
+        finally:
+            await native.hub.disconnect(conn)
 
 
 async def _read(
