@@ -137,6 +137,7 @@ class Services:
         self._records_prefix = prefix
         self.native = NativeService(self, await self.js.key_value(self.subjects.prompts_bucket))
         self._native_task = asyncio.create_task(self.native.index.run())
+        self._native_task.add_done_callback(_report_end)
 
     async def close(self) -> None:
         if self.native is not None:
@@ -218,6 +219,11 @@ class Services:
                 waiting.remove(waiter)
             if not waiting:
                 self._waiters.pop(job_id, None)
+
+
+def _report_end(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("following ComfyUI-compatible prompts stopped", exc_info=task.exception())
 
 
 # How handlers ask for the Services (Litestar injects it by this parameter name).
