@@ -21,6 +21,7 @@ from gateway.contract import (
     Cancelled,
     Event,
     Failed,
+    FailedData,
     JobStatus,
     NodeCached,
     NodeOutput,
@@ -89,7 +90,10 @@ class PromptRelay:
     started: bool = False
     cached_sent: bool = False
     current: str | None = None
+    last_started: str | None = None
     executed: list[str] = field(default_factory=list)
+    """Nodes that finished, in order (what ComfyUI's error and interruption name)."""
+    classes: dict[str, str] = field(default_factory=dict)
     nodes: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def translate(self, event: Event) -> list[Outgoing]:
@@ -110,7 +114,9 @@ class PromptRelay:
             case NodeStarted(data=data):
                 out += self._opening(event.ts)
                 out += self._finish_current()
-                self.current = data.node_id
+                self.current = self.last_started = data.node_id
+                if data.class_type is not None:
+                    self.classes[data.node_id] = data.class_type
                 self.nodes[data.node_id] = self._node_state(data.node_id, "running")
                 out.append(self._progress_state())
                 out.append(self._message("executing", node=data.node_id, display_node=data.node_id))
@@ -131,7 +137,6 @@ class PromptRelay:
                 )
             case NodeOutput(data=data):
                 out += self._opening(event.ts)
-                self.executed.append(data.node_id)
                 output = rename_output(self.prompt_id, data.output)
                 out.append(
                     self._message(
@@ -148,30 +153,32 @@ class PromptRelay:
             case Failed(data=data):
                 if self.started:
                     out += self._opening(event.ts)
-                out.append(Outgoing("execution_error", error_data(self.prompt_id, data, event.ts)))
+                error = error_data(self.prompt_id, data, event.ts, executed=self.executed)
+                out.append(Outgoing("execution_error", error))
             case Cancelled():
                 if self.started:
-                    out.append(
-                        Outgoing(
-                            "execution_interrupted",
-                            {
-                                "prompt_id": self.prompt_id,
-                                "node_id": self.current,
-                                "node_type": None,
-                                "executed": list(self.executed),
-                                "timestamp": ms(event.ts),
-                            },
-                        )
-                    )
+                    out.append(Outgoing("execution_interrupted", self.interruption(event.ts)))
             case Retried():
                 self._restart()  # the next run starts over, as a fresh prompt would
         return out
 
+    def interruption(self, ts: float) -> dict[str, Any]:
+        """`execution_interrupted`'s data: the node cut short and those done before it."""
+        node = self.current or self.last_started or ""
+        return {
+            "prompt_id": self.prompt_id,
+            "node_id": node,
+            "node_type": self.classes.get(node, ""),
+            "executed": list(self.executed),
+            "timestamp": ms(ts),
+        }
+
     def _restart(self) -> None:
         self.started = False
         self.cached_sent = False
-        self.current = None
+        self.current = self.last_started = None
         self.executed.clear()
+        self.classes.clear()
         self.nodes.clear()
 
     def _opening(self, ts: float) -> list[Outgoing]:
@@ -193,6 +200,7 @@ class PromptRelay:
         state = self.nodes[self.current]
         state["state"] = "finished"
         state["value"] = state["max"]
+        self.executed.append(self.current)
         self.current = None
         return [self._progress_state()]
 
@@ -219,13 +227,15 @@ class PromptRelay:
         return Outgoing(kind, {"prompt_id": self.prompt_id, **fields})
 
 
-def error_data(prompt_id: str, data: Any, ts: float) -> dict[str, Any]:
-    """`execution_error`'s data from a Failed event's data (FailedData)."""
+def error_data(
+    prompt_id: str, data: FailedData, ts: float, *, executed: list[str] | None = None
+) -> dict[str, Any]:
+    """`execution_error`'s data from a Failed event's data."""
     return {
         "prompt_id": prompt_id,
         "node_id": data.node_id,
         "node_type": data.node_type,
-        "executed": [],
+        "executed": list(executed or []),
         "exception_message": data.message,
         "exception_type": data.exception_type or data.code,
         "traceback": list(data.traceback),
@@ -233,6 +243,16 @@ def error_data(prompt_id: str, data: Any, ts: float) -> dict[str, Any]:
         "current_outputs": [],
         "timestamp": ms(ts),
     }
+
+
+def replay(prompt_id: str, events: list[Event]) -> dict[str, Any] | None:
+    """The interruption data of a cancelled run, from its job's events; None if it never ran."""
+    relay = PromptRelay(prompt_id)
+    for event in events:
+        relay.translate(event)
+        if isinstance(event, Cancelled) and relay.started:
+            return relay.interruption(event.ts)
+    return None
 
 
 def history_entry(entry: Entry) -> dict[str, Any]:
@@ -258,9 +278,8 @@ def history_entry(entry: Entry) -> dict[str, Any]:
         error = error_data(prompt.prompt_id, record.error, record.finished_at or 0.0)
         messages.append(["execution_error", error])
     elif record.status == JobStatus.CANCELLED:
-        messages.append(
-            ["execution_interrupted", {**end, "node_id": None, "node_type": None, "executed": []}]
-        )
+        interrupted = entry.interrupted or {"node_id": "", "node_type": "", "executed": []}
+        messages.append(["execution_interrupted", {**interrupted, **end}])
     succeeded = record.status == JobStatus.SUCCEEDED
     return {
         "prompt": queue_item(entry),

@@ -33,6 +33,9 @@ class Entry:
     revision: int
     record: JobRecord | None = None
     settled: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set once the job has ended and what its history entry needs is known."""
+    interrupted: dict[str, Any] | None = None
+    """For a run that was cancelled: ComfyUI's `execution_interrupted` data."""
 
     @property
     def prompt_id(self) -> str:
@@ -62,9 +65,15 @@ class Entry:
 class PromptIndex:
     """The native prompts of every caller, kept current from the two KV buckets."""
 
-    def __init__(self, prompts_kv: KeyValue, jobs_kv: KeyValue) -> None:
+    def __init__(
+        self,
+        prompts_kv: KeyValue,
+        jobs_kv: KeyValue,
+        replay: Callable[[str], Coroutine[Any, Any, dict[str, Any] | None]],
+    ) -> None:
         self._prompts_kv = prompts_kv
         self._jobs_kv = jobs_kv
+        self._replay = replay
         self._entries: dict[str, Entry] = {}
         self._finished_order: dict[str, list[str]] = {}
         self._listeners: list[Callable[[Entry], None]] = []
@@ -112,12 +121,25 @@ class PromptIndex:
     def _finished(self, entry: Entry) -> None:
         order = self._finished_order.setdefault(entry.prompt.caller, [])
         order.append(entry.prompt_id)
-        entry.settled.set()
+        record = entry.record
+        if record is not None and record.status == JobStatus.CANCELLED and record.started_at:
+            self._spawn(self._settle_interrupted(entry))
+        else:
+            entry.settled.set()
         for listener in self._listeners:
             listener(entry)
         if len(order) > MAX_HISTORY:
             oldest = order[0]
             self._spawn(self._forget(oldest))
+
+    async def _settle_interrupted(self, entry: Entry) -> None:
+        # Which node was cut short is told only by the job's events: read them back once.
+        try:
+            entry.interrupted = await self._replay(entry.prompt_id)
+        except Exception:
+            log.exception("reading back the events of %s failed", entry.prompt_id)
+        finally:
+            entry.settled.set()
 
     async def _forget(self, prompt_id: str) -> None:
         try:
@@ -167,7 +189,7 @@ class PromptIndex:
     async def settle(self, prompt_id: str, within: float) -> Entry | None:
         """The entry once its job has ended (or as it is after `within` seconds)."""
         entry = self._entries.get(prompt_id)
-        if entry is None or entry.finished:
+        if entry is None or entry.settled.is_set():
             return entry
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(within):
@@ -199,7 +221,11 @@ class PromptIndex:
     def history_of(self, caller: str) -> list[Entry]:
         """The caller's ended prompts, oldest end first."""
         ids = self._finished_order.get(caller, [])
-        return [self._entries[i] for i in ids if i in self._entries]
+        return [
+            self._entries[i]
+            for i in ids
+            if i in self._entries and self._entries[i].settled.is_set()
+        ]
 
 
 def _started(entry: Entry) -> float:

@@ -166,7 +166,7 @@ async def get_history_entry(
     """`{id: entry}`, or `{}` while the prompt has not ended (or is not the caller's)."""
     native = _native(services)
     entry = native.owned(_caller(request), prompt_id)
-    if entry is None or not entry.finished or entry.record is None:
+    if entry is None or not entry.settled.is_set() or entry.record is None:
         return _json({})
     return _json({entry.prompt_id: history_entry(entry)})
 

@@ -7,6 +7,7 @@ its own prompts.
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import logging
 import time
@@ -14,20 +15,25 @@ import uuid
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
+from nats.js import api
 from nats.js.errors import KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
 from gateway.api.errors import ApiError
 from gateway.api.native.fleetinfo import FleetInfo
+from gateway.api.native.messages import replay
 from gateway.api.native.prompts import Entry, PromptIndex
 from gateway.api.native.sockets import SocketHub
 from gateway.api.native.uploads import uploads_in
 from gateway.contract import (
+    TERMINAL_EVENTS,
     ContractError,
+    Event,
     JobRequest,
     JobStatus,
     NativePrompt,
     check_token,
+    decode_event,
     encode,
 )
 from plugins.simulator.graph import is_link
@@ -39,6 +45,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 ANONYMOUS = "anonymous"
+REPLAY_S = 10.0
 Reply = tuple[int, dict[str, Any]]
 
 
@@ -54,7 +61,7 @@ class NativeService:
     def __init__(self, services: Services, prompts_kv: KeyValue) -> None:
         self._services = services
         self._kv = prompts_kv
-        self.index = PromptIndex(prompts_kv, services.jobs_kv)
+        self.index = PromptIndex(prompts_kv, services.jobs_kv, self._interruption)
         self.hub = SocketHub(services.nc, services.subjects, self.index)
         self.fleet = FleetInfo(services.fleet.table)
 
@@ -164,6 +171,10 @@ class NativeService:
         targets = [e for e in pending if wanted is None or e.prompt_id in wanted]
         for entry in targets:
             await self._cancel(entry)
+            # Deleted from the queue means never in history, as on one server, even when
+            # another server had already started it.
+            self.index.remove(entry.prompt_id)
+            await self._kv.delete(entry.prompt_id)
         if targets:
             self.hub.queue_changed(caller)
 
@@ -195,6 +206,23 @@ class NativeService:
             if wanted is None or entry.prompt_id in wanted:
                 self.index.remove(entry.prompt_id)
                 await self._kv.delete(entry.prompt_id)
+
+    async def _interruption(self, job_id: str) -> dict[str, Any] | None:
+        """Read a cancelled job's events back, for its history's `execution_interrupted`."""
+        services = self._services
+        sub = await services.js.subscribe(
+            services.subjects.events(job_id),
+            ordered_consumer=True,
+            deliver_policy=api.DeliverPolicy.ALL,
+        )
+        events: list[Event] = []
+        try:
+            async with asyncio.timeout(REPLAY_S):
+                while not events or not isinstance(events[-1], TERMINAL_EVENTS):
+                    events.append(decode_event((await sub.next_msg(timeout=REPLAY_S)).data))
+        finally:
+            await sub.unsubscribe()
+        return replay(job_id, events)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
