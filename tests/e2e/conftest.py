@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
@@ -36,10 +36,16 @@ def tiny(seed: int = 0, prefix: str = "e2e") -> dict[str, Any]:
 
 
 class System:
-    """Handles on a running system: its URL, its simulators, and ways to change it."""
+    """Handles on a running system: its URL, its simulators, and ways to change it.
 
-    def __init__(self, settings: Settings, stack: AsyncExitStack) -> None:
+    `headers` go with the system's own REST calls: an API key when `settings.api_keys` is set.
+    """
+
+    def __init__(
+        self, settings: Settings, stack: AsyncExitStack, headers: Mapping[str, str] | None = None
+    ) -> None:
         self.settings = settings
+        self.headers = dict(headers or {})
         self.url = ""
         self.sims: dict[str, Simulator] = {}
         self._stack = stack
@@ -57,7 +63,7 @@ class System:
         sim = await self._stack.enter_async_context(run_simulator(config))
         self.sims[server_id] = sim
         body = {"name": server_id, "address": sim.address, "server_id": server_id, **registration}
-        async with httpx.AsyncClient(base_url=self.url) as client:
+        async with httpx.AsyncClient(base_url=self.url, headers=self.headers) as client:
             reply = await client.post("/servers", json=body)
             assert reply.status_code == 201, reply.text
             await poll_until(lambda: _healthy(client, server_id), "server healthy")
@@ -106,17 +112,20 @@ async def system(settings: Settings) -> AsyncIterator[System]:
 
 
 @contextlib.asynccontextmanager
-async def running_system(settings: Settings) -> AsyncIterator[System]:
+async def running_system(
+    settings: Settings, headers: Mapping[str, str] | None = None
+) -> AsyncIterator[System]:
     """Log sink, adapter host and a gateway on `settings`' broker, in this event loop.
 
-    Every role and fake server it started is stopped on exit, also when the block fails.
+    `headers` authenticate the system's own REST calls (see System). Every role and fake server
+    it started is stopped on exit, also when the block fails.
     """
     subjects = Subjects(settings.subject_prefix)
     stop = asyncio.Event()
     async with AsyncExitStack() as stack:
         nc = await stack.enter_async_context(session(settings.nats_url, "e2e", subjects))
         storage = await stack.enter_async_context(storage_for(settings, nc.jetstream()))
-        system = System(settings, stack)
+        system = System(settings, stack, headers)
         roles = [
             asyncio.create_task(run_logsink(settings, stop, nc=nc)),
             asyncio.create_task(AdapterHost(nc, settings, storage).run(stop)),

@@ -36,6 +36,8 @@ class Entry:
     """Set once the job has ended and what its history entry needs is known."""
     interrupted: dict[str, Any] | None = None
     """For a run that was cancelled: ComfyUI's `execution_interrupted` data."""
+    run_started: float | None = None
+    """When the socket hub relayed this run's start: the record says so a moment later."""
 
     @property
     def prompt_id(self) -> str:
@@ -59,7 +61,9 @@ class Entry:
     @property
     def executing(self) -> bool:
         """Started on a server (ComfyUI's "running"), not merely bound to one."""
-        return self.status == JobStatus.RUNNING
+        if self.status == JobStatus.RUNNING:
+            return True
+        return self.run_started is not None and not self.finished
 
 
 class PromptIndex:
@@ -230,6 +234,6 @@ class PromptIndex:
 
 def _started(entry: Entry) -> float:
     record = entry.record
-    if record is None or record.started_at is None:
-        return float("inf")
-    return record.started_at
+    if record is not None and record.started_at is not None:
+        return record.started_at
+    return entry.run_started if entry.run_started is not None else float("inf")

@@ -23,6 +23,7 @@ from gateway.contract import (
     TERMINAL_EVENTS,
     Cancelled,
     ContractError,
+    Retried,
     Running,
     Subjects,
     decode_event,
@@ -170,8 +171,11 @@ class SocketHub:
             return
         relay = self._relays.setdefault(job_id, PromptRelay(job_id))
         if isinstance(event, Running):
+            entry.run_started = event.ts  # /queue must agree with the messages sent
             self._runs[event.data.prompt_id] = job_id
             self.queue_changed(entry.prompt.caller)  # "picked up", before execution_start
+        if isinstance(event, Retried):
+            entry.run_started = None
         for message in relay.translate(event):
             self._deliver(entry, message)
         if isinstance(event, TERMINAL_EVENTS):
