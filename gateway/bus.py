@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 from collections.abc import AsyncIterator
 from typing import Any
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import msgspec
 from nats.aio.client import Client
@@ -39,7 +41,13 @@ class BusResources(msgspec.Struct, frozen=True, kw_only=True):
 
 
 async def connect(url: str, name: str, **options: Any) -> Client:
-    """Connect to NATS for one role; reconnect forever instead of giving up after two minutes."""
+    """Connect to NATS for one role; reconnect forever instead of giving up after two minutes.
+
+    Credentials come as `user`/`password` options or inside the URL (`nats://user:pw@host`);
+    either way they are used for every server of the pool, including those a cluster announces.
+    A connection with a user receives its replies under `_INBOX.<user>.` (unless
+    `inbox_prefix` is given), so that a user can be allowed its own replies and no one else's.
+    """
     client = Client()
 
     async def on_error(exc: Exception) -> None:
@@ -53,7 +61,7 @@ async def connect(url: str, name: str, **options: Any) -> Client:
     async def on_reconnect() -> None:
         log.info("NATS connection %s restored", name)
 
-    servers = [part.strip() for part in url.split(",") if part.strip()]
+    servers, credentials = _split_credentials(url)
     settings: dict[str, Any] = {
         "name": name,
         "max_reconnect_attempts": -1,
@@ -65,9 +73,50 @@ async def connect(url: str, name: str, **options: Any) -> Client:
         "disconnected_cb": on_disconnect,
         "reconnected_cb": on_reconnect,
     }
-    settings.update(options)
-    await client.connect(servers, **settings)
+    settings.update(credentials)
+    settings.update({key: value for key, value in options.items() if value is not None})
+    user = settings.get("user")
+    if "inbox_prefix" not in settings and isinstance(user, str) and _INBOX_USER.match(user):
+        settings["inbox_prefix"] = f"_INBOX.{user}"
+    try:
+        await client.connect(servers, **settings)
+    except BaseException:
+        # A refused connection (bad credentials, say) must not leave its socket behind.
+        with contextlib.suppress(Exception):
+            await client.close()
+        raise
     return client
+
+
+# A user name that can stand as one subject token, and so name its own reply subjects.
+_INBOX_USER = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+def _split_credentials(url: str) -> tuple[list[str], dict[str, str]]:
+    """The servers of a comma-separated URL without `user:password@`, and those credentials.
+
+    nats-py would use credentials found in a URL for that server only, and not for the
+    servers a cluster announces later; lifted out, they serve the whole pool.
+    """
+    servers: list[str] = []
+    found: dict[str, str] = {}
+    for part in (piece.strip() for piece in url.split(",")):
+        if not part:
+            continue
+        parts = urlsplit(part if "://" in part else "nats://" + part)
+        if parts.username is None or parts.password is None:
+            servers.append(part)  # no credentials, or a token: nats-py handles it as it is
+            continue
+        credentials = {"user": unquote(parts.username), "password": unquote(parts.password)}
+        if found and credentials != found:
+            raise ValueError("the NATS URL names different credentials for different servers")
+        found = credentials
+        host = parts.hostname or ""
+        netloc = f"[{host}]" if ":" in host else host
+        if parts.port is not None:
+            netloc += f":{parts.port}"
+        servers.append(urlunsplit(parts._replace(netloc=netloc)))
+    return servers, found
 
 
 def _stream_configs(subjects: Subjects, sizing: BusResources) -> list[api.StreamConfig]:
@@ -167,12 +216,13 @@ async def ensure_resources(
 
 
 @contextlib.asynccontextmanager
-async def session(url: str, name: str, subjects: Subjects) -> AsyncIterator[Client]:
+async def session(url: str, name: str, subjects: Subjects, **options: Any) -> AsyncIterator[Client]:
     """A connection for one role, with the contract's resources in place; closed on exit.
 
-    Closing drains: subscriptions stop taking messages and what was published is flushed.
+    `options` go to `connect` (`user`, `password`, ...). Closing drains: subscriptions stop
+    taking messages and what was published is flushed.
     """
-    client = await connect(url, name)
+    client = await connect(url, name, **options)
     try:
         await ensure_resources(client.jetstream(), subjects)
         yield client

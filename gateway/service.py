@@ -84,7 +84,9 @@ async def _serve(
     listening: asyncio.Future[str] | None,
 ) -> None:
     subjects = Subjects(settings.subject_prefix)
-    async with session(url, "gateway", subjects) as nc:
+    async with session(
+        url, "gateway", subjects, user=settings.nats_user, password=settings.nats_password
+    ) as nc:
         js = nc.jetstream()
         fleet = FleetView(nc, await js.key_value(subjects.servers_bucket), subjects)
         balancer = Balancer(nc, fleet, settings) if with_balancer else None
@@ -129,7 +131,9 @@ async def _serve(
 async def run_balancer(settings: Settings, url: str, stop: asyncio.Event) -> None:
     """A balancer alone, for fleets that run it apart from the REST gateway."""
     subjects = Subjects(settings.subject_prefix)
-    async with session(url, "balancer", subjects) as nc:
+    async with session(
+        url, "balancer", subjects, user=settings.nats_user, password=settings.nats_password
+    ) as nc:
         js = nc.jetstream()
         fleet = FleetView(nc, await js.key_value(subjects.servers_bucket), subjects)
         balancer = Balancer(nc, fleet, settings)

@@ -56,6 +56,9 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     server_allowlist: list[str] = msgspec.field(default_factory=list)
     # Balancing and adapters
     heartbeat_interval_s: float = 1.0
+    # Networks (CIDR) or host names that URL inputs of jobs may be fetched from besides public
+    # addresses; loopback, link-local, private and multicast ones are refused unless listed.
+    url_input_allowlist: list[str] = msgspec.field(default_factory=list)
     default_capacity: int = 2
     default_max_attempts: int = 2
     # Storage

@@ -74,7 +74,11 @@ async def run_up(
                     run_simulator(_with_dir(config, sim_dir), host="127.0.0.1", port=0)
                 )
                 servers.append((f"sim-{index + 1}", f"Simulated ComfyUI {index + 1}", sim.address))
-            nc = await stack.enter_async_context(session(url, "up", subjects))
+            nc = await stack.enter_async_context(
+                session(
+                    url, "up", subjects, user=settings.nats_user, password=settings.nats_password
+                )
+            )
             for server_id, name, address in servers:
                 await _register(nc, subjects, server_id, name, address)
             storage = storage_for(settings, nc.jetstream())

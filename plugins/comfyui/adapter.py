@@ -35,7 +35,7 @@ from gateway.settings import Settings
 from plugins.comfyui.client import ComfyClient
 from plugins.comfyui.control import ControlServer
 from plugins.comfyui.heartbeat import Monitor
-from plugins.comfyui.options import AdapterOptions
+from plugins.comfyui.options import AdapterOptions, with_settings
 from plugins.comfyui.progress import Follower
 from plugins.comfyui.runner import JobRun, RunContext
 from plugins.storage.base import Storage
@@ -346,7 +346,7 @@ async def run_adapter(
         capacity=capacity,
         weight=weight,
         labels=dict(labels or {}),
-        options=options or AdapterOptions(),
+        options=with_settings(options or AdapterOptions(), settings),
     )
     try:
         await adapter.run(stop)

@@ -93,7 +93,13 @@ def main(args: argparse.Namespace) -> int:
 
     async def role(settings: Settings, url: str, stop: asyncio.Event) -> None:
         subjects = Subjects(settings.subject_prefix)
-        async with session(url, f"adapter-{args.server_id}", subjects) as nc:
+        async with session(
+            url,
+            f"adapter-{args.server_id}",
+            subjects,
+            user=settings.nats_user,
+            password=settings.nats_password,
+        ) as nc:
             await run_adapter(
                 nc,
                 settings,

@@ -3,17 +3,27 @@
 A JobInput comes as base64, as a key of the storage backend, or as an http(s) URL. Each is
 spooled (memory up to 1 MB, then a temporary file) with a size limit, uploaded with
 /upload/image, and every workflow input naming it is rewritten to the name ComfyUI gave it.
+
+A URL is fetched only from public addresses unless an allowlist says otherwise: the adapter
+sits next to ComfyUI and often inside a private network, so a job must not make it read
+loopback, link-local (cloud metadata), private or multicast addresses. The host is resolved
+here, every address it has is checked, and the connection goes to the checked address (a
+second lookup could answer differently). Redirects are followed one by one, each checked alike.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
+import ipaddress
 import logging
+import socket
 import tempfile
-from collections.abc import AsyncIterable
+from collections.abc import AsyncIterable, Iterable
 from pathlib import PurePosixPath
-from typing import IO, Any
+from typing import IO, Any, Final
+from urllib.parse import urljoin
 
 import httpx
 
@@ -25,6 +35,11 @@ from plugins.storage.base import Storage, StorageError, guess_content_type
 log = logging.getLogger(__name__)
 
 _SPOOL_IN_MEMORY = 1024 * 1024
+_MAX_REDIRECTS: Final = 5
+_REDIRECTS: Final = frozenset({301, 302, 303, 307, 308})
+_DEFAULT_PORTS: Final = {"http": 80, "https": 443}
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 class InputProblem(Exception):
@@ -63,23 +78,161 @@ async def _from_storage(item: JobInput, file: IO[bytes], storage: Storage, limit
         raise InputProblem(f"input {item.name!r}: cannot read key {item.value!r}: {exc}") from exc
 
 
-async def _from_url(item: JobInput, file: IO[bytes], limit: int, time_limit: float) -> None:
-    if not item.value.lower().startswith(("http://", "https://")):
-        raise InputProblem(f"input {item.name!r}: only http and https URLs can be fetched")
+class UrlAllowlist:
+    """Where URL inputs may come from besides public addresses.
+
+    An entry is a network (`10.0.0.0/8`, `192.168.1.20`, `fd00::/8`) or a host name, matched
+    exactly and without regard to case; a host name allows whatever addresses it resolves to.
+    """
+
+    def __init__(self, entries: Iterable[str] = ()) -> None:
+        self.networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
+        self.hosts: set[str] = set()
+        for entry in (raw.strip() for raw in entries):
+            if not entry:
+                continue
+            try:
+                self.networks.append(ipaddress.ip_network(entry, strict=False))
+            except ValueError:
+                self.hosts.add(_host_key(entry))
+
+    def allows(self, host: str, address: IPAddress) -> bool:
+        address = _unmapped(address)
+        return _host_key(host) in self.hosts or any(address in net for net in self.networks)
+
+
+def _host_key(host: str) -> str:
+    return host.strip().strip("[]").rstrip(".").lower()
+
+
+def _unmapped(address: IPAddress) -> IPAddress:
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+def refused_kind(address: IPAddress) -> str | None:
+    """Why `address` is refused by default ("loopback", "private", ...), or None if public."""
+    address = _unmapped(address)
+    checks = (
+        ("loopback", address.is_loopback),
+        ("link-local", address.is_link_local),
+        ("multicast", address.is_multicast),
+        ("unspecified", address.is_unspecified),
+        ("private", address.is_private),
+        ("reserved", address.is_reserved),
+        ("non-public", not address.is_global),
+    )
+    return next((kind for kind, hit in checks if hit), None)
+
+
+async def _resolve(host: str, port: int) -> list[IPAddress]:
+    try:
+        return [ipaddress.ip_address(host)]
+    except ValueError:
+        pass
+    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    found: list[IPAddress] = []
+    for _, _, _, _, sockaddr in infos:
+        address = ipaddress.ip_address(str(sockaddr[0]).split("%")[0])
+        if address not in found:
+            found.append(address)
+    return found
+
+
+async def _checked_addresses(url: httpx.URL, allowlist: UrlAllowlist, what: str) -> list[IPAddress]:
+    """Every address of the host of `url`, once each passed the check."""
+    host = url.raw_host.decode("ascii")
+    port = url.port or _DEFAULT_PORTS[url.scheme]
+    try:
+        addresses = await _resolve(host, port)
+    except OSError as exc:
+        raise InputProblem(f"{what}: cannot resolve host {host!r}: {exc}") from exc
+    if not addresses:
+        raise InputProblem(f"{what}: host {host!r} has no address")
+    for address in addresses:
+        kind = refused_kind(address)
+        if kind is not None and not allowlist.allows(host, address):
+            shown = host if _host_key(host) == str(address) else f"{host} ({address})"
+            raise InputProblem(
+                f"{what}: host {shown} is refused ({kind} address): URL inputs are fetched from "
+                "public addresses only, unless the setting url_input_allowlist names the host "
+                "or its network"
+            )
+    return addresses
+
+
+def _pinned(url: httpx.URL, address: IPAddress) -> tuple[httpx.URL, dict[str, str], dict[str, Any]]:
+    """`url` aimed at `address`, with the Host header and TLS name of the original host."""
+    headers = {"Host": url.netloc.decode("ascii")}
+    extensions: dict[str, Any] = {}
+    host = url.raw_host.decode("ascii")
+    if url.scheme == "https" and _host_key(host) != str(address):
+        extensions["sni_hostname"] = host
+    return url.copy_with(host=str(address)), headers, extensions
+
+
+async def _from_url(
+    item: JobInput, file: IO[bytes], limit: int, time_limit: float, allowlist: UrlAllowlist
+) -> None:
     what = f"input {item.name!r} ({item.value})"
     try:
-        async with (
-            httpx.AsyncClient(timeout=time_limit, follow_redirects=True, max_redirects=5) as http,
-            http.stream("GET", item.value) as response,
-        ):
-            if response.status_code != 200:
-                raise InputProblem(f"{what}: the server answered HTTP {response.status_code}")
-            declared = response.headers.get("content-length")
-            if declared is not None and declared.isdigit() and int(declared) > limit:
-                raise InputProblem(f"{what} is larger than the limit of {limit} bytes")
-            await _copy(response.aiter_bytes(), file, limit, what)
+        url = httpx.URL(item.value)
+    except httpx.InvalidURL as exc:
+        raise InputProblem(f"{what}: not a valid URL: {exc}") from exc
+    try:
+        # Proxies from the environment are ignored: the address checked must be the one reached.
+        async with httpx.AsyncClient(timeout=time_limit, trust_env=False) as http:
+            for _ in range(_MAX_REDIRECTS + 1):
+                if url.scheme not in _DEFAULT_PORTS or not url.host:
+                    raise InputProblem(f"{what}: only http and https URLs can be fetched ({url})")
+                async with asyncio.timeout(time_limit):
+                    addresses = await _checked_addresses(url, allowlist, what)
+                redirect = await _fetch(http, url, addresses, file, limit, what)
+                if redirect is None:
+                    return
+                url = redirect
+            raise InputProblem(f"{what}: more than {_MAX_REDIRECTS} redirects")
     except httpx.HTTPError as exc:
         raise InputProblem(f"{what}: download failed: {type(exc).__name__} {exc}") from exc
+    except TimeoutError as exc:
+        raise InputProblem(f"{what}: resolving the host took over {time_limit:g} s") from exc
+
+
+async def _fetch(
+    http: httpx.AsyncClient,
+    url: httpx.URL,
+    addresses: list[IPAddress],
+    file: IO[bytes],
+    limit: int,
+    what: str,
+) -> httpx.URL | None:
+    """Save what `url` holds into `file`, trying its checked addresses in turn.
+
+    Returns where it redirects to instead, or None once saved.
+    """
+    for index, address in enumerate(addresses):
+        target, headers, extensions = _pinned(url, address)
+        try:
+            async with http.stream("GET", target, headers=headers, extensions=extensions) as reply:
+                location = reply.headers.get("location")
+                if reply.status_code in _REDIRECTS and location:
+                    return httpx.URL(urljoin(str(url), location))
+                await _save(reply, file, limit, what)
+                return None
+        except httpx.ConnectError:
+            if index == len(addresses) - 1:
+                raise
+    raise AssertionError("unreachable: a host has at least one address")
+
+
+async def _save(response: httpx.Response, file: IO[bytes], limit: int, what: str) -> None:
+    if response.status_code != 200:
+        raise InputProblem(f"{what}: the server answered HTTP {response.status_code}")
+    declared = response.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise InputProblem(f"{what} is larger than the limit of {limit} bytes")
+    await _copy(response.aiter_bytes(), file, limit, what)
 
 
 def upload_name(name: str) -> str:
@@ -95,8 +248,13 @@ async def upload_inputs(
     *,
     max_bytes: int,
     url_timeout: float,
+    url_allowlist: Iterable[str] = (),
 ) -> dict[str, str]:
-    """Upload every input; return {name in the workflow: name ComfyUI knows it by}."""
+    """Upload every input; return {name in the workflow: name ComfyUI knows it by}.
+
+    `url_allowlist` names the hosts and networks besides public ones that URLs may point at.
+    """
+    allowlist = UrlAllowlist(url_allowlist)
     renames: dict[str, str] = {}
     for item in inputs:
         with _spool() as file:
@@ -105,7 +263,7 @@ async def upload_inputs(
             elif item.source == "key":
                 await _from_storage(item, file, storage, max_bytes)
             else:
-                await _from_url(item, file, max_bytes, url_timeout)
+                await _from_url(item, file, max_bytes, url_timeout, allowlist)
             name = upload_name(item.name)
             content_type = item.content_type or guess_content_type(name)
             result = await client.upload_image(name, file, content_type)
@@ -135,6 +293,7 @@ async def prepare_workflow(
     *,
     max_bytes: int,
     url_timeout: float,
+    url_allowlist: Iterable[str] = (),
 ) -> dict[str, Any]:
     """The workflow to submit: overrides applied, inputs uploaded and renamed.
 
@@ -144,6 +303,11 @@ async def prepare_workflow(
     request = job.request
     workflow = apply_overrides(request.workflow, request.overrides)
     renames = await upload_inputs(
-        client, storage, request.inputs, max_bytes=max_bytes, url_timeout=url_timeout
+        client,
+        storage,
+        request.inputs,
+        max_bytes=max_bytes,
+        url_timeout=url_timeout,
+        url_allowlist=url_allowlist,
     )
     return rename_inputs(workflow, renames)

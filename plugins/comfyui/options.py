@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import msgspec
 
+from gateway.settings import Settings
+
 
 class AdapterOptions(msgspec.Struct, frozen=True, kw_only=True):
     """Timings and limits of one adapter. Durations are in seconds."""
@@ -26,3 +28,14 @@ class AdapterOptions(msgspec.Struct, frozen=True, kw_only=True):
     capabilities_resend_s: float = 30.0
     max_input_bytes: int = 200 * 1024 * 1024
     url_timeout_s: float = 60.0
+    url_allowlist: tuple[str, ...] = ()
+    """Hosts and networks besides public addresses that URL inputs may come from (see inputs.py);
+    the setting `url_input_allowlist`."""
+
+
+def with_settings(options: AdapterOptions, settings: Settings) -> AdapterOptions:
+    """`options` plus what the deployment's settings add to them: the URL input allowlist."""
+    extra = tuple(e for e in settings.url_input_allowlist if e not in options.url_allowlist)
+    if not extra:
+        return options
+    return msgspec.structs.replace(options, url_allowlist=options.url_allowlist + extra)

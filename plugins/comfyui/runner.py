@@ -288,6 +288,7 @@ class JobRun:
                     self.job,
                     max_bytes=options.max_input_bytes,
                     url_timeout=options.url_timeout_s,
+                    url_allowlist=options.url_allowlist,
                 )
             )
         except _Stopped:

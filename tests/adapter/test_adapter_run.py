@@ -22,7 +22,7 @@ from gateway.contract import (
 )
 from plugins.simulator import png
 from plugins.storage.base import Storage
-from tests.adapter.kit import SERVER, Bus, tiny, two_outputs
+from tests.adapter.kit import FAST, SERVER, Bus, tiny, two_outputs
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -237,7 +237,9 @@ async def test_inputs_from_a_storage_key_and_a_url(
         "4": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "b"}},
     }
     async with make_sim() as sim:
-        await start_adapter(sim.address)
+        # The fake ComfyUI serves the URL input from loopback: allowed here explicitly.
+        allow = msgspec.structs.replace(FAST, url_allowlist=("127.0.0.1",))
+        await start_adapter(sim.address, options=allow)
         first = await bus.dispatch(tiny())
         assert isinstance(await bus.wait_event(first.job_id), Succeeded)
         url = f"{sim.url}/view?filename=gw_tiny_00001_.png&type=output"
