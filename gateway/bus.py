@@ -92,6 +92,11 @@ async def connect(url: str, name: str, **options: Any) -> Client:
 _INBOX_USER = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
+def shown_url(url: str) -> str:
+    """The NATS URL fit for logs and screens: servers without their credentials."""
+    return ",".join(_split_credentials(url)[0])
+
+
 def _split_credentials(url: str) -> tuple[list[str], dict[str, str]]:
     """The servers of a comma-separated URL without `user:password@`, and those credentials.
 

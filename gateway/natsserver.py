@@ -20,6 +20,8 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from gateway.bus import shown_url
+
 log = logging.getLogger(__name__)
 
 _READY = "Server is ready"
@@ -192,7 +194,7 @@ async def embedded_nats(
     to `data_dir/nats-server.log`, and is stopped when the block exits.
     """
     if await answers(url):
-        log.info("using the NATS server already at %s", url)
+        log.info("using the NATS server already at %s", shown_url(url))
         yield url
         return
     host, port = host_port(url)

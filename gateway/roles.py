@@ -7,6 +7,7 @@ import logging
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+from gateway.bus import shown_url
 from gateway.lifecycle import stop_on_signals
 from gateway.natsserver import answers
 from gateway.settings import Settings
@@ -21,7 +22,7 @@ async def _main(settings: Settings, role: Role) -> int:
         log.error(
             "no NATS server answers at %s; start one (comfyautomate up starts its own) or "
             "give --nats-url",
-            settings.nats_url,
+            shown_url(settings.nats_url),
         )
         return 1
     stop = asyncio.Event()

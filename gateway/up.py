@@ -21,7 +21,7 @@ from nats.aio.client import Client
 
 from gateway.adapterhost import AdapterHost
 from gateway.api.auth import check_settings
-from gateway.bus import session
+from gateway.bus import session, shown_url
 from gateway.contract import ServerRecord, Subjects, encode, now
 from gateway.lifecycle import stop_on_signals
 from gateway.logsink.sink import run_logsink
@@ -107,7 +107,7 @@ def _announce(
 ) -> None:
     lines = [
         f"ComfyAutomate is up at {base}  (API docs: {base}/schema/swagger)",
-        f"  NATS:    {url}",
+        f"  NATS:    {shown_url(url)}",
         f"  data:    {settings.data_path.resolve()}",
     ]
     lines += [f"  server:  {sid} at {address}" for sid, _, address in servers]

@@ -9,7 +9,7 @@ from pathlib import Path
 from nats.aio.client import Client
 from nats.js import JetStreamContext, api
 
-from gateway.bus import BusResources, connect, ensure_resources
+from gateway.bus import BusResources, connect, ensure_resources, shown_url
 from gateway.contract import Subjects
 from gateway.natsserver import NatsServer
 
@@ -109,3 +109,9 @@ async def test_publish_with_msg_id_is_stored_once(js: JetStreamContext) -> None:
     again = await js.publish("comfy.jobs.s1", b"a", headers={"Nats-Msg-Id": "job-1"})
     assert again.duplicate and not first.duplicate
     assert (await js.stream_info("JOBS")).state.messages == 1
+
+
+def test_urls_are_shown_without_their_password() -> None:
+    shown = shown_url("nats://gateway:s3cret@10.0.0.1:4222,nats://gateway:s3cret@10.0.0.2:4222")
+    assert "s3cret" not in shown and "gateway" not in shown
+    assert shown == "nats://10.0.0.1:4222,nats://10.0.0.2:4222"

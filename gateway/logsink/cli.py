@@ -20,7 +20,7 @@ from rich.markup import escape
 from rich.panel import Panel
 from rich.table import Table
 
-from gateway.bus import connect
+from gateway.bus import connect, shown_url
 from gateway.contract import Subjects
 from gateway.lifecycle import stop_on_signals
 from gateway.logsink import paths
@@ -245,7 +245,7 @@ def show_command(args: argparse.Namespace) -> int:
         entries = [json.loads(line) for line in local.read_bytes().splitlines() if line.strip()]
         entries.sort(key=lambda entry: int(entry.get("seq", 0)))
     except OSError as exc:
-        _err().print(f"cannot reach NATS at {settings.nats_url}: {escape(str(exc))}")
+        _err().print(f"cannot reach NATS at {shown_url(settings.nats_url)}: {escape(str(exc))}")
         return 1
     render_timeline(args.job_id, path, entries, show_all=args.all, console=_out())
     return 0
