@@ -590,7 +590,7 @@ class NativePrompt(_Message, kw_only=True):
     extra_data: dict[str, Any] = msgspec.field(default_factory=dict)
     outputs_to_execute: list[str] = msgspec.field(default_factory=list)
     client_id: str | None = None
-    number: float | None = None
+    number: int | float | None = None
     front: bool = False
     created_ms: int = 0
 
@@ -645,6 +645,10 @@ def _decode_as(data: bytes, kind: Any, name: str) -> Any:
     try:
         message = _decoders.get(kind).decode(data)
     except msgspec.DecodeError as exc:
+        raise ContractError(f"invalid {name}: {exc}") from exc
+    except (UnicodeDecodeError, RecursionError) as exc:
+        # msgspec reports text that is not UTF-8, and nesting deeper than it recurses, with
+        # these rather than DecodeError; both are the sender's fault all the same.
         raise ContractError(f"invalid {name}: {exc}") from exc
     if message.v > SCHEMA_VERSION:
         raise ContractError(

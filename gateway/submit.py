@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
+import unicodedata
 from typing import Final
 
 from nats.aio.client import Client
@@ -21,12 +23,12 @@ from gateway.contract import (
     ContractError,
     Error,
     JobAccepted,
+    JobInput,
     JobRecord,
     JobRequest,
     JobStatus,
     QueuedData,
     Subjects,
-    check_token,
     decode,
     encode,
     new_id,
@@ -36,12 +38,47 @@ from gateway.events import EventPublisher
 from gateway.logsink.paths import log_file_relpath
 from gateway.placement import missing, requirements
 from gateway.servers import ServerTable
-from gateway.workflow import WorkflowError, apply_overrides, workflow_problems
+from gateway.workflow import WorkflowError, apply_overrides, graph_problems, workflow_problems
+from plugins.storage.base import InvalidKey, validate_key
 
 log = logging.getLogger(__name__)
 
 QUEUE_GROUP: Final = "balancer"
 MAX_ATTEMPTS_LIMIT: Final = 20
+# The `queued` event and each Job handed to an adapter carry the whole request, and the streams
+# take messages of at most 1 MiB (gateway/bus.py); what surrounds the request is far below 16 KiB.
+MAX_REQUEST_BYTES: Final = 1024 * 1024 - 16 * 1024
+# A job id is a KV key, a subject token, part of a file name and a REST path segment.
+_JOB_ID: Final = re.compile(r"[A-Za-z0-9_=-]{1,128}")
+
+
+def check_job_id(job_id: str) -> str:
+    """Return `job_id` if a job could have it, else raise ContractError."""
+    if _JOB_ID.fullmatch(job_id) is None:
+        raise ContractError(
+            f"job id {job_id!r} is not usable: 1-128 letters, digits, '-', '_' or '='"
+        )
+    return job_id
+
+
+def input_problems(inputs: list[JobInput]) -> list[str]:
+    """Why input files could not be fetched or named safely; empty when they can."""
+    problems = []
+    for item in inputs:
+        name = item.name
+        parts = name.replace("\\", "/").split("/")
+        if not name.strip():
+            problems.append("an input has an empty name")
+        elif any(unicodedata.category(ch) == "Cc" for ch in name):
+            problems.append(f"input {name!r}: the name has a control character")
+        elif name.startswith(("/", "\\")) or ".." in parts:
+            problems.append(f"input {name!r}: the name must be a relative path without '..'")
+        if item.source == "key":
+            try:
+                validate_key(item.value)
+            except InvalidKey as exc:
+                problems.append(f"input {name!r}: {exc}")
+    return problems
 
 
 class Refused(Exception):
@@ -97,16 +134,30 @@ class Submitter:
         return JobAccepted(job_id=job_id, submitted_at=submitted_at, log_file_path=path)
 
     def _check(self, request: JobRequest) -> None:
+        size = len(encode(request))
+        if size > MAX_REQUEST_BYTES:
+            raise Refused(
+                "too_large",
+                f"the request is {size} bytes; a job carries at most {MAX_REQUEST_BYTES}: "
+                "pass large files as inputs (source 'key' or 'url')",
+                {"size": size, "max_request_bytes": MAX_REQUEST_BYTES},
+            )
         problems = workflow_problems(request.workflow)
         if problems:
             raise Refused("invalid_workflow", "; ".join(problems), {"problems": problems})
         try:
-            apply_overrides(request.workflow, request.overrides)
+            workflow = apply_overrides(request.workflow, request.overrides)
         except WorkflowError as exc:
             raise Refused("invalid_overrides", str(exc)) from None
+        problems = graph_problems(workflow)
+        if problems:
+            raise Refused("invalid_workflow", "; ".join(problems), {"problems": problems})
+        problems = input_problems(request.inputs)
+        if problems:
+            raise Refused("invalid_request", "; ".join(problems), {"problems": problems})
         if request.job_id is not None:
             try:
-                check_token(request.job_id, "job id")
+                check_job_id(request.job_id)
             except ContractError as exc:
                 raise Refused("invalid_request", str(exc)) from None
         if not 1 <= request.max_attempts <= MAX_ATTEMPTS_LIMIT:

@@ -12,7 +12,10 @@ class WorkflowError(ValueError):
 
 
 def workflow_problems(workflow: Mapping[str, Any]) -> list[str]:
-    """Why a workflow is not in ComfyUI's API format; empty when it is."""
+    """Why a workflow is not in ComfyUI's API format; empty when it is.
+
+    This checks the shape of each node; `graph_problems` checks the links between them.
+    """
     if not workflow:
         return ["the workflow has no nodes"]
     if "nodes" in workflow and "links" in workflow:
@@ -32,14 +35,83 @@ def workflow_problems(workflow: Mapping[str, Any]) -> list[str]:
     return problems
 
 
+def is_link(value: Any) -> bool:
+    """Whether an input value is a link, `["<node id>", <output index>]`, as ComfyUI reads it."""
+    return (
+        isinstance(value, list)
+        and len(value) == 2
+        and isinstance(value[0], str)
+        and isinstance(value[1], int | float)
+        and not isinstance(value[1], bool)
+    )
+
+
+def graph_problems(workflow: Mapping[str, Any]) -> list[str]:
+    """Links to nodes the workflow lacks, and a cycle; empty when the graph can run.
+
+    The nodes must already have passed `workflow_problems`. ComfyUI would refuse either only
+    once the job reached a server; refusing at submission keeps it from ever being queued.
+    """
+    problems = []
+    needs: dict[str, list[str]] = {}
+    for node_id, node in workflow.items():
+        upstream = needs[node_id] = []
+        for input_name, value in node.get("inputs", {}).items():
+            if not is_link(value):
+                continue
+            if value[0] in workflow:
+                upstream.append(value[0])
+            else:
+                problems.append(
+                    f"node {node_id!r}: input {input_name!r} links to node {value[0]!r}, "
+                    "which is not in the workflow"
+                )
+    cycle = _find_cycle(needs)
+    if cycle is not None:
+        path = " -> ".join(repr(node_id) for node_id in cycle)
+        problems.append(f"the links form a cycle ({path}): no node of it could ever run first")
+    return problems
+
+
+def _find_cycle(needs: Mapping[str, list[str]]) -> list[str] | None:
+    """One cycle of the graph as a path that ends where it starts, or None.
+
+    Depth-first without recursion: a workflow of a few thousand chained nodes is legitimate
+    and would exceed Python's recursion limit.
+    """
+    done: set[str] = set()
+    for root in needs:
+        if root in done:
+            continue
+        path = [root]
+        on_path = {root}
+        pending = [iter(needs[root])]
+        while pending:
+            upstream = next(pending[-1], None)
+            if upstream is None:
+                node = path.pop()
+                on_path.discard(node)
+                done.add(node)
+                pending.pop()
+            elif upstream in on_path:
+                return [*path[path.index(upstream) :], upstream]
+            elif upstream not in done:
+                path.append(upstream)
+                on_path.add(upstream)
+                pending.append(iter(needs[upstream]))
+    return None
+
+
+def _title(node: Any) -> Any:
+    meta = node.get("_meta") if isinstance(node, dict) else None
+    return meta.get("title") if isinstance(meta, dict) else None
+
+
 def _find_node(workflow: Mapping[str, Any], ref: str) -> str:
     if ref in workflow:
         return ref
-    titled = [
-        node_id
-        for node_id, node in workflow.items()
-        if isinstance(node, dict) and node.get("_meta", {}).get("title") == ref
-    ]
+    # `_meta` is free-form: a node whose `_meta` is not an object simply has no title.
+    titled = [node_id for node_id, node in workflow.items() if _title(node) == ref]
     if len(titled) == 1:
         return titled[0]
     if len(titled) > 1:

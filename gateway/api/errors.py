@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import logging
+from http import HTTPStatus
 from typing import Any
 
 from litestar import Request, Response
 from litestar.exceptions import HTTPException, ValidationException
+from litestar.openapi import ResponseSpec
+from litestar.serialization import msgspec_hooks
+
+from gateway.api.schemas import ErrorBody
 
 log = logging.getLogger(__name__)
 
@@ -55,9 +60,45 @@ def http_error(_: Request[Any, Any, Any], exc: HTTPException) -> Response[dict[s
     return Response(_body(code, exc.detail), status_code=exc.status_code, headers=exc.headers)
 
 
+def _from_body_decoding(exc: BaseException) -> bool:
+    """Whether `exc` came out of Litestar's JSON decoder, reading the request's body.
+
+    The decoder turns malformed JSON into a 400 but lets a few errors through (a string that is
+    not UTF-8, nesting deeper than the decoder goes): those are the body's fault, not ours.
+    """
+    tb = exc.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename == msgspec_hooks.__file__:
+            return True
+        tb = tb.tb_next
+    return False
+
+
 def internal_error(request: Request[Any, Any, Any], exc: Exception) -> Response[dict[str, Any]]:
+    if isinstance(exc, UnicodeDecodeError | RecursionError) and _from_body_decoding(exc):
+        why = "it is not UTF-8" if isinstance(exc, UnicodeDecodeError) else "it nests too deeply"
+        return Response(
+            _body("invalid_request", f"the request body is not usable JSON: {why}"),
+            status_code=400,
+        )
     log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
     return Response(_body("internal", f"internal error: {exc}"), status_code=500)
+
+
+def error_responses(*statuses: int) -> dict[int, ResponseSpec]:
+    """OpenAPI entries for a handler's error answers, in the one shape every error has.
+
+    Without them the document would describe Litestar's own error body, which the handlers
+    above never send.
+    """
+    return {
+        status: ResponseSpec(
+            data_container=ErrorBody,
+            description=HTTPStatus(status).phrase,
+            generate_examples=False,
+        )
+        for status in (400, *statuses)
+    }
 
 
 EXCEPTION_HANDLERS: dict[Any, Any] = {

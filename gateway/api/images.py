@@ -9,7 +9,7 @@ from litestar import Request, Response, get
 from litestar.params import FromPath
 from litestar.response import Stream
 
-from gateway.api.errors import ApiError
+from gateway.api.errors import ApiError, error_responses
 from gateway.api.services import ServicesDep
 from plugins.storage.base import InvalidKey, NotFound
 
@@ -42,7 +42,7 @@ def parse_range(header: str, size: int) -> tuple[int, int] | None:
     return start, end
 
 
-@get("/images/{key:path}", tags=["images"])
+@get("/images/{key:path}", tags=["images"], responses=error_responses(404, 416, 503))
 async def image(
     key: FromPath[str], services: ServicesDep, request: Request[Any, Any, Any]
 ) -> Response[Any]:

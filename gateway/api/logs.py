@@ -10,9 +10,16 @@ from litestar.params import FromPath, FromQuery, JSONBody
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 
-from gateway.api.errors import ApiError
+from gateway.api.errors import ApiError, error_responses
 from gateway.api.services import Services, ServicesDep
-from gateway.contract import ContractError, JobStatus, LogQuery, LogQueryResult, check_token
+from gateway.contract import (
+    SCHEMA_VERSION,
+    ContractError,
+    JobStatus,
+    LogQuery,
+    LogQueryResult,
+    check_token,
+)
 from gateway.logsink.client import LogQueryError, job_log, query_logs
 
 # HTTP status for the log sink's refusal codes; anything else is a bad query (400).
@@ -44,7 +51,7 @@ async def _ask_sink(call: Any) -> Any:
         raise ApiError(504, "log_sink_timeout", "the log sink did not answer in time") from None
 
 
-@get("/workflow/logs/{job_id:str}", tags=["logs"])
+@get("/workflow/logs/{job_id:str}", tags=["logs"], responses=error_responses(404, 503, 504))
 async def job_logs(job_id: FromPath[str], services: ServicesDep) -> JobLogBody:
     """Every event of a job as its JSONL log file holds it, with the file's path."""
     log = await _ask_sink(job_log(services.nc, services.subjects, job_id))
@@ -56,9 +63,17 @@ async def job_logs(job_id: FromPath[str], services: ServicesDep) -> JobLogBody:
     )
 
 
-@post("/logs/query", tags=["logs"], status_code=200)
+@post("/logs/query", tags=["logs"], status_code=200, responses=error_responses(413, 503, 504))
 async def logs_query(data: JSONBody[LogQuery], services: ServicesDep) -> LogQueryResult:
     """Run one read-only SELECT on the log index (sandboxed: no files, no settings)."""
+    if data.v > SCHEMA_VERSION:
+        # The contract's rule: refuse a message of a later version rather than misread it.
+        raise ApiError(
+            400,
+            "invalid_request",
+            f"LogQuery has schema version {data.v}; this gateway understands up to "
+            f"{SCHEMA_VERSION}",
+        )
     call = query_logs(
         services.nc,
         services.subjects,
@@ -70,7 +85,7 @@ async def logs_query(data: JSONBody[LogQuery], services: ServicesDep) -> LogQuer
     return result
 
 
-@get("/workflow/jobs", tags=["workflows"])
+@get("/workflow/jobs", tags=["workflows"], responses=error_responses(503, 504))
 async def recent_jobs(
     services: ServicesDep,
     status: FromQuery[JobStatus | None] = None,

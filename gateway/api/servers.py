@@ -4,19 +4,22 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import unicodedata
 from typing import Any
 
 import httpx
 from litestar import Controller, delete, get, post
 from litestar.params import FromPath, JSONBody
-from nats.js.errors import KeyNotFoundError
+from nats.js.errors import InvalidKeyError, KeyNotFoundError
 
-from gateway.api.errors import ApiError
+from gateway.api.errors import ApiError, error_responses
 from gateway.api.schemas import ServerHealth, ServerRegistration
 from gateway.api.services import ServicesDep
-from gateway.contract import ContractError, ServerRecord, check_token, encode, now
+from gateway.contract import ContractError, ServerRecord, check_token, decode, encode, now
 from gateway.servers import ServerState
 
+# A server id is a subject token and a KV key: the characters both take.
+_SERVER_ID = re.compile(r"[A-Za-z0-9_=-]{1,128}")
 _ADDRESS = re.compile(r"^(?P<host>\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+):(?P<port>\d{1,5})$")
 
 
@@ -105,7 +108,7 @@ class ServerController(Controller):
     path = "/servers"
     tags = ("servers",)
 
-    @post(["/", "/register"], status_code=201)
+    @post(["/", "/register"], status_code=201, responses=error_responses(403, 409, 422))
     async def register(
         self, data: JSONBody[ServerRegistration], services: ServicesDep
     ) -> ServerRecord:
@@ -114,13 +117,41 @@ class ServerController(Controller):
         Also at `/servers/register`, the path earlier SDKs used.
         """
         address = check_address(data.address, services.settings.server_allowlist)
+        if not data.name.strip() or any(unicodedata.category(ch) == "Cc" for ch in data.name):
+            raise ApiError(
+                400,
+                "invalid_request",
+                f"server name {data.name!r} is empty or has a control character",
+            )
         server_id = _server_id(data)
         try:
             check_token(server_id, "server id")
         except ContractError as exc:
             raise ApiError(400, "invalid_server_id", str(exc)) from None
+        if _SERVER_ID.fullmatch(server_id) is None:
+            raise ApiError(
+                400,
+                "invalid_server_id",
+                f"server id {server_id!r} is not usable: 1-128 letters, digits, '-', '_' or '='",
+            )
         if not 1 <= data.capacity <= 64 or data.weight <= 0:
             raise ApiError(400, "invalid_request", "capacity must be 1-64 and weight positive")
+        if data.server_id is None:
+            # A name made only of letters outside a-z gives the same id as another such name:
+            # refuse rather than silently replace the other server.
+            try:
+                taken = await services.servers_kv.get(server_id)
+            except KeyNotFoundError:
+                taken = None
+            if taken is not None and taken.value:
+                other = decode(taken.value, ServerRecord)
+                if other.name != data.name:
+                    raise ApiError(
+                        409,
+                        "server_id_taken",
+                        f"the id {server_id!r} made from the name {data.name!r} is server "
+                        f"{other.name!r}'s; give this one a server_id",
+                    )
         await probe(address)
         record = ServerRecord(
             server_id=server_id,
@@ -147,12 +178,12 @@ class ServerController(Controller):
         healthy = sum(1 for s in servers if s.status == "healthy")
         return {"servers": servers, "total": len(servers), "healthy": healthy}
 
-    @delete("/{server_id:str}", status_code=204)
+    @delete("/{server_id:str}", status_code=204, responses=error_responses(404))
     async def remove(self, server_id: FromPath[str], services: ServicesDep) -> None:
         """Remove a server from the registry; its adapter stops getting new jobs."""
         try:
             await services.servers_kv.get(server_id)
-        except (KeyNotFoundError, ValueError):
+        except (KeyNotFoundError, InvalidKeyError, ValueError):
             raise ApiError(
                 404, "unknown_server", f"no server {server_id!r} is registered"
             ) from None

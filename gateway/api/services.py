@@ -17,7 +17,7 @@ from nats.aio.subscription import Subscription
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
-from nats.js.errors import KeyNotFoundError
+from nats.js.errors import InvalidKeyError, KeyNotFoundError
 from nats.js.kv import KeyValue
 
 from gateway.api.errors import ApiError
@@ -52,6 +52,7 @@ SUBMIT_STATUS = {
     "duplicate_job": 409,
     "unknown_server": 404,
     "unschedulable": 422,
+    "too_large": 413,
 }
 
 
@@ -120,7 +121,7 @@ class Services:
             entry = await self.jobs_kv.get(job_id)
         except KeyNotFoundError:
             raise ApiError(404, "unknown_job", f"no job {job_id!r}") from None
-        except ValueError:  # nats-py refuses keys with characters a job id cannot have
+        except (InvalidKeyError, ValueError):  # a key no job id can be
             raise ApiError(404, "unknown_job", f"no job {job_id!r}") from None
         assert entry.value is not None
         return decode(entry.value, JobRecord)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import quote
@@ -16,7 +17,7 @@ from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import api
 
-from gateway.api.errors import ApiError
+from gateway.api.errors import ApiError, error_responses
 from gateway.api.limits import hold, limits_of, submit_rate_limit
 from gateway.api.schemas import JobResult, Submitted, Timings, WorkflowSubmission
 from gateway.api.services import Services, ServicesDep
@@ -24,6 +25,7 @@ from gateway.contract import (
     TERMINAL_EVENTS,
     Cancel,
     CancelledData,
+    ContractError,
     ControlReply,
     Event,
     JobRecord,
@@ -34,6 +36,7 @@ from gateway.contract import (
     event_type,
 )
 from gateway.jobstate import BOUND
+from gateway.submit import MAX_REQUEST_BYTES, check_job_id
 
 log = logging.getLogger(__name__)
 
@@ -46,18 +49,47 @@ def base_url(services: Services, request: Request[Any, Any, Any]) -> str:
 
 
 def to_request(body: WorkflowSubmission, services: Services) -> JobRequest:
-    return JobRequest(
+    """The bus request for a submission; a 413 when the bus could not carry it."""
+    request = JobRequest(
         workflow=body.workflow,
         overrides=body.overrides,
         inputs=body.inputs,
         server=body.server,
         labels=body.labels,
         priority=body.priority,
-        max_attempts=body.max_attempts or services.settings.default_max_attempts,
+        # `or` would turn an explicit 0 into the default instead of refusing it.
+        max_attempts=(
+            services.settings.default_max_attempts
+            if body.max_attempts is None
+            else body.max_attempts
+        ),
         timeout_s=body.timeout,
         job_id=body.job_id,
         metadata=body.metadata,
     )
+    # Checked here as well as by the balancer: a request over NATS's message limit could not
+    # even be sent to it.
+    size = len(encode(request))
+    if size > MAX_REQUEST_BYTES:
+        raise ApiError(
+            413,
+            "too_large",
+            f"the job request is {size} bytes; a job carries at most {MAX_REQUEST_BYTES}: "
+            "pass large files as inputs (source 'key' or 'url')",
+            {"size": size, "max_request_bytes": MAX_REQUEST_BYTES},
+        )
+    return request
+
+
+def known_job_id(job_id: str) -> str:
+    """`job_id` if a job could have it; a 404 at once for one that no job can have."""
+    try:
+        return check_job_id(job_id)
+    except ContractError:
+        raise ApiError(404, "unknown_job", f"no job {job_id!r}") from None
+
+
+_SUBMIT_ERRORS = error_responses(404, 409, 413, 422, 429, 503, 504)
 
 
 def to_result(record: JobRecord, services: Services, request: Request[Any, Any, Any]) -> JobResult:
@@ -90,7 +122,7 @@ class WorkflowController(Controller):
     path = "/workflow"
     tags = ("workflows",)
 
-    @post("/submit", status_code=202, guards=[submit_rate_limit])
+    @post("/submit", status_code=202, guards=[submit_rate_limit], responses=_SUBMIT_ERRORS)
     async def submit(
         self,
         data: JSONBody[WorkflowSubmission],
@@ -109,7 +141,7 @@ class WorkflowController(Controller):
             events_url=f"{base}/events/{accepted.job_id}",
         )
 
-    @post("/execute", status_code=200, guards=[submit_rate_limit])
+    @post("/execute", status_code=200, guards=[submit_rate_limit], responses=_SUBMIT_ERRORS)
     async def execute(
         self,
         data: JSONBody[WorkflowSubmission],
@@ -123,14 +155,14 @@ class WorkflowController(Controller):
         status = 200 if record.status.terminal else 202
         return Response(to_result(record, services, request), status_code=status)
 
-    @get("/status/{job_id:str}")
+    @get("/status/{job_id:str}", responses=error_responses(404))
     async def status(
         self, job_id: FromPath[str], services: ServicesDep, request: Request[Any, Any, Any]
     ) -> JobResult:
         """Where a job is now."""
-        return to_result(await services.record(job_id), services, request)
+        return to_result(await services.record(known_job_id(job_id)), services, request)
 
-    @get("/result/{job_id:str}")
+    @get("/result/{job_id:str}", responses=error_responses(404))
     async def result(
         self,
         job_id: FromPath[str],
@@ -139,15 +171,19 @@ class WorkflowController(Controller):
         wait: FromQuery[float] = 0.0,
     ) -> JobResult:
         """A job's result; `?wait=SECONDS` waits for it to finish first."""
+        known_job_id(job_id)
+        if math.isnan(wait):
+            # A NaN deadline would sit in the event loop's timer heap and disorder every timer.
+            raise ApiError(400, "invalid_request", "wait must be a number of seconds, not NaN")
         record = await services.wait_for_end(job_id, min(wait, DEFAULT_EXECUTE_TIMEOUT))
         return to_result(record, services, request)
 
-    @post("/cancel/{job_id:str}", status_code=200)
+    @post("/cancel/{job_id:str}", status_code=200, responses=error_responses(404, 409))
     async def cancel(
         self, job_id: FromPath[str], services: ServicesDep, request: Request[Any, Any, Any]
     ) -> JobResult:
         """Cancel a job: dequeued if waiting, interrupted if running."""
-        record = await services.record(job_id)
+        record = await services.record(known_job_id(job_id))
         if record.status.terminal:
             raise ApiError(409, "already_finished", f"job {job_id} already {record.status}")
         if record.status in BOUND and record.server_id is not None:
@@ -160,12 +196,12 @@ class WorkflowController(Controller):
         record = await services.wait_for_end(job_id, 10.0)
         return to_result(record, services, request)
 
-    @get("/events/{job_id:str}")
+    @get("/events/{job_id:str}", responses=error_responses(404, 503))
     async def events(
         self, job_id: FromPath[str], services: ServicesDep, request: Request[Any, Any, Any]
     ) -> ServerSentEvent:
         """Every event of the job, from the first, live, as Server-Sent Events; ends with it."""
-        await services.record(job_id)  # 404 before the stream starts
+        await services.record(known_job_id(job_id))  # 404 before the stream starts
         slot = limits_of(request.app).streams.acquire()  # 503 when too many are open
         return ServerSentEvent(hold(slot, _event_stream(services, job_id)))
 
@@ -230,7 +266,7 @@ async def job_events_ws(
     """The same events as /workflow/events/{job_id}, one JSON text frame each."""
     await socket.accept()
     try:
-        await services.record(job_id)
+        await services.record(known_job_id(job_id))
         slot = limits_of(socket.app).streams.acquire()
     except ApiError as exc:
         # 4000 + the HTTP status: 4404 for an unknown job, 4503 for too many streams.

@@ -1,0 +1,74 @@
+"""The gateway's OpenAPI document holds: schemathesis against a running system, over HTTP.
+
+Every operation the document lists gets a fixed number of generated requests, valid and
+invalid, from a derandomized generator (the same requests on every run). A 5xx answer, or an
+answer whose body does not match what the document promises for its status, is a failure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import hypothesis
+import msgspec
+import schemathesis
+from hypothesis.errors import Unsatisfiable
+from schemathesis import GenerationMode, checks
+from schemathesis.core.failures import FailureGroup
+from schemathesis.specs.openapi.checks import response_schema_conformance
+
+from gateway.settings import Settings
+from tests.e2e.conftest import running_system
+
+EXAMPLES = 6  # per operation and per mode (valid, invalid)
+CHECKS = [checks.not_a_server_error, response_schema_conformance]
+
+
+def _fuzz(url: str) -> tuple[list[str], int]:
+    """Run every operation; the failures, and how many operations ran."""
+    schema = schemathesis.openapi.from_url(f"{url}/schema/openapi.json")
+    failures: list[str] = []
+    operations = 0
+    for result in schema.get_all_operations():
+        operation = result.ok()
+        operations += 1
+        modes = [GenerationMode.POSITIVE]
+        # Only a body or a query string can be invalid: any text is a valid path segment, and
+        # searching for an invalid one costs seconds before it gives up.
+        if len(operation.query) or len(operation.body):
+            modes.append(GenerationMode.NEGATIVE)
+        for mode in modes:
+
+            @hypothesis.settings(
+                max_examples=EXAMPLES,
+                derandomize=True,
+                database=None,  # nothing written to the working tree
+                deadline=None,
+                phases=[hypothesis.Phase.explicit, hypothesis.Phase.generate],
+                suppress_health_check=list(hypothesis.HealthCheck),
+            )
+            @hypothesis.given(case=operation.as_strategy(generation_mode=mode))
+            def run(case: Any) -> None:
+                case.call_and_validate(base_url=url, checks=CHECKS, timeout=30)
+
+            try:
+                run()
+            except Unsatisfiable:
+                continue  # no invalid form of this operation's parameters exists
+            except (AssertionError, FailureGroup) as exc:
+                failures.append(f"{operation.label} ({mode}): {exc}")
+    return failures, operations
+
+
+async def test_the_openapi_document_holds_against_the_running_gateway(
+    settings: Settings,
+) -> None:
+    # Registration probes the address it is given: only loopback may be probed.
+    settings = msgspec.structs.replace(settings, server_allowlist=["127.0.0.1/32"])
+    async with running_system(settings) as system:
+        await system.add_server("gpu1")
+        # schemathesis sends blocking requests: from a thread, while the gateway runs here.
+        failures, operations = await asyncio.to_thread(_fuzz, system.url)
+    assert operations >= 15
+    assert not failures, "\n\n".join(failures)
