@@ -140,7 +140,10 @@ class ApiKeyGuard:
             raise NotAuthorizedException(
                 "an API key is required: send 'Authorization: Bearer <key>', 'X-API-Key: <key>', "
                 "or the key as the Basic auth password",
-                headers={"WWW-Authenticate": 'Bearer realm="comfyautomate"'},
+                # Basic too: ComfyUI clients that only know user and password answer that one.
+                headers={
+                    "WWW-Authenticate": 'Bearer realm="comfyautomate", Basic realm="comfyautomate"'
+                },
             )
         digest = hash_key(key).encode()
         # Compare against every key, without stopping early, so timing tells nothing.

@@ -18,16 +18,22 @@ from typing import Any, Final
 import httpx
 
 from gateway.servers import ServerState, ServerTable
+from gateway.settings import Settings
 from plugins.comfyui.client import base_url
 from plugins.simulator.nodedefs import NodeDef
 
 log = logging.getLogger(__name__)
 
-FEATURES: Final[dict[str, Any]] = {
-    "supports_preview_metadata": True,
-    "max_upload_size": 104857600,
-    "extension": {"manager": {"supports_v4": True}},
-}
+
+def features_of(settings: Settings) -> dict[str, Any]:
+    """`/features`: ComfyUI's flags, with the upload size this gateway takes."""
+    return {
+        "supports_preview_metadata": True,
+        "max_upload_size": settings.max_body_bytes,
+        "extension": {"manager": {"supports_v4": True}},
+    }
+
+
 VERSION: Final = "0.1.0"
 _FETCH_TIMEOUT_S: Final = 10.0
 

@@ -23,6 +23,11 @@ log = logging.getLogger(__name__)
 
 # ComfyUI keeps at most this many history entries; each caller gets as many here.
 MAX_HISTORY = 10_000
+# Open prompts' records are read again this often: an end missed while the connection to NATS
+# was down must still show (and close the client's prompt).
+RESYNC_S = 15.0
+# Record reads at once, when a gateway starts with many prompts in the bucket.
+_READS_AT_ONCE = 16
 
 
 @dataclass
@@ -79,10 +84,13 @@ class PromptIndex:
         self._jobs_kv = jobs_kv
         self._replay = replay
         self._entries: dict[str, Entry] = {}
-        self._finished_order: dict[str, list[str]] = {}
+        # Per caller, its ended prompts (a dict for its order and O(1) removal).
+        self._finished_by: dict[str, dict[str, None]] = {}
         self._listeners: list[Callable[[Entry], None]] = []
         self._tasks: set[asyncio.Task[None]] = set()
+        self._reads = asyncio.Semaphore(_READS_AT_ONCE)
         self.ready = asyncio.Event()
+        """Set once the prompts in the bucket and their records have been read."""
 
     def on_finish(self, listener: Callable[[Entry], None]) -> None:
         """Call `listener(entry)` once for each prompt that reaches an end."""
@@ -107,9 +115,7 @@ class PromptIndex:
     def remove(self, prompt_id: str) -> None:
         entry = self._entries.pop(prompt_id, None)
         if entry is not None:
-            order = self._finished_order.get(entry.prompt.caller, [])
-            with contextlib.suppress(ValueError):
-                order.remove(prompt_id)
+            self._finished_by.get(entry.prompt.caller, {}).pop(prompt_id, None)
 
     def on_record(self, record: JobRecord) -> None:
         """A job record changed; `record.job_id` may or may not be a native prompt."""
@@ -123,8 +129,8 @@ class PromptIndex:
             self._finished(entry)
 
     def _finished(self, entry: Entry) -> None:
-        order = self._finished_order.setdefault(entry.prompt.caller, [])
-        order.append(entry.prompt_id)
+        ended = self._finished_by.setdefault(entry.prompt.caller, {})
+        ended[entry.prompt_id] = None
         record = entry.record
         if record is not None and record.status == JobStatus.CANCELLED and record.started_at:
             self._spawn(self._settle_interrupted(entry))
@@ -132,8 +138,9 @@ class PromptIndex:
             entry.settled.set()
         for listener in self._listeners:
             listener(entry)
-        if len(order) > MAX_HISTORY:
-            oldest = order[0]
+        if len(ended) > MAX_HISTORY:
+            oldest = min(ended, key=lambda i: _ended_at(self._entries.get(i)))
+            ended.pop(oldest)
             self._spawn(self._forget(oldest))
 
     async def _settle_interrupted(self, entry: Entry) -> None:
@@ -154,10 +161,25 @@ class PromptIndex:
 
     async def run(self) -> None:
         """Follow KV `comfy_prompts` until cancelled: prompts other gateways take, deletions."""
+        async with asyncio.TaskGroup() as tasks:
+            tasks.create_task(self._follow())
+            tasks.create_task(self._resync())
+
+    async def _resync(self) -> None:
+        while True:
+            await asyncio.sleep(RESYNC_S)
+            for entry in [e for e in self._entries.values() if not e.finished]:
+                await self._load_record(entry.prompt_id)
+
+    async def _follow(self) -> None:
         watcher = await self._prompts_kv.watchall()
+        loading: list[asyncio.Task[None]] = []
         try:
             async for kv_entry in watcher:
                 if kv_entry is None:
+                    if loading:
+                        await asyncio.gather(*loading)
+                    loading.clear()
                     self.ready.set()
                     continue
                 if kv_entry.operation in (KV_DEL, KV_PURGE):
@@ -171,7 +193,12 @@ class PromptIndex:
                     log.exception("skipping the unreadable prompt entry %s", kv_entry.key)
                     continue
                 self.add(prompt, kv_entry.revision or 0)
-                self._spawn(self._load_record(prompt.prompt_id))
+                read = asyncio.create_task(self._load_record(prompt.prompt_id))
+                if self.ready.is_set():
+                    self._tasks.add(read)
+                    read.add_done_callback(self._tasks.discard)
+                else:
+                    loading.append(read)
         finally:
             await watcher.stop()  # type: ignore[no-untyped-call]
             for task in list(self._tasks):
@@ -179,9 +206,14 @@ class PromptIndex:
 
     async def _load_record(self, prompt_id: str) -> None:
         try:
-            found = await self._jobs_kv.get(prompt_id)
+            async with self._reads:
+                found = await self._jobs_kv.get(prompt_id)
         except KeyNotFoundError:
             return  # not written yet: the live updates will bring it
+        except Exception:
+            # Transient (a reconnect, a time-out): the next resync reads it again.
+            log.warning("cannot read the record of prompt %s now", prompt_id, exc_info=True)
+            return
         if found.value:
             self.on_record(decode(found.value, JobRecord))
 
@@ -223,13 +255,15 @@ class PromptIndex:
         return sum(1 for e in self.open_of(caller) if e.prompt_id != besides)
 
     def history_of(self, caller: str) -> list[Entry]:
-        """The caller's ended prompts, oldest end first."""
-        ids = self._finished_order.get(caller, [])
-        return [
-            self._entries[i]
-            for i in ids
-            if i in self._entries and self._entries[i].settled.is_set()
-        ]
+        """The caller's ended prompts, oldest end first (the same order on every gateway)."""
+        entries = (self._entries.get(i) for i in self._finished_by.get(caller, {}))
+        settled = [e for e in entries if e is not None and e.settled.is_set()]
+        return sorted(settled, key=_ended_at)
+
+
+def _ended_at(entry: Entry | None) -> float:
+    record = entry.record if entry is not None else None
+    return (record.finished_at or record.updated_at) if record is not None else 0.0
 
 
 def _started(entry: Entry) -> float:

@@ -24,7 +24,7 @@ from gateway.api.auth import CLIENT_ID_STATE
 from gateway.api.errors import ApiError
 from gateway.api.images import parse_range
 from gateway.api.limits import limits_of, submit_rate_limit
-from gateway.api.native.fleetinfo import FEATURES
+from gateway.api.native.fleetinfo import features_of
 from gateway.api.native.messages import history_entry, queue_item
 from gateway.api.native.service import ANONYMOUS, NativeService
 from gateway.api.native.sockets import NativeSocket, frame
@@ -37,6 +37,9 @@ log = logging.getLogger(__name__)
 JSON: Final = "application/json; charset=utf-8"
 # How long /view waits for an output whose job is still storing it.
 VIEW_WAIT_S: Final = 60.0
+# How long a request waits for a starting gateway to have read the prompts already taken.
+READY_WAIT_S: Final = 10.0
+SEND_TIMEOUT_S: Final = 30.0
 _encoder = msgspec.json.Encoder()
 
 
@@ -52,10 +55,16 @@ def _empty(status: int = 200) -> Response[bytes]:
     return Response(b"", status_code=status, media_type="text/plain")
 
 
-def _native(services: Services) -> NativeService:
-    if services.native is None:
+async def _native(services: Services) -> NativeService:
+    """The native API's state, once it knows every prompt taken so far (503 until then)."""
+    native = services.native
+    if native is not None and not native.index.ready.is_set():
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(READY_WAIT_S):
+                await native.index.ready.wait()
+    if native is None or not native.index.ready.is_set():
         raise ApiError(503, "starting", "the gateway is still starting")
-    return services.native
+    return native
 
 
 def _caller(connection: Request[Any, Any, Any] | WebSocket[Any, Any, Any]) -> str:
@@ -85,7 +94,7 @@ async def post_prompt(services: ServicesDep, request: Request[Any, Any, Any]) ->
         body = msgspec.json.decode(raw)
     except msgspec.DecodeError as exc:
         return _json(_bad_json(exc), 400)
-    status, answer = await _native(services).enqueue(_caller(request), body)
+    status, answer = await (await _native(services)).enqueue(_caller(request), body)
     return _json(answer, status)
 
 
@@ -97,14 +106,14 @@ def _bad_json(exc: Exception) -> dict[str, Any]:
 @get(_paths("/prompt"), include_in_schema=False)
 async def get_prompt(services: ServicesDep, request: Request[Any, Any, Any]) -> Response[bytes]:
     """`exec_info.queue_remaining`: the caller's running plus pending prompts."""
-    remaining = _native(services).index.remaining(_caller(request))
+    remaining = (await _native(services)).index.remaining(_caller(request))
     return _json({"exec_info": {"queue_remaining": remaining}})
 
 
 @get(_paths("/queue"), include_in_schema=False)
 async def get_queue(services: ServicesDep, request: Request[Any, Any, Any]) -> Response[bytes]:
     """The caller's queue as one server shows it: at most one running."""
-    running, pending = _native(services).index.queue_of(_caller(request))
+    running, pending = (await _native(services)).index.queue_of(_caller(request))
     return _json(
         {
             "queue_running": [queue_item(running)] if running is not None else [],
@@ -117,7 +126,7 @@ async def get_queue(services: ServicesDep, request: Request[Any, Any, Any]) -> R
 async def post_queue(services: ServicesDep, request: Request[Any, Any, Any]) -> Response[bytes]:
     """`{"delete": [ids]}` or `{"clear": true}`: the caller's pending prompts only."""
     body = await _body(request)
-    native = _native(services)
+    native = await _native(services)
     if isinstance(body, dict):
         if body.get("clear"):
             await native.delete_pending(_caller(request), None)
@@ -131,7 +140,7 @@ async def post_interrupt(services: ServicesDep, request: Request[Any, Any, Any])
     """Interrupt the caller's running prompt, or only the named one if it is running."""
     body = await _body(request)
     prompt_id = body.get("prompt_id") if isinstance(body, dict) else None
-    await _native(services).interrupt(_caller(request), prompt_id)
+    await (await _native(services)).interrupt(_caller(request), prompt_id)
     return _empty()
 
 
@@ -141,7 +150,7 @@ async def post_interrupt(services: ServicesDep, request: Request[Any, Any, Any])
 @get(_paths("/history"), include_in_schema=False)
 async def get_history(services: ServicesDep, request: Request[Any, Any, Any]) -> Response[bytes]:
     """Every ended prompt of the caller, oldest first; `max_items` keeps the newest N."""
-    entries = _native(services).history(_caller(request))
+    entries = (await _native(services)).history(_caller(request))
     max_items = _int(request.query_params.get("max_items"))
     offset = _int(request.query_params.get("offset"))
     if max_items is not None:
@@ -164,7 +173,7 @@ async def get_history_entry(
     prompt_id: FromPath[str], services: ServicesDep, request: Request[Any, Any, Any]
 ) -> Response[bytes]:
     """`{id: entry}`, or `{}` while the prompt has not ended (or is not the caller's)."""
-    native = _native(services)
+    native = await _native(services)
     entry = native.owned(_caller(request), prompt_id)
     if entry is None or not entry.settled.is_set() or entry.record is None:
         return _json({})
@@ -175,7 +184,7 @@ async def get_history_entry(
 async def post_history(services: ServicesDep, request: Request[Any, Any, Any]) -> Response[bytes]:
     """`{"delete": [ids]}` or `{"clear": true}` on the caller's history."""
     body = await _body(request)
-    native = _native(services)
+    native = await _native(services)
     if isinstance(body, dict):
         if body.get("clear"):
             await native.delete_history(_caller(request), None)
@@ -199,17 +208,17 @@ async def view(services: ServicesDep, request: Request[Any, Any, Any]) -> Respon
     if "/" in filename or "\\" in filename or filename.startswith(".."):
         return _empty(400)
     storage = services.storage
-    native = _native(services)
+    native = await _native(services)
     if storage is None:
         return _empty(404)
     caller = _caller(request)
-    job_id = subfolder.split("/", 1)[0]
-    entry = native.index.get(job_id) if folder != "input" and job_id else None
+    # Outputs are stored under `<prompt id>/<name>`, named with that subfolder exactly.
+    entry = native.index.get(subfolder) if folder != "input" and subfolder else None
     if entry is not None and entry.prompt.caller != caller:
         return _empty(404)
     try:
         if entry is not None:
-            key = f"{subfolder}/{filename}"
+            key = f"{entry.prompt_id}/{filename}"
         else:
             key = upload_key(caller, folder, subfolder, filename)
         try:
@@ -218,7 +227,7 @@ async def view(services: ServicesDep, request: Request[Any, Any, Any]) -> Respon
             if entry is None or entry.finished:
                 raise
             # `executed` may reach the client while the adapter still stores the file.
-            await native.index.settle(job_id, VIEW_WAIT_S)
+            await native.index.settle(entry.prompt_id, VIEW_WAIT_S)
             stored = await storage.stat(key)
     except (InvalidKey, BadUpload):
         return _empty(400)
@@ -273,43 +282,43 @@ async def upload_image(services: ServicesDep, request: Request[Any, Any, Any]) -
 @get(_paths("/system_stats"), include_in_schema=False)
 async def system_stats(services: ServicesDep) -> Response[bytes]:
     """This gateway's system and one device per live server."""
-    return _json(_native(services).fleet.system_stats())
+    return _json((await _native(services)).fleet.system_stats())
 
 
 @get(_paths("/object_info"), include_in_schema=False)
 async def object_info(services: ServicesDep) -> Response[bytes]:
     """Every node class some live server has."""
-    return _json(await _native(services).fleet.object_info())
+    return _json(await (await _native(services)).fleet.object_info())
 
 
 @get(_paths("/object_info/{node_class:str}"), include_in_schema=False)
 async def object_info_class(node_class: FromPath[str], services: ServicesDep) -> Response[bytes]:
     """One class's definition, or `{}` when no server has it."""
-    info = await _native(services).fleet.object_info()
+    info = await (await _native(services)).fleet.object_info()
     return _json({node_class: info[node_class]} if node_class in info else {})
 
 
 @get(_paths("/embeddings"), include_in_schema=False)
 async def embeddings(services: ServicesDep) -> Response[bytes]:
-    return _json(_native(services).fleet.models().get("embeddings", []))
+    return _json((await _native(services)).fleet.models().get("embeddings", []))
 
 
 @get(_paths("/models"), include_in_schema=False)
 async def model_folders(services: ServicesDep) -> Response[bytes]:
-    return _json(list(_native(services).fleet.models()))
+    return _json(list((await _native(services)).fleet.models()))
 
 
 @get(_paths("/models/{folder:str}"), include_in_schema=False)
 async def model_files(folder: FromPath[str], services: ServicesDep) -> Response[bytes]:
-    models = _native(services).fleet.models()
+    models = (await _native(services)).fleet.models()
     if folder not in models:
         return _empty(404)
     return _json(models[folder])
 
 
 @get(_paths("/features"), include_in_schema=False)
-async def features() -> Response[bytes]:
-    return _json(FEATURES)
+async def features(services: ServicesDep) -> Response[bytes]:
+    return _json(features_of(services.settings))
 
 
 # -- websocket -------------------------------------------------------------------------------
@@ -318,7 +327,7 @@ async def features() -> Response[bytes]:
 @websocket(_paths("/ws"))
 async def native_ws(socket: WebSocket[Any, Any, Any], services: ServicesDep) -> None:
     """ComfyUI's socket: `status` with `sid` first, then the caller's prompts' messages."""
-    native = _native(services)
+    native = await _native(services)
     await socket.accept()
     try:
         slot = limits_of(socket.app).streams.acquire()
@@ -352,7 +361,7 @@ async def _read(
                         data = message.get("data")
                         if isinstance(data, dict) and data.get("supports_preview_metadata"):
                             await native.hub.want_previews(conn)
-                        conn.send(frame("feature_flags", FEATURES))
+                        conn.send(frame("feature_flags", features_of(native.settings)))
     except WebSocketDisconnect:
         pass
     finally:
@@ -362,15 +371,25 @@ async def _read(
 async def _write(socket: WebSocket[Any, Any, Any], conn: NativeSocket) -> None:
     try:
         while (item := await conn.frames.get()) is not None:
-            if isinstance(item, bytes):
-                await socket.send_bytes(item)
-            else:
-                await socket.send_text(item)
+            # A client that stops reading must not hold its slot and backlog for ever.
+            async with asyncio.timeout(SEND_TIMEOUT_S):
+                if isinstance(item, bytes):
+                    await socket.send_bytes(item)
+                else:
+                    await socket.send_text(item)
+            conn.sent(item)
     except WebSocketDisconnect:
         pass
+    except TimeoutError:
+        log.warning(
+            "socket %s took over %s s to take a frame; closing it", conn.client_id, SEND_TIMEOUT_S
+        )
     finally:
+        conn.close()
+        # Closing a socket the client already left raises; there is nothing left to tell it.
         with contextlib.suppress(Exception):
-            await socket.close()
+            async with asyncio.timeout(SEND_TIMEOUT_S):
+                await socket.close()
 
 
 NATIVE_ROUTES: Final = [

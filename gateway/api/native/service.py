@@ -24,18 +24,19 @@ from gateway.api.native.fleetinfo import FleetInfo
 from gateway.api.native.messages import replay
 from gateway.api.native.prompts import Entry, PromptIndex
 from gateway.api.native.sockets import SocketHub
-from gateway.api.native.uploads import uploads_in
+from gateway.api.native.uploads import UPLOADS, uploads_in
 from gateway.contract import (
     TERMINAL_EVENTS,
     ContractError,
     Event,
+    JobInput,
     JobRequest,
     JobStatus,
     NativePrompt,
-    check_token,
     decode_event,
     encode,
 )
+from gateway.submit import check_job_id
 from plugins.simulator.graph import is_link
 from plugins.simulator.validation import Validator
 
@@ -45,6 +46,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 ANONYMOUS = "anonymous"
+SECRET_EXTRA_DATA = frozenset({"auth_token_comfy_org", "api_key_comfy_org"})
+# Room left in a NATS message for the KV headers around a stored prompt.
+PAYLOAD_HEADROOM = 4096
 REPLAY_S = 10.0
 Reply = tuple[int, dict[str, Any]]
 
@@ -60,6 +64,7 @@ class NativeService:
 
     def __init__(self, services: Services, prompts_kv: KeyValue) -> None:
         self._services = services
+        self.settings = services.settings
         self._kv = prompts_kv
         self.index = PromptIndex(prompts_kv, services.jobs_kv, self._interruption)
         self.hub = SocketHub(services.nc, services.subjects, self.index)
@@ -90,6 +95,9 @@ class NativeService:
             client_id = str(client_id)
         if isinstance(number, bool) or not isinstance(number, int | float):
             number = None
+        # Tokens for paid API nodes: ComfyUI keeps them out of history, and so do we (they are
+        # not passed to the servers either: a job's request lands in the logs).
+        extra_data = {k: v for k, v in extra_data.items() if k not in SECRET_EXTRA_DATA}
 
         services = self._services
         inputs = []
@@ -109,41 +117,65 @@ class NativeService:
                 return 400, {"error": validation.error, "node_errors": validation.node_errors}
             outputs, node_errors = validation.outputs, validation.node_errors
 
-        entry = await self._record(
-            caller,
-            NativePrompt(
-                prompt_id="",
-                caller=caller,
-                prompt=prompt,
-                extra_data=extra_data,
-                outputs_to_execute=outputs,
-                client_id=client_id,
-                number=number,
-                front=bool(body.get("front")),
-                created_ms=int(time.time() * 1000),
-            ),
-            body.get("prompt_id"),
+        native = NativePrompt(
+            prompt_id="",
+            caller=caller,
+            prompt=prompt,
+            extra_data=extra_data,
+            outputs_to_execute=outputs,
+            client_id=client_id,
+            number=number,
+            front=body.get("front") is True,
+            created_ms=int(time.time() * 1000),
         )
-        request = JobRequest(
-            workflow=_needed(prompt, outputs) if outputs else prompt,
-            inputs=inputs,
-            priority=1 if entry.prompt.front else 0,
-            job_id=entry.prompt_id,
-            max_attempts=services.settings.default_max_attempts,
-            metadata={"api": "comfyui", **({"client_id": client_id} if client_id else {})},
-        )
-        try:
-            await services.submit(request)
-        except ApiError as exc:
-            self.index.remove(entry.prompt_id)
-            await self._kv.delete(entry.prompt_id)
-            return exc.status, comfy_error(exc.code, exc.message, str(exc.details or ""))
+        if len(encode(native)) > services.nc.max_payload - PAYLOAD_HEADROOM:
+            return 413, comfy_error(
+                "prompt_too_large",
+                "Prompt too large",
+                f"the prompt with its extra_data exceeds {services.nc.max_payload} bytes",
+            )
+        wanted = body.get("prompt_id")
+        for _ in range(2):
+            entry = await self._record(caller, native, wanted)
+            try:
+                await self._submit(entry, prompt, outputs, inputs, client_id)
+            except ApiError as exc:
+                self.index.remove(entry.prompt_id)
+                await self._kv.delete(entry.prompt_id)
+                if exc.code == "duplicate_job" and wanted is not None:
+                    wanted = None  # a job of that id exists (its prompt was deleted): a new id
+                    continue
+                return exc.status, comfy_error(exc.code, exc.message, str(exc.details or ""))
+            break
         self.hub.queue_changed(caller)
         return 200, {
             "prompt_id": entry.prompt_id,
             "number": entry.number,
             "node_errors": node_errors,
         }
+
+    async def _submit(
+        self,
+        entry: Entry,
+        prompt: dict[str, Any],
+        outputs: list[str],
+        inputs: list[JobInput],
+        client_id: str | None,
+    ) -> None:
+        services = self._services
+        request = JobRequest(
+            workflow=_needed(prompt, outputs) if outputs else prompt,
+            inputs=inputs,
+            priority=1 if entry.prompt.front else 0,
+            job_id=entry.prompt_id,
+            max_attempts=services.settings.default_max_attempts,
+            metadata={
+                "api": "comfyui",
+                "caller": entry.prompt.caller,
+                **({"client_id": client_id} if client_id else {}),
+            },
+        )
+        await services.submit(request)
 
     async def _record(self, caller: str, prompt: NativePrompt, wanted: object) -> Entry:
         """Store the prompt under the client's id if it is new and usable, else under a new one."""
@@ -169,12 +201,13 @@ class NativeService:
         _, pending = self.index.queue_of(caller)
         wanted = None if prompt_ids is None else {p for p in prompt_ids if isinstance(p, str)}
         targets = [e for e in pending if wanted is None or e.prompt_id in wanted]
-        for entry in targets:
-            await self._cancel(entry)
-            # Deleted from the queue means never in history, as on one server, even when
-            # another server had already started it.
-            self.index.remove(entry.prompt_id)
-            await self._kv.delete(entry.prompt_id)
+        cancelled = await asyncio.gather(*(self._cancel(entry) for entry in targets))
+        for entry, gone in zip(targets, cancelled, strict=True):
+            if gone:
+                # Deleted from the queue means never in history, as on one server, even when
+                # another server had already started it. One that ended first stays.
+                self.index.remove(entry.prompt_id)
+                await self._kv.delete(entry.prompt_id)
         if targets:
             self.hub.queue_changed(caller)
 
@@ -189,12 +222,15 @@ class NativeService:
         if entry is not None and entry.executing:
             await self._cancel(entry)
 
-    async def _cancel(self, entry: Entry) -> None:
+    async def _cancel(self, entry: Entry) -> bool:
+        """Cancel the prompt's job; whether it ended cancelled (not finished first)."""
         try:
-            await self._services.cancel(entry.prompt_id)
+            record = await self._services.cancel(entry.prompt_id)
         except ApiError as exc:
             # Ended meanwhile: nothing left to cancel, as on a single server.
             log.info("not cancelling %s: %s", entry.prompt_id, exc.message)
+            return False
+        return record.status == JobStatus.CANCELLED
 
     def history(self, caller: str) -> list[Entry]:
         """The caller's history: ended prompts that ran (a deleted pending one never did)."""
@@ -231,8 +267,10 @@ class NativeService:
 
 
 def _usable(prompt_id: str) -> bool:
+    if prompt_id == UPLOADS:  # /view tells outputs from uploads by that first segment
+        return False
     try:
-        check_token(prompt_id, "prompt id")
+        check_job_id(prompt_id)
     except ContractError:
         return False
     return True

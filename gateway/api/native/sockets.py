@@ -17,7 +17,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-from gateway.api.native.messages import Outgoing, PromptRelay
+from gateway.api.native.messages import Outgoing, PromptRelay, history_entry
 from gateway.api.native.prompts import Entry, PromptIndex
 from gateway.contract import (
     TERMINAL_EVENTS,
@@ -31,8 +31,13 @@ from gateway.contract import (
 
 log = logging.getLogger(__name__)
 
-# Frames a socket may have waiting; a client this far behind is disconnected, not buffered for.
+# Frames and bytes a socket may have waiting; a client this far behind is disconnected, not
+# buffered for.
 MAX_BACKLOG: Final = 10_000
+MAX_BACKLOG_BYTES: Final = 32 * 1024 * 1024
+# A prompt whose end reached this gateway only as a record (its events were missed while the
+# connection to NATS was down) is closed on its sockets after this long.
+MISSED_END_GRACE_S: Final = 2.0
 # How long the closing `executing` waits for the job's record to show the end.
 SETTLE_S: Final = 10.0
 
@@ -57,17 +62,27 @@ class NativeSocket:
         self.caller = caller
         self.client_id = client_id
         self.frames: asyncio.Queue[str | bytes | None] = asyncio.Queue(MAX_BACKLOG)
+        self.waiting_bytes = 0
         self.previews = False  # asked for preview metadata with feature_flags
+        self.closed = False
 
     def send(self, text: str | bytes) -> None:
-        try:
-            self.frames.put_nowait(text)
-        except asyncio.QueueFull:
-            log.warning("socket %s fell %d frames behind; closing it", self.client_id, MAX_BACKLOG)
+        if self.closed:
+            return
+        size = len(text)
+        if self.frames.full() or self.waiting_bytes + size > MAX_BACKLOG_BYTES:
+            log.warning("socket %s fell too far behind; closing it", self.client_id)
             self.close()
+            return
+        self.waiting_bytes += size
+        self.frames.put_nowait(text)
+
+    def sent(self, item: str | bytes) -> None:
+        self.waiting_bytes -= len(item)
 
     def close(self) -> None:
         """Ask the writer to stop (it drains nothing more)."""
+        self.closed = True
         while True:
             try:
                 self.frames.put_nowait(None)
@@ -92,6 +107,8 @@ class SocketHub:
         self._runs: dict[str, str] = {}
         self._events_prefix = subjects.events("x")[:-1]
         self._tasks: set[asyncio.Task[None]] = set()
+        self._closing: set[str] = set()  # prompts whose end came as an event here
+        index.on_finish(self._ended)
 
     # -- sockets -----------------------------------------------------------------------------
 
@@ -112,13 +129,27 @@ class SocketHub:
             self._sockets.pop(socket.caller, None)
         if self._by_client.get((socket.caller, socket.client_id)) is socket:
             del self._by_client[(socket.caller, socket.client_id)]
-        if not self._sockets:
-            self._relays.clear()
-            self._runs.clear()
-            for sub in (self._sub, self._previews_sub):
-                if sub is not None:
-                    await sub.unsubscribe()
-            self._sub = self._previews_sub = None
+        if socket.caller not in self._sockets:
+            self._forget_caller(socket.caller)
+        if self._previews_sub is not None and not any(
+            s.previews for sockets in self._sockets.values() for s in sockets
+        ):
+            sub, self._previews_sub = self._previews_sub, None
+            await sub.unsubscribe()
+        if not self._sockets and self._sub is not None:
+            sub, self._sub = self._sub, None
+            await sub.unsubscribe()
+
+    def _forget_caller(self, caller: str) -> None:
+        """Drop the relay state of a caller nobody listens for any more."""
+        gone = {
+            job_id
+            for job_id in self._relays
+            if (entry := self._index.get(job_id)) is None or entry.prompt.caller == caller
+        }
+        for job_id in gone:
+            del self._relays[job_id]
+        self._runs = {run: job for run, job in self._runs.items() if job not in gone}
 
     async def want_previews(self, socket: NativeSocket) -> None:
         """The socket negotiated preview metadata: relay binary previews to it."""
@@ -179,6 +210,7 @@ class SocketHub:
         for message in relay.translate(event):
             self._deliver(entry, message)
         if isinstance(event, TERMINAL_EVENTS):
+            self._closing.add(job_id)
             ran = relay.started or not isinstance(event, Cancelled)
             task = asyncio.create_task(self._close_prompt(entry, ran))
             self._tasks.add(task)
@@ -198,6 +230,26 @@ class SocketHub:
         finally:
             self._relays.pop(entry.prompt_id, None)
             self._runs = {run: job for run, job in self._runs.items() if job != entry.prompt_id}
+
+    def _ended(self, entry: Entry) -> None:
+        if entry.prompt.caller in self._sockets:
+            task = asyncio.create_task(self._close_if_missed(entry))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _close_if_missed(self, entry: Entry) -> None:
+        """Close a prompt on its sockets if its end never came here as an event."""
+        await asyncio.sleep(MISSED_END_GRACE_S)  # the event normally comes first, or close by
+        if entry.prompt_id in self._closing:
+            self._closing.discard(entry.prompt_id)
+            return
+        log.info("prompt %s ended without its last event reaching this gateway", entry.prompt_id)
+        record = entry.record
+        ran = record is not None and record.started_at is not None
+        if ran:
+            last = history_entry(entry)["status"]["messages"][-1]
+            self._deliver(entry, Outgoing(last[0], last[1]))
+        await self._close_prompt(entry, ran)
 
     async def _on_preview(self, msg: Msg) -> None:
         preview = parse_preview(msg.data)
