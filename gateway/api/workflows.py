@@ -13,7 +13,6 @@ from litestar import Controller, Request, Response, WebSocket, get, post, websoc
 from litestar.params import FromPath, FromQuery, JSONBody
 from litestar.response import ServerSentEvent
 from litestar.response.sse import ServerSentEventMessage
-from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import api
 
@@ -23,19 +22,14 @@ from gateway.api.schemas import JobResult, Submitted, Timings, WorkflowSubmissio
 from gateway.api.services import Services, ServicesDep
 from gateway.contract import (
     TERMINAL_EVENTS,
-    Cancel,
-    CancelledData,
     ContractError,
-    ControlReply,
     Event,
     JobRecord,
     JobRequest,
-    decode,
     decode_event,
     encode,
     event_type,
 )
-from gateway.jobstate import BOUND
 from gateway.submit import MAX_REQUEST_BYTES, check_job_id
 
 log = logging.getLogger(__name__)
@@ -183,17 +177,7 @@ class WorkflowController(Controller):
         self, job_id: FromPath[str], services: ServicesDep, request: Request[Any, Any, Any]
     ) -> JobResult:
         """Cancel a job: dequeued if waiting, interrupted if running."""
-        record = await services.record(known_job_id(job_id))
-        if record.status.terminal:
-            raise ApiError(409, "already_finished", f"job {job_id} already {record.status}")
-        if record.status in BOUND and record.server_id is not None:
-            if not await _ask_adapter_to_cancel(services, record):
-                await services.publisher.emit(
-                    job_id, CancelledData(reason="cancelled by request", attempt=record.attempt)
-                )
-        else:
-            await services.publisher.emit(job_id, CancelledData(reason="cancelled by request"))
-        record = await services.wait_for_end(job_id, 10.0)
+        record = await services.cancel(known_job_id(job_id))
         return to_result(record, services, request)
 
     @get("/events/{job_id:str}", responses=error_responses(404, 503))
@@ -204,20 +188,6 @@ class WorkflowController(Controller):
         await services.record(known_job_id(job_id))  # 404 before the stream starts
         slot = limits_of(request.app).streams.acquire()  # 503 when too many are open
         return ServerSentEvent(hold(slot, _event_stream(services, job_id)))
-
-
-async def _ask_adapter_to_cancel(services: Services, record: JobRecord) -> bool:
-    assert record.server_id is not None
-    try:
-        reply = await services.nc.request(
-            services.subjects.control(record.server_id),
-            encode(Cancel(job_id=record.job_id)),
-            timeout=5.0,
-        )
-    except (NoRespondersError, NatsTimeoutError):
-        log.warning("adapter %s did not answer a cancel; cancelling here", record.server_id)
-        return False
-    return decode(reply.data, ControlReply).ok
 
 
 async def job_events(services: Services, job_id: str) -> AsyncIterator[Event | None]:
