@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from gateway.api.native.messages import PromptRelay
+from gateway.api.native.messages import PromptRelay, rename_output
 from gateway.contract import (
     CancelledData,
     DispatchedData,
@@ -18,6 +18,7 @@ from gateway.contract import (
     SucceededData,
     make_event,
 )
+from plugins.comfyui.outputs import OutputRef, output_key
 
 PROMPT = "p-1"
 IMAGE = {"images": [{"filename": "x_00001_.png", "subfolder": "", "type": "output"}]}
@@ -119,3 +120,26 @@ def test_failure_and_interruption() -> None:
     assert interrupted[-1]["node_id"] == "2"
     # A prompt cancelled before it ran says nothing (ComfyUI drops a deleted pending prompt).
     assert feed(PromptRelay(PROMPT), CancelledData()) == []
+
+
+def test_files_apart_only_by_subfolder_or_type_keep_apart_names() -> None:
+    files = [
+        ("11", "same_00001_.png", "x", "output"),
+        ("13", "same_00001_.png", "y", "output"),
+        ("15", "same_00001_.png", "", "temp"),
+    ]
+    told = [
+        rename_output(PROMPT, {"images": [{"filename": f, "subfolder": s, "type": t}]})
+        for _, f, s, t in files
+    ]
+    names = [output["images"][0]["filename"] for output in told]
+    assert len(set(names)) == 3
+    # The adapter stores each file under the very name the socket told the client.
+    taken: set[str] = set()
+    keys = [
+        output_key(
+            PROMPT, OutputRef(node_id=n, kind="images", filename=f, subfolder=s, type=t), taken
+        )
+        for n, f, s, t in files
+    ]
+    assert [key.split("/", 1)[1] for key in keys] == names

@@ -69,16 +69,27 @@ def output_files(outputs: dict[str, dict[str, Any]]) -> list[OutputRef]:
     ]
 
 
-def safe_name(filename: str) -> str:
-    """The storage key segment an output file name becomes (its first choice, before clashes)."""
+def stored_name(filename: str, subfolder: str = "", folder: str = "output") -> str:
+    """The name a ComfyUI output is stored under in its job's folder (before clashes).
+
+    ComfyUI tells files apart by folder type, subfolder and name; all three go into the name
+    (`temp~ComfyUI_temp_x_00001_.png`, `sub~a_00001_.png`) so that files which differ only in
+    the first two do not collide. The gateway names files with this too, before they are stored.
+    """
     # A storage key segment may not be hidden or hold a slash; ComfyUI names are plain anyway.
-    name = filename.replace("\\", "/").rsplit("/", 1)[-1].lstrip(".")
-    return name or "output"
+    name = filename.replace("\\", "/").rsplit("/", 1)[-1].lstrip(".") or "output"
+    parts = [] if folder == "output" else [folder]
+    parts += [p.lstrip(".") for p in subfolder.replace("\\", "/").split("/")]
+    parts = [p for p in parts if p]
+    return "~".join([*parts, name])
 
 
 def output_key(job_id: str, ref: OutputRef, taken: set[str]) -> str:
-    """`<job_id>/<filename>`, or `<job_id>/<node_id>-<filename>` if two outputs share a name."""
-    name = safe_name(ref.filename)
+    """`<job_id>/<stored name>`, or `<job_id>/<node_id>-<name>` if two outputs share a name.
+
+    Only the very same file reported by two nodes gets the second form.
+    """
+    name = stored_name(ref.filename, ref.subfolder, ref.type)
     key = f"{job_id}/{name}"
     if key in taken:
         key = f"{job_id}/{ref.node_id}-{name}"

@@ -32,7 +32,7 @@ from gateway.contract import (
     Running,
     Succeeded,
 )
-from plugins.comfyui.outputs import safe_name
+from plugins.comfyui.outputs import stored_name
 
 # Message types ComfyUI still sends, to every socket, for a prompt without a client id.
 BROADCAST_TYPES = frozenset({"progress_state", "progress", "execution_interrupted"})
@@ -56,13 +56,16 @@ def rename_output(job_id: str, output: dict[str, Any]) -> dict[str, Any]:
     renamed: dict[str, Any] = {}
     for kind, items in output.items():
         if isinstance(items, list) and all(_is_file(item) for item in items):
-            renamed[kind] = [
-                native_file(job_id, safe_name(item["filename"]), str(item.get("type") or "output"))
-                for item in items
-            ]
+            renamed[kind] = [_renamed(job_id, item) for item in items]
         else:
             renamed[kind] = items
     return renamed
+
+
+def _renamed(job_id: str, item: dict[str, Any]) -> dict[str, str]:
+    folder = str(item.get("type") or "output")
+    name = stored_name(item["filename"], str(item.get("subfolder") or ""), folder)
+    return native_file(job_id, name, folder)
 
 
 def _is_file(item: Any) -> bool:
