@@ -10,6 +10,7 @@ from litestar.params import FromPath
 from litestar.response import Stream
 
 from gateway.api.errors import ApiError, error_responses
+from gateway.api.native.uploads import UPLOADS
 from gateway.api.services import ServicesDep
 from plugins.storage.base import InvalidKey, NotFound
 
@@ -51,6 +52,9 @@ async def image(
     if storage is None:
         raise ApiError(503, "no_storage", "no storage backend is configured")
     key = key.lstrip("/")
+    if key.split("/", 1)[0] == UPLOADS:
+        # Uploads through ComfyUI's API belong to their caller: /view serves them to it alone.
+        raise ApiError(404, "not_found", f"nothing is stored under {key!r}")
     try:
         stored = await storage.stat(key)
     except InvalidKey as exc:
