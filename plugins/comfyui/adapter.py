@@ -16,19 +16,23 @@ import nats.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
-from nats.js.errors import BadRequestError, KeyNotFoundError
+from nats.js.errors import BadRequestError, KeyNotFoundError, NotFoundError
 from nats.js.kv import KeyValue
 
 from gateway.contract import (
+    TERMINAL_EVENTS,
     Capabilities,
     ContractError,
     Job,
     JobRecord,
     JobStatus,
+    Retried,
     Subjects,
     check_token,
     decode,
+    decode_event,
     encode,
+    event_type,
 )
 from gateway.events import EventPublisher
 from gateway.settings import Settings
@@ -44,6 +48,10 @@ from plugins.storage.registry import create_storage
 log = logging.getLogger(__name__)
 
 _SHUTDOWN = "the adapter is shutting down"
+
+
+def _running(record: JobRecord | None) -> bool:
+    return record is not None and record.status is JobStatus.RUNNING
 
 
 def consumer_name(server_id: str) -> str:
@@ -265,6 +273,17 @@ class Adapter:
             await msg.nak(delay=1)
             return
         why = superseded(record, job, self.server_id)
+        if why is None and (msg.metadata.num_delivered > 1 or _running(record)):
+            # Delivered again: the end of this attempt may be in the log already (its ack was
+            # lost with a broker restart) while the record, which follows the events, lags.
+            try:
+                why = await self._already_ended(job)
+            except nats.errors.Error as exc:
+                log.warning(
+                    "job %s: cannot read its last event (%s); retrying later", job.job_id, exc
+                )
+                await msg.nak(delay=1)
+                return
         if why is not None:
             log.info("job %s attempt %d superseded (%s); dropping it", job.job_id, job.attempt, why)
             await msg.ack()
@@ -274,6 +293,21 @@ class Adapter:
         self._runs[job.job_id] = run
         log.info("job %s attempt %d: taken", job.job_id, job.attempt)
         self._tasks[job.job_id] = tasks.create_task(self._run(run), name=f"job-{job.job_id}")
+
+    async def _already_ended(self, job: Job) -> str | None:
+        """Why not to run `job`: its attempt's end is already in the event log; None if not."""
+        try:
+            raw = await self._js.get_last_msg(
+                self._subjects.events_stream, self._subjects.events(job.job_id)
+            )
+        except NotFoundError:
+            return None
+        if raw.data is None:
+            return None
+        last = decode_event(raw.data)
+        if isinstance(last, (*TERMINAL_EVENTS, Retried)) and last.data.attempt == job.attempt:
+            return f"attempt {job.attempt} already ended ({event_type(last)})"
+        return None
 
     async def _run(self, run: JobRun) -> None:
         try:

@@ -11,15 +11,23 @@ from gateway.contract import (
     Failed,
     FailedData,
     History,
+    Job,
     JobInput,
+    JobRecord,
+    JobRequest,
+    JobStatus,
     NodeCached,
     NodeProgress,
     NodeStarted,
     Retried,
     Running,
     Succeeded,
+    SucceededData,
     encode,
+    new_id,
+    now,
 )
+from gateway.events import EventPublisher
 from plugins.simulator import png
 from plugins.storage.base import Storage
 from tests.adapter.kit import FAST, SERVER, Bus, tiny, two_outputs
@@ -277,3 +285,42 @@ async def test_progress_of_a_node_is_published(bus: Bus, make_sim, start_adapter
         ]
         assert progress == [("4", 0, 3), ("4", 1, 3), ("4", 2, 3)]
         assert len(end.data.outputs) == 3  # SaveImage of a batch of 3
+
+
+async def test_a_job_whose_end_is_logged_already_is_not_run_again(
+    bus: Bus, make_sim, start_adapter, js, subjects
+):
+    """Its ack was lost with a broker restart: the job comes back while the record, which
+    follows the events, still says running. The end in the log decides."""
+    async with make_sim() as sim:
+        await start_adapter(sim.address, capacity=1)
+        job_id = new_id()
+        publisher = EventPublisher(js, subjects)
+        await publisher.emit(job_id, SucceededData(attempt=1), server_id=SERVER)
+        at = now()
+        record = JobRecord(
+            job_id=job_id,
+            status=JobStatus.RUNNING,
+            submitted_at=at,
+            updated_at=at,
+            log_file_path="",
+            server_id=SERVER,
+            attempt=1,
+        )
+        await bus.kv.put(job_id, encode(record))
+        job = Job(
+            job_id=job_id,
+            attempt=1,
+            server_id=SERVER,
+            request=JobRequest(workflow=tiny("again"), job_id=job_id),
+            submitted_at=at,
+            dispatched_at=at,
+        )
+        await js.publish(subjects.jobs(SERVER), encode(job))
+        ours = await bus.dispatch(tiny("ours"))
+        assert isinstance(await bus.wait_event(ours.job_id), Succeeded)
+        # Taken in order, one at a time: the first was looked at and dropped.
+        assert bus.types(job_id) == ["succeeded"]  # only the one written above
+        assert sim.engine.history.get(job.prompt_id) == {}
+        info = await js.stream_info(subjects.jobs_stream)
+        assert info.state.messages == 0
