@@ -12,13 +12,23 @@ events rows == sum(last_seq) (seqs are gap-free) and every job indexed as succee
 Everything (NATS aside) runs in this one process and event loop: gateway, balancer, 10
 adapters, log sink, 10 fake servers and the clients share one core. --profile runs pyinstrument
 over the REST pass and prints the functions with the most own time.
+
+--split runs the roles as processes instead, as a deployment does: nats-server, `comfyautomate
+gateway` (REST API and balancer), `comfyautomate logsink`, one process with the 10 adapters and
+one with the 10 fake ComfyUIs (bench/roles.py); the clients stay here. Each process's CPU time
+per job (from /proc) says which role limits the rate, and how many cores 1,000 jobs/s needs.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
+import os
+import signal
+import socket
 import sys
+import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -29,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import goal, print_goals, running_system, say, table, tiny, write_results
 from gateway.bus import connect
 from gateway.contract import JobRecord, Subjects, decode
+from gateway.natsserver import start_nats_server
 from plugins.simulator import SimulatorConfig
 from sdk import AsyncComfyUISDK
 from sdk.nats import NatsClient
@@ -215,7 +226,7 @@ async def main(jobs: int, concurrency: int, quick: bool, profile: bool) -> dict[
                 await NatsClient.connect(system.settings.nats_url) as bus,
             ):
                 # Warm-up, not counted.
-                await one_pass("warm", 40, 8, sdk.submit_workflow, completions, 90_000_000)
+                warm = await one_pass("warm", 40, 8, sdk.submit_workflow, completions, 90_000_000)
 
                 async def by_bus(workflow: dict[str, Any]) -> str:
                     return (await bus.submit(workflow)).job_id
@@ -238,7 +249,7 @@ async def main(jobs: int, concurrency: int, quick: bool, profile: bool) -> dict[
                     await one_pass("NatsClient", jobs, concurrency, by_bus, completions, 10**7)
                 )
                 say("checking the logs ...")
-                all_ids = [i for p in passes for i in p["ids"]]
+                all_ids = warm["ids"] + [i for p in passes for i in p["ids"]]
                 logs = await check_logs(sdk, all_ids, within=120)
         finally:
             watch.cancel()
@@ -305,6 +316,174 @@ async def main(jobs: int, concurrency: int, quick: bool, profile: bool) -> dict[
     return result
 
 
+# -- roles as processes (--split) -------------------------------------------------------------
+
+_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _TICKS
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def start_child(*argv: str) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        sys.executable, *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL
+    )
+
+
+async def stop_child(process: asyncio.subprocess.Process) -> None:
+    if process.returncode is not None:
+        return
+    process.send_signal(signal.SIGTERM)
+    try:
+        await asyncio.wait_for(process.wait(), 20)
+    except TimeoutError:
+        process.kill()
+        await process.wait()
+
+
+async def wait_healthy(url: str, count: int, within: float) -> None:
+    import httpx
+
+    deadline = time.monotonic() + within
+    async with httpx.AsyncClient(base_url=url, timeout=5) as client:
+        while time.monotonic() < deadline:
+            try:
+                servers = (await client.get("/servers")).json()
+            except httpx.HTTPError:
+                servers = []
+            healthy = [s for s in servers if s["status"] == "healthy" and s["node_types"] > 0]
+            if len(healthy) >= count:
+                return
+            await asyncio.sleep(0.2)
+    raise TimeoutError(f"{count} servers did not turn healthy within {within} s")
+
+
+async def split_main(jobs: int, concurrency: int, quick: bool) -> dict[str, Any]:
+    root = Path(__file__).resolve().parents[1]
+    cli = ["-m", "gateway.cli"]
+    with tempfile.TemporaryDirectory(prefix="comfybench-") as tmp:
+        data = str(Path(tmp) / "data")
+        server = await start_nats_server(
+            port=0, store_dir=Path(tmp) / "nats", log_file=Path(tmp) / "nats.log"
+        )
+        children: dict[str, asyncio.subprocess.Process] = {}
+        try:
+            common = ["--nats-url", server.url, "--data-dir", data, "--log-level", "WARNING"]
+            children["fake ComfyUIs (10, bench/roles.py)"] = sims = await start_child(
+                str(root / "bench" / "roles.py"), "sims", "--count", str(SERVERS),
+                "--base-dir", str(Path(tmp) / "sims"),
+            )  # fmt: skip
+            assert sims.stdout is not None
+            addresses = json.loads(await sims.stdout.readline())["addresses"]
+            port = free_port()
+            url = f"http://127.0.0.1:{port}"
+            children["gateway (REST + balancer)"] = await start_child(
+                *cli, "gateway", *common, "--port", str(port)
+            )
+            children["log sink"] = await start_child(*cli, "logsink", *common)
+            children["adapters (10, one process)"] = await start_child(
+                str(root / "bench" / "roles.py"), "adapters", "--nats-url", server.url,
+                "--data-dir", data,
+                *[arg for k, a in enumerate(addresses) for arg in ("--server", f"sim{k}={a}")],
+            )  # fmt: skip
+            await wait_healthy(url, SERVERS, 60)
+            pids = {name: p.pid for name, p in children.items()} | {"nats-server": server.pid}
+            nc = await connect(server.url, "bench-watch")
+            completions = Completions()
+            watch = asyncio.create_task(completions.run(nc.jetstream()))
+            passes = []
+            try:
+                async with (
+                    AsyncComfyUISDK(url, timeout=120) as sdk,
+                    await NatsClient.connect(server.url) as bus,
+                ):
+                    warm = await one_pass(
+                        "warm", 40, 8, sdk.submit_workflow, completions, 90_000_000
+                    )
+
+                    async def by_bus(workflow: dict[str, Any]) -> str:
+                        return (await bus.submit(workflow)).job_id
+
+                    for name, submit, base in (
+                        ("sdk REST", sdk.submit_workflow, 0),
+                        ("NatsClient", by_bus, 10**7),
+                    ):
+                        say(f"{name} pass (roles as processes): {jobs} jobs ...")
+                        before = {role: cpu_seconds(pid) for role, pid in pids.items()}
+                        result = await one_pass(name, jobs, concurrency, submit, completions, base)
+                        after = {role: cpu_seconds(pid) for role, pid in pids.items()}
+                        result["cpu_ms_per_job_by_process"] = {
+                            role: (after[role] - before[role]) / jobs * 1000 for role in pids
+                        } | {"clients (this process)": result["cpu_ms_per_job"]}
+                        passes.append(result)
+                    say("checking the logs ...")
+                    every = warm["ids"] + [i for p in passes for i in p["ids"]]
+                    logs = await check_logs(sdk, every, 120)
+            finally:
+                watch.cancel()
+                await asyncio.gather(watch, return_exceptions=True)
+                await nc.close()
+        finally:
+            for process in reversed(list(children.values())):
+                await stop_child(process)
+            await server.stop()
+    return split_report(passes, logs, quick)
+
+
+def split_report(passes: list[dict[str, Any]], logs: dict[str, Any], quick: bool) -> dict[str, Any]:
+    say(f"\nthroughput, {SERVERS} fake servers, node time 0, roles as separate processes")
+    say(
+        table(
+            [
+                [
+                    p["client"],
+                    p["jobs"],
+                    p["submit_per_s"],
+                    p["completed_per_s"],
+                    " ".join(f"{k}={v}" for k, v in p["statuses"].items()),
+                ]
+                for p in passes
+            ],
+            ["client", "jobs", "submitted/s", "completed/s", "status"],
+        )
+    )
+    roles = list(passes[0]["cpu_ms_per_job_by_process"])
+    rows = []
+    for role in roles:
+        ms = [p["cpu_ms_per_job_by_process"][role] for p in passes]
+        rows.append([role, *ms, 1000 / max(ms[-1], 1e-9)])
+    say("\nCPU ms per job, by process (the last column: jobs/s one core gives that role)")
+    say(table(rows, ["process", *[p["client"] for p in passes], "jobs/s per core (bus)"]))
+    say("\nlogs: " + ", ".join(f"{k}={v}" for k, v in logs.items()))
+    bus = passes[-1]["cpu_ms_per_job_by_process"]
+    ours = sum(v for k, v in bus.items() if not k.startswith(("fake", "clients")))
+    result: dict[str, Any] = {
+        "mode": ("quick" if quick else "full") + ", roles as processes",
+        "servers": SERVERS,
+        "passes": [{k: v for k, v in p.items() if k != "ids"} for p in passes],
+        "logs": logs,
+        "system_cpu_ms_per_job_bus_path_without_fakes_and_clients": ours,
+        "cores_needed_for_1000_jobs_per_s": ours,  # ms per job x 1000 jobs/s / 1000 ms
+    }
+    best = max(p["completed_per_s"] for p in passes)
+    result["goals"] = [
+        goal("jobs/s completed through one gateway (best client)", best, "jobs/s", 1000, True),
+        goal("every job's events in the logs", float(logs["all_events_logged"]), "bool", 1, True),
+    ]
+    say("")
+    print_goals(result["goals"])
+    return result
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="300 jobs per client (< 60 s)")
@@ -316,8 +495,12 @@ if __name__ == "__main__":
     )
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--profile", action="store_true", help="needs: uv run --with pyinstrument")
+    parser.add_argument("--split", action="store_true", help="run the roles as processes")
     args = parser.parse_args()
     n = args.jobs or (300 if args.quick else 1200)
+    if args.split:
+        write_results("throughput_split", asyncio.run(split_main(n, args.concurrency, args.quick)))
+        sys.exit(0)
     write_results(
         "throughput" + ("_profile" if args.profile else ""),
         asyncio.run(main(n, args.concurrency, args.quick, args.profile)),

@@ -10,19 +10,24 @@ from __future__ import annotations
 
 import asyncio
 import heapq
+import itertools
 import logging
 import time
+from collections.abc import Mapping
 from typing import Final
 
 import msgspec
+import nats.errors
 from nats.aio.client import Client
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
-from nats.js.errors import KeyNotFoundError
+from nats.js.errors import KeyNotFoundError, NotFoundError
 from nats.js.kv import KeyValue
 
 from gateway.contract import (
     Cancel,
     Cancelled,
+    Capabilities,
     DispatchedData,
     Event,
     FailedData,
@@ -54,14 +59,24 @@ _BATCH: Final = 256
 _DEFAULT_SECONDS_PER_JOB: Final = 1.0
 # How long a record may wait for its queued event before the submission is declared lost.
 UNCONFIRMED_GRACE_S: Final = 30.0
+_FITS_REMEMBERED: Final = 50_000
+
+
+class _Unreadable(Exception):
+    """The event log could not be read just now (not: what was looked for is missing)."""
 
 
 class _Queue:
-    """Pending jobs by priority (higher first), then age (older first)."""
+    """Pending jobs by priority (higher first), then age (older first).
+
+    Removal is lazy: a heap entry counts only while it is its job's latest push, so a job
+    discarded and pushed again (handed back) is never listed twice.
+    """
 
     def __init__(self) -> None:
-        self._heap: list[tuple[int, float, str]] = []
-        self._live: set[str] = set()
+        self._heap: list[tuple[int, float, int, str]] = []
+        self._live: dict[str, int] = {}  # job id -> the token of its current heap entry
+        self._pushes = itertools.count()
 
     def __len__(self) -> int:
         return len(self._live)
@@ -71,17 +86,26 @@ class _Queue:
 
     def push(self, record: JobRecord) -> None:
         if record.job_id not in self._live:
-            self._live.add(record.job_id)
-            heapq.heappush(self._heap, (-record.priority, record.submitted_at, record.job_id))
+            token = next(self._pushes)
+            self._live[record.job_id] = token
+            entry = (-record.priority, record.submitted_at, token, record.job_id)
+            heapq.heappush(self._heap, entry)
 
     def discard(self, job_id: str) -> None:
-        self._live.discard(job_id)  # its heap entry is skipped lazily
+        self._live.pop(job_id, None)  # its heap entry is skipped lazily
+
+    def _current(self, entry: tuple[int, float, int, str]) -> bool:
+        return self._live.get(entry[3]) == entry[2]
 
     def head(self, n: int) -> list[str]:
         """The first `n` pending job ids in order, without removing them."""
-        while self._heap and self._heap[0][2] not in self._live:
+        while self._heap and not self._current(self._heap[0]):
             heapq.heappop(self._heap)
-        return [job_id for _, _, job_id in heapq.nsmallest(n, self._heap) if job_id in self._live]
+        if len(self._heap) > 4 * len(self._live) + 64:
+            self._heap = [entry for entry in self._heap if self._current(entry)]
+            heapq.heapify(self._heap)
+        current = (entry for entry in heapq.nsmallest(n, self._heap) if self._current(entry))
+        return [entry[3] for entry in current]
 
 
 class Dispatcher:
@@ -117,6 +141,11 @@ class Dispatcher:
         self._unconfirmed: dict[str, tuple[JobRecord, float]] = {}
         self._wake = asyncio.Event()
         self._since = time.monotonic()
+        self._replayed_upto = 2**63  # until run() knows: no event counts as a first sight
+        # (requirements, server id) -> whether that server has what they need; cleared when
+        # a server's capabilities or labels change (checked by identity).
+        self._fits: dict[tuple[Requirements, str], bool] = {}
+        self._fits_of: dict[str, tuple[Capabilities, dict[str, str]]] = {}
 
     def wake(self) -> None:
         """Ask for a dispatch round soon (a server reported room, say)."""
@@ -130,6 +159,7 @@ class Dispatcher:
         """Lead until cancelled."""
         self._since = time.monotonic()
         await self._load_records()
+        self._replayed_upto = await self._replay_horizon()
         sub = await self._js.pull_subscribe(
             self._subjects.all_events,
             durable=CONSUMER,
@@ -157,6 +187,19 @@ class Dispatcher:
             finally:
                 await sub.unsubscribe()
 
+    async def _replay_horizon(self) -> int:
+        """0 if the durable consumer exists; else the stream's last sequence now.
+
+        A consumer created afresh delivers every stored event again, each for the "first"
+        time: up to this sequence, a queued event proves nothing and the record is read.
+        """
+        try:
+            await self._js.consumer_info(self._subjects.events_stream, CONSUMER)
+        except NotFoundError:
+            info = await self._js.stream_info(self._subjects.events_stream)
+            return int(info.state.last_seq)
+        return 0
+
     async def _load_records(self) -> None:
         watcher = await self._kv.watchall()
         try:
@@ -173,16 +216,33 @@ class Dispatcher:
         log.info("leading: %d open jobs, %d pending", len(self._records), len(self._queue))
 
     async def _adopt(self, record: JobRecord) -> None:
-        request = await self._request_of(record.job_id)
+        try:
+            request = await self._request_of(record.job_id)
+        except _Unreadable:
+            self._retry_unconfirmed(record)
+            return
         if request is None:
             # Being submitted right now (its queued event is on the way), or a submission that
             # died half-way; the second kind is failed once it has waited long enough.
             self._unconfirmed[record.job_id] = (record, time.monotonic())
             return
+        await self._take(record, request)
+
+    async def _take(self, record: JobRecord, request: JobRequest) -> None:
         self._records[record.job_id] = record
         self._needs[record.job_id] = requirements(request)
         if record.status is JobStatus.QUEUED:
             self._queue.push(record)
+        elif record.status is JobStatus.DISPATCHED and record.server_id is not None:
+            # The leader before may have stopped between the record and the job: send it
+            # (again). The same message id makes a copy still in the stream a no-op, and an
+            # adapter adopts a prompt it already has instead of running it twice.
+            await self._send(record, request)
+
+    def _retry_unconfirmed(self, record: JobRecord) -> None:
+        """Look at the job again in about a second (its log could not be read)."""
+        since = time.monotonic() - UNCONFIRMED_GRACE_S + 1.0
+        self._unconfirmed[record.job_id] = (record, since)
 
     # -- events --------------------------------------------------------------------------
 
@@ -192,7 +252,9 @@ class Dispatcher:
                 messages = await sub.fetch(_BATCH, timeout=self._tick)
             except TimeoutError:  # nats-py raises its own subclass or asyncio's: nothing came
                 continue
-            done = []
+            # Jobs are independent: each job's events are applied in order, different jobs'
+            # at the same time, so a batch costs about one round of KV writes, not one per event.
+            per_job: dict[str, list[tuple[Msg, Event]]] = {}
             for message in messages:
                 try:
                     event = decode_event(message.data)
@@ -200,22 +262,28 @@ class Dispatcher:
                     log.exception("dropping an event that does not decode: %r", message.data[:200])
                     await message.term()
                     continue
-                try:
-                    await self._on_event(event)
-                except Exception:  # one bad event must not stop the fleet; it is retried later
-                    log.exception("event %s of job %s failed; retrying it", event.seq, event.job_id)
-                    await message.nak(delay=1.0)
-                    continue
-                done.append(message)
+                per_job.setdefault(event.job_id, []).append((message, event))
+            done: list[Msg] = []
+            await asyncio.gather(*(self._apply_in_order(items, done) for items in per_job.values()))
             # Records are written before the acks: a crash here replays, never skips.
             for message in done:
                 await message.ack()
             self._wake.set()
 
-    async def _on_event(self, event: Event) -> None:
+    async def _apply_in_order(self, items: list[tuple[Msg, Event]], done: list[Msg]) -> None:
+        for message, event in items:
+            try:
+                await self._on_event(event, message)
+            except Exception:  # one bad event must not stop the fleet; it is retried later
+                log.exception("event %s of job %s failed; retrying it", event.seq, event.job_id)
+                await message.nak(delay=1.0)
+                continue
+            done.append(message)
+
+    async def _on_event(self, event: Event, message: Msg | None = None) -> None:
         record = self._records.get(event.job_id)
         if isinstance(event, Queued) and record is None:
-            await self._on_new_job(event)
+            await self._on_new_job(event, message)
             return
         if record is None:
             return  # a job that ended before this leader started, or unknown
@@ -230,16 +298,20 @@ class Dispatcher:
         elif isinstance(event, Retried):
             await self._requeue(updated, event)
 
-    async def _on_new_job(self, event: Queued) -> None:
+    async def _on_new_job(self, event: Queued, message: Msg | None = None) -> None:
         self._unconfirmed.pop(event.job_id, None)
-        # KV is the truth: a replayed queued event of a job that has moved on must not revive it.
-        try:
-            entry = await self._kv.get(event.job_id)
-        except KeyNotFoundError:
+        if self._first_sight(event, message):
             record = record_from_queued(event)
         else:
-            assert entry.value is not None
-            record = decode(entry.value, JobRecord)
+            # KV is the truth: a replayed queued event of a job that has moved on must not
+            # revive it.
+            try:
+                entry = await self._kv.get(event.job_id)
+            except KeyNotFoundError:
+                record = record_from_queued(event)
+            else:
+                assert entry.value is not None
+                record = decode(entry.value, JobRecord)
         if record.status.terminal:
             return
         self._records[record.job_id] = record
@@ -248,6 +320,22 @@ class Dispatcher:
             # Kept until the job is bound: it saves reading the event back from the stream.
             self._requests[record.job_id] = event.data.request
             self._queue.push(record)
+
+    def _first_sight(self, event: Queued, message: Msg | None) -> bool:
+        """Whether this queued event is certainly the job's first news to any leader.
+
+        Then its record can only be the one the submitter wrote, and reading it back from KV
+        (a round trip per new job) is skipped. That holds for the first event of the job's
+        subject (nothing, not even a failure, came before it), delivered for the first time
+        by a consumer that did not replay the stream from the start.
+        """
+        if message is None or event.seq != 1:
+            return False
+        try:
+            meta = message.metadata
+        except (ValueError, IndexError, nats.errors.Error):
+            return False
+        return meta.num_delivered == 1 and meta.sequence.stream > self._replayed_upto
 
     def _forget(self, job_id: str) -> None:
         self._records.pop(job_id, None)
@@ -298,6 +386,11 @@ class Dispatcher:
         await self._kv.put(record.job_id, encode(record))
 
     async def _request_of(self, job_id: str) -> JobRequest | None:
+        """The job's request from its `queued` event; None if there is none.
+
+        _Unreadable when the log cannot be read just now (the broker restarting, a time-out):
+        that is not a missing request, and must not fail the job.
+        """
         try:
             raw = await self._js.get_msg(
                 self._subjects.events_stream,
@@ -305,9 +398,11 @@ class Dispatcher:
                 subject=self._subjects.events(job_id),
                 next=True,
             )
-        except Exception:
-            log.exception("cannot read the queued event of job %s", job_id)
+        except NotFoundError:
             return None
+        except Exception as exc:
+            log.warning("cannot read the queued event of job %s now: %s", job_id, exc)
+            raise _Unreadable(job_id) from exc
         if raw.data is None:
             return None
         event = decode_event(raw.data)
@@ -345,27 +440,65 @@ class Dispatcher:
             return
         window = self._queue.head(max(64, 4 * sum(c.capacity for c in candidates)))
         states = {c.server_id: self._servers.get(c.server_id) for c in candidates}
+        usable = []
+        for server_id, state in states.items():
+            if state is None or state.capabilities is None:
+                continue
+            usable.append((server_id, state.capabilities, state.labels))
+            before = self._fits_of.get(server_id)
+            if before is None or before[0] is not state.capabilities or before[1] != state.labels:
+                self._fits_of[server_id] = (state.capabilities, dict(state.labels))
+                self._fits = {key: fit for key, fit in self._fits.items() if key[1] != server_id}
+        eligible_for: dict[Requirements, frozenset[str]] = {}
         pending = []
         for job_id in window:
             need = self._needs[job_id]
-            eligible = frozenset(
-                server_id
-                for server_id, state in states.items()
-                if state is not None
-                and state.capabilities is not None
-                and (need.server is None or need.server == server_id)
-                and not missing(need, state.capabilities, state.labels)
-            )
+            eligible = eligible_for.get(need)
+            if eligible is None:
+                eligible = eligible_for[need] = frozenset(
+                    server_id
+                    for server_id, capabilities, labels in usable
+                    if (need.server is None or need.server == server_id)
+                    and self._fit(need, server_id, capabilities, labels)
+                )
             pending.append(Pending(job_id=job_id, eligible=eligible))
         for job_id, server_id in plan(pending, candidates):
             await self._bind(self._records[job_id], server_id)
 
+    def _fit(
+        self,
+        need: Requirements,
+        server_id: str,
+        capabilities: Capabilities,
+        labels: Mapping[str, str],
+    ) -> bool:
+        # Jobs of one kind share their requirements: each (kind, server) is checked once.
+        key = (need, server_id)
+        fit = self._fits.get(key)
+        if fit is None:
+            if len(self._fits) > _FITS_REMEMBERED:
+                self._fits.clear()
+            fit = self._fits[key] = not missing(need, capabilities, labels)
+        return fit
+
     async def _bind(self, record: JobRecord, server_id: str) -> None:
-        request = self._requests.pop(record.job_id, None) or await self._request_of(record.job_id)
+        request = self._requests.get(record.job_id)
         if request is None:
-            self._forget(record.job_id)
+            try:
+                request = await self._request_of(record.job_id)
+            except _Unreadable:
+                return  # stays queued: the next round tries again
+        if request is None:
+            # The record stays, so that the failure, when its event comes back, is recorded.
+            self._queue.discard(record.job_id)
             await self._fail(record, "lost", "the job's request is missing from the event log")
             return
+        # Shielded: a leader stopped half-way would leave a record that says "dispatched" for
+        # a job never sent.
+        await asyncio.shield(self._bind_to(record, request, server_id))
+        self._requests.pop(record.job_id, None)
+
+    async def _bind_to(self, record: JobRecord, request: JobRequest, server_id: str) -> None:
         attempt = record.attempt + 1
         at = now()
         bound = msgspec.structs.replace(
@@ -374,21 +507,27 @@ class Dispatcher:
         # The record first: once it says "dispatched", no other leader binds the job again.
         await self._store(bound)
         self._queue.discard(record.job_id)
-        job = Job(
-            job_id=record.job_id,
-            attempt=attempt,
-            server_id=server_id,
-            request=request,
-            submitted_at=record.submitted_at,
-            dispatched_at=at,
-        )
-        await self._js.publish(
-            self._subjects.jobs(server_id),
-            encode(job),
-            headers={"Nats-Msg-Id": f"{record.job_id}.{attempt}"},
-        )
+        # `dispatched` before the job: once the adapter has the job it appends `running` and
+        # more, and a `dispatched` landing after those would misstate the job's course.
         await self._publisher.emit(
             record.job_id, DispatchedData(server_id=server_id, attempt=attempt), server_id=server_id
+        )
+        await self._send(bound, request)
+
+    async def _send(self, bound: JobRecord, request: JobRequest) -> None:
+        assert bound.server_id is not None
+        job = Job(
+            job_id=bound.job_id,
+            attempt=bound.attempt,
+            server_id=bound.server_id,
+            request=request,
+            submitted_at=bound.submitted_at,
+            dispatched_at=bound.updated_at,
+        )
+        await self._js.publish(
+            self._subjects.jobs(bound.server_id),
+            encode(job),
+            headers={"Nats-Msg-Id": f"{bound.job_id}.{bound.attempt}"},
         )
 
     async def _fail_unconfirmed(self) -> None:
@@ -399,10 +538,17 @@ class Dispatcher:
         ]
         for record in expired:
             del self._unconfirmed[record.job_id]
-            if await self._request_of(record.job_id) is None:
+            try:
+                request = await self._request_of(record.job_id)
+            except _Unreadable:
+                self._retry_unconfirmed(record)
+                continue
+            if request is None:
                 log.error("job %s has a record but never got its queued event", record.job_id)
                 self._records[record.job_id] = record  # so that its failure is recorded
                 await self._fail(record, "lost", "the job's submission did not complete")
+            elif record.job_id not in self._records:
+                await self._take(record, request)
 
     async def _hand_back_from_dead_servers(self) -> None:
         clock = self._servers.now()

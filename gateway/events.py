@@ -11,6 +11,7 @@ event is our own and nothing is written twice.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import random
 from collections import OrderedDict
@@ -33,6 +34,7 @@ log = logging.getLogger(__name__)
 
 _WRONG_LAST_SEQUENCE = 10071
 _MAX_TRIES = 200
+_ID_MASK = 2**64 - 1
 
 
 class EventPublishError(RuntimeError):
@@ -73,6 +75,35 @@ class EventPublisher:
         self._timeout = publish_timeout
         self._remember = remember
         self._jobs: OrderedDict[str, _JobLog] = OrderedDict()
+        # Event ids: a random half per publisher and a counter, 32 hex characters like
+        # new_id() but without a system call for randomness per event.
+        self._id_prefix = new_id()[:16]
+        self._id_counter = itertools.count(random.getrandbits(32))
+
+    def _new_event_id(self) -> str:
+        return f"{self._id_prefix}{next(self._id_counter) & _ID_MASK:016x}"
+
+    def _job(self, job_id: str) -> _JobLog:
+        job = self._jobs.get(job_id)
+        if job is None:
+            job = self._jobs[job_id] = _JobLog()
+            while len(self._jobs) > self._remember:
+                self._jobs.popitem(last=False)
+        else:
+            self._jobs.move_to_end(job_id)
+        return job
+
+    async def prime(self, job_id: str) -> None:
+        """Read where a job's subject ends now, if not known, so the next emit need not.
+
+        For a writer that will emit soon and has a moment to spare now (an adapter while
+        ComfyUI takes the prompt): the read leaves the path of the event. Harmless if the
+        subject moves on meanwhile: the emit finds out and reads again.
+        """
+        job = self._job(job_id)
+        async with job.lock:
+            if job.seq < 0:
+                await self._read_last(job_id, job)
 
     async def emit(
         self,
@@ -87,13 +118,7 @@ class EventPublisher:
         `ts` defaults to now; the submit path passes the submission time so that the `queued`
         event and the job's record agree to the microsecond.
         """
-        job = self._jobs.get(job_id)
-        if job is None:
-            job = self._jobs[job_id] = _JobLog()
-            while len(self._jobs) > self._remember:
-                self._jobs.popitem(last=False)
-        else:
-            self._jobs.move_to_end(job_id)
+        job = self._job(job_id)
         async with job.lock:
             return await self._append(job_id, job, data, server_id or self._server_id, ts)
 
@@ -108,7 +133,7 @@ class EventPublisher:
         subject = self._subjects.events(job_id)
         if job.seq < 0:
             await self._read_last(job_id, job)
-        event_id = new_id()
+        event_id = self._new_event_id()
         for attempt in range(_MAX_TRIES):
             event = make_event(
                 data,

@@ -70,8 +70,11 @@ def apply_event(record: JobRecord | None, event: Event) -> JobRecord | None:
 def _transition(record: JobRecord, event: Event) -> dict[str, object] | None:
     match event:
         case Dispatched(data=data) if data.attempt >= record.attempt:
-            if record.status is JobStatus.DISPATCHED and data.attempt == record.attempt:
-                return None  # the dispatcher wrote this already, before publishing the job
+            if data.attempt == record.attempt and record.status in BOUND:
+                # The dispatcher wrote this already, before publishing the job; and the
+                # adapter's `running` can land first (both race to the job's subject), which
+                # this event must not undo.
+                return None
             return {
                 "status": JobStatus.DISPATCHED,
                 "server_id": data.server_id,

@@ -2,9 +2,32 @@ from __future__ import annotations
 
 import asyncio
 
+import httpx
+import msgspec
 from nats.js import JetStreamContext
+from nats.js.errors import NotFoundError
 
+from gateway.bus import session
+from gateway.contract import (
+    Dispatched,
+    DispatchedData,
+    JobRecord,
+    JobRequest,
+    JobStatus,
+    Queued,
+    QueuedData,
+    Running,
+    RunningData,
+    Subjects,
+    decode,
+)
+from gateway.dispatcher import CONSUMER
+from gateway.jobstate import apply_event
 from gateway.leader import hold_leadership
+from gateway.settings import Settings
+from plugins.simulator import SimulatorConfig
+from tests.e2e.conftest import running_system, tiny
+from tests.helpers import poll_until
 
 
 async def test_one_leader_at_a_time_and_a_clean_handover(js: JetStreamContext) -> None:
@@ -70,3 +93,68 @@ async def test_a_failing_leader_gives_the_lease_up(js: JetStreamContext) -> None
     finally:
         stop.set()
         await asyncio.gather(first, *([second] if second else []))
+
+
+async def test_a_leader_replaying_every_event_does_not_revive_finished_jobs(
+    settings: Settings,
+) -> None:
+    # A balancer consumer created afresh (deleted by an operator, say) delivers every stored
+    # event again, each for the first time: finished jobs must stay finished.
+    subjects = Subjects(settings.subject_prefix)
+    async with running_system(settings) as system:
+        await system.add_server("a", SimulatorConfig(node_seconds=0.0))
+        async with httpx.AsyncClient(base_url=system.url, timeout=60) as client:
+            reply = await client.post("/workflow/submit", json={"workflow": tiny(4242)})
+            job_id = reply.json()["job_id"]
+            result = await client.get(f"/workflow/result/{job_id}", params={"wait": 30})
+            assert result.json()["status"] == "succeeded"
+        await system.stop_all_gateways()
+        async with session(settings.nats_url, "replay-check", subjects) as nc:
+            js = nc.jetstream()
+            await js.delete_consumer(subjects.events_stream, CONSUMER)
+            kv = await js.key_value(subjects.jobs_bucket)
+            revision = (await kv.get(job_id)).revision
+            jobs_before = (await js.stream_info(subjects.jobs_stream)).state.last_seq
+            last_event = (await js.stream_info(subjects.events_stream)).state.last_seq
+            system.url = await system.start_gateway()
+
+            async def replayed() -> bool:
+                try:
+                    info = await js.consumer_info(subjects.events_stream, CONSUMER)
+                except NotFoundError:
+                    return False
+                return info.ack_floor.stream_seq >= last_event
+
+            await poll_until(replayed, "the new leader has replayed every event")
+            entry = await kv.get(job_id)
+            # Not even for a moment: the record was never written again.
+            assert entry.revision == revision
+            assert decode(entry.value, JobRecord).status is JobStatus.SUCCEEDED
+            assert (await js.stream_info(subjects.jobs_stream)).state.last_seq == jobs_before
+
+
+def test_a_dispatched_event_landing_after_running_does_not_undo_it() -> None:
+    # The dispatcher writes the record, then publishes the job and its `dispatched` event at
+    # once; a quick adapter's `running` can reach the job's subject first.
+    request = JobRequest(workflow={"1": {"class_type": "X", "inputs": {}}})
+    queued = Queued(
+        event_id="e1",
+        job_id="j",
+        seq=1,
+        ts=1.0,
+        data=QueuedData(request=request, log_file_path="p"),
+    )
+    record = apply_event(None, queued)
+    assert record is not None
+    bound = msgspec.structs.replace(record, status=JobStatus.DISPATCHED, server_id="s", attempt=1)
+    running = apply_event(
+        bound,
+        Running(
+            event_id="e2", job_id="j", seq=2, ts=2.0, data=RunningData(attempt=1, prompt_id="x")
+        ),
+    )
+    assert running is not None and running.status is JobStatus.RUNNING
+    late = Dispatched(
+        event_id="e3", job_id="j", seq=3, ts=3.0, data=DispatchedData(server_id="s", attempt=1)
+    )
+    assert apply_event(running, late) is None

@@ -15,7 +15,8 @@ import os
 import resource
 import sys
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Final
 
@@ -40,6 +41,16 @@ def _load_syncfs() -> Callable[[int], int] | None:
 
 
 _syncfs: Final = _load_syncfs()
+
+
+def _open(path: Path) -> tuple[int, bool]:
+    """An append descriptor of `path`, and whether this call created the file."""
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+    try:
+        # One system call for a new file (the common case); no separate existence check.
+        return os.open(path, flags | os.O_EXCL, 0o644), True
+    except FileExistsError:
+        return os.open(path, flags, 0o644), False
 
 
 class JsonlError(RuntimeError):
@@ -68,6 +79,9 @@ class JsonlFiles:
             open_files = min(open_files, soft // 4)
         self._max_open = max(1, open_files)
         self._fds: OrderedDict[str, int] = OrderedDict()
+        # Opened by open_ahead and not yet taken by append: path -> (fd, created).
+        self._opened: dict[str, tuple[int, bool]] = {}
+        self._opener = ThreadPoolExecutor(1, thread_name_prefix="logsink-open")
 
     def absolute(self, rel: str) -> Path:
         return self.data_dir / rel
@@ -77,14 +91,37 @@ class JsonlFiles:
         if fd is not None:
             self._fds.move_to_end(rel)
             return fd, False
-        path = self.absolute(rel)
-        created = not path.exists()
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        opened = self._opened.pop(rel, None)
+        fd, created = opened if opened is not None else _open(self.absolute(rel))
         self._fds[rel] = fd
         while len(self._fds) > self._max_open:
             _, old = self._fds.popitem(last=False)
             os.close(old)
         return fd, created
+
+    def open_ahead(self, rels: Iterable[str]) -> Future[None]:
+        """Start opening (creating) the files a coming `append` will need, on a helper thread.
+
+        Creating a file costs far more than writing a line on some file systems, so the
+        caller overlaps it with other work. The caller waits for the future before `append`,
+        and calls `drop_opened` if the append does not happen.
+        """
+        wanted = [rel for rel in dict.fromkeys(rels) if rel not in self._fds]
+        return self._opener.submit(self._open_all, wanted)
+
+    def _open_all(self, rels: list[str]) -> None:
+        for rel in rels:
+            if rel not in self._opened:
+                self._opened[rel] = _open(self.absolute(rel))
+
+    def drop_opened(self, keep: Iterable[str] = ()) -> None:
+        """Close files opened ahead but not appended to; remove those that were created."""
+        kept = set(keep)
+        for rel in [rel for rel in self._opened if rel not in kept]:
+            fd, created = self._opened.pop(rel)
+            os.close(fd)
+            if created:
+                self.absolute(rel).unlink(missing_ok=True)
 
     def append(self, groups: dict[str, list[bytes]]) -> tuple[dict[str, int], list[Undo]]:
         """Append lines to each file (data-relative path); return each file's new size.
@@ -141,6 +178,8 @@ class JsonlFiles:
             raise JsonlError(f"could not undo a partial append to the job logs: {exc}") from exc
 
     def close(self) -> None:
+        self._opener.shutdown(wait=True)
+        self.drop_opened()
         while self._fds:
             _, fd = self._fds.popitem()
             os.close(fd)

@@ -26,7 +26,7 @@ from gateway.logsink.consumer import EventPuller
 from gateway.logsink.jsonl import JsonlError
 from gateway.logsink.rebuild import reconcile
 from gateway.logsink.service import LogService
-from gateway.logsink.store import LogStore
+from gateway.logsink.store import BatchStats, LogStore
 from gateway.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -156,35 +156,55 @@ class LogSink:
     async def _consume(self) -> None:
         puller = self._puller
         assert puller is not None
-        while not self._stopping.is_set():
-            batch = await puller.next_batch(self._stopping)
-            if batch:
-                await self._store_and_ack(batch)
-        held = await puller.stop()
-        for start in range(0, len(held), self.config.batch_size):
-            await self._store_and_ack(held[start : start + self.config.batch_size])
+        # The acks of one batch go out while the writer stores the next: each is acked only
+        # after it is stored, and the writer does not wait on the loop.
+        acking: asyncio.Task[None] | None = None
+        try:
+            while not self._stopping.is_set():
+                batch = await puller.next_batch(self._stopping)
+                if batch:
+                    acking = await self._store_then_ack(batch, acking)
+            held = await puller.stop()
+            for start in range(0, len(held), self.config.batch_size):
+                part = held[start : start + self.config.batch_size]
+                acking = await self._store_then_ack(part, acking)
+        finally:
+            if acking is not None:
+                await acking
         await self._nc.flush()
 
-    async def _store_and_ack(self, batch: list[Msg]) -> None:
+    async def _store_then_ack(
+        self, batch: list[Msg], acking: asyncio.Task[None] | None
+    ) -> asyncio.Task[None] | None:
+        """Store `batch`; then start acking it once the previous batch's acks are out."""
+        stats = await self._write(batch)
+        if acking is not None:
+            await acking
+        if stats is None:
+            return None
+        return asyncio.create_task(self._ack(batch, stats), name="logsink-ack")
+
+    async def _write(self, batch: list[Msg]) -> BatchStats | None:
         store = self._store
         assert store is not None
         raws = [msg.data for msg in batch]
         delay = self.config.retry_min_s
         while True:
             try:
-                stats = await self._in_writer(lambda: store.write_batch(raws))
-                break
+                return await self._in_writer(lambda: store.write_batch(raws))
             except (JsonlError, duckdb.FatalException):
                 raise
             except Exception:
                 log.exception("storing %d events failed; trying again in %.1f s", len(raws), delay)
             if self._stopping.is_set():
                 log.warning("stopping with %d events not stored; they come again", len(raws))
-                return
+                return None
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(delay):
                     await self._stopping.wait()
             delay = min(delay * 2, self.config.retry_max_s)
+
+    async def _ack(self, batch: list[Msg], stats: BatchStats) -> None:
         for msg in batch:
             await msg.ack()
         self.events_written += stats.written

@@ -74,21 +74,30 @@ class LogStore:
         if not records:
             return stats
         undo: list[Undo] = []
+        # Paths from every record, not only the new ones: a job the index lacks has no event
+        # there (events and its row are committed together), so the answer is the same, and
+        # knowing the files now lets them be opened while the index inserts.
+        job_paths = self._resolve_paths(records)
+        opening = self.files.open_ahead(job_paths.values())
+        groups: dict[str, list[bytes]] = {}
         self.index.begin()
         try:
-            new_ids = self.index.insert_events([record.line for record in records])
+            try:
+                new_ids = self.index.insert_events([record.line for record in records])
+            finally:
+                opening.result()
             fresh = [record for record in records if record.head.event_id in new_ids]
-            job_paths = self._resolve_paths(fresh)
-            groups: dict[str, list[bytes]] = {}
             for record in fresh:
                 groups.setdefault(job_paths[record.head.job_id], []).append(record.line)
+            self.files.drop_opened(keep=groups)
             sizes, undo = self.files.append(groups)
             self.index.upsert_jobs(_deltas(fresh, job_paths, sizes))
             self.index.commit()
         except BaseException:
+            self.files.drop_opened()
             self._roll_back(undo)
             raise
-        self._remember(job_paths)
+        self._remember({job_id: job_paths[job_id] for job_id in {r.head.job_id for r in fresh}})
         stats.written = len(fresh)
         stats.duplicates = len(raws) - stats.rejected - len(fresh)
         return stats
@@ -138,7 +147,7 @@ class LogStore:
                 log.error("dropping a message that is not an event (%s): %.300r", exc, raw)
         return records
 
-    def _resolve_paths(self, fresh: list[EventRecord]) -> dict[str, str]:
+    def _resolve_paths(self, fresh: Sequence[EventRecord]) -> dict[str, str]:
         """The log file of each job in the batch.
 
         A job keeps the file it was first given (remembered here, else found in the index).
@@ -147,19 +156,19 @@ class LogStore:
         and the job keeps that name when its `queued` event turns up later.
         """
         job_paths: dict[str, str] = {}
-        unknown: list[str] = []
+        unknown: dict[str, None] = {}  # a dict, not a list: ordered, and `in` is O(1)
         for record in fresh:
             job_id = record.head.job_id
             if job_id in job_paths or job_id in unknown:
                 continue
             rel = self._paths.get(job_id)
             if rel is None:
-                unknown.append(job_id)
+                unknown[job_id] = None
             else:
                 job_paths[job_id] = rel
         if not unknown:
             return job_paths
-        job_paths.update(self.index.job_paths(unknown))
+        job_paths.update(self.index.job_paths(list(unknown)))
         stamps: dict[str, float] = {}
         queued: set[str] = set()
         for record in fresh:

@@ -154,6 +154,7 @@ class JobRun:
         self._node_errors: dict[str, Any] = {}
         self._announced = record.status is JobStatus.RUNNING
         self._timed_out = False
+        self._history_sent = False
         self._seen = _Seen()
         timeout = job.request.timeout_s or ctx.options.default_timeout_s
         self._timeout = timeout
@@ -187,6 +188,9 @@ class JobRun:
     async def run(self) -> None:
         """Run the attempt, publish its end, ack. Never raises (except cancellation)."""
         keepalive = asyncio.create_task(self._keepalive(), name=f"keepalive-{self.job.job_id}")
+        # Learn where the job's event subject ends while ComfyUI takes the prompt, so the
+        # `running` event goes out in one round trip instead of two.
+        priming = asyncio.create_task(self._prime(), name=f"prime-{self.job.job_id}")
         try:
             result = await self._attempt()
             await self._conclude(result)
@@ -201,8 +205,16 @@ class JobRun:
             await self._fail_safely(exc)
         finally:
             keepalive.cancel()
+            priming.cancel()
             self.ctx.follower.unwatch(self.prompt_id)
             self.finished.set()
+
+    async def _prime(self) -> None:
+        try:
+            await self.ctx.publisher.prime(self.job.job_id)
+        except (EventPublishError, nats.errors.Error) as exc:
+            # Only a shortcut: the first emit reads the subject itself.
+            log.debug("job %s: could not read its event subject yet: %s", self.job.job_id, exc)
 
     async def _fail_safely(self, exc: Exception) -> None:
         data = FailedData(
@@ -595,18 +607,28 @@ class JobRun:
         )
 
     async def _succeeded(self, raw: dict[str, Any], entry: HistoryEntry) -> _Result:
+        # The history event goes out while the outputs are stored; the terminal event still
+        # waits for both.
+        history = asyncio.create_task(self._emit_history(raw), name=f"history-{self.job.job_id}")
         try:
             outputs = await store_outputs(
                 self.ctx.client, self.ctx.storage, self.job.job_id, entry.outputs
             )
         except FileMissing as exc:
+            await history
             return self._failed(failures.OUTPUT_ERROR, str(exc), raw)
         except ComfyUnavailable as exc:
+            await history
             return self._retried(f"ComfyUI stopped answering before its outputs were saved: {exc}")
         except StorageError as exc:
+            await history
             return self._failed(
                 failures.OUTPUT_ERROR, f"an output could not be stored: {exc}", raw, retryable=True
             )
+        except BaseException:
+            history.cancel()
+            raise
+        await history
         data = SucceededData(
             attempt=self.job.attempt,
             outputs=outputs,
@@ -614,6 +636,10 @@ class JobRun:
             duration_s=_duration(entry),
         )
         return _Result(data, raw)
+
+    async def _emit_history(self, raw: dict[str, Any]) -> None:
+        self._history_sent = True
+        await self._emit(HistoryData(prompt_id=self.prompt_id, history=_fit(raw)))
 
     async def _out_of_memory(self, raw: dict[str, Any], error: dict[str, Any]) -> _Result:
         node = error.get("node_id")
@@ -648,8 +674,8 @@ class JobRun:
         return _Result(data, history)
 
     async def _conclude(self, result: _Result) -> None:
-        if result.history is not None:
-            await self._emit(HistoryData(prompt_id=self.prompt_id, history=_fit(result.history)))
+        if result.history is not None and not self._history_sent:
+            await self._emit_history(result.history)
         data = result.data
         if isinstance(data, CancelledData) and await self._record_status() is JobStatus.CANCELLED:
             log.info("job %s: already cancelled in its record; not repeating it", self.job.job_id)
