@@ -271,13 +271,16 @@ class Dispatcher:
             self._wake.set()
 
     async def _apply_in_order(self, items: list[tuple[Msg, Event]], done: list[Msg]) -> None:
-        for message, event in items:
+        for index, (message, event) in enumerate(items):
             try:
                 await self._on_event(event, message)
             except Exception:  # one bad event must not stop the fleet; it is retried later
                 log.exception("event %s of job %s failed; retrying it", event.seq, event.job_id)
-                await message.nak(delay=1.0)
-                continue
+                # The job's later events wait for it: applied out of order they would be
+                # judged against the wrong record.
+                for later, _ in items[index:]:
+                    await later.nak(delay=1.0)
+                return
             done.append(message)
 
     async def _on_event(self, event: Event, message: Msg | None = None) -> None:
@@ -382,8 +385,10 @@ class Dispatcher:
         await self._publisher.emit(record.job_id, data)
 
     async def _store(self, record: JobRecord) -> None:
-        self._records[record.job_id] = record
+        # KV first: a write that fails leaves memory as it was, so that the event, delivered
+        # again, is applied again (and not taken for one already seen).
         await self._kv.put(record.job_id, encode(record))
+        self._records[record.job_id] = record
 
     async def _request_of(self, job_id: str) -> JobRequest | None:
         """The job's request from its `queued` event; None if there is none.

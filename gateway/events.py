@@ -167,6 +167,14 @@ class EventPublisher:
             await asyncio.sleep(random.uniform(0, min(0.05, 0.0005 * 2**attempt)))
         raise EventPublishError(f"could not append an event to job {job_id}: too much contention")
 
+    async def has_events(self, job_id: str) -> bool:
+        """Whether the job's subject holds any event (read from the stream, not remembered)."""
+        try:
+            await self._js.get_last_msg(self._subjects.events_stream, self._subjects.events(job_id))
+        except NotFoundError:
+            return False
+        return True
+
     async def _read_last(self, job_id: str, job: _JobLog) -> None:
         try:
             raw = await self._js.get_last_msg(

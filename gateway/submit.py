@@ -16,7 +16,7 @@ from typing import Final
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
-from nats.js.errors import KeyWrongLastSequenceError
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
 from gateway.contract import (
@@ -45,6 +45,8 @@ log = logging.getLogger(__name__)
 
 QUEUE_GROUP: Final = "balancer"
 MAX_ATTEMPTS_LIMIT: Final = 20
+# A submission this old with a record and no event stopped half-way (see _finish_half_done).
+HALF_DONE_AFTER_S: Final = 2.0
 # The `queued` event and each Job handed to an adapter carry the whole request, and the streams
 # take messages of at most 1 MiB (gateway/bus.py); what surrounds the request is far below 16 KiB.
 MAX_REQUEST_BYTES: Final = 1024 * 1024 - 16 * 1024
@@ -127,11 +129,41 @@ class Submitter:
         try:
             await self._kv.create(job_id, encode(record))
         except KeyWrongLastSequenceError:
-            raise Refused("duplicate_job", f"job id {job_id!r} is already in use") from None
+            accepted = await self._finish_half_done(job_id, request)
+            if accepted is None:
+                raise Refused("duplicate_job", f"job id {job_id!r} is already in use") from None
+            return accepted
         await self._publisher.emit(
             job_id, QueuedData(request=request, log_file_path=path), ts=submitted_at
         )
         return JobAccepted(job_id=job_id, submitted_at=submitted_at, log_file_path=path)
+
+    async def _finish_half_done(self, job_id: str, request: JobRequest) -> JobAccepted | None:
+        """Finish a submission that stopped between its record and its `queued` event.
+
+        A gateway or broker that went down in between leaves a record and no event; the client,
+        never answered, submits again under the same id. Completing the first attempt keeps the
+        job; refusing it as a duplicate would leave it to be failed as lost. A record younger
+        than HALF_DONE_AFTER_S may still be completed by its own submitter, and is left alone.
+        """
+        try:
+            entry = await self._kv.get(job_id)
+        except KeyNotFoundError:
+            return None
+        if entry.value is None:
+            return None
+        record = decode(entry.value, JobRecord)
+        stale = now() - record.submitted_at > HALF_DONE_AFTER_S
+        if record.status is not JobStatus.QUEUED or record.last_seq != 1 or not stale:
+            return None
+        if await self._publisher.has_events(job_id):
+            return None
+        log.warning("job %s: completing a submission that stopped half-way", job_id)
+        data = QueuedData(request=request, log_file_path=record.log_file_path)
+        await self._publisher.emit(job_id, data, ts=record.submitted_at)
+        return JobAccepted(
+            job_id=job_id, submitted_at=record.submitted_at, log_file_path=record.log_file_path
+        )
 
     def _check(self, request: JobRequest) -> None:
         size = len(encode(request))
