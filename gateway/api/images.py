@@ -12,7 +12,7 @@ from litestar.response import Stream
 from gateway.api.errors import ApiError, error_responses
 from gateway.api.native.uploads import UPLOADS
 from gateway.api.services import ServicesDep
-from plugins.storage.base import InvalidKey, NotFound
+from plugins.storage.base import InvalidKey, NotFound, Storage, StoredObject
 
 _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
 
@@ -61,7 +61,19 @@ async def image(
         raise ApiError(400, "invalid_key", str(exc)) from None
     except NotFound:
         raise ApiError(404, "not_found", f"nothing is stored under {key!r}") from None
-    headers = {"Accept-Ranges": "bytes", "Cache-Control": "public, max-age=31536000, immutable"}
+    headers = {"Cache-Control": "public, max-age=31536000, immutable"}
+    return stream_stored(storage, stored, request, headers)
+
+
+def stream_stored(
+    storage: Storage,
+    stored: StoredObject,
+    request: Request[Any, Any, Any],
+    headers: dict[str, str],
+) -> Response[Any]:
+    """A stored object as the response body: whole, or the range the request asks for (206)."""
+    key = stored.key
+    headers = {**headers, "Accept-Ranges": "bytes"}
     span = parse_range(request.headers.get("range", ""), stored.size)
     if span is None:
         headers["Content-Length"] = str(stored.size)

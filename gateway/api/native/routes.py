@@ -18,11 +18,10 @@ from litestar import Request, Response, WebSocket, get, post, websocket
 from litestar.datastructures import UploadFile
 from litestar.exceptions import WebSocketDisconnect
 from litestar.params import FromPath
-from litestar.response import Stream
 
 from gateway.api.auth import CLIENT_ID_STATE
 from gateway.api.errors import ApiError
-from gateway.api.images import parse_range
+from gateway.api.images import stream_stored
 from gateway.api.limits import limits_of, submit_rate_limit
 from gateway.api.native.fleetinfo import features_of
 from gateway.api.native.messages import history_entry, queue_item
@@ -233,20 +232,8 @@ async def view(services: ServicesDep, request: Request[Any, Any, Any]) -> Respon
         return _empty(400)
     except NotFound:
         return _empty(404)
-    headers = {"Content-Disposition": f'filename="{filename}"', "Accept-Ranges": "bytes"}
-    span = parse_range(request.headers.get("range", ""), stored.size)
-    if span is None:
-        headers["Content-Length"] = str(stored.size)
-        return Stream(storage.open(key), media_type=stored.content_type, headers=headers)
-    start, end = span
-    headers["Content-Range"] = f"bytes {start}-{end - 1}/{stored.size}"
-    headers["Content-Length"] = str(end - start)
-    return Stream(
-        storage.open(key, start=start, end=end),
-        media_type=stored.content_type,
-        headers=headers,
-        status_code=206,
-    )
+    headers = {"Content-Disposition": f'filename="{filename}"'}
+    return stream_stored(storage, stored, request, headers)
 
 
 @post(_paths("/upload/image"), status_code=200, include_in_schema=False)
