@@ -1,4 +1,4 @@
-"""Binary previews on the gateway's ComfyUI-compatible socket: only for clients that asked."""
+"""Files on the gateway's ComfyUI-compatible API: binary previews, and outputs by range."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import websockets
 
 from gateway.api.native.sockets import parse_preview
 from plugins.simulator.config import SimulatorConfig
+from plugins.simulator.samples import tiny_workflow
 from tests.e2e.conftest import System
 
 # SaveImageWebsocket sends one preview per image: four here (two batches of two).
@@ -68,3 +69,23 @@ async def test_previews_go_only_to_sockets_that_negotiated_them(system: System) 
             assert image.startswith(b"\x89PNG")
         plain_frames = await _until_done(plain, ids["plain"])
         assert not [f for f in plain_frames if isinstance(f, bytes)]
+
+
+async def test_outputs_are_served_whole_or_by_range(system: System) -> None:
+    await system.add_server("a", SimulatorConfig())
+    async with httpx.AsyncClient(base_url=system.url) as http:
+        reply = await http.post("/prompt", json={"prompt": tiny_workflow(5, "ranged")})
+        prompt_id = reply.json()["prompt_id"]
+        result = (await http.get(f"/workflow/result/{prompt_id}", params={"wait": 30})).json()
+        assert result["status"] == "succeeded", result
+        history = (await http.get(f"/history/{prompt_id}")).json()[prompt_id]
+        image = history["outputs"]["3"]["images"][0]
+        whole = await http.get("/view", params=image)
+        assert whole.status_code == 200 and whole.content.startswith(b"\x89PNG")
+        assert whole.headers["accept-ranges"] == "bytes"
+        size = len(whole.content)
+        for url, params in (("/view", image), (result["images"][0], None)):
+            part = await http.get(url, params=params, headers={"Range": "bytes=1-3"})
+            assert part.status_code == 206, url
+            assert part.content == whole.content[1:4]
+            assert part.headers["content-range"] == f"bytes 1-3/{size}"
