@@ -167,6 +167,35 @@ class EventPublisher:
             await asyncio.sleep(random.uniform(0, min(0.05, 0.0005 * 2**attempt)))
         raise EventPublishError(f"could not append an event to job {job_id}: too much contention")
 
+    async def emit_first(self, job_id: str, data: EventData, *, ts: float | None = None) -> bool:
+        """Append `data` as the job's very first event; False if the subject holds one already.
+
+        The broker checks that the subject is empty as it stores the event, so this is safe
+        where a look first would not be (a stream recovering after a restart can answer "no
+        message" for a moment).
+        """
+        job = self._job(job_id)
+        async with job.lock:
+            event_id = self._new_event_id()
+            event = make_event(
+                data, job_id=job_id, seq=1, server_id=self._server_id, event_id=event_id, ts=ts
+            )
+            headers = {"Nats-Msg-Id": event_id, "Nats-Expected-Last-Subject-Sequence": "0"}
+            try:
+                ack = await self._js.publish(
+                    self._subjects.events(job_id),
+                    encode(event),
+                    timeout=self._timeout,
+                    headers=headers,
+                )
+            except BadRequestError as exc:
+                if exc.err_code == _WRONG_LAST_SEQUENCE:
+                    job.seq = -1  # not ours to know: read it again when next needed
+                    return False
+                raise EventPublishError(f"event for job {job_id} refused: {exc}") from exc
+            job.seq, job.stream_seq, job.event_id = 1, ack.seq, event_id
+            return True
+
     async def has_events(self, job_id: str) -> bool:
         """Whether the job's subject holds any event (read from the stream, not remembered)."""
         try:

@@ -156,11 +156,10 @@ class Submitter:
         stale = now() - record.submitted_at > HALF_DONE_AFTER_S
         if record.status is not JobStatus.QUEUED or record.last_seq != 1 or not stale:
             return None
-        if await self._publisher.has_events(job_id):
-            return None
-        log.warning("job %s: completing a submission that stopped half-way", job_id)
         data = QueuedData(request=request, log_file_path=record.log_file_path)
-        await self._publisher.emit(job_id, data, ts=record.submitted_at)
+        if not await self._publisher.emit_first(job_id, data, ts=record.submitted_at):
+            return None  # it has its events: a plain duplicate
+        log.warning("job %s: completed a submission that had stopped half-way", job_id)
         return JobAccepted(
             job_id=job_id, submitted_at=record.submitted_at, log_file_path=record.log_file_path
         )
