@@ -40,6 +40,7 @@ from gateway.contract import (
     RetriedData,
     Running,
     Subjects,
+    Succeeded,
     decode,
     decode_event,
     encode,
@@ -350,7 +351,9 @@ class Dispatcher:
     def _finish(self, before: JobRecord, after: JobRecord, event: Event) -> None:
         self._forget(after.job_id)
         started = self._started_at.pop(after.job_id, None)
-        if started is not None and before.server_id is not None:
+        # Only a success tells how fast a server is: a failure or a cancel may come at once or
+        # after a crash and a restart, and one such outlier would starve a good server.
+        if started is not None and before.server_id is not None and isinstance(event, Succeeded):
             self._servers.observe_run(before.server_id, event.ts - started)
         if isinstance(event, Cancelled) and before.status in BOUND and before.server_id:
             # Cancelled while bound: make sure the adapter stops it too.

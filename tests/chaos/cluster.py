@@ -175,7 +175,7 @@ class Cluster:
             "--data-dir",
             str(self.data_dir),
             "--log-level",
-            "WARNING",
+            os.environ.get("CHAOS_LOG_LEVEL", "WARNING"),
         ]
 
     def _module_role(self, module: str, *args: str) -> list[str]:
