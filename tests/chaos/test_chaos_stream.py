@@ -19,7 +19,7 @@ from gateway.contract import JobStatus
 from tests.chaos.conftest import Fleet
 from tests.chaos.scenario import ALL_FAULTS, Outcome, Plan, run_stream
 
-pytestmark = pytest.mark.asyncio(loop_scope="module")
+pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.chaos]
 
 PLAN = Plan(faults=(*ALL_FAULTS, "nats_restart"))
 
