@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import goal, print_goals, say, table, write_results
 from gateway.contract import JobStatus
-from tests.chaos.scenario import Outcome, Plan, run_scenario
+from tests.chaos.scenario import ALL_FAULTS, Outcome, Plan, run_scenario
 
 # Problems of the ledger, by what they mean.
 _KINDS = (
@@ -49,17 +49,7 @@ def classify(problems: list[str]) -> Counter[str]:
 
 def plan_for(args: argparse.Namespace) -> Plan:
     heavy = not args.quick
-    faults = [
-        "slow_sse",
-        "ws_drops",
-        "sink_kill",
-        "adapter_kills",
-        "sim_crash",
-        "gateway_restart",
-        "sim_hang",
-        "full_disk",
-        "nats_restart",
-    ]
+    faults = list(ALL_FAULTS)
     if heavy:
         # Each fault a second time, late in the stream, when queues and logs are larger.
         faults += ["sim_crash", "sim_hang", "gateway_restart", "nats_restart", "adapter_kills"]
