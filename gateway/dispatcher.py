@@ -49,15 +49,27 @@ from gateway.contract import (
 from gateway.events import EventPublisher
 from gateway.jobstate import BOUND, apply_event, attempts_left, record_from_queued
 from gateway.lifecycle import stop_tasks, wait_event
-from gateway.placement import Candidate, Pending, Requirements, missing, plan, requirements
+from gateway.placement import (
+    Candidate,
+    Pending,
+    Requirements,
+    left_idle,
+    missing,
+    plan,
+    requirements,
+)
 from gateway.servers import ServerTable
 
 log = logging.getLogger(__name__)
 
 CONSUMER: Final = "balancer"
 _BATCH: Final = 256
-# A server with no speed estimate yet is assumed to take this long per job, divided by weight.
+# A server with no speed estimate yet is assumed to be as fast as the fleet's typical measured
+# server (per unit of weight); with none measured, to take this long per job, divided by weight.
 _DEFAULT_SECONDS_PER_JOB: Final = 1.0
+# A server left idle this long (or ten of its estimated jobs, if longer) while jobs it could run
+# waited is measured afresh: were its estimate wrong, nothing would ever correct it.
+_REMEASURE_PASSED_OVER_S: Final = 30.0
 # How long a record may wait for its queued event before the submission is declared lost.
 UNCONFIRMED_GRACE_S: Final = 30.0
 _FITS_REMEMBERED: Final = 50_000
@@ -138,6 +150,7 @@ class Dispatcher:
         self._queue = _Queue()
         self._started_at: dict[str, float] = {}
         self._handed_back: dict[str, int] = {}  # job id -> attempt already handed back
+        self._passed_over: dict[str, float] = {}  # server id -> idle with work waiting since
         # Records seen without their queued event, and since when (monotonic).
         self._unconfirmed: dict[str, tuple[JobRecord, float]] = {}
         self._wake = asyncio.Event()
@@ -431,12 +444,13 @@ class Dispatcher:
         for record in self._records.values():
             if record.status in BOUND and record.server_id is not None:
                 bound[record.server_id] = bound.get(record.server_id, 0) + 1
+        typical = self._servers.typical_seconds_per_job() or _DEFAULT_SECONDS_PER_JOB
         return [
             Candidate(
                 server_id=s.server_id,
                 capacity=s.capacity,
                 bound=bound.get(s.server_id, 0),
-                seconds_per_job=s.seconds_per_job or _DEFAULT_SECONDS_PER_JOB / max(s.weight, 0.01),
+                seconds_per_job=s.seconds_per_job or typical / max(s.weight, 0.01),
             )
             for s in self._servers.live()
             if s.capabilities is not None
@@ -470,8 +484,37 @@ class Dispatcher:
                     and self._fit(need, server_id, capabilities, labels)
                 )
             pending.append(Pending(job_id=job_id, eligible=eligible))
-        for job_id, server_id in plan(pending, candidates):
+        bindings = plan(pending, candidates)
+        self._note_passed_over(candidates, pending, bindings)
+        for job_id, server_id in bindings:
             await self._bind(self._records[job_id], server_id)
+
+    def _note_passed_over(
+        self,
+        candidates: list[Candidate],
+        pending: list[Pending],
+        bindings: list[tuple[str, str]],
+    ) -> None:
+        """Measure afresh a server the plans have kept idle for long while work waited."""
+        idle = left_idle(pending, candidates, bindings)
+        now = self._servers.now()
+        for c in candidates:
+            if c.server_id not in idle:
+                self._passed_over.pop(c.server_id, None)
+                continue
+            since = self._passed_over.setdefault(c.server_id, now)
+            if now - since > max(_REMEASURE_PASSED_OVER_S, 10 * c.seconds_per_job):
+                log.info(
+                    "server %s idle for %.0f s with work waiting (estimate %.3f s/job): "
+                    "measuring it again",
+                    c.server_id,
+                    now - since,
+                    c.seconds_per_job,
+                )
+                self._servers.forget_speed(c.server_id)
+                del self._passed_over[c.server_id]
+        for server_id in self._passed_over.keys() - {c.server_id for c in candidates}:
+            del self._passed_over[server_id]
 
     def _fit(
         self,

@@ -153,3 +153,24 @@ def plan(
             best.bound += 1
             bindings.append((job.job_id, best.server_id))
     return bindings
+
+
+def left_idle(
+    pending: Sequence[Pending], candidates: Iterable[Candidate], bindings: Sequence[tuple[str, str]]
+) -> set[str]:
+    """Servers holding nothing that a plan leaves idle although a waiting job may run there.
+
+    That is right while their estimate is right (the job finishes sooner elsewhere); the
+    dispatcher measures afresh a server left so for long, since a wrong estimate that keeps a
+    server idle is never corrected by a run.
+    """
+    bound_now = {job_id for job_id, _ in bindings}
+    taken = {server_id for _, server_id in bindings}
+    could_run: set[str] = set()
+    for eligible in {p.eligible for p in pending if p.job_id not in bound_now}:
+        could_run |= eligible
+    return {
+        c.server_id
+        for c in candidates
+        if not c.bound and c.server_id not in taken and c.server_id in could_run
+    }

@@ -8,6 +8,7 @@ of its intervals is stale and gets no new work.
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections.abc import Callable, Iterator
 from typing import Final
@@ -17,7 +18,9 @@ import msgspec
 from gateway.contract import Capabilities, Heartbeat, ServerRecord
 
 STALE_AFTER_INTERVALS: Final = 3
-_SPEED_SMOOTHING: Final = 0.3  # weight of the newest job duration in the running estimate
+# A server's speed is the median of its last few successful runs: one run stretched by a crash
+# and a restart (or a hung ComfyUI) must not make it look slow for good.
+_RUNS_REMEMBERED: Final = 5
 
 
 class ServerState(msgspec.Struct, kw_only=True):
@@ -29,7 +32,13 @@ class ServerState(msgspec.Struct, kw_only=True):
     seen_at: float = 0.0  # monotonic time of the last heartbeat
     capabilities: Capabilities | None = None
     capabilities_hash: str = ""
-    seconds_per_job: float | None = None  # smoothed run time of its recent jobs
+    recent_runs: list[float] = msgspec.field(default_factory=list)  # seconds, newest last
+    measured_at: float | None = None  # monotonic time of the newest of them
+
+    @property
+    def seconds_per_job(self) -> float | None:
+        """Median run time of its recent successful jobs; None before the first."""
+        return statistics.median(self.recent_runs) if self.recent_runs else None
 
     @property
     def address(self) -> str:
@@ -131,14 +140,28 @@ class ServerTable:
         self._servers.pop(server_id, None)
 
     def observe_run(self, server_id: str, seconds: float) -> None:
-        """Fold one job's run time into the server's speed estimate."""
+        """Add one successful job's run time to the server's speed estimate."""
         state = self._servers.get(server_id)
         if state is None or seconds < 0:
             return
-        if state.seconds_per_job is None:
-            state.seconds_per_job = seconds
-        else:
-            state.seconds_per_job += _SPEED_SMOOTHING * (seconds - state.seconds_per_job)
+        state.recent_runs = [*state.recent_runs[-(_RUNS_REMEMBERED - 1) :], seconds]
+        state.measured_at = self.now()
+
+    def forget_speed(self, server_id: str) -> None:
+        """Drop a server's speed estimate: it is measured again from its next jobs."""
+        state = self._servers.get(server_id)
+        if state is not None:
+            state.recent_runs = []
+            state.measured_at = None
+
+    def typical_seconds_per_job(self) -> float | None:
+        """Median estimate over the live measured servers, per unit of weight; None if none."""
+        estimates = [
+            s.seconds_per_job * max(s.weight, 0.01)
+            for s in self.live()
+            if s.seconds_per_job is not None
+        ]
+        return statistics.median(estimates) if estimates else None
 
     def live(self) -> list[ServerState]:
         now = self.now()

@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 from gateway.contract import Capabilities, JobRequest
-from gateway.placement import Candidate, Pending, missing, plan, requirements
+from gateway.placement import Candidate, Pending, left_idle, missing, plan, requirements
 
 SD = {
     "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "sd15.safetensors"}},
@@ -72,3 +72,20 @@ def test_plan_respects_eligibility() -> None:
     pending = [Pending(job_id="pinned", eligible=frozenset({"b"})), *_jobs(1, set())]
     assert plan(pending, servers) == [("pinned", "b")]
     assert plan(pending, []) == []
+
+
+def test_a_server_kept_idle_while_it_could_work_is_named() -> None:
+    # An estimate of 5 s against 0.05 s: a window of ten jobs all go to the fast server.
+    fast = Candidate(server_id="fast", capacity=2, bound=0, seconds_per_job=0.05)
+    slow = Candidate(server_id="slow", capacity=2, bound=0, seconds_per_job=5.0)
+    pinned = Candidate(server_id="pinned", capacity=2, bound=0, seconds_per_job=5.0)
+    pending = [Pending(job_id=f"j{i}", eligible=frozenset({"fast", "slow"})) for i in range(10)]
+    bindings = plan(pending, [fast, slow, pinned])
+    assert {server for _, server in bindings} == {"fast"}
+    # "pinned" may run none of the waiting jobs: idle, but not passed over.
+    assert left_idle(pending, [fast, slow, pinned], bindings) == {"slow"}
+    # A server that holds work, or gets some, is not idle.
+    busy = Candidate(server_id="slow", capacity=2, bound=1, seconds_per_job=5.0)
+    assert left_idle(pending, [fast, busy], plan(pending, [fast, busy])) == set()
+    # Nothing left waiting: nobody was passed over.
+    assert left_idle(pending[:2], [fast, slow], plan(pending[:2], [fast, slow])) == set()

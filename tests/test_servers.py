@@ -1,0 +1,60 @@
+"""The live server table's speed estimates (gateway/servers.py)."""
+
+from __future__ import annotations
+
+from gateway.contract import Heartbeat
+from gateway.servers import ServerTable
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def beat(server_id: str, weight: float = 1.0) -> Heartbeat:
+    return Heartbeat(server_id=server_id, address="h:1", ts=0.0, healthy=True, weight=weight)
+
+
+def test_one_run_stretched_by_a_crash_does_not_make_a_server_look_slow() -> None:
+    table = ServerTable(Clock())
+    table.on_heartbeat(beat("a"))
+    for seconds in (0.05, 0.06, 12.0, 0.05):  # 12 s: adopted after an adapter restart
+        table.observe_run("a", seconds)
+    state = table.get("a")
+    assert state is not None and state.seconds_per_job is not None
+    assert state.seconds_per_job < 0.1
+    # Only the last few runs count: a server that truly slowed down shows it.
+    for _ in range(5):
+        table.observe_run("a", 2.0)
+    assert state.seconds_per_job == 2.0
+
+
+def test_a_forgotten_estimate_is_measured_again_from_the_next_run() -> None:
+    clock = Clock()
+    table = ServerTable(clock)
+    table.on_heartbeat(beat("a"))
+    table.observe_run("a", 9.0)
+    state = table.get("a")
+    assert state is not None and state.measured_at == 100.0
+    table.forget_speed("a")
+    assert state.seconds_per_job is None and state.measured_at is None
+    clock.now = 130.0
+    table.observe_run("a", 0.5)
+    assert state.seconds_per_job == 0.5 and state.measured_at == 130.0
+
+
+def test_the_typical_speed_is_the_median_of_live_measured_servers_per_weight() -> None:
+    clock = Clock()
+    table = ServerTable(clock)
+    assert table.typical_seconds_per_job() is None
+    for server_id, weight, seconds in (("a", 1.0, 1.0), ("b", 2.0, 1.0), ("c", 1.0, 4.0)):
+        table.on_heartbeat(beat(server_id, weight))
+        table.observe_run(server_id, seconds)
+    table.on_heartbeat(beat("unmeasured"))
+    # Per unit of weight: a 1.0, b 2.0, c 4.0.
+    assert table.typical_seconds_per_job() == 2.0
+    clock.now += 60  # no heartbeat since: none is live, so none is typical
+    assert table.typical_seconds_per_job() is None
