@@ -210,9 +210,10 @@ def check_events(
         record.attempt,
         record.outputs,
     ):
+        trail = ", ".join(f"{type(e).__struct_config__.tag}#{_attempt(e)}" for e in events)
         verdict.problem(
             f"{job_id}: the events give {replayed.status}/attempt {replayed.attempt}, "
-            f"the record says {record.status}/attempt {record.attempt}"
+            f"the record says {record.status}/attempt {record.attempt} (events: {trail})"
         )
     terminals = [e for e in events if isinstance(e, TERMINAL_EVENTS)]
     handed_back = {e.data.attempt for e in events if isinstance(e, Retried)}
