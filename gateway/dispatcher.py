@@ -151,6 +151,9 @@ class Dispatcher:
         self._started_at: dict[str, float] = {}
         self._handed_back: dict[str, int] = {}  # job id -> attempt already handed back
         self._passed_over: dict[str, float] = {}  # server id -> idle with work waiting since
+        # Job id -> seq of its event that failed to apply: its later events wait for that one,
+        # also across batches, and nothing is decided from its record meanwhile.
+        self._held: dict[str, int] = {}
         # Records seen without their queued event, and since when (monotonic).
         self._unconfirmed: dict[str, tuple[JobRecord, float]] = {}
         self._wake = asyncio.Event()
@@ -172,6 +175,7 @@ class Dispatcher:
     async def run(self) -> None:
         """Lead until cancelled."""
         self._since = time.monotonic()
+        self._held.clear()  # what was held is delivered again to this leadership's consumer
         await self._load_records()
         self._replayed_upto = await self._replay_horizon()
         sub = await self._js.pull_subscribe(
@@ -286,16 +290,30 @@ class Dispatcher:
 
     async def _apply_in_order(self, items: list[tuple[Msg, Event]], done: list[Msg]) -> None:
         for index, (message, event) in enumerate(items):
+            held = self._held.get(event.job_id)
+            if held is not None and event.seq > held:
+                # An earlier event of this job is to be delivered again: this one waits.
+                await self._nak(items[index:])
+                return
             try:
                 await self._on_event(event, message)
             except Exception:  # one bad event must not stop the fleet; it is retried later
                 log.exception("event %s of job %s failed; retrying it", event.seq, event.job_id)
                 # The job's later events wait for it: applied out of order they would be
-                # judged against the wrong record.
-                for later, _ in items[index:]:
-                    await later.nak(delay=1.0)
+                # judged against the wrong record (a success, say, overtaken by a hand-back).
+                self._held[event.job_id] = min(event.seq, held or event.seq)
+                await self._nak(items[index:])
                 return
+            if held is not None and event.seq >= held:
+                del self._held[event.job_id]
             done.append(message)
+
+    async def _nak(self, items: list[tuple[Msg, Event]]) -> None:
+        for message, event in items:
+            try:
+                await message.nak(delay=1.0)
+            except nats.errors.Error as exc:  # redelivered after the ack wait anyway
+                log.warning("could not nak event %s of job %s: %s", event.seq, event.job_id, exc)
 
     async def _on_event(self, event: Event, message: Msg | None = None) -> None:
         record = self._records.get(event.job_id)
@@ -609,6 +627,8 @@ class Dispatcher:
                 continue
             if self._handed_back.get(record.job_id) == record.attempt:
                 continue
+            if record.job_id in self._held:
+                continue  # its record may be behind its events: an end may be on the way
             state = self._servers.get(record.server_id)
             silent = state is None or state.heartbeat is None
             if (state is not None and state.is_stale(clock)) or (silent and not warming_up):
