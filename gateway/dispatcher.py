@@ -154,6 +154,7 @@ class Dispatcher:
         # Job id -> seq of its event that failed to apply: its later events wait for that one,
         # also across batches, and nothing is decided from its record meanwhile.
         self._held: dict[str, int] = {}
+        self._reconnects = 0  # of this connection, as last seen
         # Records seen without their queued event, and since when (monotonic).
         self._unconfirmed: dict[str, tuple[JobRecord, float]] = {}
         self._wake = asyncio.Event()
@@ -282,11 +283,31 @@ class Dispatcher:
                     continue
                 per_job.setdefault(event.job_id, []).append((message, event))
             done: list[Msg] = []
-            await asyncio.gather(*(self._apply_in_order(items, done) for items in per_job.values()))
+            try:
+                await asyncio.gather(
+                    *(self._apply_in_order(items, done) for items in per_job.values())
+                )
+            except asyncio.CancelledError:
+                await self._give_back(messages, done)
+                raise
             # Records are written before the acks: a crash here replays, never skips.
             for message in done:
                 await message.ack()
             self._wake.set()
+
+    @staticmethod
+    async def _give_back(messages: list[Msg], done: list[Msg]) -> None:
+        """Stopped mid-batch (shutdown, lost lease): ack what was applied, nak the rest.
+
+        Unacknowledged, the rest would reach the next leader only after the consumer's ack wait
+        (30 s): a job that ended just then would show running for that long.
+        """
+        applied = {id(message) for message in done}
+        for message in messages:
+            try:
+                await (message.ack() if id(message) in applied else message.nak())
+            except nats.errors.Error as exc:  # then the ack wait brings it back
+                log.warning("could not settle an event while stopping: %s", exc)
 
     async def _apply_in_order(self, items: list[tuple[Msg, Event]], done: list[Msg]) -> None:
         for index, (message, event) in enumerate(items):
@@ -620,8 +641,12 @@ class Dispatcher:
                 await self._take(record, request)
 
     async def _hand_back_from_dead_servers(self) -> None:
-        clock = self._servers.now()
         warming_up = time.monotonic() - self._since < self._stale_grace
+        reconnects = int(self._nc.stats["reconnects"])
+        if reconnects != self._reconnects:
+            # Back from a broker outage: its servers' silence meanwhile proves nothing.
+            self._reconnects = reconnects
+            self._servers.on_reconnected()
         for record in list(self._records.values()):
             if record.status not in BOUND or record.server_id is None:
                 continue
@@ -631,7 +656,7 @@ class Dispatcher:
                 continue  # its record may be behind its events: an end may be on the way
             state = self._servers.get(record.server_id)
             silent = state is None or state.heartbeat is None
-            if (state is not None and state.is_stale(clock)) or (silent and not warming_up):
+            if (state is not None and self._servers.is_stale(state)) or (silent and not warming_up):
                 self._handed_back[record.job_id] = record.attempt
                 reason = f"server {record.server_id} stopped sending heartbeats"
                 log.warning("job %s: %s; handing it back", record.job_id, reason)

@@ -98,6 +98,7 @@ class ServerTable:
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._servers: dict[str, ServerState] = {}
         self._clock = clock
+        self._listening_since = float("-inf")  # heartbeats are not stored: missed while away
 
     def now(self) -> float:
         return self._clock()
@@ -162,6 +163,18 @@ class ServerTable:
             if s.seconds_per_job is not None
         ]
         return statistics.median(estimates) if estimates else None
+
+    def on_reconnected(self) -> None:
+        """This replica was cut off from NATS until now: heartbeats sent meanwhile were missed."""
+        self._listening_since = self.now()
+
+    def is_stale(self, state: ServerState) -> bool:
+        """Silent for three of its intervals, counted from when this replica could hear it."""
+        now = self.now()
+        if not state.is_stale(now):
+            return False
+        interval = state.heartbeat.interval_s if state.heartbeat is not None else 1.0
+        return now - self._listening_since > STALE_AFTER_INTERVALS * interval
 
     def live(self) -> list[ServerState]:
         now = self.now()

@@ -58,3 +58,19 @@ def test_the_typical_speed_is_the_median_of_live_measured_servers_per_weight() -
     assert table.typical_seconds_per_job() == 2.0
     clock.now += 60  # no heartbeat since: none is live, so none is typical
     assert table.typical_seconds_per_job() is None
+
+
+def test_silence_while_this_replica_was_cut_off_is_not_staleness() -> None:
+    clock = Clock()
+    table = ServerTable(clock)
+    table.on_heartbeat(beat("a"))  # interval 1 s: stale after 3 s of silence
+    state = table.get("a")
+    assert state is not None
+    clock.now += 5  # the broker was down: no heartbeat reached us
+    assert table.is_stale(state)
+    table.on_reconnected()
+    assert not table.is_stale(state)  # its next beats are on the way
+    clock.now += 2.5
+    assert not table.is_stale(state)
+    clock.now += 1  # 3.5 s since we could hear it, and still silent: dead
+    assert table.is_stale(state)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from typing import Final
 
 import nats.errors
 from nats.aio.client import Client
@@ -46,6 +47,9 @@ from plugins.storage.base import Storage
 from plugins.storage.registry import create_storage
 
 log = logging.getLogger(__name__)
+
+# Attempts this process has ended, remembered to drop a redelivery whose ack was lost.
+_ENDED_REMEMBERED: Final = 4096
 
 _SHUTDOWN = "the adapter is shutting down"
 
@@ -117,6 +121,7 @@ class Adapter:
             on_preview=self._publish_preview,
         )
         self._runs: dict[str, JobRun] = {}
+        self._ended: dict[tuple[str, int], None] = {}  # (job id, attempt), oldest first
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._slot = asyncio.Event()
 
@@ -266,6 +271,12 @@ class Adapter:
             else:
                 await msg.nak(delay=1)
             return
+        if (job.job_id, job.attempt) in self._ended:
+            # Its end is in the log, published from here: the ack was lost (a broker restart
+            # can also forget that it delivered the job, so num_delivered says 1 again).
+            log.info("job %s attempt %d: already ended here; dropping it", job.job_id, job.attempt)
+            await msg.ack()
+            return
         try:
             record = await _record(kv, job.job_id)
         except nats.errors.Error as exc:
@@ -315,6 +326,10 @@ class Adapter:
         finally:
             self._runs.pop(run.job.job_id, None)
             self._tasks.pop(run.job.job_id, None)
+            if run.concluded:
+                self._ended[run.job.job_id, run.job.attempt] = None
+                if len(self._ended) > _ENDED_REMEMBERED:
+                    del self._ended[next(iter(self._ended))]
             self._slot.set()
 
     async def _drain(self) -> None:

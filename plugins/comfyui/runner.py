@@ -147,6 +147,7 @@ class JobRun:
         self.submitted = False
         self.started = False
         self.finished = asyncio.Event()
+        self.concluded = False  # its end is in the event log
         self._stop: _Stop | None = None
         self._stop_changed = asyncio.Event()
         self._watch: Watch | None = None
@@ -225,6 +226,7 @@ class JobRun:
         )
         try:
             await self._emit(data)
+            self.concluded = True
             await self.msg.ack()
         except (EventPublishError, nats.errors.Error):
             log.exception(
@@ -681,6 +683,7 @@ class JobRun:
             log.info("job %s: already cancelled in its record; not repeating it", self.job.job_id)
         else:
             await self._emit(data)
+        self.concluded = True
         await self.msg.ack()
         log.info("job %s attempt %d: %s", self.job.job_id, self.job.attempt, _summary(data))
 

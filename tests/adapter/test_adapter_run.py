@@ -229,6 +229,33 @@ async def test_superseded_job_is_dropped(bus: Bus, make_sim, start_adapter, js, 
         assert sim.engine.history.get(stale.prompt_id) == {}
 
 
+async def test_a_job_delivered_again_after_it_ended_here_is_not_run_again(
+    bus: Bus, make_sim, start_adapter, js, subjects
+):
+    # A broker killed and restarted can forget both the ack and that it delivered the job: the
+    # same attempt comes back as a first delivery while the record still says dispatched.
+    async with make_sim() as sim:
+        await start_adapter(sim.address, capacity=1)
+        job = await bus.dispatch(tiny("once"))
+        assert isinstance(await bus.wait_event(job.job_id), Succeeded)
+        # ... and the record, which trails the events, has not caught up yet.
+        record = await bus.record(job.job_id)
+        lagging = msgspec.structs.replace(record, status=JobStatus.DISPATCHED, outputs=[])
+        await bus.kv.put(job.job_id, encode(lagging))
+        await js.publish(
+            subjects.jobs(SERVER),
+            encode(job),
+            headers={"Nats-Msg-Id": f"{job.job_id}.{job.attempt}.again"},
+        )
+        after = await bus.dispatch(tiny("after"))
+        # One at a time, in order: by the time `after` ends, the copy was handled.
+        assert isinstance(await bus.wait_event(after.job_id), Succeeded)
+        ends = [e for e in bus.events[job.job_id] if isinstance(e, Succeeded)]
+        assert len(ends) == 1, ends
+        info = await js.stream_info(subjects.jobs_stream)
+        assert info.state.messages == 0  # the copy was acked, not left to come back
+
+
 async def test_inputs_from_a_storage_key_and_a_url(
     bus: Bus, make_sim, start_adapter, storage: Storage
 ):
