@@ -256,7 +256,33 @@ class Dispatcher:
             # The leader before may have stopped between the record and the job: send it
             # (again). The same message id makes a copy still in the stream a no-op, and an
             # adapter adopts a prompt it already has instead of running it twice.
+            await self._complete_dispatched(record)
             await self._send(record, request)
+
+    async def _complete_dispatched(self, record: JobRecord) -> None:
+        """Append the bound attempt's `dispatched` if the leader before stopped short of it."""
+        assert record.server_id is not None
+        try:
+            raw = await self._js.get_last_msg(
+                self._subjects.events_stream, self._subjects.events(record.job_id)
+            )
+        except nats.errors.Error as exc:  # unreadable now: the job is sent all the same
+            log.warning("cannot read the last event of job %s now: %s", record.job_id, exc)
+            return
+        if raw.data is None:
+            return
+        last = decode_event(raw.data)
+        # The log still ends where the bind started from: the queued job, or the hand-back of
+        # the attempt before.
+        if (isinstance(last, Queued) and record.attempt == 1) or (
+            isinstance(last, Retried) and last.data.attempt == record.attempt - 1
+        ):
+            log.info("job %s: appending the dispatched event its binding missed", record.job_id)
+            await self._publisher.emit(
+                record.job_id,
+                DispatchedData(server_id=record.server_id, attempt=record.attempt),
+                server_id=record.server_id,
+            )
 
     def _retry_unconfirmed(self, record: JobRecord) -> None:
         """Look at the job again in about a second (its log could not be read)."""
