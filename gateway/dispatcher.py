@@ -47,7 +47,13 @@ from gateway.contract import (
     now,
 )
 from gateway.events import EventPublisher
-from gateway.jobstate import BOUND, apply_event, attempts_left, record_from_queued
+from gateway.jobstate import (
+    BOUND,
+    apply_event,
+    attempts_left,
+    ends_attempt,
+    record_from_queued,
+)
 from gateway.lifecycle import stop_tasks, wait_event
 from gateway.placement import (
     Candidate,
@@ -263,15 +269,11 @@ class Dispatcher:
         """Append the bound attempt's `dispatched` if the leader before stopped short of it."""
         assert record.server_id is not None
         try:
-            raw = await self._js.get_last_msg(
-                self._subjects.events_stream, self._subjects.events(record.job_id)
-            )
-        except nats.errors.Error as exc:  # unreadable now: the job is sent all the same
-            log.warning("cannot read the last event of job %s now: %s", record.job_id, exc)
+            last = await self._last_event(record.job_id)
+        except _Unreadable:
+            return  # the job is sent all the same
+        if last is None:
             return
-        if raw.data is None:
-            return
-        last = decode_event(raw.data)
         # The log still ends where the bind started from: the queued job, or the hand-back of
         # the attempt before.
         if (isinstance(last, Queued) and record.attempt == 1) or (
@@ -470,6 +472,19 @@ class Dispatcher:
         # again, is applied again (and not taken for one already seen).
         await self._kv.put(record.job_id, encode(record))
         self._records[record.job_id] = record
+
+    async def _last_event(self, job_id: str) -> Event | None:
+        """The job's newest event in the log (the record may lag it); _Unreadable if not now."""
+        try:
+            raw = await self._js.get_last_msg(
+                self._subjects.events_stream, self._subjects.events(job_id)
+            )
+        except NotFoundError:
+            return None
+        except Exception as exc:
+            log.warning("cannot read the last event of job %s now: %s", job_id, exc)
+            raise _Unreadable(job_id) from exc
+        return None if raw.data is None else decode_event(raw.data)
 
     async def _request_of(self, job_id: str) -> JobRequest | None:
         """The job's request from its `queued` event; None if there is none.
@@ -684,6 +699,13 @@ class Dispatcher:
             silent = state is None or state.heartbeat is None
             if (state is not None and self._servers.is_stale(state)) or (silent and not warming_up):
                 self._handed_back[record.job_id] = record.attempt
+                try:
+                    last = await self._last_event(record.job_id)
+                except _Unreadable:
+                    del self._handed_back[record.job_id]  # look again next round
+                    continue
+                if last is not None and ends_attempt(last, record.attempt):
+                    continue  # the end is in the log, on its way to this record
                 reason = f"server {record.server_id} stopped sending heartbeats"
                 log.warning("job %s: %s; handing it back", record.job_id, reason)
                 await self._publisher.emit(

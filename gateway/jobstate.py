@@ -99,3 +99,10 @@ def _transition(record: JobRecord, event: Event) -> dict[str, object] | None:
 def attempts_left(record: JobRecord) -> bool:
     """Whether a job handed back to the queue may run again."""
     return record.runs < record.max_attempts
+
+
+def ends_attempt(event: Event, attempt: int) -> bool:
+    """Whether `event` ends that attempt: its terminal event, or its hand-back."""
+    return isinstance(event, (Succeeded, Failed, Cancelled, Retried)) and (
+        event.data.attempt == attempt
+    )

@@ -5,7 +5,7 @@ from typing import Any
 import pytest
 
 from gateway import contract as c
-from gateway.jobstate import apply_event, attempts_left
+from gateway.jobstate import apply_event, attempts_left, ends_attempt
 
 REQUEST = c.JobRequest(
     workflow={"1": {"class_type": "X", "inputs": {}}}, priority=3, max_attempts=2
@@ -85,3 +85,12 @@ def test_a_handback_before_running_does_not_count_as_a_run() -> None:
     r: Any = apply_event(queued(), ev(c.Dispatched, 2, c.DispatchedData(server_id="a", attempt=1)))
     r = apply_event(r, ev(c.Retried, 3, c.RetriedData(attempt=1, reason="busy", started=False)))
     assert (r.status, r.runs) == ("queued", 0)
+
+
+def test_an_attempt_ends_with_its_terminal_event_or_its_hand_back() -> None:
+    done = ev(c.Succeeded, 5, c.SucceededData(attempt=2))
+    back = ev(c.Retried, 5, c.RetriedData(attempt=2, reason="gone", started=True))
+    running = ev(c.Running, 4, c.RunningData(attempt=2, prompt_id="p"))
+    assert ends_attempt(done, 2) and ends_attempt(back, 2)
+    assert not ends_attempt(done, 3)  # an earlier attempt's end says nothing of this one
+    assert not ends_attempt(running, 2)

@@ -21,13 +21,11 @@ from nats.js.errors import BadRequestError, KeyNotFoundError, NotFoundError
 from nats.js.kv import KeyValue
 
 from gateway.contract import (
-    TERMINAL_EVENTS,
     Capabilities,
     ContractError,
     Job,
     JobRecord,
     JobStatus,
-    Retried,
     Subjects,
     check_token,
     decode,
@@ -36,6 +34,7 @@ from gateway.contract import (
     event_type,
 )
 from gateway.events import EventPublisher
+from gateway.jobstate import ends_attempt
 from gateway.settings import Settings
 from plugins.comfyui.client import ComfyClient
 from plugins.comfyui.control import ControlServer
@@ -316,7 +315,7 @@ class Adapter:
         if raw.data is None:
             return None
         last = decode_event(raw.data)
-        if isinstance(last, (*TERMINAL_EVENTS, Retried)) and last.data.attempt == job.attempt:
+        if ends_attempt(last, job.attempt):
             return f"attempt {job.attempt} already ended ({event_type(last)})"
         return None
 
