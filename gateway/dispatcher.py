@@ -193,7 +193,9 @@ class Dispatcher:
                 ack_policy=api.AckPolicy.EXPLICIT,
                 deliver_policy=api.DeliverPolicy.ALL,
                 max_ack_pending=20_000,
-                ack_wait=30,
+                # What a stopped leader had fetched but not applied reaches the next one after
+                # this long: a job that ended just then shows its end no later.
+                ack_wait=5,
             ),
         )
         loops = {
@@ -327,8 +329,7 @@ class Dispatcher:
     async def _give_back(messages: list[Msg], done: list[Msg]) -> None:
         """Stopped mid-batch (shutdown, lost lease): ack what was applied, nak the rest.
 
-        Unacknowledged, the rest would reach the next leader only after the consumer's ack wait
-        (30 s): a job that ended just then would show running for that long.
+        Unacknowledged, the rest would reach the next leader only after the consumer's ack wait.
         """
         applied = {id(message) for message in done}
         for message in messages:
