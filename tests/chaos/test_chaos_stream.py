@@ -99,13 +99,6 @@ async def test_processes_and_servers_fail_one_after_another(outcome: Outcome) ->
         assert "no space left" in record.error.message, record.error.message
 
 
-# Not strict: what is left is a race around a broker killed mid-write, seen in about half the
-# runs (tests/chaos/README.md, "Still open"); a strict mark would turn a lucky run red.
-@pytest.mark.xfail(
-    strict=False,
-    reason="open: after a broker SIGKILL a job's record and its events can disagree "
-    "(tests/chaos/README.md, still open)",
-)
 async def test_jobs_in_flight_across_broker_restarts(outcome: Outcome) -> None:
     report = _report(outcome)
     _, across = outcome.split()
