@@ -54,6 +54,7 @@ from gateway.jobstate import (
     ends_attempt,
     record_from_queued,
 )
+from gateway.kvsnapshot import kv_snapshot
 from gateway.lifecycle import stop_tasks, wait_event
 from gateway.placement import (
     Candidate,
@@ -228,18 +229,10 @@ class Dispatcher:
         return 0
 
     async def _load_records(self) -> None:
-        watcher = await self._kv.watchall()
-        try:
-            async for entry in watcher:
-                if entry is None:  # the initial values are all delivered
-                    break
-                if entry.value is None or entry.operation is not None:
-                    continue
-                record = decode(entry.value, JobRecord)
-                if not record.status.terminal:
-                    await self._adopt(record)
-        finally:
-            await watcher.stop()  # type: ignore[no-untyped-call]
+        for value in (await kv_snapshot(self._js, self._subjects.jobs_bucket)).values():
+            record = decode(value, JobRecord)
+            if not record.status.terminal:
+                await self._adopt(record)
         log.info("leading: %d open jobs, %d pending", len(self._records), len(self._queue))
 
     async def _adopt(self, record: JobRecord) -> None:
