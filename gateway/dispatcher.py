@@ -267,8 +267,6 @@ class Dispatcher:
             last = await self._last_event(record.job_id)
         except _Unreadable:
             return  # the job is sent all the same
-        if last is None:
-            return
         # The log still ends where the bind started from: the queued job, or the hand-back of
         # the attempt before.
         if (isinstance(last, Queued) and record.attempt == 1) or (
@@ -344,7 +342,7 @@ class Dispatcher:
                 log.exception("event %s of job %s failed; retrying it", event.seq, event.job_id)
                 # The job's later events wait for it: applied out of order they would be
                 # judged against the wrong record (a success, say, overtaken by a hand-back).
-                self._held[event.job_id] = min(event.seq, held or event.seq)
+                self._held[event.job_id] = event.seq  # never above `held`: see the check above
                 await self._nak(items[index:])
                 return
             if held is not None and event.seq >= held:
@@ -468,17 +466,12 @@ class Dispatcher:
         self._records[record.job_id] = record
 
     async def _last_event(self, job_id: str) -> Event | None:
-        """The job's newest event in the log (the record may lag it); _Unreadable if not now."""
+        """The job's newest event in the log; _Unreadable if it cannot be read now."""
         try:
-            raw = await self._js.get_last_msg(
-                self._subjects.events_stream, self._subjects.events(job_id)
-            )
-        except NotFoundError:
-            return None
+            return await self._publisher.last_event(job_id)
         except Exception as exc:
             log.warning("cannot read the last event of job %s now: %s", job_id, exc)
             raise _Unreadable(job_id) from exc
-        return None if raw.data is None else decode_event(raw.data)
 
     async def _request_of(self, job_id: str) -> JobRequest | None:
         """The job's request from its `queued` event; None if there is none.

@@ -204,6 +204,16 @@ class EventPublisher:
             return False
         return True
 
+    async def last_event(self, job_id: str) -> Event | None:
+        """The job's newest event, read from the stream (a record may lag it); None if none."""
+        try:
+            raw = await self._js.get_last_msg(
+                self._subjects.events_stream, self._subjects.events(job_id)
+            )
+        except NotFoundError:
+            return None
+        return None if raw.data is None else decode_event(raw.data)
+
     async def _read_last(self, job_id: str, job: _JobLog) -> None:
         try:
             raw = await self._js.get_last_msg(

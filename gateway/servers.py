@@ -33,7 +33,6 @@ class ServerState(msgspec.Struct, kw_only=True):
     capabilities: Capabilities | None = None
     capabilities_hash: str = ""
     recent_runs: list[float] = msgspec.field(default_factory=list)  # seconds, newest last
-    measured_at: float | None = None  # monotonic time of the newest of them
 
     @property
     def seconds_per_job(self) -> float | None:
@@ -146,14 +145,12 @@ class ServerTable:
         if state is None or seconds < 0:
             return
         state.recent_runs = [*state.recent_runs[-(_RUNS_REMEMBERED - 1) :], seconds]
-        state.measured_at = self.now()
 
     def forget_speed(self, server_id: str) -> None:
         """Drop a server's speed estimate: it is measured again from its next jobs."""
         state = self._servers.get(server_id)
         if state is not None:
             state.recent_runs = []
-            state.measured_at = None
 
     def typical_seconds_per_job(self) -> float | None:
         """Median estimate over the live measured servers, per unit of weight; None if none."""

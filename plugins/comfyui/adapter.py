@@ -17,7 +17,7 @@ import nats.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
-from nats.js.errors import BadRequestError, KeyNotFoundError, NotFoundError
+from nats.js.errors import BadRequestError, KeyNotFoundError
 from nats.js.kv import KeyValue
 
 from gateway.contract import (
@@ -29,7 +29,6 @@ from gateway.contract import (
     Subjects,
     check_token,
     decode,
-    decode_event,
     encode,
     event_type,
 )
@@ -287,7 +286,7 @@ class Adapter:
             # Delivered again: the end of this attempt may be in the log already (its ack was
             # lost with a broker restart) while the record, which follows the events, lags.
             try:
-                why = await self._already_ended(job)
+                why = await self._already_ended(job, context.publisher)
             except nats.errors.Error as exc:
                 log.warning(
                     "job %s: cannot read its last event (%s); retrying later", job.job_id, exc
@@ -304,18 +303,10 @@ class Adapter:
         log.info("job %s attempt %d: taken", job.job_id, job.attempt)
         self._tasks[job.job_id] = tasks.create_task(self._run(run), name=f"job-{job.job_id}")
 
-    async def _already_ended(self, job: Job) -> str | None:
+    async def _already_ended(self, job: Job, publisher: EventPublisher) -> str | None:
         """Why not to run `job`: its attempt's end is already in the event log; None if not."""
-        try:
-            raw = await self._js.get_last_msg(
-                self._subjects.events_stream, self._subjects.events(job.job_id)
-            )
-        except NotFoundError:
-            return None
-        if raw.data is None:
-            return None
-        last = decode_event(raw.data)
-        if ends_attempt(last, job.attempt):
+        last = await publisher.last_event(job.job_id)
+        if last is not None and ends_attempt(last, job.attempt):
             return f"attempt {job.attempt} already ended ({event_type(last)})"
         return None
 
