@@ -133,6 +133,7 @@ class Submitter:
             if accepted is None:
                 raise Refused("duplicate_job", f"job id {job_id!r} is already in use") from None
             return accepted
+        self._publisher.expect_new(job_id)
         await self._publisher.emit(
             job_id, QueuedData(request=request, log_file_path=path), ts=submitted_at
         )

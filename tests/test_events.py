@@ -9,6 +9,7 @@ from gateway.contract import (
     CancelledData,
     NodeCached,
     NodeCachedData,
+    NodeProgress,
     NodeProgressData,
     Subjects,
     decode_event,
@@ -83,3 +84,25 @@ async def test_many_jobs_at_once(js: JetStreamContext) -> None:
     await asyncio.gather(*(job(i) for i in range(50)))
     assert (await js.stream_info("EVENTS")).state.messages == 150
     assert await _events_of(js, "j7") == [1, 2, 3]
+
+
+async def test_a_job_wrongly_expected_new_continues_its_sequence(js: JetStreamContext) -> None:
+    await EventPublisher(js, Subjects()).emit("old", CancelledData())
+    publisher = EventPublisher(js, Subjects())
+    publisher.expect_new("old")
+    again = await publisher.emit("old", CancelledData())
+    assert again.seq == 2
+    assert await _events_of(js, "old") == [1, 2]
+
+
+async def test_emits_started_together_are_stored_in_call_order(js: JetStreamContext) -> None:
+    publisher = EventPublisher(js, Subjects())
+    sends = [
+        asyncio.create_task(publisher.emit("order", NodeProgressData(node_id="1", value=i, max=30)))
+        for i in range(30)
+    ]
+    events = await asyncio.gather(*sends)
+    # The i-th call carries value i; it must be the (i+1)-th event.
+    assert [(e.seq, e.data.value) for e in events if isinstance(e, NodeProgress)] == [
+        (i + 1, i) for i in range(30)
+    ]

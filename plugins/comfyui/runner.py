@@ -31,6 +31,7 @@ from nats.js.kv import KeyValue
 
 from gateway.contract import (
     CancelledData,
+    Event,
     EventData,
     FailedData,
     HistoryData,
@@ -157,6 +158,8 @@ class JobRun:
         self._timed_out = False
         self._history_sent = False
         self._seen = _Seen()
+        # Progress events on their way to the stream (see _emit_soon).
+        self._sending: list[asyncio.Task[Event]] = []
         timeout = job.request.timeout_s or ctx.options.default_timeout_s
         self._timeout = timeout
         self._deadline = asyncio.get_running_loop().time() + timeout
@@ -207,6 +210,8 @@ class JobRun:
         finally:
             keepalive.cancel()
             priming.cancel()
+            for sending in self._sending:
+                sending.cancel()
             self.ctx.follower.unwatch(self.prompt_id)
             self.finished.set()
 
@@ -280,7 +285,7 @@ class JobRun:
         if found.entry is not None and found.entry.workflow:
             self._workflow = found.entry.workflow
         if found.kind in ("done", "running"):
-            await self._mark_started()
+            self._mark_started()
         if found.kind == "done":
             assert found.raw is not None and found.entry is not None
             return await self._from_history(found.raw, found.entry)
@@ -375,19 +380,19 @@ class JobRun:
             return _Result(CancelledData(reason=self._stop.reason, attempt=self.job.attempt))
         return self._retried(self._stop.reason)
 
-    async def _mark_started(self) -> None:
+    def _mark_started(self) -> None:
         """The prompt reached execution: say `running` (once per attempt)."""
         self.started = True
-        await self._announce_running()
+        self._announce_running()
 
-    async def _announce_running(self) -> None:
+    def _announce_running(self) -> None:
         # Sent when execution starts, not when the prompt is queued: the balancer counts a
         # run and times the server's speed from this event, and a prompt waiting behind
         # another job on ComfyUI is neither. It carries the 200's node_errors if any.
         if self._announced:
             return
         self._announced = True
-        await self._emit(
+        self._emit_soon(
             RunningData(
                 attempt=self.job.attempt, prompt_id=self.prompt_id, node_errors=self._node_errors
             )
@@ -491,7 +496,7 @@ class JobRun:
                     self.ctx.follower.reconnect(f"it missed the end of prompt {self.prompt_id}")
                 return _End("done", found)
             if found.kind == "running":
-                await self._mark_started()
+                self._mark_started()
             absent = absent + 1 if found.kind == "absent" else 0
             if absent >= 2:
                 return _End("vanished")
@@ -500,27 +505,27 @@ class JobRun:
         """Publish what a message means; say whether the prompt is ending or has ended."""
         match message:
             case ExecutionStart():
-                await self._mark_started()
+                self._mark_started()
             case ExecutionCached(data=data):
                 if data.nodes:
-                    await self._emit(NodeCachedData(node_ids=list(data.nodes)))
+                    self._emit_soon(NodeCachedData(node_ids=list(data.nodes)))
             case Executing(data=data):
                 if data.node is None:
                     return "ended"  # `executing` with node null: the prompt is done
-                await self._mark_started()
+                self._mark_started()
                 self._seen.current_node = data.node
-                await self._emit(
+                self._emit_soon(
                     NodeStartedData(node_id=data.node, class_type=self._class(data.node))
                 )
             case Progress(data=data):
                 node = data.node or self._seen.current_node
                 if node is not None:
-                    await self._emit(
+                    self._emit_soon(
                         NodeProgressData(node_id=node, value=int(data.value), max=int(data.max))
                     )
             case Executed(data=data):
                 self._seen.outputs.add(data.node)
-                await self._emit(NodeOutputData(node_id=data.node, output=data.output or {}))
+                self._emit_soon(NodeOutputData(node_id=data.node, output=data.output or {}))
             case ExecutionSuccess() | ExecutionError() | ExecutionInterrupted():
                 return "ending"
         return None
@@ -569,12 +574,12 @@ class JobRun:
 
     async def _from_history(self, raw: dict[str, Any], entry: HistoryEntry) -> _Result:
         if entry.status is not None and entry.status.message("execution_start") is not None:
-            await self._mark_started()  # polled runs can start and end between two looks
+            self._mark_started()  # polled runs can start and end between two looks
         for node_id, output in entry.outputs.items():
             # Adopted, polled or cached runs: their outputs were not (all) seen on the socket.
             if node_id not in self._seen.outputs:
                 self._seen.outputs.add(node_id)
-                await self._emit(NodeOutputData(node_id=node_id, output=output))
+                self._emit_soon(NodeOutputData(node_id=node_id, output=output))
         status = entry.status
         error = status.message("execution_error") if status is not None else None
         interrupted = status.message("execution_interrupted") if status is not None else None
@@ -681,6 +686,7 @@ class JobRun:
         data = result.data
         if isinstance(data, CancelledData) and await self._record_status() is JobStatus.CANCELLED:
             log.info("job %s: already cancelled in its record; not repeating it", self.job.job_id)
+            await self._sent()
         else:
             await self._emit(data)
         self.concluded = True
@@ -696,7 +702,29 @@ class JobRun:
             return None
         return decode(entry.value, JobRecord).status
 
+    def _emit_soon(self, data: EventData) -> None:
+        """Publish a progress event without waiting for the broker's ack.
+
+        Following the prompt and fetching its outputs go on meanwhile instead of waiting a
+        round trip per event. Order is kept: the publisher stores one job's emits in the
+        order they were called. The next `_emit` waits for these first and raises what
+        failed, so a job never ends in the log before its progress.
+        """
+        self._sending.append(
+            asyncio.create_task(
+                self.ctx.publisher.emit(self.job.job_id, data),
+                name=f"event-{self.job.job_id}",
+            )
+        )
+
+    async def _sent(self) -> None:
+        """Wait until the progress events emitted so far are stored; raise what failed."""
+        sending, self._sending = self._sending, []
+        for task in sending:
+            await task
+
     async def _emit(self, data: EventData) -> None:
+        await self._sent()
         await self.ctx.publisher.emit(self.job.job_id, data)
 
 

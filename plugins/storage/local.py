@@ -19,7 +19,7 @@ import hashlib
 import os
 import secrets
 import stat as stat_mode
-from collections.abc import AsyncGenerator, AsyncIterable, Callable
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Callable
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -56,6 +56,13 @@ def _translate(exc: OSError, key: str, doing: str) -> StorageError:
 
 def _sidecar(path: Path) -> Path:
     return path.with_name(f".{path.name}{_SIDECAR_SUFFIX}")
+
+
+async def _chained(head: list[bytes], rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    for chunk in head:
+        yield chunk
+    async for chunk in rest:
+        yield chunk
 
 
 def _write_all(file: BinaryIO, digest: hashlib._Hash, data: bytes | bytearray) -> None:
@@ -122,6 +129,40 @@ class LocalStorage(Storage):
     # -- writing ---------------------------------------------------------------------------------
 
     async def _put(self, key: str, chunks: AsyncIterable[bytes], content_type: str) -> StoredObject:
+        stream = aiter(chunks)
+        head: list[bytes] = []
+        size = 0
+        async for chunk in stream:
+            head.append(chunk)
+            size += len(chunk)
+            if size >= self._chunk_size:
+                break
+        else:
+            # Small objects (most images) are written whole in one thread hop: folder, file,
+            # sync and rename, instead of a hop for each.
+            try:
+                return await asyncio.to_thread(self._put_small, key, b"".join(head), content_type)
+            except OSError as exc:
+                raise _translate(exc, key, "write") from exc
+        return await self._put_stream(key, _chained(head, stream), content_type)
+
+    def _put_small(self, key: str, data: bytes, content_type: str) -> StoredObject:
+        target = self._prepare_target(key)
+        temp, file = self._create_temp(target.parent, target.name)
+        digest = hashlib.sha256()
+        try:
+            _write_all(file, digest, data)
+            self._commit(file, temp, target, key, content_type)
+        except BaseException as exc:
+            self._discard(file, temp, exc)
+            raise
+        return StoredObject(
+            key=key, size=len(data), content_type=content_type, sha256=digest.hexdigest()
+        )
+
+    async def _put_stream(
+        self, key: str, chunks: AsyncIterable[bytes], content_type: str
+    ) -> StoredObject:
         target = await asyncio.to_thread(self._prepare_target, key)
         try:
             temp, file = await asyncio.to_thread(self._create_temp, target.parent, target.name)
