@@ -1,9 +1,12 @@
 """Gateway overhead: the same tiny workflow on the same fake ComfyUI, direct vs through the gateway.
 
-    uv run python bench/overhead.py [--quick] [--jobs N]
+    uv run python bench/overhead.py [--quick] [--jobs N] [--split]
 
 Direct: a minimal ComfyUI client (one websocket, POST /prompt with client_id, wait for
-`executing` with node null for that prompt). Gateway: AsyncComfyUISDK.execute_workflow. Jobs are
+`executing` with node null for that prompt, GET /history for its outputs' names: the least
+that gets the result, as the SDK's answer carries the outputs). Gateway:
+AsyncComfyUISDK.execute_workflow. By default every role runs in this process's event loop;
+--split runs them as processes, as deployed (bench/split.py). Jobs are
 run one at a time, alternating direct / gateway, each with a different EmptyImage color so that
 ComfyUI's cache never answers. Node time is zero. Afterwards every gateway job's log is read
 back and split into stages by the events' timestamps.
@@ -17,6 +20,8 @@ import json
 import sys
 import time
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +41,7 @@ from bench.common import (
     tiny,
     write_results,
 )
+from bench.split import split_system
 from gateway.bus import connect
 from gateway.contract import JobRecord, Subjects, decode
 from plugins.simulator import SimulatorConfig
@@ -85,10 +91,13 @@ class DirectClient:
         prompt_id = reply.json()["prompt_id"]
         if prompt_id in self.early:
             self.early.discard(prompt_id)
-            return
-        future = asyncio.get_running_loop().create_future()
-        self.waiting[prompt_id] = future
-        await asyncio.wait_for(future, 60)
+        else:
+            future = asyncio.get_running_loop().create_future()
+            self.waiting[prompt_id] = future
+            await asyncio.wait_for(future, 60)
+        outputs = (await self.http.get(f"/history/{prompt_id}")).json()[prompt_id]["outputs"]
+        if not outputs:
+            raise RuntimeError(f"prompt {prompt_id} ended without outputs")
 
 
 STAGES = [
@@ -146,18 +155,30 @@ def stages_of(
     return out
 
 
-async def main(jobs: int, quick: bool) -> dict[str, Any]:
+@asynccontextmanager
+async def system_with_one_fake(split: bool) -> AsyncIterator[tuple[str, str, str, str]]:
+    """The gateway's URL, the broker's, the fake ComfyUI's HTTP and websocket URLs."""
+    if split:
+        async with split_system(1) as split_sys:
+            address = split_sys.addresses[0]
+            yield split_sys.url, split_sys.nats_url, f"http://{address}", f"ws://{address}/ws"
+        return
     async with running_system() as system:
         sim = await system.add_server("sim", SimulatorConfig(node_seconds=0.0))
+        yield system.url, system.settings.nats_url, sim.url, sim.ws_url
+
+
+async def main(jobs: int, quick: bool, split: bool) -> dict[str, Any]:
+    async with system_with_one_fake(split) as (url, nats_url, sim_url, sim_ws_url):
         direct_ms: list[float] = []
         gateway_ms: list[float] = []
         timed: list[tuple[str, float, float]] = []
         kv_seen: dict[str, float] = {}
-        nc = await connect(system.settings.nats_url, "bench-watch")
+        nc = await connect(nats_url, "bench-watch")
         watch = asyncio.create_task(watch_terminal(nc.jetstream(), Subjects().jobs_bucket, kv_seen))
         async with (
-            DirectClient(sim.url, sim.ws_url) as direct,
-            AsyncComfyUISDK(system.url, timeout=60) as sdk,
+            DirectClient(sim_url, sim_ws_url) as direct,
+            AsyncComfyUISDK(url, timeout=60) as sdk,
         ):
             # Warm-up: both paths, a few jobs, not counted.
             for i in range(5):
@@ -210,6 +231,7 @@ async def main(jobs: int, quick: bool) -> dict[str, Any]:
     print_goals(goals)
     return {
         "mode": "quick" if quick else "full",
+        "roles": "processes" if split else "one process",
         "jobs_per_path": jobs,
         "latency_ms": {
             "direct": {f"p{q}": pct(direct_ms, q) for q in (50, 95, 99)},
@@ -230,17 +252,9 @@ if __name__ == "__main__":
     parser.add_argument("--quick", action="store_true", help="60 jobs per path (< 60 s)")
     parser.add_argument("--jobs", type=int, default=None)
     parser.add_argument(
-        "--patch-nodelay",
-        action="store_true",
-        help="what-if: set TCP_NODELAY on the gateway's accepted sockets (runtime patch in this "
-        "process only, see bench/nodelay_probe.py); results go to overhead_nodelay.json",
+        "--split", action="store_true", help="roles as processes; results in overhead_split.json"
     )
     args = parser.parse_args()
-    if args.patch_nodelay:
-        from bench.nodelay_probe import install
-
-        install(fix=True)
     n = args.jobs or (60 if args.quick else 500)
-    result = asyncio.run(main(n, args.quick))
-    result["tcp_nodelay_patched"] = args.patch_nodelay
-    write_results("overhead_nodelay" if args.patch_nodelay else "overhead", result)
+    result = asyncio.run(main(n, args.quick, args.split))
+    write_results("overhead_split" if args.split else "overhead", result)

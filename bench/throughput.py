@@ -23,12 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import os
-import signal
-import socket
 import sys
-import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -37,9 +32,15 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import goal, print_goals, running_system, say, table, tiny, write_results
+from bench.split import (  # noqa: F401  (memory.py takes these from here)
+    cpu_seconds,
+    free_port,
+    split_system,
+    stop_child,
+    wait_healthy,
+)
 from gateway.bus import connect
 from gateway.contract import JobRecord, Subjects, decode
-from gateway.natsserver import start_nats_server
 from plugins.simulator import SimulatorConfig
 from sdk import AsyncComfyUISDK
 from sdk.nats import NatsClient
@@ -311,124 +312,43 @@ async def main(jobs: int, concurrency: int, quick: bool, profile: bool) -> dict[
 
 # -- roles as processes (--split) -------------------------------------------------------------
 
-_TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far, from /proc."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / _TICKS
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-async def start_child(*argv: str) -> asyncio.subprocess.Process:
-    return await asyncio.create_subprocess_exec(
-        sys.executable, *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL
-    )
-
-
-async def stop_child(process: asyncio.subprocess.Process) -> None:
-    if process.returncode is not None:
-        return
-    process.send_signal(signal.SIGTERM)
-    try:
-        await asyncio.wait_for(process.wait(), 20)
-    except TimeoutError:
-        process.kill()
-        await process.wait()
-
-
-async def wait_healthy(url: str, count: int, within: float) -> None:
-    import httpx
-
-    deadline = time.monotonic() + within
-    async with httpx.AsyncClient(base_url=url, timeout=5) as client:
-        while time.monotonic() < deadline:
-            try:
-                servers = (await client.get("/servers")).json()
-            except httpx.HTTPError:
-                servers = []
-            healthy = [s for s in servers if s["status"] == "healthy" and s["node_types"] > 0]
-            if len(healthy) >= count:
-                return
-            await asyncio.sleep(0.2)
-    raise TimeoutError(f"{count} servers did not turn healthy within {within} s")
-
 
 async def split_main(jobs: int, concurrency: int, quick: bool) -> dict[str, Any]:
-    root = Path(__file__).resolve().parents[1]
-    cli = ["-m", "gateway.cli"]
-    with tempfile.TemporaryDirectory(prefix="comfybench-") as tmp:
-        data = str(Path(tmp) / "data")
-        server = await start_nats_server(
-            port=0, store_dir=Path(tmp) / "nats", log_file=Path(tmp) / "nats.log"
-        )
-        children: dict[str, asyncio.subprocess.Process] = {}
+    async with split_system(SERVERS) as system:
+        nc = await connect(system.nats_url, "bench-watch")
+        completions = Completions()
+        watch = asyncio.create_task(completions.run(nc.jetstream()))
+        passes = []
         try:
-            common = ["--nats-url", server.url, "--data-dir", data, "--log-level", "WARNING"]
-            children["fake ComfyUIs (10, bench/roles.py)"] = sims = await start_child(
-                str(root / "bench" / "roles.py"), "sims", "--count", str(SERVERS),
-                "--base-dir", str(Path(tmp) / "sims"),
-            )  # fmt: skip
-            assert sims.stdout is not None
-            addresses = json.loads(await sims.stdout.readline())["addresses"]
-            port = free_port()
-            url = f"http://127.0.0.1:{port}"
-            children["gateway (REST + balancer)"] = await start_child(
-                *cli, "gateway", *common, "--port", str(port)
-            )
-            children["log sink"] = await start_child(*cli, "logsink", *common)
-            children["adapters (10, one process)"] = await start_child(
-                str(root / "bench" / "roles.py"), "adapters", "--nats-url", server.url,
-                "--data-dir", data,
-                *[arg for k, a in enumerate(addresses) for arg in ("--server", f"sim{k}={a}")],
-            )  # fmt: skip
-            await wait_healthy(url, SERVERS, 60)
-            pids = {name: p.pid for name, p in children.items()} | {"nats-server": server.pid}
-            nc = await connect(server.url, "bench-watch")
-            completions = Completions()
-            watch = asyncio.create_task(completions.run(nc.jetstream()))
-            passes = []
-            try:
-                async with (
-                    AsyncComfyUISDK(url, timeout=120) as sdk,
-                    await NatsClient.connect(server.url) as bus,
+            async with (
+                AsyncComfyUISDK(system.url, timeout=120) as sdk,
+                await NatsClient.connect(system.nats_url) as bus,
+            ):
+                warm = await one_pass("warm", 40, 8, sdk.submit_workflow, completions, 90_000_000)
+
+                async def by_bus(workflow: dict[str, Any]) -> str:
+                    return (await bus.submit(workflow)).job_id
+
+                for name, submit, base in (
+                    ("sdk REST", sdk.submit_workflow, 0),
+                    ("NatsClient", by_bus, 10**7),
                 ):
-                    warm = await one_pass(
-                        "warm", 40, 8, sdk.submit_workflow, completions, 90_000_000
-                    )
-
-                    async def by_bus(workflow: dict[str, Any]) -> str:
-                        return (await bus.submit(workflow)).job_id
-
-                    for name, submit, base in (
-                        ("sdk REST", sdk.submit_workflow, 0),
-                        ("NatsClient", by_bus, 10**7),
-                    ):
-                        say(f"{name} pass (roles as processes): {jobs} jobs ...")
-                        before = {role: cpu_seconds(pid) for role, pid in pids.items()}
-                        result = await one_pass(name, jobs, concurrency, submit, completions, base)
-                        after = {role: cpu_seconds(pid) for role, pid in pids.items()}
-                        result["cpu_ms_per_job_by_process"] = {
-                            role: (after[role] - before[role]) / jobs * 1000 for role in pids
-                        } | {"clients (this process)": result["cpu_ms_per_job"]}
-                        passes.append(result)
-                    say("checking the logs ...")
-                    every = warm["ids"] + [i for p in passes for i in p["ids"]]
-                    logs = await check_logs(sdk, every, 120)
-            finally:
-                watch.cancel()
-                await asyncio.gather(watch, return_exceptions=True)
-                await nc.close()
+                    say(f"{name} pass (roles as processes): {jobs} jobs ...")
+                    pids = system.pids
+                    before = {role: cpu_seconds(pid) for role, pid in pids.items()}
+                    result = await one_pass(name, jobs, concurrency, submit, completions, base)
+                    after = {role: cpu_seconds(pid) for role, pid in pids.items()}
+                    result["cpu_ms_per_job_by_process"] = {
+                        role: (after[role] - before[role]) / jobs * 1000 for role in pids
+                    } | {"clients (this process)": result["cpu_ms_per_job"]}
+                    passes.append(result)
+                say("checking the logs ...")
+                every = warm["ids"] + [i for p in passes for i in p["ids"]]
+                logs = await check_logs(sdk, every, 120)
         finally:
-            for process in reversed(list(children.values())):
-                await stop_child(process)
-            await server.stop()
+            watch.cancel()
+            await asyncio.gather(watch, return_exceptions=True)
+            await nc.close()
     return split_report(passes, logs, quick)
 
 

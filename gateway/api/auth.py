@@ -130,7 +130,11 @@ class ApiKeyGuard:
     def __init__(self, digests: list[bytes]) -> None:
         self._digests = digests
 
-    def __call__(self, connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
+    # Async although it never waits: Litestar runs a sync guard in a worker thread, a thread
+    # hop on every request.
+    async def __call__(
+        self, connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler
+    ) -> None:
         if not self._digests:
             return
         if _is_public(connection):

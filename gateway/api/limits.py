@@ -161,8 +161,13 @@ def client_id(connection: ASGIConnection[Any, Any, Any, Any]) -> str:
     return "addr:" + (connection.client.host if connection.client else "?")
 
 
-def submit_rate_limit(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
-    """Guard for submit and execute: one token per request, before the body is read."""
+async def submit_rate_limit(
+    connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler
+) -> None:
+    """Guard for submit and execute: one token per request, before the body is read.
+
+    Async although it never waits, so that Litestar calls it on the loop, not in a thread.
+    """
     buckets = limits_of(connection.app).submits
     if buckets is not None:
         buckets.take(client_id(connection))
