@@ -1,4 +1,5 @@
-"""A finished prompt's output files: found in its history, streamed from /view into storage.
+"""A prompt's output files: named by `executed` messages and its history, streamed from /view
+into storage.
 
 Every list in a node's output object whose items carry {filename, subfolder, type} is a file:
 `images` (SaveImage, PreviewImage), `gifs`/`video` (video nodes), `audio`, `3d`, and whatever a
@@ -22,6 +23,7 @@ from plugins.storage.base import (
     DEFAULT_CONTENT_TYPE,
     InvalidContentType,
     Storage,
+    StorageError,
     check_content_type,
     guess_content_type,
 )
@@ -29,6 +31,7 @@ from plugins.storage.base import (
 log = logging.getLogger(__name__)
 
 _TRIES = 3
+_EARLY_AT_ONCE = 4
 
 
 class OutputRef(msgspec.Struct, frozen=True, kw_only=True):
@@ -144,12 +147,67 @@ async def store_output(
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-async def store_outputs(
-    client: ComfyClient, storage: Storage, job_id: str, outputs: dict[str, dict[str, Any]]
-) -> list[OutputFile]:
-    """Store every output file of a history's `outputs`, one after the other."""
-    taken: set[str] = set()
-    return [
-        await store_output(client, storage, ref, output_key(job_id, ref, taken))
-        for ref in output_files(outputs)
-    ]
+class OutputSaver:
+    """Stores one prompt's output files: each as soon as ComfyUI reports it, the rest at the end.
+
+    A node's `executed` message names its files once they are written, so they can be copied
+    while later nodes run and while the history is fetched. The history decides in the end
+    (`finish`): what it names and was not copied yet is copied then, and a file copied early
+    under another key than the history order gives it is copied again under that key.
+    """
+
+    def __init__(self, client: ComfyClient, storage: Storage, job_id: str) -> None:
+        self._client = client
+        self._storage = storage
+        self._job_id = job_id
+        self._early: dict[tuple[str, str, str, str], asyncio.Task[OutputFile]] = {}
+        self._taken: set[str] = set()
+        # A node with many files should not open as many downloads at once.
+        self._slots = asyncio.Semaphore(_EARLY_AT_ONCE)
+
+    def early(self, node_id: str, output: dict[str, Any]) -> None:
+        """Start copying the files of one node's `executed` output."""
+        for ref in output_files({node_id: output}):
+            key = output_key(self._job_id, ref, self._taken)
+            ident = (ref.filename, ref.subfolder, ref.type, key)
+            if ident not in self._early:
+                self._early[ident] = asyncio.create_task(
+                    self._store_early(ref, key), name=f"output-{key}"
+                )
+
+    async def _store_early(self, ref: OutputRef, key: str) -> OutputFile:
+        async with self._slots:
+            return await store_output(self._client, self._storage, ref, key)
+
+    async def finish(self, outputs: dict[str, dict[str, Any]]) -> list[OutputFile]:
+        """Every file of the history's `outputs`, stored, in node order."""
+        taken: set[str] = set()
+        stored: list[OutputFile] = []
+        for ref in output_files(outputs):
+            key = output_key(self._job_id, ref, taken)
+            task = self._early.pop((ref.filename, ref.subfolder, ref.type, key), None)
+            if task is None:
+                stored.append(await store_output(self._client, self._storage, ref, key))
+            else:
+                done = await task
+                stored.append(msgspec.structs.replace(done, node_id=ref.node_id, kind=ref.kind))
+        await self.discard()  # copied early but not in the history: not an output after all
+        return stored
+
+    async def discard(self) -> None:
+        """Stop early copies and delete what they stored: the prompt did not succeed."""
+        tasks = list(self._early.values())
+        self._early.clear()
+        for task in tasks:
+            task.cancel()
+        for result in await asyncio.gather(*tasks, return_exceptions=True):
+            if isinstance(result, OutputFile):
+                try:
+                    await self._storage.delete(result.key)
+                except StorageError as exc:
+                    log.warning("could not delete the unused output %s: %s", result.key, exc)
+
+    def cancel(self) -> None:
+        """Stop early copies without waiting (the run itself is being cancelled)."""
+        for task in self._early.values():
+            task.cancel()

@@ -71,7 +71,7 @@ from plugins.comfyui.messages import (
     WsMessage,
 )
 from plugins.comfyui.options import AdapterOptions
-from plugins.comfyui.outputs import store_outputs
+from plugins.comfyui.outputs import OutputSaver
 from plugins.comfyui.progress import NUDGE, Follower, Item, Lost, Nudge, Watch
 from plugins.storage.base import Storage, StorageError
 
@@ -160,6 +160,7 @@ class JobRun:
         self._seen = _Seen()
         # Progress events on their way to the stream (see _emit_soon).
         self._sending: list[asyncio.Task[Event]] = []
+        self._outputs = OutputSaver(ctx.client, ctx.storage, job.job_id)
         timeout = job.request.timeout_s or ctx.options.default_timeout_s
         self._timeout = timeout
         self._deadline = asyncio.get_running_loop().time() + timeout
@@ -212,6 +213,7 @@ class JobRun:
             priming.cancel()
             for sending in self._sending:
                 sending.cancel()
+            self._outputs.cancel()
             self.ctx.follower.unwatch(self.prompt_id)
             self.finished.set()
 
@@ -230,6 +232,7 @@ class JobRun:
             retryable=True,
         )
         try:
+            await self._outputs.discard()
             await self._emit(data)
             self.concluded = True
             await self.msg.ack()
@@ -525,6 +528,7 @@ class JobRun:
                     )
             case Executed(data=data):
                 self._seen.outputs.add(data.node)
+                self._outputs.early(data.node, data.output or {})
                 self._emit_soon(NodeOutputData(node_id=data.node, output=data.output or {}))
             case ExecutionSuccess() | ExecutionError() | ExecutionInterrupted():
                 return "ending"
@@ -618,9 +622,7 @@ class JobRun:
         # waits for both.
         history = asyncio.create_task(self._emit_history(raw), name=f"history-{self.job.job_id}")
         try:
-            outputs = await store_outputs(
-                self.ctx.client, self.ctx.storage, self.job.job_id, entry.outputs
-            )
+            outputs = await self._outputs.finish(entry.outputs)
         except FileMissing as exc:
             await history
             return self._failed(failures.OUTPUT_ERROR, str(exc), raw)
@@ -681,6 +683,8 @@ class JobRun:
         return _Result(data, history)
 
     async def _conclude(self, result: _Result) -> None:
+        if not isinstance(result.data, SucceededData):
+            await self._outputs.discard()
         if result.history is not None and not self._history_sent:
             await self._emit_history(result.history)
         data = result.data

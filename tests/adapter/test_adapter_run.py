@@ -29,8 +29,9 @@ from gateway.contract import (
 )
 from gateway.events import EventPublisher
 from plugins.simulator import png
-from plugins.storage.base import Storage
+from plugins.storage.base import NotFound, Storage
 from tests.adapter.kit import FAST, SERVER, Bus, tiny, two_outputs
+from tests.helpers import poll_until
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -75,6 +76,59 @@ async def test_success_with_two_outputs(bus: Bus, make_sim, start_adapter, stora
         history = next(e for e in bus.events[job.job_id] if isinstance(e, History))
         assert history.data.prompt_id == job.prompt_id
         assert set(history.data.history["outputs"]) == {"3", "4"}
+
+
+def _early_and_late() -> dict[str, object]:
+    """An output node right after the first node, and a slower branch after it.
+
+    ComfyUI runs a ready output node first, so node 4 is saved before node 2 starts.
+    """
+    workflow = tiny("gw_late")
+    workflow["4"] = {
+        "class_type": "SaveImage",
+        "inputs": {"images": ["1", 0], "filename_prefix": "gw_early"},
+    }
+    return workflow
+
+
+async def _stored(storage: Storage, key: str) -> bool:
+    try:
+        await storage.stat(key)
+    except NotFound:
+        return False
+    return True
+
+
+async def test_an_output_is_stored_while_later_nodes_run(
+    bus: Bus, make_sim, start_adapter, storage: Storage
+):
+    async with make_sim(class_seconds={"ImageInvert": 3.0}) as sim:
+        await start_adapter(sim.address)
+        job = await bus.dispatch(_early_and_late())
+        key = f"{job.job_id}/gw_early_00001_.png"
+        await poll_until(lambda: _stored(storage, key), f"{key} to be stored", within=10)
+        assert not set(bus.types(job.job_id)) & {"history", "succeeded"}, bus.types(job.job_id)
+        end = await bus.wait_event(job.job_id)
+        assert isinstance(end, Succeeded), end
+        assert sorted((o.node_id, o.key) for o in end.data.outputs) == [
+            ("3", f"{job.job_id}/gw_late_00001_.png"),
+            ("4", key),
+        ]
+
+
+async def test_an_output_stored_early_is_deleted_when_the_prompt_fails(
+    bus: Bus, make_sim, start_adapter, storage: Storage
+):
+    config = {"class_seconds": {"ImageInvert": 3.0}, "fail_nodes": ["ImageInvert"]}
+    async with make_sim(**config) as sim:
+        await start_adapter(sim.address)
+        job = await bus.dispatch(_early_and_late())
+        key = f"{job.job_id}/gw_early_00001_.png"
+        await poll_until(lambda: _stored(storage, key), f"{key} to be stored", within=10)
+        end = await bus.wait_event(job.job_id)
+        assert isinstance(end, Failed) and end.data.code == "execution_error", end
+        # A failed job has no outputs; the file saved on the way is not one.
+        assert not await _stored(storage, key)
 
 
 async def test_cached_run_still_reports_outputs(bus: Bus, make_sim, start_adapter):
