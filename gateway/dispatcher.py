@@ -119,13 +119,47 @@ class _Queue:
 
     def head(self, n: int) -> list[str]:
         """The first `n` pending job ids in order, without removing them."""
-        while self._heap and not self._current(self._heap[0]):
-            heapq.heappop(self._heap)
         if len(self._heap) > 4 * len(self._live) + 64:
             self._heap = [entry for entry in self._heap if self._current(entry)]
             heapq.heapify(self._heap)
-        current = (entry for entry in heapq.nsmallest(n, self._heap) if self._current(entry))
-        return [entry[3] for entry in current]
+        # Popped and pushed back: n log N, where nsmallest would look at every waiting job.
+        first: list[tuple[int, float, int, str]] = []
+        while self._heap and len(first) < n:
+            entry = heapq.heappop(self._heap)
+            if self._current(entry):
+                first.append(entry)
+        for entry in first:
+            heapq.heappush(self._heap, entry)
+        return [entry[3] for entry in first]
+
+
+class _Bound:
+    """Which jobs each server holds (dispatched or running), kept up as records change.
+
+    A dispatch round asks how many jobs each server holds, and which, many times a second;
+    counting over every record would make it cost every job waiting in the queue.
+    """
+
+    def __init__(self) -> None:
+        self._jobs: dict[str, set[str]] = {}
+
+    def change(self, before: JobRecord | None, after: JobRecord | None) -> None:
+        """A job's record went from `before` to `after` (None: unknown, forgotten)."""
+        if before is not None and before.server_id is not None:
+            jobs = self._jobs.get(before.server_id)
+            if jobs is not None:
+                jobs.discard(before.job_id)
+                if not jobs:
+                    del self._jobs[before.server_id]
+        if after is not None and after.status in BOUND and after.server_id is not None:
+            self._jobs.setdefault(after.server_id, set()).add(after.job_id)
+
+    def count(self, server_id: str) -> int:
+        return len(self._jobs.get(server_id, ()))
+
+    def pairs(self) -> list[tuple[str, str]]:
+        """(server id, job id) of every bound job, as a list: callers change records."""
+        return [(server_id, job_id) for server_id, jobs in self._jobs.items() for job_id in jobs]
 
 
 class Dispatcher:
@@ -152,6 +186,7 @@ class Dispatcher:
         self._tick = tick
         self._stale_grace = stale_grace
         self._records: dict[str, JobRecord] = {}
+        self._bound = _Bound()  # kept by _keep and _forget
         self._needs: dict[str, Requirements] = {}
         self._requests: dict[str, JobRequest] = {}  # of queued jobs seen arriving
         self._queue = _Queue()
@@ -249,7 +284,7 @@ class Dispatcher:
         await self._take(record, request)
 
     async def _take(self, record: JobRecord, request: JobRequest) -> None:
-        self._records[record.job_id] = record
+        self._keep(record)
         self._needs[record.job_id] = requirements(request)
         if record.status is JobStatus.QUEUED:
             self._queue.push(record)
@@ -390,7 +425,7 @@ class Dispatcher:
                 record = decode(entry.value, JobRecord)
         if record.status.terminal:
             return
-        self._records[record.job_id] = record
+        self._keep(record)
         self._needs[record.job_id] = requirements(event.data.request)
         if record.status is JobStatus.QUEUED:
             # Kept until the job is bound: it saves reading the event back from the stream.
@@ -413,8 +448,13 @@ class Dispatcher:
             return False
         return meta.num_delivered == 1 and meta.sequence.stream > self._replayed_upto
 
+    def _keep(self, record: JobRecord) -> None:
+        """Remember `record` as its job's latest; every change of `_records` goes here."""
+        self._bound.change(self._records.get(record.job_id), record)
+        self._records[record.job_id] = record
+
     def _forget(self, job_id: str) -> None:
-        self._records.pop(job_id, None)
+        self._bound.change(self._records.pop(job_id, None), None)
         self._requests.pop(job_id, None)
         self._needs.pop(job_id, None)
         self._queue.discard(job_id)
@@ -448,7 +488,7 @@ class Dispatcher:
         if attempts_left(record):
             self._queue.push(record)
             return
-        self._records[record.job_id] = record
+        self._keep(record)
         await self._fail(
             record,
             "attempts_exhausted",
@@ -463,7 +503,7 @@ class Dispatcher:
         # KV first: a write that fails leaves memory as it was, so that the event, delivered
         # again, is applied again (and not taken for one already seen).
         await self._kv.put(record.job_id, encode(record))
-        self._records[record.job_id] = record
+        self._keep(record)
 
     async def _last_event(self, job_id: str) -> Event | None:
         """The job's newest event in the log; _Unreadable if it cannot be read now."""
@@ -507,16 +547,12 @@ class Dispatcher:
             await self._dispatch_round()
 
     def _candidates(self) -> list[Candidate]:
-        bound: dict[str, int] = {}
-        for record in self._records.values():
-            if record.status in BOUND and record.server_id is not None:
-                bound[record.server_id] = bound.get(record.server_id, 0) + 1
         typical = self._servers.typical_seconds_per_job() or _DEFAULT_SECONDS_PER_JOB
         return [
             Candidate(
                 server_id=s.server_id,
                 capacity=s.capacity,
-                bound=bound.get(s.server_id, 0),
+                bound=self._bound.count(s.server_id),
                 seconds_per_job=s.seconds_per_job or typical / max(s.weight, 0.01),
             )
             for s in self._servers.live()
@@ -663,7 +699,7 @@ class Dispatcher:
                 continue
             if request is None:
                 log.error("job %s has a record but never got its queued event", record.job_id)
-                self._records[record.job_id] = record  # so that its failure is recorded
+                self._keep(record)  # so that its failure is recorded
                 await self._fail(record, "lost", "the job's submission did not complete")
             elif record.job_id not in self._records:
                 await self._take(record, request)
@@ -675,14 +711,15 @@ class Dispatcher:
             # Back from a broker outage: its servers' silence meanwhile proves nothing.
             self._reconnects = reconnects
             self._servers.on_reconnected()
-        for record in list(self._records.values()):
-            if record.status not in BOUND or record.server_id is None:
-                continue
+        for server_id, job_id in self._bound.pairs():
+            record = self._records.get(job_id)
+            if record is None:
+                continue  # ended while an earlier one was looked at
             if self._handed_back.get(record.job_id) == record.attempt:
                 continue
             if record.job_id in self._held:
                 continue  # its record may be behind its events: an end may be on the way
-            state = self._servers.get(record.server_id)
+            state = self._servers.get(server_id)
             silent = state is None or state.heartbeat is None
             if (state is not None and self._servers.is_stale(state)) or (silent and not warming_up):
                 self._handed_back[record.job_id] = record.attempt

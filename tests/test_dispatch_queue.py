@@ -1,9 +1,11 @@
-"""The dispatcher's queue of pending jobs (gateway/dispatcher.py)."""
+"""The dispatcher's queue of pending jobs and its index of bound jobs (gateway/dispatcher.py)."""
 
 from __future__ import annotations
 
+import msgspec
+
 from gateway.contract import JobRecord, JobStatus
-from gateway.dispatcher import _Queue
+from gateway.dispatcher import _Bound, _Queue
 
 
 def record(job_id: str, submitted_at: float, priority: int = 0) -> JobRecord:
@@ -35,3 +37,41 @@ def test_a_job_handed_back_is_listed_once() -> None:
     assert len(queue) == 2
     queue.discard("a")
     assert queue.head(10) == ["b"] and "a" not in queue
+
+
+def test_head_lists_the_first_jobs_and_keeps_the_rest() -> None:
+    queue = _Queue()
+    for k in range(100):
+        queue.push(record(f"j{k:03}", float(k)))
+    for k in range(0, 100, 2):
+        queue.discard(f"j{k:03}")  # leaves stale heap entries behind
+    first = queue.head(5)
+    assert first == ["j001", "j003", "j005", "j007", "j009"]
+    assert queue.head(5) == first  # looking does not take
+    assert len(queue.head(1000)) == len(queue) == 50
+
+
+def _bound_to(job_id: str, server_id: str | None, status: JobStatus) -> JobRecord:
+    return msgspec.structs.replace(record(job_id, 1.0), server_id=server_id, status=status)
+
+
+def test_bound_jobs_follow_their_records() -> None:
+    bound = _Bound()
+    queued = record("a", 1.0)
+    on_s1 = _bound_to("a", "s1", JobStatus.DISPATCHED)
+    running = _bound_to("a", "s1", JobStatus.RUNNING)
+    bound.change(None, queued)
+    assert bound.count("s1") == 0
+    bound.change(queued, on_s1)
+    bound.change(on_s1, running)
+    bound.change(None, _bound_to("b", "s1", JobStatus.DISPATCHED))
+    assert bound.count("s1") == 2
+    assert sorted(bound.pairs()) == [("s1", "a"), ("s1", "b")]
+    handed_back = _bound_to("a", None, JobStatus.QUEUED)
+    bound.change(running, handed_back)
+    again = _bound_to("a", "s2", JobStatus.DISPATCHED)
+    bound.change(handed_back, again)
+    assert (bound.count("s1"), bound.count("s2")) == (1, 1)
+    bound.change(again, _bound_to("a", "s2", JobStatus.SUCCEEDED))
+    bound.change(_bound_to("b", "s1", JobStatus.DISPATCHED), None)  # forgotten
+    assert bound.pairs() == [] and bound.count("s2") == 0
