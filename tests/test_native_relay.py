@@ -1,33 +1,55 @@
-"""How a prompt's job events become ComfyUI's websocket messages (gateway/api/native/messages)."""
+"""How a prompt's job events become ComfyUI's websocket messages and history (native API)."""
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from gateway.api.native.messages import PromptRelay, rename_output
+import pytest
+
+from gateway.api.native.history import recorded_messages
+from gateway.api.native.messages import HISTORY_TYPES, PromptRelay, history_messages, rename_output
+from gateway.api.native.prompts import Entry, PromptIndex
+from gateway.api.native.sockets import NativeSocket, SocketHub
 from gateway.contract import (
     CancelledData,
     DispatchedData,
+    Event,
     EventData,
     FailedData,
+    JobRecord,
+    JobStatus,
+    NativePrompt,
     NodeCachedData,
     NodeOutputData,
     NodeStartedData,
     RetriedData,
     RunningData,
+    Subjects,
     SucceededData,
+    encode,
     make_event,
 )
 from plugins.comfyui.outputs import OutputRef, output_key
+from tests.native import shapes
 
+RECORDINGS = Path(__file__).parent / "data" / "comfyui-protocol"
 PROMPT = "p-1"
 IMAGE = {"images": [{"filename": "x_00001_.png", "subfolder": "", "type": "output"}]}
 
 
+def events(*payloads: EventData, start: int = 1) -> list[Event]:
+    return [
+        make_event(data, job_id=PROMPT, seq=seq, server_id="a", ts=1.0)
+        for seq, data in enumerate(payloads, start=start)
+    ]
+
+
 def feed(relay: PromptRelay, *payloads: EventData, start: int = 1) -> list[dict[str, Any]]:
     messages = []
-    for seq, data in enumerate(payloads, start=start):
-        event = make_event(data, job_id=PROMPT, seq=seq, server_id="a", ts=1.0)
+    for event in events(*payloads, start=start):
         messages += [{"type": m.type, **m.data} for m in relay.translate(event)]
     return messages
 
@@ -143,3 +165,131 @@ def test_files_apart_only_by_subfolder_or_type_keep_apart_names() -> None:
         for n, f, s, t in files
     ]
     assert [key.split("/", 1)[1] for key in keys] == names
+
+
+def _told(relay: PromptRelay, *payloads: EventData) -> list[list[Any]]:
+    """What a socket was told of the history's message types, as [type, data] pairs."""
+    told = []
+    for event in events(*payloads):
+        told += [[m.type, m.data] for m in relay.translate(event) if m.type in HISTORY_TYPES]
+    return told
+
+
+def test_history_keeps_the_messages_the_socket_was_told_of_the_last_run() -> None:
+    failed = FailedData(code="node_error", message="boom", node_id="3", node_type="SaveImage")
+    payloads: list[EventData] = [
+        *run("1"),
+        RetriedData(attempt=1, reason="server lost"),
+        RunningData(attempt=2, prompt_id="y"),
+        NodeCachedData(node_ids=["1"]),
+        NodeStartedData(node_id="2"),
+        NodeStartedData(node_id="3"),
+        failed,
+    ]
+    told = _told(PromptRelay(PROMPT), *payloads)
+    stored = history_messages(PROMPT, events(*payloads))
+
+    assert [name for name, _ in stored] == [
+        "execution_start",
+        "execution_cached",
+        "execution_error",
+    ]
+    assert stored == told[-3:], "history differs from what the socket said"
+    assert stored[1][1]["nodes"] == ["1"]
+    assert stored[2][1]["executed"] == ["2"]
+    for name, data in stored:
+        shapes.ws_message({"type": name, "data": data}, first=False)
+
+
+def _entry(status: JobStatus, **record: Any) -> Entry:
+    prompt = NativePrompt(prompt_id=PROMPT, caller="main", prompt={}, created_ms=1)
+    entry = Entry(prompt=prompt, revision=1)
+    entry.record = JobRecord(
+        job_id=PROMPT,
+        status=status,
+        submitted_at=1.0,
+        updated_at=3.0,
+        log_file_path="",
+        finished_at=3.0,
+        **record,
+    )
+    return entry
+
+
+@pytest.mark.parametrize("status", [JobStatus.SUCCEEDED, JobStatus.CANCELLED])
+def test_a_record_alone_tells_the_ending_in_comfyuis_key_order(status: JobStatus) -> None:
+    # What history says when the job's events cannot be read back.
+    messages = recorded_messages(_entry(status, started_at=2.0))
+    assert [name for name, _ in messages][:2] == ["execution_start", "execution_cached"]
+    for name, data in messages:
+        shapes.ws_message({"type": name, "data": data}, first=False)
+
+
+def test_the_recordings_pass_the_shape_checks() -> None:
+    """The shapes (keys and their order) are the recorded server's, message by message."""
+    checked = 0
+    for path in sorted(RECORDINGS.glob("*.jsonl")):
+        first: set[str] = set()
+        for line in path.read_text().splitlines():
+            item = json.loads(line)
+            if item["kind"] == "ws_connect":
+                first.add(item["client"])
+            elif item["kind"] == "ws" and "msg" in item:
+                shapes.ws_message(item["msg"], first=item["client"] in first)
+                first.discard(item["client"])
+                checked += 1
+            elif item["kind"] == "http" and "/history" in item["path"] and item["method"] == "GET":
+                shapes.history(item["body_json"])
+                checked += 1
+    assert checked > 500
+
+
+@dataclass
+class _Msg:
+    subject: str
+    data: bytes
+
+
+class _Nats:
+    """Enough of a NATS client for a socket hub that is fed by hand."""
+
+    async def subscribe(self, subject: str, cb: Any) -> Any:
+        return self
+
+    async def unsubscribe(self) -> None:
+        pass
+
+
+def _frames(sock: NativeSocket) -> list[str]:
+    """The types of the text frames waiting to be written."""
+    frames = []
+    while not sock.frames.empty():
+        frame = sock.frames.get_nowait()
+        if isinstance(frame, str):
+            frames.append(json.loads(frame)["type"])
+    return frames
+
+
+async def test_events_that_come_before_their_prompt_is_known_are_held_for_it() -> None:
+    """A second gateway's KV watch may bring the prompt after its first events."""
+    subjects = Subjects()
+    # Neither the buckets nor history are read here.
+    index = PromptIndex(prompts_kv=None, jobs_kv=None)  # type: ignore[arg-type]
+    hub = SocketHub(_Nats(), subjects, index, history=None)  # type: ignore[arg-type]
+    sock = await hub.connect("main", "client-1")
+    for event in events(*run("1")):
+        await hub._on_event(_Msg(subjects.events(PROMPT), encode(event)))  # type: ignore[arg-type]
+    for event in events(*run("2"), start=10):  # another caller's job, never known here
+        await hub._on_event(_Msg(subjects.events("other"), encode(event)))  # type: ignore[arg-type]
+    prompt = NativePrompt(prompt_id=PROMPT, caller="main", prompt={}, client_id="client-1")
+    index.add(prompt, revision=1)
+    await hub.close()
+
+    assert _frames(sock) == [
+        "status",  # on connecting
+        "status",  # picked up
+        "execution_start",
+        "execution_cached",
+        "progress_state",
+        "executing",
+    ]

@@ -66,8 +66,9 @@ class Target:
         token = base64.b64encode(f"script:{self.keys[caller]}".encode()).decode()
         return {"Authorization": f"Basic {token}"}
 
-    def ws_url(self, client_id: str) -> str:
-        return "ws" + self.url.removeprefix("http") + "/ws?clientId=" + quote(client_id)
+    def ws_url(self, client_id: str, prefix: str = "") -> str:
+        base = "ws" + self.url.removeprefix("http")
+        return f"{base}{prefix}/ws?clientId={quote(client_id)}"
 
     def http(self, caller: str = "main", **headers: str) -> httpx.AsyncClient:
         merged = {**self.headers(caller), **headers}
@@ -234,6 +235,11 @@ class Comfy:
         assert reply.status_code == 200, reply.text
         return shapes.history(reply.json())
 
+    async def history_action(self, body: dict[str, Any]) -> None:
+        """POST /history with {"delete": [ids]} or {"clear": true}: 200, empty body."""
+        reply = await self.http.post(f"{self.prefix}/history", json=body)
+        assert (reply.status_code, reply.content) == (200, b""), reply.text
+
     async def queue(self) -> tuple[list[list[Any]], list[list[Any]]]:
         """GET /queue: (running, pending) items."""
         reply = await self.http.get(f"{self.prefix}/queue")
@@ -253,12 +259,20 @@ class Comfy:
         assert reply.headers["content-type"] == "image/png", reply.headers
         return reply.content
 
+    async def view_headers(self, ref: Mapping[str, str]) -> httpx.Headers:
+        """HEAD /view: the headers GET would send, without the body."""
+        params = {"filename": ref["filename"], "subfolder": ref["subfolder"], "type": ref["type"]}
+        reply = await self.http.head(f"{self.prefix}/view", params=params)
+        assert reply.status_code == 200, f"HEAD /view {params}: {reply.status_code}"
+        assert reply.content == b""
+        return reply.headers
+
     async def upload(self, name: str, data: bytes, **form: str) -> dict[str, Any]:
         """POST /upload/image (multipart: the file as `image`, plus subfolder/overwrite/type)."""
         files = {"image": (name, data, "image/png")}
         reply = await self.http.post(f"{self.prefix}/upload/image", files=files, data=form)
         assert reply.status_code == 200, reply.text
-        body = shapes.keys(reply.json(), ("name", "subfolder", "type"), "upload reply")
+        body = shapes.ordered(reply.json(), ("name", "subfolder", "type"), "upload reply")
         return body
 
     async def interrupt(self, prompt_id: str | None = None) -> None:
@@ -270,9 +284,9 @@ class Comfy:
         assert reply.status_code == 200, reply.text
 
     async def queue_action(self, body: dict[str, Any]) -> None:
-        """POST /queue with {"delete": [ids]} or {"clear": true}."""
+        """POST /queue with {"delete": [ids]} or {"clear": true}: 200, empty body."""
         reply = await self.http.post(f"{self.prefix}/queue", json=body)
-        assert reply.status_code == 200, reply.text
+        assert (reply.status_code, reply.content) == (200, b""), reply.text
 
 
 async def settle(target: Target) -> None:
@@ -399,14 +413,15 @@ async def socket(
     client_id: str,
     caller: str = "main",
     headers: Mapping[str, str] | None = None,
+    prefix: str = "",
 ) -> AsyncIterator[Socket]:
-    """A /ws?clientId= connection with the caller's credentials (or `headers`), read in the
-    background.
+    """A /ws?clientId= connection (under `prefix`) with the caller's credentials (or
+    `headers`), read in the background.
 
     It yields once the first frame has come: `status` carrying `sid` == the clientId.
     """
     async with websockets.connect(
-        target.ws_url(client_id),
+        target.ws_url(client_id, prefix),
         additional_headers=target.headers(caller) if headers is None else dict(headers),
         proxy=None,
         max_size=None,

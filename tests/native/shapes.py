@@ -1,7 +1,7 @@
 """Strict shapes of ComfyUI's messages and bodies, as the protocol README records them.
 
 Each check raises ShapeError naming where the body strays; keys are compared exactly, so an
-extra field is as wrong as a missing one.
+extra field is as wrong as a missing one, and in the recorded order.
 """
 
 from __future__ import annotations
@@ -21,6 +21,16 @@ def keys(value: Any, expected: Iterable[str], where: str) -> dict[str, Any]:
     want = set(expected)
     if set(value) != want:
         raise ShapeError(f"{where}: keys {sorted(value)}, expected {sorted(want)}")
+    return value
+
+
+def ordered(value: Any, expected: Iterable[str], where: str) -> dict[str, Any]:
+    """`value` as a dict with exactly `expected` keys in that order (as the recordings have
+    them: clients that print or hash the JSON see the order)."""
+    want = list(expected)
+    keys(value, want, where)
+    if list(value) != want:
+        raise ShapeError(f"{where}: keys in the order {list(value)}, expected {want}")
     return value
 
 
@@ -48,7 +58,7 @@ def string_list(value: Any, where: str) -> Any:
 
 def file_ref(value: Any, where: str) -> dict[str, str]:
     """{"filename", "subfolder", "type"}, all strings."""
-    ref = keys(value, ("filename", "subfolder", "type"), where)
+    ref = ordered(value, ("filename", "subfolder", "type"), where)
     for name in ref:
         kind(ref[name], str, f"{where}.{name}")
     if ref["type"] not in {"output", "input", "temp"}:
@@ -80,7 +90,7 @@ _PROGRESS_NODE = (
 
 
 def _status(data: dict[str, Any], where: str, first: bool) -> None:
-    keys(data, ("status", "sid") if first else ("status",), where)
+    ordered(data, ("status", "sid") if first else ("status",), where)
     status = keys(data["status"], ("exec_info",), f"{where}.status")
     info = keys(status["exec_info"], ("queue_remaining",), f"{where}.status.exec_info")
     remaining = kind(info["queue_remaining"], int, f"{where}.queue_remaining")
@@ -90,30 +100,31 @@ def _status(data: dict[str, Any], where: str, first: bool) -> None:
         kind(data["sid"], str, f"{where}.sid")
 
 
-def _stamped(data: dict[str, Any], where: str, *names: str) -> None:
-    keys(data, ("prompt_id", "timestamp", *names), where)
+def _stamped(data: dict[str, Any], where: str, order: tuple[str, ...]) -> None:
+    """A message with `prompt_id` and `timestamp` among `order`."""
+    ordered(data, order, where)
     kind(data["prompt_id"], str, f"{where}.prompt_id")
     kind(data["timestamp"], int, f"{where}.timestamp")
 
 
 def _executing(data: dict[str, Any], where: str) -> None:
     if data.get("node") is None:
-        keys(data, ("node", "prompt_id"), where)
+        ordered(data, ("node", "prompt_id"), where)
     elif "prompt_id" in data:
-        keys(data, ("node", "display_node", "prompt_id"), where)
+        ordered(data, ("node", "display_node", "prompt_id"), where)
         kind(data["display_node"], str, f"{where}.display_node")
     else:  # a socket that joins a running prompt under its clientId
-        keys(data, ("node",), where)
+        ordered(data, ("node",), where)
     if data["node"] is not None:
         kind(data["node"], str, f"{where}.node")
 
 
 def _progress_state(data: dict[str, Any], where: str) -> None:
-    keys(data, ("prompt_id", "nodes"), where)
+    ordered(data, ("prompt_id", "nodes"), where)
     kind(data["nodes"], dict, f"{where}.nodes")
     for node_id, node in data["nodes"].items():
         here = f"{where}.nodes[{node_id}]"
-        keys(node, _PROGRESS_NODE, here)
+        ordered(node, _PROGRESS_NODE, here)
         if node["node_id"] != node_id or node["prompt_id"] != data["prompt_id"]:
             raise ShapeError(f"{here}: names another node or prompt: {node}")
         if node["state"] not in {"running", "finished"}:
@@ -123,35 +134,38 @@ def _progress_state(data: dict[str, Any], where: str) -> None:
 
 
 def _executed(data: dict[str, Any], where: str) -> None:
-    keys(data, ("node", "display_node", "output", "prompt_id"), where)
+    ordered(data, ("node", "display_node", "output", "prompt_id"), where)
     kind(data["node"], str, f"{where}.node")
     ui_output(data["output"], f"{where}.output")
 
 
 def _progress(data: dict[str, Any], where: str) -> None:
-    keys(data, ("value", "max", "prompt_id", "node"), where)
+    ordered(data, ("value", "max", "prompt_id", "node"), where)
     number(data["value"], f"{where}.value")
     number(data["max"], f"{where}.max")
 
 
+_ERROR_DATA = (
+    "prompt_id",
+    "node_id",
+    "node_type",
+    "executed",
+    "exception_message",
+    "exception_type",
+    "traceback",
+    "current_inputs",
+    "current_outputs",
+    "timestamp",
+)
+
+
 def _error(data: dict[str, Any], where: str) -> None:
-    _stamped(
-        data,
-        where,
-        "node_id",
-        "node_type",
-        "executed",
-        "exception_message",
-        "exception_type",
-        "traceback",
-        "current_inputs",
-        "current_outputs",
-    )
+    _stamped(data, where, _ERROR_DATA)
     string_list(data["executed"], f"{where}.executed")
 
 
 def _interrupted(data: dict[str, Any], where: str) -> None:
-    _stamped(data, where, "node_id", "node_type", "executed")
+    _stamped(data, where, ("prompt_id", "node_id", "node_type", "executed", "timestamp"))
     kind(data["node_id"], str, f"{where}.node_id")
     kind(data["node_type"], str, f"{where}.node_type")
     string_list(data["executed"], f"{where}.executed")
@@ -159,7 +173,7 @@ def _interrupted(data: dict[str, Any], where: str) -> None:
 
 def ws_message(message: Any, first: bool) -> dict[str, Any]:
     """One text frame, parsed: {"type", "data"} with the data of the README's table."""
-    keys(message, ("type", "data"), "frame")
+    ordered(message, ("type", "data"), "frame")
     name = message["type"]
     data = message["data"]
     where = f"{name} frame"
@@ -170,9 +184,9 @@ def ws_message(message: Any, first: bool) -> dict[str, Any]:
         case "status":
             _status(data, where, first)
         case "execution_start" | "execution_success":
-            _stamped(data, where)
+            _stamped(data, where, ("prompt_id", "timestamp"))
         case "execution_cached":
-            _stamped(data, where, "nodes")
+            _stamped(data, where, ("nodes", "prompt_id", "timestamp"))
             string_list(data["nodes"], f"{where}.nodes")
         case "executing":
             _executing(data, where)
@@ -212,7 +226,7 @@ def queue_item(item: Any, where: str) -> list[Any]:
 
 def queue(body: Any) -> tuple[list[list[Any]], list[list[Any]]]:
     """GET /queue: (running, pending), each item checked."""
-    keys(body, ("queue_running", "queue_pending"), "queue")
+    ordered(body, ("queue_running", "queue_pending"), "queue")
     for name in ("queue_running", "queue_pending"):
         kind(body[name], list, name)
         for index, item in enumerate(body[name]):
@@ -229,14 +243,14 @@ def queue_remaining(body: Any) -> int:
 def history_entry(entry: Any, prompt_id: str) -> dict[str, Any]:
     """One history entry: exactly prompt, outputs, status and meta."""
     where = f"history[{prompt_id}]"
-    keys(entry, ("prompt", "outputs", "status", "meta"), where)
+    ordered(entry, ("prompt", "outputs", "status", "meta"), where)
     item = queue_item(entry["prompt"], f"{where}.prompt")
     if item[1] != prompt_id:
         raise ShapeError(f"{where}.prompt[1] is {item[1]!r}")
     kind(entry["outputs"], dict, f"{where}.outputs")
     for node_id, output in entry["outputs"].items():
         ui_output(output, f"{where}.outputs[{node_id}]")
-    status = keys(entry["status"], ("status_str", "completed", "messages"), f"{where}.status")
+    status = ordered(entry["status"], ("status_str", "completed", "messages"), f"{where}.status")
     if status["status_str"] not in {"success", "error"}:
         raise ShapeError(f"{where}.status.status_str: {status['status_str']!r}")
     kind(status["completed"], bool, f"{where}.status.completed")
@@ -248,7 +262,7 @@ def history_entry(entry: Any, prompt_id: str) -> dict[str, Any]:
         ws_message({"type": pair[0], "data": pair[1]}, first=False)
     kind(entry["meta"], dict, f"{where}.meta")
     for node_id, meta in entry["meta"].items():
-        keys(meta, ("node_id", "display_node", "parent_node", "real_node_id"), f"{where}.meta")
+        ordered(meta, ("node_id", "display_node", "parent_node", "real_node_id"), f"{where}.meta")
         if meta["node_id"] != node_id:
             raise ShapeError(f"{where}.meta[{node_id}] names {meta['node_id']!r}")
     return entry
@@ -267,27 +281,33 @@ _ERROR = ("type", "message", "details", "extra_info")
 
 def validation_error(body: Any) -> dict[str, Any]:
     """A 400 from POST /prompt: {"error": {…}, "node_errors": {id: {errors, …}}}."""
-    keys(body, ("error", "node_errors"), "400 body")
-    error = keys(body["error"], _ERROR, "error")
+    ordered(body, ("error", "node_errors"), "400 body")
+    error = ordered(body["error"], _ERROR, "error")
     for name in ("type", "message", "details"):
         kind(error[name], str, f"error.{name}")
     kind(error["extra_info"], dict, "error.extra_info")
-    kind(body["node_errors"], dict, "node_errors")
-    for node_id, node in body["node_errors"].items():
+    node_errors(body["node_errors"])
+    return body
+
+
+def node_errors(value: Any) -> dict[str, Any]:
+    """`{node_id: {"errors", "dependent_outputs", "class_type"}}`, in a 400 and in a 200."""
+    kind(value, dict, "node_errors")
+    for node_id, node in value.items():
         here = f"node_errors[{node_id}]"
-        keys(node, ("errors", "dependent_outputs", "class_type"), here)
+        ordered(node, ("errors", "dependent_outputs", "class_type"), here)
         kind(node["errors"], list, f"{here}.errors")
         for index, item in enumerate(node["errors"]):
-            keys(item, _ERROR, f"{here}.errors[{index}]")
+            ordered(item, _ERROR, f"{here}.errors[{index}]")
         string_list(node["dependent_outputs"], f"{here}.dependent_outputs")
         kind(node["class_type"], str, f"{here}.class_type")
-    return body
+    return value
 
 
 def accepted(body: Any) -> dict[str, Any]:
     """A 200 from POST /prompt: {"prompt_id", "number", "node_errors"}."""
-    keys(body, ("prompt_id", "number", "node_errors"), "POST /prompt reply")
+    ordered(body, ("prompt_id", "number", "node_errors"), "POST /prompt reply")
     kind(body["prompt_id"], str, "prompt_id")
     number(body["number"], "number")
-    kind(body["node_errors"], dict, "node_errors")
+    node_errors(body["node_errors"])
     return body

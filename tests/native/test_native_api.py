@@ -117,6 +117,8 @@ async def test_informational_endpoints(target: Target, prefix: str) -> None:
         nope = await _json(http, f"{prefix}/object_info/Nope")
         embeddings = await _json(http, f"{prefix}/embeddings")
         models = await _json(http, f"{prefix}/models")
+        checkpoints = await _json(http, f"{prefix}/models/checkpoints")
+        no_folder = await http.get(f"{prefix}/models/not_a_folder")
         features = await _json(http, f"{prefix}/features")
         missing = await http.get(f"{prefix}/no_such_route")
 
@@ -138,6 +140,8 @@ async def test_informational_endpoints(target: Target, prefix: str) -> None:
     assert isinstance(embeddings, list)
     assert isinstance(models, list) and all(isinstance(folder, str) for folder in models)
     assert "checkpoints" in models
+    assert isinstance(checkpoints, list) and all(isinstance(name, str) for name in checkpoints)
+    assert (no_folder.status_code, no_folder.content) == (404, b"")
     assert isinstance(features["supports_preview_metadata"], bool)
     assert isinstance(features["max_upload_size"], int)
     assert missing.status_code == 404
@@ -166,3 +170,28 @@ async def test_fleet_takes_the_key_as_bearer_or_basic_and_nothing_else(target: T
     client_id = f"basic-{uuid.uuid4().hex}"
     async with socket(target, client_id, headers=target.basic_headers("main")) as ws:
         ws.check()
+
+
+async def test_an_invalid_output_is_dropped_and_named_in_a_200(target: Target) -> None:
+    """The recorded `two_outputs_one_invalid`: the valid output runs, the other is reported."""
+    client_id = f"one-invalid-{uuid.uuid4().hex}"
+    graph = tiny("one-invalid")
+    graph["4"] = {
+        "class_type": "SaveImage",
+        "inputs": {"images": ["99", 0], "filename_prefix": "one_invalid"},
+    }
+    async with socket(target, client_id) as ws, target.http() as http:
+        comfy = Comfy(http)
+        reply = await comfy.post_prompt({"prompt": graph, "client_id": client_id})
+        assert reply.status_code == 200, reply.text
+        accepted = shapes.accepted(reply.json())
+        await ws.done(accepted["prompt_id"])
+        entry = await comfy.history(accepted["prompt_id"])
+
+    errors = accepted["node_errors"]
+    assert list(errors) == ["4"], errors
+    assert errors["4"]["class_type"] == "SaveImage"
+    assert errors["4"]["dependent_outputs"] == ["4"]
+    assert [e["type"] for e in errors["4"]["errors"]] == ["exception_during_validation"]
+    assert entry is not None and entry["status"]["status_str"] == "success"
+    assert entry["prompt"][4] == ["3"] and list(entry["outputs"]) == ["3"]

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 
+from tests.helpers import poll_until
 from tests.native.clients import (
     HOLD_CLASS,
     OTHER_HOLD_CLASS,
@@ -144,3 +146,92 @@ async def test_two_callers_each_keep_to_their_own_prompts(target: Target) -> Non
 
     _only_hears(alice_ws, {first, last})
     _only_hears(bob_ws, set(bob_ids))
+
+
+async def test_queue_remaining_is_zero_only_once_history_has_the_interrupted_prompt(
+    target: Target,
+) -> None:
+    async with target.http() as http:
+        comfy = Comfy(http)
+        prompt_id = await comfy.submit(hold("interrupted-polled"))
+
+        async def running() -> bool:
+            held, _ = await comfy.queue()
+            return [item[1] for item in held] == [prompt_id]
+
+        await poll_until(running, "the held prompt running")
+        await comfy.interrupt(prompt_id)
+
+        async def in_history() -> bool:
+            # The count first: if history still lacks the prompt after it, the prompt had not
+            # ended in the server's eyes when the count was taken, so it must be counted.
+            remaining = await comfy.queue_remaining()
+            if await comfy.history(prompt_id) is not None:
+                return True
+            assert remaining >= 1, "queue_remaining was 0 while the history was still empty"
+            return False
+
+        # Asked back to back by a few pollers at once: the gap this looks for lasts a few
+        # milliseconds.
+        await asyncio.gather(
+            *(poll_until(in_history, f"history of {prompt_id}", every=0) for _ in range(4))
+        )
+        entry = await comfy.history(prompt_id)
+
+    assert entry is not None
+    assert entry["status"]["messages"][-1][0] == "execution_interrupted"
+
+
+async def test_clearing_the_queue_leaves_the_running_prompt_running(target: Target) -> None:
+    client_id = f"clear-{uuid.uuid4().hex}"
+    async with socket(target, client_id) as ws, target.http() as http:
+        comfy = Comfy(http)
+        running_id = await comfy.submit(hold("clear-running"), client_id)
+        pending_ids = [await comfy.submit(hold("clear-pending", 2), client_id) for _ in range(2)]
+        await ws.wait_for(runs(running_id, "2"), "the first prompt running")
+        before = len(ws.messages)
+        await comfy.queue_action({"clear": True})
+        running, pending = await comfy.queue()
+        remaining = await comfy.queue_remaining()
+
+        def one_left(message: dict[str, Any]) -> bool:
+            return (
+                message["type"] == "status"
+                and message["data"]["status"]["exec_info"]["queue_remaining"] == 1
+                and any(message is later for later in ws.messages[before:])
+            )
+
+        await ws.wait_for(one_left, "a status of one prompt left, after the clear")
+        # Still running: later nodes start after the clear.
+        await ws.wait_for(runs(running_id, "4"), "a later node of the running prompt")
+        await comfy.interrupt(running_id)
+        check_interrupted(await ws.done(running_id))
+        cleared = [await comfy.history(prompt_id) for prompt_id in pending_ids]
+
+    assert [item[1] for item in running] == [running_id] and pending == [], (running, pending)
+    assert remaining == 1
+    assert cleared == [None, None], "a cleared prompt ran"
+    assert ws.prompt_ids() == {running_id}
+
+
+# Only the fleet runs two prompts of one caller at once.
+@pytest.mark.parametrize("target", ["fleet"], indirect=True)
+async def test_prompts_running_at_once_show_as_one_running(target: Target) -> None:
+    client_id = f"at-once-{uuid.uuid4().hex}"
+    async with socket(target, client_id) as ws, target.http() as http:
+        comfy = Comfy(http)
+        # Only "a" has one hold class and only "b" the other: they run side by side.
+        on_a = await comfy.submit(hold("at-once-a"), client_id)
+        on_b = await comfy.submit(hold("at-once-b", slow_class=OTHER_HOLD_CLASS), client_id)
+        for prompt_id in (on_a, on_b):
+            await ws.wait_for(runs(prompt_id, "3"), f"{prompt_id} running")
+        running, pending = await comfy.queue()
+        remaining = await comfy.queue_remaining()
+        for prompt_id in (on_a, on_b):
+            await comfy.interrupt(prompt_id)
+            check_interrupted(await ws.done(prompt_id))
+
+    # The one that started first is shown running, as if the other waited for it.
+    assert len(running) == 1 and len(pending) == 1, (running, pending)
+    assert {running[0][1], pending[0][1]} == {on_a, on_b}
+    assert remaining == 2

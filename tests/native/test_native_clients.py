@@ -67,21 +67,23 @@ def colour_of(graph: dict[str, Any]) -> tuple[int, int, int]:
     return (color >> 16 & 255, color >> 8 & 255, color & 255)
 
 
+@pytest.mark.parametrize("prefix", ["", "/api"])
 async def test_websocket_client_follows_a_prompt_and_downloads_its_images(
-    target: Target,
+    target: Target, prefix: str
 ) -> None:
     client_id = f"ws-{uuid.uuid4().hex}"
     graph = tiny("ws")
-    async with socket(target, client_id) as ws, target.http() as http:
-        comfy = Comfy(http)
+    async with socket(target, client_id, prefix=prefix) as ws, target.http() as http:
+        comfy = Comfy(http, prefix)
         prompt_id = await comfy.submit(graph, client_id)
         messages = await ws.done(prompt_id)
         # The done signal comes after the history entry is stored: no polling needed.
         entry = await comfy.history(prompt_id)
         assert entry is not None, "no history right after executing null"
-        images = []
+        images, heads = [], []
         for ref in entry["outputs"]["3"]["images"]:
-            images.append(await comfy.view(ref))  # noqa: PERF401 - one request at a time
+            images.append(await comfy.view(ref))
+            heads.append(await comfy.view_headers(ref))
 
     assert steps(messages) == fresh_run(["1", "2", "3"], {"3"})
     names = [m["type"] for m in messages]
@@ -100,15 +102,20 @@ async def test_websocket_client_follows_a_prompt_and_downloads_its_images(
     assert kinds == ["execution_start", "execution_cached", "execution_success"]
     assert set(entry["meta"]) == {"3"}
     assert images, "history lists no image"
-    for image in images:
+    for image, head in zip(images, heads, strict=True):
         width, height, pixel = png_facts(image)
         assert (width, height) == (64, 64)
         assert same_colour(pixel, inverted(colour_of(graph))), pixel
+        # HEAD tells what GET would send.
+        assert (head["content-type"], head["content-length"]) == ("image/png", str(len(image)))
 
 
-async def test_polling_client_sees_its_prompt_queued_then_in_history(target: Target) -> None:
+@pytest.mark.parametrize("prefix", ["", "/api"])
+async def test_polling_client_sees_its_prompt_queued_then_in_history(
+    target: Target, prefix: str
+) -> None:
     async with target.http() as http:
-        comfy = Comfy(http)
+        comfy = Comfy(http, prefix)
         blocker = await comfy.submit(hold("poll-blocker"))
         graph = hold("poll", nodes=1)
         prompt_id = await comfy.submit(graph)

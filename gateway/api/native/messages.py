@@ -22,7 +22,6 @@ from gateway.contract import (
     Event,
     Failed,
     FailedData,
-    JobStatus,
     NodeCached,
     NodeOutput,
     NodeProgress,
@@ -248,60 +247,27 @@ def error_data(
     }
 
 
-def replay(prompt_id: str, events: list[Event]) -> dict[str, Any] | None:
-    """The interruption data of a cancelled run, from its job's events; None if it never ran."""
-    relay = PromptRelay(prompt_id)
-    for event in events:
-        relay.translate(event)
-        if isinstance(event, Cancelled) and relay.started:
-            return relay.interruption(event.ts)
-    return None
-
-
-def history_entry(entry: Entry) -> dict[str, Any]:
-    """The `/history` entry of an ended prompt, shaped as ComfyUI stores it."""
-    prompt = entry.prompt
-    record = entry.record
-    assert record is not None
-    outputs: dict[str, dict[str, list[dict[str, str]]]] = {}
-    if record.status == JobStatus.SUCCEEDED:
-        for output in record.outputs:
-            files = outputs.setdefault(output.node_id, {}).setdefault(output.kind, [])
-            files.append(stored_file(prompt.prompt_id, output))
-    messages: list[list[Any]] = []
-    started = record.started_at if record.started_at is not None else record.finished_at
-    stamp = {"prompt_id": prompt.prompt_id, "timestamp": ms(started)}
-    end = {"prompt_id": prompt.prompt_id, "timestamp": ms(record.finished_at)}
-    if record.started_at is not None or record.status != JobStatus.CANCELLED:
-        messages.append(["execution_start", stamp])
-        messages.append(["execution_cached", {"nodes": [], **stamp}])
-    if record.status == JobStatus.SUCCEEDED:
-        messages.append(["execution_success", end])
-    elif record.status == JobStatus.FAILED and record.error is not None:
-        error = error_data(prompt.prompt_id, record.error, record.finished_at or 0.0)
-        messages.append(["execution_error", error])
-    elif record.status == JobStatus.CANCELLED:
-        interrupted = entry.interrupted or {"node_id": "", "node_type": "", "executed": []}
-        messages.append(["execution_interrupted", {**interrupted, **end}])
-    succeeded = record.status == JobStatus.SUCCEEDED
-    return {
-        "prompt": queue_item(entry),
-        "outputs": outputs,
-        "status": {
-            "status_str": "success" if succeeded else "error",
-            "completed": succeeded,
-            "messages": messages,
-        },
-        "meta": {
-            node_id: {
-                "node_id": node_id,
-                "display_node": node_id,
-                "parent_node": None,
-                "real_node_id": node_id,
-            }
-            for node_id in outputs
-        },
+# What ComfyUI keeps of a run's messages in its history entry (`status.messages`).
+HISTORY_TYPES = frozenset(
+    {
+        "execution_start",
+        "execution_cached",
+        "execution_success",
+        "execution_error",
+        "execution_interrupted",
     }
+)
+
+
+def history_messages(prompt_id: str, events: list[Event]) -> list[list[Any]]:
+    """`status.messages` of the job's last run, told from its events as the socket told them."""
+    relay = PromptRelay(prompt_id)
+    kept: list[list[Any]] = []
+    for event in events:
+        if isinstance(event, Running | Retried):
+            kept.clear()  # one server's history holds only the run it made
+        kept += [[m.type, m.data] for m in relay.translate(event) if m.type in HISTORY_TYPES]
+    return kept
 
 
 def queue_item(entry: Entry) -> list[Any]:

@@ -38,9 +38,9 @@ class Entry:
     revision: int
     record: JobRecord | None = None
     settled: asyncio.Event = field(default_factory=asyncio.Event)
-    """Set once the job has ended and what its history entry needs is known."""
-    interrupted: dict[str, Any] | None = None
-    """For a run that was cancelled: ComfyUI's `execution_interrupted` data."""
+    """Set once the job has ended: its history entry can be told from then on."""
+    told: list[list[Any]] | None = None
+    """The history entry's `status.messages`, once read back from the job's events."""
     run_started: float | None = None
     """When the socket hub relayed this run's start: the record says so a moment later."""
 
@@ -64,33 +64,35 @@ class Entry:
         return self.status.terminal
 
     @property
+    def open(self) -> bool:
+        """Still in the queue: ComfyUI drops a prompt from it only once history has it."""
+        return not self.settled.is_set()
+
+    @property
     def executing(self) -> bool:
-        """Started on a server (ComfyUI's "running"), not merely bound to one."""
-        if self.status == JobStatus.RUNNING:
-            return True
-        return self.run_started is not None and not self.finished
+        """Started on a server (ComfyUI's "running"), not merely bound to one, and open."""
+        return self.open and (self.status == JobStatus.RUNNING or self.run_started is not None)
 
 
 class PromptIndex:
     """The native prompts of every caller, kept current from the two KV buckets."""
 
-    def __init__(
-        self,
-        prompts_kv: KeyValue,
-        jobs_kv: KeyValue,
-        replay: Callable[[str], Coroutine[Any, Any, dict[str, Any] | None]],
-    ) -> None:
+    def __init__(self, prompts_kv: KeyValue, jobs_kv: KeyValue) -> None:
         self._prompts_kv = prompts_kv
         self._jobs_kv = jobs_kv
-        self._replay = replay
         self._entries: dict[str, Entry] = {}
         # Per caller, its ended prompts (a dict for its order and O(1) removal).
         self._finished_by: dict[str, dict[str, None]] = {}
+        self._on_add: list[Callable[[Entry], None]] = []
         self._listeners: list[Callable[[Entry], None]] = []
         self._tasks: set[asyncio.Task[None]] = set()
         self._reads = asyncio.Semaphore(_READS_AT_ONCE)
         self.ready = asyncio.Event()
         """Set once the prompts in the bucket and their records have been read."""
+
+    def on_add(self, listener: Callable[[Entry], None]) -> None:
+        """Call `listener(entry)` for each prompt taken in."""
+        self._on_add.append(listener)
 
     def on_finish(self, listener: Callable[[Entry], None]) -> None:
         """Call `listener(entry)` once for each prompt that reaches an end."""
@@ -110,6 +112,8 @@ class PromptIndex:
         if entry is None:
             entry = Entry(prompt=prompt, revision=revision)
             self._entries[prompt.prompt_id] = entry
+            for listener in self._on_add:
+                listener(entry)
         return entry
 
     def remove(self, prompt_id: str) -> None:
@@ -131,26 +135,13 @@ class PromptIndex:
     def _finished(self, entry: Entry) -> None:
         ended = self._finished_by.setdefault(entry.prompt.caller, {})
         ended[entry.prompt_id] = None
-        record = entry.record
-        if record is not None and record.status == JobStatus.CANCELLED and record.started_at:
-            self._spawn(self._settle_interrupted(entry))
-        else:
-            entry.settled.set()
+        entry.settled.set()
         for listener in self._listeners:
             listener(entry)
         if len(ended) > MAX_HISTORY:
             oldest = min(ended, key=lambda i: _ended_at(self._entries.get(i)))
             ended.pop(oldest)
             self._spawn(self._forget(oldest))
-
-    async def _settle_interrupted(self, entry: Entry) -> None:
-        # Which node was cut short is told only by the job's events: read them back once.
-        try:
-            entry.interrupted = await self._replay(entry.prompt_id)
-        except Exception:
-            log.exception("reading back the events of %s failed", entry.prompt_id)
-        finally:
-            entry.settled.set()
 
     async def _forget(self, prompt_id: str) -> None:
         try:
@@ -235,9 +226,9 @@ class PromptIndex:
     # -- views -------------------------------------------------------------------------------
 
     def open_of(self, caller: str) -> list[Entry]:
-        """The caller's prompts that have not ended, in the order they would run."""
+        """The caller's prompts not yet in history, in the order they would run."""
         return sorted(
-            (e for e in self._entries.values() if e.prompt.caller == caller and not e.finished),
+            (e for e in self._entries.values() if e.prompt.caller == caller and e.open),
             key=lambda e: (e.number, e.revision),
         )
 
@@ -250,9 +241,9 @@ class PromptIndex:
         running = min(executing, key=lambda e: (_started(e), e.number))
         return running, [e for e in open_entries if e is not running]
 
-    def remaining(self, caller: str, *, besides: str | None = None) -> int:
+    def remaining(self, caller: str) -> int:
         """ComfyUI's `queue_remaining` for the caller: its running plus pending prompts."""
-        return sum(1 for e in self.open_of(caller) if e.prompt_id != besides)
+        return len(self.open_of(caller))
 
     def history_of(self, caller: str) -> list[Entry]:
         """The caller's ended prompts, oldest end first (the same order on every gateway)."""

@@ -14,7 +14,7 @@ import uuid
 from typing import Any, Final
 
 import msgspec
-from litestar import Request, Response, WebSocket, get, post, websocket
+from litestar import HttpMethod, Request, Response, WebSocket, get, post, route, websocket
 from litestar.datastructures import UploadFile
 from litestar.exceptions import WebSocketDisconnect
 from litestar.params import FromPath
@@ -24,12 +24,12 @@ from gateway.api.errors import ApiError
 from gateway.api.images import stream_stored
 from gateway.api.limits import limits_of, submit_rate_limit
 from gateway.api.native.fleetinfo import features_of
-from gateway.api.native.messages import history_entry, queue_item
+from gateway.api.native.messages import queue_item
 from gateway.api.native.service import ANONYMOUS, NativeService
 from gateway.api.native.sockets import NativeSocket, frame
 from gateway.api.native.uploads import BadUpload, save_upload, upload_key
 from gateway.api.services import Services, ServicesDep
-from plugins.storage.base import InvalidKey, NotFound
+from plugins.storage.base import InvalidKey, NotFound, Storage, StoredObject
 
 log = logging.getLogger(__name__)
 
@@ -148,21 +148,22 @@ async def post_interrupt(services: ServicesDep, request: Request[Any, Any, Any])
 
 @get(_paths("/history"), include_in_schema=False)
 async def get_history(services: ServicesDep, request: Request[Any, Any, Any]) -> Response[bytes]:
-    """Every ended prompt of the caller, oldest first; `max_items` keeps the newest N."""
-    entries = (await _native(services)).history(_caller(request))
+    """Every ended prompt of the caller, oldest first; `max_items` keeps the newest N, or N
+    from position `offset`."""
+    native = await _native(services)
+    entries = native.history(_caller(request))
     max_items = _int(request.query_params.get("max_items"))
     offset = _int(request.query_params.get("offset"))
-    if max_items is not None:
-        start = offset if offset is not None else max(0, len(entries) - max_items)
-        entries = entries[start : start + max_items]
-    elif offset is not None:
-        entries = entries[offset:]
-    return _json({entry.prompt_id: history_entry(entry) for entry in entries})
+    # A negative offset is ComfyUI's "none given" (its default is -1).
+    if offset is None or offset < 0:
+        offset = 0 if max_items is None else max(0, len(entries) - max_items)
+    end = None if max_items is None else offset + max(0, max_items)
+    return _json(await native.reader.entries(entries[offset:end]))
 
 
 def _int(value: str | None) -> int | None:
     try:
-        return max(0, int(value)) if value is not None else None
+        return int(value) if value is not None else None
     except ValueError:
         return None
 
@@ -176,7 +177,7 @@ async def get_history_entry(
     entry = native.owned(_caller(request), prompt_id)
     if entry is None or not entry.settled.is_set() or entry.record is None:
         return _json({})
-    return _json({entry.prompt_id: history_entry(entry)})
+    return _json({entry.prompt_id: await native.reader.entry(entry)})
 
 
 @post(_paths("/history"), status_code=200, include_in_schema=False)
@@ -195,26 +196,35 @@ async def post_history(services: ServicesDep, request: Request[Any, Any, Any]) -
 # -- files -----------------------------------------------------------------------------------
 
 
-@get(_paths("/view"), include_in_schema=False)
-async def view(services: ServicesDep, request: Request[Any, Any, Any]) -> Response[Any]:
-    """A file by ComfyUI's name: an output of the caller's prompt, or one of its uploads."""
+class _NoFile(Exception):
+    """/view has nothing to send: ComfyUI's status, with an empty body."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(status)
+        self.status = status
+
+
+async def _viewed(
+    services: Services, request: Request[Any, Any, Any]
+) -> tuple[Storage, StoredObject, dict[str, str]]:
+    """The stored file /view names, with the headers ComfyUI adds; _NoFile when none."""
     query = request.query_params
     filename = query.get("filename")
     folder = query.get("type") or "output"
     subfolder = query.get("subfolder") or ""
     if not filename:
-        return _empty(404)
+        raise _NoFile(404)
     if "/" in filename or "\\" in filename or filename.startswith(".."):
-        return _empty(400)
+        raise _NoFile(400)
     storage = services.storage
     native = await _native(services)
     if storage is None:
-        return _empty(404)
+        raise _NoFile(404)
     caller = _caller(request)
     # Outputs are stored under `<prompt id>/<name>`, named with that subfolder exactly.
     entry = native.index.get(subfolder) if folder != "input" and subfolder else None
     if entry is not None and entry.prompt.caller != caller:
-        return _empty(404)
+        raise _NoFile(404)
     try:
         if entry is not None:
             key = f"{entry.prompt_id}/{filename}"
@@ -229,11 +239,33 @@ async def view(services: ServicesDep, request: Request[Any, Any, Any]) -> Respon
             await native.index.settle(entry.prompt_id, VIEW_WAIT_S)
             stored = await storage.stat(key)
     except (InvalidKey, BadUpload):
-        return _empty(400)
+        raise _NoFile(400) from None
     except NotFound:
-        return _empty(404)
-    headers = {"Content-Disposition": f'filename="{filename}"'}
+        raise _NoFile(404) from None
+    return storage, stored, {"Content-Disposition": f'filename="{filename}"'}
+
+
+@get(_paths("/view"), include_in_schema=False)
+async def view(services: ServicesDep, request: Request[Any, Any, Any]) -> Response[Any]:
+    """A file by ComfyUI's name: an output of the caller's prompt, or one of its uploads."""
+    try:
+        storage, stored, headers = await _viewed(services, request)
+    except _NoFile as exc:
+        return _empty(exc.status)
     return stream_stored(storage, stored, request, headers)
+
+
+# `route`, not `head`: Litestar's `head` takes only handlers typed to return no content, and
+# the empty body here must go with the Content-Length of the file.
+@route(_paths("/view"), http_method=HttpMethod.HEAD, include_in_schema=False)
+async def view_head(services: ServicesDep, request: Request[Any, Any, Any]) -> Response[bytes]:
+    """What GET /view would send, without the body (as ComfyUI answers HEAD)."""
+    try:
+        _, stored, headers = await _viewed(services, request)
+    except _NoFile as exc:
+        return _empty(exc.status)
+    headers = {**headers, "Accept-Ranges": "bytes", "Content-Length": str(stored.size)}
+    return Response(b"", headers=headers, media_type=stored.content_type)
 
 
 @post(_paths("/upload/image"), status_code=200, include_in_schema=False)
@@ -389,6 +421,7 @@ NATIVE_ROUTES: Final = [
     get_history_entry,
     post_history,
     view,
+    view_head,
     upload_image,
     system_stats,
     object_info,

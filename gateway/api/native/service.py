@@ -15,25 +15,21 @@ import uuid
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
-from nats.js import api
 from nats.js.errors import KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
 from gateway.api.errors import ApiError
 from gateway.api.native.fleetinfo import FleetInfo
-from gateway.api.native.messages import replay
+from gateway.api.native.history import HistoryReader
 from gateway.api.native.prompts import Entry, PromptIndex
 from gateway.api.native.sockets import SocketHub
 from gateway.api.native.uploads import UPLOADS, uploads_in
 from gateway.contract import (
-    TERMINAL_EVENTS,
     ContractError,
-    Event,
     JobInput,
     JobRequest,
     JobStatus,
     NativePrompt,
-    decode_event,
     encode,
 )
 from gateway.submit import check_job_id
@@ -49,7 +45,6 @@ ANONYMOUS = "anonymous"
 SECRET_EXTRA_DATA = frozenset({"auth_token_comfy_org", "api_key_comfy_org"})
 # Room left in a NATS message for the KV headers around a stored prompt.
 PAYLOAD_HEADROOM = 4096
-REPLAY_S = 10.0
 Reply = tuple[int, dict[str, Any]]
 
 
@@ -66,8 +61,9 @@ class NativeService:
         self._services = services
         self.settings = services.settings
         self._kv = prompts_kv
-        self.index = PromptIndex(prompts_kv, services.jobs_kv, self._interruption)
-        self.hub = SocketHub(services.nc, services.subjects, self.index)
+        self.index = PromptIndex(prompts_kv, services.jobs_kv)
+        self.reader = HistoryReader(services.js, services.subjects)
+        self.hub = SocketHub(services.nc, services.subjects, self.index, self.reader)
         self.fleet = FleetInfo(services.fleet.table)
 
     # -- POST /prompt ------------------------------------------------------------------------
@@ -243,27 +239,11 @@ class NativeService:
                 self.index.remove(entry.prompt_id)
                 await self._kv.delete(entry.prompt_id)
 
-    async def _interruption(self, job_id: str) -> dict[str, Any] | None:
-        """Read a cancelled job's events back, for its history's `execution_interrupted`."""
-        services = self._services
-        sub = await services.js.subscribe(
-            services.subjects.events(job_id),
-            ordered_consumer=True,
-            deliver_policy=api.DeliverPolicy.ALL,
-        )
-        events: list[Event] = []
-        try:
-            async with asyncio.timeout(REPLAY_S):
-                while not events or not isinstance(events[-1], TERMINAL_EVENTS):
-                    events.append(decode_event((await sub.next_msg(timeout=REPLAY_S)).data))
-        finally:
-            await sub.unsubscribe()
-        return replay(job_id, events)
-
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def close(self) -> None:
         await self.hub.close()
+        await self.reader.close()
 
 
 def _usable(prompt_id: str) -> bool:

@@ -3,7 +3,8 @@
 ComfyUI routes a prompt's messages to the socket registered under the prompt's client id, and
 broadcasts `status` to every socket. Here "every socket" means every socket of the same caller
 (API key), so no caller hears of another's work. Events reach this process on one subscription
-to all job events, held only while at least one socket is open.
+to all job events, held only while at least one socket is open; those of a prompt this gateway
+does not know yet wait for it a moment (early.py).
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-from gateway.api.native.messages import Outgoing, PromptRelay, history_entry
+from gateway.api.native.early import EarlyEvents
+from gateway.api.native.history import HistoryReader
+from gateway.api.native.messages import Outgoing, PromptRelay
 from gateway.api.native.prompts import Entry, PromptIndex
 from gateway.contract import (
     TERMINAL_EVENTS,
@@ -94,10 +97,13 @@ class NativeSocket:
 class SocketHub:
     """Routes prompt messages and queue status to the sockets that may see them."""
 
-    def __init__(self, nc: Client, subjects: Subjects, index: PromptIndex) -> None:
+    def __init__(
+        self, nc: Client, subjects: Subjects, index: PromptIndex, history: HistoryReader
+    ) -> None:
         self._nc = nc
         self._subjects = subjects
         self._index = index
+        self._history = history
         self._sockets: dict[str, set[NativeSocket]] = {}
         self._by_client: dict[tuple[str, str], NativeSocket] = {}
         self._relays: dict[str, PromptRelay] = {}
@@ -108,6 +114,8 @@ class SocketHub:
         self._events_prefix = subjects.events("x")[:-1]
         self._tasks: set[asyncio.Task[None]] = set()
         self._closing: set[str] = set()  # prompts whose end came as an event here
+        self._early = EarlyEvents()
+        index.on_add(self._added)
         index.on_finish(self._ended)
 
     # -- sockets -----------------------------------------------------------------------------
@@ -138,6 +146,7 @@ class SocketHub:
             await sub.unsubscribe()
         if not self._sockets and self._sub is not None:
             sub, self._sub = self._sub, None
+            self._early.clear()
             await sub.unsubscribe()
 
     def _forget_caller(self, caller: str) -> None:
@@ -166,16 +175,17 @@ class SocketHub:
             if sub is not None:
                 await sub.unsubscribe()
         self._sub = self._previews_sub = None
+        self._early.clear()
         for task in list(self._tasks):
             task.cancel()
 
     # -- what is sent ------------------------------------------------------------------------
 
-    def queue_changed(self, caller: str, *, besides: str | None = None) -> None:
+    def queue_changed(self, caller: str) -> None:
         """Tell every socket of `caller` how many of its prompts remain."""
         sockets = self._sockets.get(caller)
         if sockets:
-            text = status_frame(self._index.remaining(caller, besides=besides))
+            text = status_frame(self._index.remaining(caller))
             for socket in sockets:
                 socket.send(text)
 
@@ -193,7 +203,19 @@ class SocketHub:
     async def _on_event(self, msg: Msg) -> None:
         job_id = msg.subject[len(self._events_prefix) :]
         entry = self._index.get(job_id)
-        if entry is None or entry.prompt.caller not in self._sockets:
+        if entry is None:
+            self._early.hold(job_id, msg)  # perhaps a prompt the KV watch has not brought yet
+            return
+        self._relay_event(entry, msg)
+
+    def _added(self, entry: Entry) -> None:
+        for msg in self._early.take(entry.prompt_id):
+            self._relay_event(entry, msg)
+
+    def _relay_event(self, entry: Entry, msg: Msg) -> None:
+        """Send the messages the event stands for to the sockets that may see them."""
+        job_id = entry.prompt_id
+        if entry.prompt.caller not in self._sockets:
             return
         try:
             event = decode_event(msg.data)
@@ -220,7 +242,8 @@ class SocketHub:
         """After the end: `status`, then `executing` null once history has the entry."""
         try:
             await self._index.settle(entry.prompt_id, SETTLE_S)
-            self.queue_changed(entry.prompt.caller, besides=entry.prompt_id)
+            # Counted until history has it (even if that outlasts the wait), as on ComfyUI.
+            self.queue_changed(entry.prompt.caller)
             client_id = entry.prompt.client_id
             if client_id is None or not ran:
                 return  # ComfyUI closes only a client id's prompt, and only one that ran
@@ -247,7 +270,7 @@ class SocketHub:
         record = entry.record
         ran = record is not None and record.started_at is not None
         if ran:
-            last = history_entry(entry)["status"]["messages"][-1]
+            last = (await self._history.messages(entry))[-1]
             self._deliver(entry, Outgoing(last[0], last[1]))
         await self._close_prompt(entry, ran)
 
