@@ -46,6 +46,7 @@ from gateway.contract import (
     RunningData,
     SucceededData,
     decode,
+    now,
 )
 from gateway.events import EventPublisher, EventPublishError
 from gateway.workflow import WorkflowError
@@ -712,11 +713,13 @@ class JobRun:
         Following the prompt and fetching its outputs go on meanwhile instead of waiting a
         round trip per event. Order is kept: the publisher stores one job's emits in the
         order they were called. The next `_emit` waits for these first and raises what
-        failed, so a job never ends in the log before its progress.
+        failed, so a job never ends in the log before its progress. The event is stamped
+        now, when it happened, not when its turn to be stored comes: node timings in the
+        log and the balancer's speed estimates read these stamps.
         """
         self._sending.append(
             asyncio.create_task(
-                self.ctx.publisher.emit(self.job.job_id, data),
+                self.ctx.publisher.emit(self.job.job_id, data, ts=now()),
                 name=f"event-{self.job.job_id}",
             )
         )
