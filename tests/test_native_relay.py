@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -9,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from gateway.api.native import sockets
 from gateway.api.native.history import recorded_messages
 from gateway.api.native.messages import HISTORY_TYPES, PromptRelay, history_messages, rename_output
 from gateway.api.native.prompts import Entry, PromptIndex
@@ -33,6 +35,8 @@ from gateway.contract import (
     make_event,
 )
 from plugins.comfyui.outputs import OutputRef, output_key
+from plugins.comfyui.progress import text_with_prompt
+from plugins.simulator.hub import text_binary_frame
 from tests.native import shapes
 
 RECORDINGS = Path(__file__).parent / "data" / "comfyui-protocol"
@@ -293,3 +297,154 @@ async def test_events_that_come_before_their_prompt_is_known_are_held_for_it() -
         "progress_state",
         "executing",
     ]
+
+
+async def _next(sock: NativeSocket, count: int) -> list[str | bytes]:
+    """The next `count` frames written to the socket, waiting for each a few seconds at most."""
+    frames = []
+    for _ in range(count):
+        item = await asyncio.wait_for(sock.frames.get(), timeout=5)
+        assert item is not None, "the socket was closed"
+        frames.append(item)
+    return frames
+
+
+def _texts(frames: list[str | bytes]) -> list[dict[str, Any]]:
+    return [json.loads(frame) for frame in frames if isinstance(frame, str)]
+
+
+def _hub(index: PromptIndex, history: Any = None) -> tuple[SocketHub, Subjects]:
+    subjects = Subjects()
+    return SocketHub(_Nats(), subjects, index, history=history), subjects  # type: ignore[arg-type]
+
+
+async def _feed(hub: SocketHub, subjects: Subjects, *payloads: EventData, start: int = 1) -> None:
+    for event in events(*payloads, start=start):
+        await hub._on_event(_Msg(subjects.events(PROMPT), encode(event)))  # type: ignore[arg-type]
+
+
+def _running(index: PromptIndex, client_id: str | None = "client-1") -> None:
+    prompt = NativePrompt(prompt_id=PROMPT, caller="main", prompt={}, client_id=client_id)
+    index.add(prompt, revision=1)
+    record = JobRecord(
+        job_id=PROMPT,
+        status=JobStatus.RUNNING,
+        submitted_at=1.0,
+        updated_at=1.0,
+        log_file_path="",
+        started_at=1.0,
+    )
+    index.on_record(record)
+
+
+def _assert_rejoined(told: list[dict[str, Any]], at: str, states: dict[str, str]) -> None:
+    """What ComfyUI tells a socket joining its client id's running prompt, then one node more."""
+    assert [m["type"] for m in told] == [
+        "status",
+        "executing",
+        "progress_state",
+        "progress_state",
+        "executing",
+    ]
+    assert told[1]["data"] == {"node": at}  # where it is, without prompt_id
+    assert {node: s["state"] for node, s in told[3]["data"]["nodes"].items()} == states
+
+
+async def test_a_socket_rejoining_after_the_last_one_closed_hears_where_the_prompt_is() -> None:
+    index = PromptIndex(prompts_kv=None, jobs_kv=None)  # type: ignore[arg-type]
+    hub, subjects = _hub(index)
+    first = await hub.connect("main", "client-1")
+    _running(index)
+    await _feed(hub, subjects, *run("1", "2"))
+    await hub.disconnect(first)
+    await _feed(hub, subjects, NodeStartedData(node_id="3"), start=4)  # heard by no socket
+    again = await hub.connect("main", "client-1")
+    await _feed(hub, subjects, NodeStartedData(node_id="4"), start=5)
+    told = _texts(await _next(again, 5))
+    await hub.close()
+
+    _assert_rejoined(told, "3", {"1": "finished", "2": "finished", "3": "finished", "4": "running"})
+
+
+class _Stored:
+    """A history reader that hands out the prompt's stored events when the test lets it."""
+
+    def __init__(self, stored: list[Event]) -> None:
+        self.stored = stored
+        self.asked = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def events(self, job_id: str) -> list[Event]:
+        self.asked.set()
+        await self.release.wait()
+        return self.stored
+
+
+async def test_a_socket_joining_a_prompt_followed_elsewhere_is_caught_up_from_its_events() -> None:
+    """Started while no socket listened here (or taken by another gateway)."""
+    index = PromptIndex(prompts_kv=None, jobs_kv=None)  # type: ignore[arg-type]
+    stored = _Stored(events(*run("1", "2")))
+    hub, subjects = _hub(index, stored)
+    other = await hub.connect("main", "client-2")  # hears of the prompt's status only
+    _running(index)
+    joining = asyncio.create_task(hub.connect("main", "client-1"))
+    await asyncio.wait_for(stored.asked.wait(), timeout=5)
+    # Live events while the stored ones are read: one of them among those, one after.
+    await _feed(hub, subjects, NodeStartedData(node_id="2"), start=3)
+    await _feed(hub, subjects, NodeStartedData(node_id="3"), start=4)
+    stored.release.set()
+    sock = await asyncio.wait_for(joining, timeout=5)
+    told = _texts(await _next(sock, 5))
+    await hub.close()
+
+    _assert_rejoined(told, "2", {"1": "finished", "2": "finished", "3": "running"})
+    assert _frames(other) == ["status"]
+
+
+async def test_text_frames_go_to_every_socket_of_the_prompts_caller_only() -> None:
+    index = PromptIndex(prompts_kv=None, jobs_kv=None)  # type: ignore[arg-type]
+    hub, subjects = _hub(index)
+    prompt = NativePrompt(prompt_id=PROMPT, caller="main", prompt={}, client_id="client-1")
+    index.add(prompt, revision=1)
+    mine = [await hub.connect("main", "client-1"), await hub.connect("main", "client-2")]
+    theirs = await hub.connect("alice", "client-1")
+    comfy_text = [
+        text_binary_frame("6", f"width: {n}, height: {n}\n batch size: 2") for n in (1, 2)
+    ]
+    # The first comes before the run's `running` event: held until then.
+    await hub._on_frame(_Msg(subjects.previews("a"), text_with_prompt("x", comfy_text[0])))  # type: ignore[arg-type]
+    await _feed(hub, subjects, RunningData(attempt=1, prompt_id="x"))
+    await hub._on_frame(_Msg(subjects.previews("a"), text_with_prompt("x", comfy_text[1])))  # type: ignore[arg-type]
+    await hub._on_frame(_Msg(subjects.previews("a"), comfy_text[1]))  # type: ignore[arg-type]
+    # status, text, status ("picked up"), execution_start (to client-1 only), text
+    counts = (5, 4)
+    got = [
+        [f for f in await _next(sock, n) if isinstance(f, bytes)]
+        for sock, n in zip(mine, counts, strict=True)
+    ]
+    await hub.close()
+
+    assert got == [comfy_text, comfy_text]  # as the server sent them
+    heard = [theirs.frames.get_nowait() for _ in range(theirs.frames.qsize())]
+    assert [json.loads(f)["type"] for f in heard if isinstance(f, str)] == ["status"]
+    assert not [f for f in heard if isinstance(f, bytes)]
+
+
+async def test_a_status_counting_a_prompt_whose_end_was_late_is_corrected(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(sockets, "SETTLE_S", 0.01)
+    index = PromptIndex(prompts_kv=None, jobs_kv=None)  # type: ignore[arg-type]
+    hub, subjects = _hub(index)
+    sock = await hub.connect("main", "client-1")
+    _running(index)
+    await _feed(hub, subjects, *run("1"), SucceededData(attempt=1))
+    told = _texts(await _next(sock, 10))
+    assert [m["type"] for m in told[-3:]] == ["execution_success", "status", "executing"]
+    assert told[-2]["data"]["status"]["exec_info"]["queue_remaining"] == 1  # no record yet
+    index.on_record(_entry(JobStatus.SUCCEEDED).record)  # type: ignore[arg-type]
+    late = _texts(await _next(sock, 1))
+    await hub.close()
+
+    assert late[0]["type"] == "status"
+    assert late[0]["data"]["status"]["exec_info"]["queue_remaining"] == 0

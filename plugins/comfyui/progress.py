@@ -6,6 +6,10 @@ same clientId steals the first one's messages, and when the older socket is fina
 server unregisters the newer one too, which then hears nothing at all. So every connection gets
 a fresh client id; prompts submitted under an earlier id lose their messages, and their runners
 are told (`Lost`) so they follow them by polling /history and /queue instead.
+
+Binary frames go to `on_preview`, to be published for the gateways: previews with metadata
+(type 4) as the server sent them, and TEXT frames (type 3), which name only a node, wrapped
+with the prompt running at the time (`text_with_prompt`).
 """
 
 from __future__ import annotations
@@ -17,17 +21,40 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Final
 
+import msgspec
 import websockets
 from websockets.asyncio.client import ClientConnection, connect
 
 from plugins.comfyui.client import ws_url
-from plugins.comfyui.messages import Status, WsMessage, decode_ws, prompt_of
+from plugins.comfyui.messages import (
+    Executing,
+    ExecutionError,
+    ExecutionInterrupted,
+    ExecutionStart,
+    ExecutionSuccess,
+    Status,
+    WsMessage,
+    decode_ws,
+    prompt_of,
+)
 
 log = logging.getLogger(__name__)
 
 
 PREVIEW_FLAGS: Final = '{"type":"feature_flags","data":{"supports_preview_metadata":true}}'
 PREVIEW_WITH_METADATA: Final = (4).to_bytes(4, "big")
+TEXT: Final = (3).to_bytes(4, "big")
+
+
+def text_with_prompt(prompt_id: str, frame: bytes) -> bytes:
+    """ComfyUI's TEXT frame with the prompt it belongs to, laid out as a type 4 frame is.
+
+    Event type 3, a 4-byte JSON length, `{"prompt_id": ...}`, then the frame as the server sent
+    it (type 3, node id length, node id, text): a gateway can tell whose text it is, and pass
+    the server's frame on unchanged.
+    """
+    metadata = msgspec.json.encode({"prompt_id": prompt_id})
+    return TEXT + len(metadata).to_bytes(4, "big") + metadata + frame
 
 
 class Lost:
@@ -82,6 +109,9 @@ class Follower:
         self._backoff_max = backoff_max
         self._open_timeout = open_timeout
         self._watches: dict[str, Watch] = {}
+        # The prompt ComfyUI is running for this client id: a TEXT frame names no prompt, and
+        # the server runs one at a time.
+        self._running: str | None = None
         self._socket: ClientConnection | None = None
         self._closing: set[asyncio.Task[None]] = set()
 
@@ -150,12 +180,12 @@ class Follower:
             await socket.send(PREVIEW_FLAGS)
         async for frame in socket:
             if isinstance(frame, bytes):
-                if self._on_preview is not None and frame[:4] == PREVIEW_WITH_METADATA:
-                    await self._on_preview(frame)
-                continue  # TEXT frames and the like: nothing the bus carries
+                await self._binary(frame)
+                continue
             message = decode_ws(frame)
             if message is None:
                 continue
+            self._note_running(message)
             if isinstance(message, Status):
                 if self._on_status is not None:
                     self._on_status(message.data.status.exec_info.queue_remaining)
@@ -165,8 +195,34 @@ class Follower:
             if watch is not None:
                 watch.put(message)
 
+    async def _binary(self, frame: bytes) -> None:
+        if self._on_preview is None:
+            return
+        if frame[:4] == PREVIEW_WITH_METADATA:
+            await self._on_preview(frame)
+        elif frame[:4] == TEXT and self._running is not None:
+            # ComfyUI sends TEXT to every socket; with none of our prompts running, it is
+            # another client's.
+            await self._on_preview(text_with_prompt(self._running, frame))
+
+    def _note_running(self, message: WsMessage) -> None:
+        """Follow which of our prompts runs (execution_start ... executing null or an end)."""
+        match message:
+            case ExecutionStart(data=data):
+                self._running = data.prompt_id
+            case Executing(data=data) if data.prompt_id is not None:
+                if data.node is not None:
+                    self._running = data.prompt_id
+                elif data.prompt_id == self._running:
+                    self._running = None
+            case ExecutionSuccess() | ExecutionError() | ExecutionInterrupted():
+                # Interruptions of prompts without a client id are broadcast: only ours count.
+                if message.data.prompt_id == self._running:
+                    self._running = None
+
     def _disconnected(self) -> None:
         was_connected = self.connected.is_set()
+        self._running = None
         self._socket = None
         self.connected.clear()
         if was_connected:

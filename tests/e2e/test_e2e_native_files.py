@@ -10,13 +10,14 @@ from typing import Any
 import httpx
 import websockets
 
-from gateway.api.native.sockets import parse_preview
+from gateway.api.native.frames import parse_preview
 from plugins.simulator.config import SimulatorConfig
 from plugins.simulator.samples import tiny_workflow
 from tests.e2e.conftest import System
 
 # SaveImageWebsocket sends one preview per image: four here (two batches of two).
 HEAVY = Path(__file__).parents[1] / "data" / "comfyui-protocol" / "workflows" / "heavy.json"
+TEXT = (3).to_bytes(4, "big")
 FLAGS = {"type": "feature_flags", "data": {"supports_preview_metadata": True}}
 
 
@@ -58,7 +59,8 @@ async def test_previews_go_only_to_sockets_that_negotiated_them(system: System) 
             assert reply.status_code == 200, reply.text
             ids[client] = reply.json()["prompt_id"]
 
-        previews = [f for f in await _until_done(flagged, ids["flagged"]) if isinstance(f, bytes)]
+        flagged_frames = await _until_done(flagged, ids["flagged"])
+        previews = [f for f in flagged_frames if isinstance(f, bytes) and f[:4] != TEXT]
         assert len(previews) == 4
         for frame in previews:
             parsed = parse_preview(frame)
@@ -68,7 +70,8 @@ async def test_previews_go_only_to_sockets_that_negotiated_them(system: System) 
             assert metadata["node_id"] == "11"
             assert image.startswith(b"\x89PNG")
         plain_frames = await _until_done(plain, ids["plain"])
-        assert not [f for f in plain_frames if isinstance(f, bytes)]
+        # GetImageSize's TEXT frames go to every socket; previews only to the flagged one.
+        assert not [f for f in plain_frames if isinstance(f, bytes) and f[:4] != TEXT]
 
 
 async def test_outputs_are_served_whole_or_by_range(system: System) -> None:

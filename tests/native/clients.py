@@ -111,6 +111,29 @@ def hold(label: str, nodes: int = 100, slow_class: str = HOLD_CLASS) -> dict[str
     return graph
 
 
+def image_size(label: str, size: int) -> dict[str, Any]:
+    """EmptyImage → GetImageSize → ImageCrop to that size → SaveImage.
+
+    GetImageSize ("2") runs only because ImageCrop uses its outputs, and sends a TEXT frame.
+    """
+    seed, prefix = unique(label)
+    empty = {"width": size, "height": size, "batch_size": 1, "color": seed}
+    crop = {"image": ["1", 0], "width": ["2", 0], "height": ["2", 1], "x": 0, "y": 0}
+    return {
+        "1": {"class_type": "EmptyImage", "inputs": empty},
+        "2": {"class_type": "GetImageSize", "inputs": {"image": ["1", 0]}},
+        "3": {"class_type": "ImageCrop", "inputs": crop},
+        "4": {"class_type": "SaveImage", "inputs": {"images": ["3", 0], "filename_prefix": prefix}},
+    }
+
+
+def size_text(node_id: str, size: int) -> bytes:
+    """ComfyUI's TEXT frame from GetImageSize of a size x size image, batch of one."""
+    node = node_id.encode()
+    text = f"width: {size}, height: {size}\n batch size: 1".encode()
+    return struct.pack(">II", 3, len(node)) + node + text
+
+
 def load_image(image: str, label: str, through: str | None = None) -> dict[str, Any]:
     """The recorded LoadImage workflow, reading `image` and saving under a fresh prefix.
 
@@ -359,8 +382,7 @@ class Socket:
         self.messages.append(message)
 
     def _binary(self, frame: bytes) -> None:
-        # 1 preview, 3 text, 4 preview with metadata; the workflows here make none of them
-        # but a TEXT frame may be broadcast, so only the event type is checked.
+        # 1 preview, 3 text, 4 preview with metadata: only the event type is checked here.
         event = struct.unpack(">I", frame[:4])[0] if len(frame) >= 4 else None
         if event not in (1, 3, 4):
             self.problems.append(f"binary frame of unknown event type {event}")
@@ -373,13 +395,26 @@ class Socket:
         self, predicate: Callable[[dict[str, Any]], bool], what: str, within: float = WAIT_S
     ) -> dict[str, Any]:
         """The first message so far or from now on that satisfies `predicate`."""
+        found: list[dict[str, Any]] = []
+
+        def seen() -> bool:
+            found.extend(m for m in self.messages if predicate(m))
+            return bool(found)
+
+        await self._until(seen, what, within)
+        return found[0]
+
+    async def wait_binary(self, wanted: bytes, what: str, within: float = WAIT_S) -> None:
+        """Until this very binary frame has come."""
+        await self._until(lambda: wanted in self.binary, what, within)
+
+    async def _until(self, condition: Callable[[], bool], what: str, within: float) -> None:
         try:
             async with asyncio.timeout(within), self._changed:
                 while True:
                     self.check()
-                    for message in self.messages:
-                        if predicate(message):
-                            return message
+                    if condition():
+                        return
                     if self.closed:
                         raise AssertionError(f"{self.client_id}: closed before {what}")
                     await self._changed.wait()

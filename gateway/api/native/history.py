@@ -41,6 +41,8 @@ READ_S: Final = 10.0
 # Event streams read back at once (a first GET /history of many entries).
 _READS_AT_ONCE: Final = 16
 _ENDS: Final = frozenset({"execution_success", "execution_error", "execution_interrupted"})
+# What reading a job's events back may raise.
+READ_ERRORS = (TimeoutError, NatsError, ContractError)
 
 
 class HistoryReader:
@@ -82,14 +84,18 @@ class HistoryReader:
     async def _read(self, job_id: str) -> list[list[Any]] | None:
         """The messages the job's events tell; [] if it has none, None if unreadable now."""
         try:
-            async with self._reads:
-                events = await self._events(job_id)
-        except (TimeoutError, NatsError, ContractError) as exc:
+            events = await self.events(job_id)
+        except READ_ERRORS as exc:
             log.warning("cannot read back the events of %s now: %s", job_id, exc)
             return None
         if events and not any(isinstance(event, TERMINAL_EVENTS) for event in events):
             return None  # the end is not in the stream yet: read again next time
         return history_messages(job_id, events)
+
+    async def events(self, job_id: str) -> list[Event]:
+        """The job's events stored so far ([] if none are kept); raises one of `READ_ERRORS`."""
+        async with self._reads:
+            return await self._events(job_id)
 
     async def _events(self, job_id: str) -> list[Event]:
         stream, subject = self._subjects.events_stream, self._subjects.events(job_id)
@@ -107,7 +113,7 @@ class HistoryReader:
                 while True:
                     msg = await sub.next_msg(timeout=READ_S)
                     events.append(decode_event(msg.data))
-                    # The job has ended: nothing comes after the last event there is now.
+                    # Read up to the last event there was when the read began.
                     if msg.metadata.sequence.stream >= last.seq:
                         return events
         finally:

@@ -241,6 +241,11 @@ class PromptIndex:
         running = min(executing, key=lambda e: (_started(e), e.number))
         return running, [e for e in open_entries if e is not running]
 
+    def running_of(self, caller: str) -> list[Entry]:
+        """The caller's prompts started on a server and still open, first started first."""
+        executing = [e for e in self.open_of(caller) if e.executing]
+        return sorted(executing, key=lambda e: (_started(e), e.number))
+
     def remaining(self, caller: str) -> int:
         """ComfyUI's `queue_remaining` for the caller: its running plus pending prompts."""
         return len(self.open_of(caller))

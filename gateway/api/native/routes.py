@@ -379,7 +379,7 @@ async def _read(
                     if isinstance(message, dict) and message.get("type") == "feature_flags":
                         data = message.get("data")
                         if isinstance(data, dict) and data.get("supports_preview_metadata"):
-                            await native.hub.want_previews(conn)
+                            native.hub.want_previews(conn)
                         conn.send(frame("feature_flags", features_of(native.settings)))
     except WebSocketDisconnect:
         pass
