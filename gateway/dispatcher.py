@@ -455,6 +455,7 @@ class Dispatcher:
 
     def _forget(self, job_id: str) -> None:
         self._bound.change(self._records.pop(job_id, None), None)
+        self._publisher.forget(job_id)
         self._requests.pop(job_id, None)
         self._needs.pop(job_id, None)
         self._queue.discard(job_id)

@@ -93,6 +93,16 @@ class EventPublisher:
             self._jobs.move_to_end(job_id)
         return job
 
+    def forget(self, job_id: str) -> None:
+        """Drop what is known of a job this process will not write to again (its end is out).
+
+        Memory, not correctness: a later emit for it reads the subject's end first. A job
+        with an emit under way is kept, so that emits waiting behind it keep their order.
+        """
+        job = self._jobs.get(job_id)
+        if job is not None and not job.lock.locked():
+            del self._jobs[job_id]
+
     async def prime(self, job_id: str) -> None:
         """Read where a job's subject ends now, if not known, so the next emit need not.
 

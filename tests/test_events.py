@@ -106,3 +106,11 @@ async def test_emits_started_together_are_stored_in_call_order(js: JetStreamCont
     assert [(e.seq, e.data.value) for e in events if isinstance(e, NodeProgress)] == [
         (i + 1, i) for i in range(30)
     ]
+
+
+async def test_a_forgotten_job_continues_its_sequence(js: JetStreamContext) -> None:
+    publisher = EventPublisher(js, Subjects())
+    await publisher.emit("done", CancelledData())
+    publisher.forget("done")
+    assert "done" not in publisher._jobs  # the memory is what forgetting is for
+    assert (await publisher.emit("done", CancelledData())).seq == 2

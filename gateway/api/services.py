@@ -167,6 +167,7 @@ class Services:
                 )
         else:
             await self.publisher.emit(job_id, CancelledData(reason="cancelled by request"))
+        self.publisher.forget(job_id)  # a cancel is this publisher's last word on the job
         return await self.wait_for_end(job_id, 10.0)
 
     async def _ask_adapter_to_cancel(self, record: JobRecord) -> bool:

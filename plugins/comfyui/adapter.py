@@ -320,6 +320,7 @@ class Adapter:
                 self._ended[run.job.job_id, run.job.attempt] = None
                 if len(self._ended) > _ENDED_REMEMBERED:
                     del self._ended[next(iter(self._ended))]
+                run.ctx.publisher.forget(run.job.job_id)
             self._slot.set()
 
     async def _drain(self) -> None:
