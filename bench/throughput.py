@@ -32,13 +32,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import goal, print_goals, running_system, say, table, tiny, write_results
-from bench.split import (  # noqa: F401  (memory.py takes these from here)
-    cpu_seconds,
-    free_port,
-    split_system,
-    stop_child,
-    wait_healthy,
-)
+from bench.split import cpu_seconds, split_system
 from gateway.bus import connect
 from gateway.contract import JobRecord, Subjects, decode
 from plugins.simulator import SimulatorConfig
