@@ -591,7 +591,10 @@ class Dispatcher:
         bindings = plan(pending, candidates)
         self._note_passed_over(candidates, pending, bindings)
         for job_id, server_id in bindings:
-            await self._bind(self._records[job_id], server_id)
+            record = self._records.get(job_id)
+            # An earlier binding's awaits let events in: this job may have ended or moved on.
+            if record is not None and record.status is JobStatus.QUEUED:
+                await self._bind(record, server_id)
 
     def _note_passed_over(
         self,
@@ -714,8 +717,8 @@ class Dispatcher:
             self._servers.on_reconnected()
         for server_id, job_id in self._bound.pairs():
             record = self._records.get(job_id)
-            if record is None:
-                continue  # ended while an earlier one was looked at
+            if record is None or record.status not in BOUND or record.server_id != server_id:
+                continue  # it ended or moved on while an earlier one was looked at
             if self._handed_back.get(record.job_id) == record.attempt:
                 continue
             if record.job_id in self._held:

@@ -22,6 +22,7 @@ from plugins.storage.base import (
     CHUNK_SIZE,
     DEFAULT_CONTENT_TYPE,
     InvalidContentType,
+    NotFound,
     Storage,
     StorageError,
     check_content_type,
@@ -153,7 +154,8 @@ class OutputSaver:
     A node's `executed` message names its files once they are written, so they can be copied
     while later nodes run and while the history is fetched. The history decides in the end
     (`finish`): what it names and was not copied yet is copied then, and a file copied early
-    under another key than the history order gives it is copied again under that key.
+    under another key than the history order gives it is copied again under that key. Every
+    key written is remembered, so that what is not an output in the end can be deleted.
     """
 
     def __init__(self, client: ComfyClient, storage: Storage, job_id: str) -> None:
@@ -162,6 +164,7 @@ class OutputSaver:
         self._job_id = job_id
         self._early: dict[tuple[str, str, str, str], asyncio.Task[OutputFile]] = {}
         self._taken: set[str] = set()
+        self._written: set[str] = set()  # keys this prompt's copies may have written
         # A node with many files should not open as many downloads at once.
         self._slots = asyncio.Semaphore(_EARLY_AT_ONCE)
 
@@ -171,6 +174,7 @@ class OutputSaver:
             key = output_key(self._job_id, ref, self._taken)
             ident = (ref.filename, ref.subfolder, ref.type, key)
             if ident not in self._early:
+                self._written.add(key)
                 self._early[ident] = asyncio.create_task(
                     self._store_early(ref, key), name=f"output-{key}"
                 )
@@ -180,34 +184,60 @@ class OutputSaver:
             return await store_output(self._client, self._storage, ref, key)
 
     async def finish(self, outputs: dict[str, dict[str, Any]]) -> list[OutputFile]:
-        """Every file of the history's `outputs`, stored, in node order."""
+        """Every file of the history's `outputs`, stored, in node order.
+
+        On failure the caller calls `discard`, which also takes back what this stored.
+        """
         taken: set[str] = set()
         stored: list[OutputFile] = []
         for ref in output_files(outputs):
             key = output_key(self._job_id, ref, taken)
             task = self._early.pop((ref.filename, ref.subfolder, ref.type, key), None)
             if task is None:
+                self._written.add(key)
                 stored.append(await store_output(self._client, self._storage, ref, key))
             else:
                 done = await task
                 stored.append(msgspec.structs.replace(done, node_id=ref.node_id, kind=ref.kind))
-        await self.discard()  # copied early but not in the history: not an output after all
+        # Copied early but not in the history: not an output after all. A key the history
+        # uses is kept, even if an early copy of another file had it first.
+        await self._take_back(keep={output.key for output in stored})
         return stored
 
     async def discard(self) -> None:
-        """Stop early copies and delete what they stored: the prompt did not succeed."""
-        tasks = list(self._early.values())
-        self._early.clear()
-        for task in tasks:
-            task.cancel()
-        for result in await asyncio.gather(*tasks, return_exceptions=True):
-            if isinstance(result, OutputFile):
-                try:
-                    await self._storage.delete(result.key)
-                except StorageError as exc:
-                    log.warning("could not delete the unused output %s: %s", result.key, exc)
+        """Stop early copies and delete everything stored: the prompt did not succeed."""
+        await self._take_back(keep=set())
+
+    async def abandon(self) -> None:
+        """Stop early copies and delete nothing: the attempt was superseded, and a later one
+        may have stored its outputs under the same keys."""
+        await self._settle()
+        self._written.clear()
 
     def cancel(self) -> None:
         """Stop early copies without waiting (the run itself is being cancelled)."""
         for task in self._early.values():
             task.cancel()
+
+    async def _settle(self) -> None:
+        """Cancel the early copies still running and wait until each has ended.
+
+        A storage write that cannot be interrupted (a thread) finishes first, so nothing is
+        written after this returns.
+        """
+        tasks = list(self._early.values())
+        self._early.clear()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _take_back(self, keep: set[str]) -> None:
+        await self._settle()
+        unused, self._written = sorted(self._written - keep), set()
+        for key in unused:
+            try:
+                await self._storage.delete(key)
+            except NotFound:
+                pass  # the copy never got as far as storing it
+            except StorageError as exc:
+                log.warning("could not delete the unused output %s: %s", key, exc)

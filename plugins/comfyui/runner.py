@@ -160,7 +160,8 @@ class JobRun:
         self._history_sent = False
         self._seen = _Seen()
         # Progress events on their way to the stream (see _emit_soon).
-        self._sending: list[asyncio.Task[Event]] = []
+        self._sending: set[asyncio.Task[Event]] = set()
+        self._send_failed: BaseException | None = None  # the first progress event lost
         self._outputs = OutputSaver(ctx.client, ctx.storage, job.job_id)
         timeout = job.request.timeout_s or ctx.options.default_timeout_s
         self._timeout = timeout
@@ -212,7 +213,7 @@ class JobRun:
         finally:
             keepalive.cancel()
             priming.cancel()
-            for sending in self._sending:
+            for sending in list(self._sending):
                 sending.cancel()
             self._outputs.cancel()
             self.ctx.follower.unwatch(self.prompt_id)
@@ -233,7 +234,7 @@ class JobRun:
             retryable=True,
         )
         try:
-            await self._outputs.discard()
+            await self._drop_outputs()
             await self._emit(data)
             self.concluded = True
             await self.msg.ack()
@@ -685,7 +686,7 @@ class JobRun:
 
     async def _conclude(self, result: _Result) -> None:
         if not isinstance(result.data, SucceededData):
-            await self._outputs.discard()
+            await self._drop_outputs()
         if result.history is not None and not self._history_sent:
             await self._emit_history(result.history)
         data = result.data
@@ -699,13 +700,33 @@ class JobRun:
         log.info("job %s attempt %d: %s", self.job.job_id, self.job.attempt, _summary(data))
 
     async def _record_status(self) -> JobStatus | None:
+        record = await self._current_record()
+        return None if record is None else record.status
+
+    async def _current_record(self) -> JobRecord | None:
         try:
             entry = await self.ctx.jobs_kv.get(self.job.job_id)
         except KeyNotFoundError:
             return None
         if entry.value is None:
             return None
-        return decode(entry.value, JobRecord).status
+        return decode(entry.value, JobRecord)
+
+    async def _drop_outputs(self) -> None:
+        """Delete what this attempt stored on the way, unless a later attempt has taken over.
+
+        Every attempt stores under the same keys: an attempt handed back while its prompt
+        ran on must not delete what the next attempt, elsewhere, stored there.
+        """
+        try:
+            record = await self._current_record()
+        except nats.errors.Error as exc:
+            log.warning("job %s: no record to read (%s); keeping its files", self.job.job_id, exc)
+            record = None
+        if record is not None and record.attempt == self.job.attempt:
+            await self._outputs.discard()
+        else:
+            await self._outputs.abandon()
 
     def _emit_soon(self, data: EventData) -> None:
         """Publish a progress event without waiting for the broker's ack.
@@ -717,18 +738,33 @@ class JobRun:
         now, when it happened, not when its turn to be stored comes: node timings in the
         log and the balancer's speed estimates read these stamps.
         """
-        self._sending.append(
-            asyncio.create_task(
-                self.ctx.publisher.emit(self.job.job_id, data, ts=now()),
-                name=f"event-{self.job.job_id}",
-            )
+        if self._send_failed is not None:
+            return  # the run is failing: nothing goes out after a lost event
+        task = asyncio.create_task(
+            self.ctx.publisher.emit(self.job.job_id, data, ts=now()),
+            name=f"event-{self.job.job_id}",
         )
+        self._sending.add(task)
+        task.add_done_callback(self._on_sent)
+
+    def _on_sent(self, task: asyncio.Task[Event]) -> None:
+        self._sending.discard(task)
+        if task.cancelled() or self._send_failed is not None:
+            return
+        failed = task.exception()
+        if failed is not None:
+            self._send_failed = failed
+            # Events after a lost one must not be stored: the log would skip a step.
+            for later in self._sending:
+                later.cancel()
 
     async def _sent(self) -> None:
         """Wait until the progress events emitted so far are stored; raise what failed."""
-        sending, self._sending = self._sending, []
-        for task in sending:
-            await task
+        if self._sending:
+            # Each task's own callback (_on_sent) runs before `wait` returns.
+            await asyncio.wait(set(self._sending))
+        if self._send_failed is not None:
+            raise self._send_failed
 
     async def _emit(self, data: EventData) -> None:
         await self._sent()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import hashlib
+import logging
 import os
 import secrets
 import stat as stat_mode
@@ -35,6 +36,8 @@ from plugins.storage.base import (
     check_content_type,
     guess_content_type,
 )
+
+log = logging.getLogger(__name__)
 
 # errno values that mean "no room": disk full, quota exceeded, file larger than allowed.
 _FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
@@ -140,8 +143,18 @@ class LocalStorage(Storage):
         else:
             # Small objects (most images) are written whole in one thread hop: folder, file,
             # sync and rename, instead of a hop for each.
+            work = asyncio.ensure_future(
+                asyncio.to_thread(self._put_small, key, b"".join(head), content_type)
+            )
             try:
-                return await asyncio.to_thread(self._put_small, key, b"".join(head), content_type)
+                return await asyncio.shield(work)
+            except asyncio.CancelledError:
+                # A thread cannot be stopped: let it end before the caller goes on, so that
+                # nothing lands in storage after, say, the caller deleted the key.
+                await asyncio.wait({work})
+                if not work.cancelled() and work.exception() is not None:
+                    log.warning("a cancelled write of %r failed: %s", key, work.exception())
+                raise
             except OSError as exc:
                 raise _translate(exc, key, "write") from exc
         return await self._put_stream(key, _chained(head, stream), content_type)

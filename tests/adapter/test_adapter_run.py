@@ -131,6 +131,25 @@ async def test_an_output_stored_early_is_deleted_when_the_prompt_fails(
         assert not await _stored(storage, key)
 
 
+async def test_an_attempt_taken_over_leaves_the_outputs_to_the_next_one(
+    bus: Bus, make_sim, start_adapter, storage: Storage
+):
+    config = {"class_seconds": {"ImageInvert": 3.0}, "fail_nodes": ["ImageInvert"]}
+    async with make_sim(**config) as sim:
+        await start_adapter(sim.address)
+        job = await bus.dispatch(_early_and_late())
+        key = f"{job.job_id}/gw_early_00001_.png"
+        await poll_until(lambda: _stored(storage, key), f"{key} to be stored", within=10)
+        # Meanwhile the balancer handed the job to another server (attempt 2), which may
+        # store its own outputs under the same keys.
+        record = await bus.record(job.job_id)
+        moved = msgspec.structs.replace(record, attempt=2, server_id="elsewhere")
+        await bus.kv.put(job.job_id, encode(moved))
+        end = await bus.wait_event(job.job_id)
+        assert isinstance(end, Failed) and end.data.attempt == 1, end
+        assert await _stored(storage, key)
+
+
 async def test_cached_run_still_reports_outputs(bus: Bus, make_sim, start_adapter):
     async with make_sim() as sim:
         await start_adapter(sim.address)
