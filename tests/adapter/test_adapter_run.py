@@ -99,14 +99,20 @@ async def _stored(storage: Storage, key: str) -> bool:
     return True
 
 
+async def _early_copy(bus: Bus, start_adapter, address: str, storage: Storage) -> tuple[Job, str]:
+    """Run `_early_and_late` on the server at `address`; return once node 4's file is stored."""
+    await start_adapter(address)
+    job = await bus.dispatch(_early_and_late())
+    key = f"{job.job_id}/gw_early_00001_.png"
+    await poll_until(lambda: _stored(storage, key), f"{key} to be stored", within=10)
+    return job, key
+
+
 async def test_an_output_is_stored_while_later_nodes_run(
     bus: Bus, make_sim, start_adapter, storage: Storage
 ):
     async with make_sim(class_seconds={"ImageInvert": 3.0}) as sim:
-        await start_adapter(sim.address)
-        job = await bus.dispatch(_early_and_late())
-        key = f"{job.job_id}/gw_early_00001_.png"
-        await poll_until(lambda: _stored(storage, key), f"{key} to be stored", within=10)
+        job, key = await _early_copy(bus, start_adapter, sim.address, storage)
         assert not set(bus.types(job.job_id)) & {"history", "succeeded"}, bus.types(job.job_id)
         end = await bus.wait_event(job.job_id)
         assert isinstance(end, Succeeded), end
@@ -121,10 +127,7 @@ async def test_an_output_stored_early_is_deleted_when_the_prompt_fails(
 ):
     config = {"class_seconds": {"ImageInvert": 3.0}, "fail_nodes": ["ImageInvert"]}
     async with make_sim(**config) as sim:
-        await start_adapter(sim.address)
-        job = await bus.dispatch(_early_and_late())
-        key = f"{job.job_id}/gw_early_00001_.png"
-        await poll_until(lambda: _stored(storage, key), f"{key} to be stored", within=10)
+        job, key = await _early_copy(bus, start_adapter, sim.address, storage)
         end = await bus.wait_event(job.job_id)
         assert isinstance(end, Failed) and end.data.code == "execution_error", end
         # A failed job has no outputs; the file saved on the way is not one.
@@ -136,10 +139,7 @@ async def test_an_attempt_taken_over_leaves_the_outputs_to_the_next_one(
 ):
     config = {"class_seconds": {"ImageInvert": 3.0}, "fail_nodes": ["ImageInvert"]}
     async with make_sim(**config) as sim:
-        await start_adapter(sim.address)
-        job = await bus.dispatch(_early_and_late())
-        key = f"{job.job_id}/gw_early_00001_.png"
-        await poll_until(lambda: _stored(storage, key), f"{key} to be stored", within=10)
+        job, key = await _early_copy(bus, start_adapter, sim.address, storage)
         # Meanwhile the balancer handed the job to another server (attempt 2), which may
         # store its own outputs under the same keys.
         record = await bus.record(job.job_id)
