@@ -99,6 +99,10 @@ async def _stored(storage: Storage, key: str) -> bool:
     return True
 
 
+# Node 4's file is saved, then the slow branch fails three seconds later.
+_FAILS_AFTER_EARLY_COPY = {"class_seconds": {"ImageInvert": 3.0}, "fail_nodes": ["ImageInvert"]}
+
+
 async def _early_copy(bus: Bus, start_adapter, address: str, storage: Storage) -> tuple[Job, str]:
     """Run `_early_and_late` on the server at `address`; return once node 4's file is stored."""
     await start_adapter(address)
@@ -125,8 +129,7 @@ async def test_an_output_is_stored_while_later_nodes_run(
 async def test_an_output_stored_early_is_deleted_when_the_prompt_fails(
     bus: Bus, make_sim, start_adapter, storage: Storage
 ):
-    config = {"class_seconds": {"ImageInvert": 3.0}, "fail_nodes": ["ImageInvert"]}
-    async with make_sim(**config) as sim:
+    async with make_sim(**_FAILS_AFTER_EARLY_COPY) as sim:
         job, key = await _early_copy(bus, start_adapter, sim.address, storage)
         end = await bus.wait_event(job.job_id)
         assert isinstance(end, Failed) and end.data.code == "execution_error", end
@@ -137,8 +140,7 @@ async def test_an_output_stored_early_is_deleted_when_the_prompt_fails(
 async def test_an_attempt_taken_over_leaves_the_outputs_to_the_next_one(
     bus: Bus, make_sim, start_adapter, storage: Storage
 ):
-    config = {"class_seconds": {"ImageInvert": 3.0}, "fail_nodes": ["ImageInvert"]}
-    async with make_sim(**config) as sim:
+    async with make_sim(**_FAILS_AFTER_EARLY_COPY) as sim:
         job, key = await _early_copy(bus, start_adapter, sim.address, storage)
         # Meanwhile the balancer handed the job to another server (attempt 2), which may
         # store its own outputs under the same keys.
