@@ -36,8 +36,8 @@ from bench.common import (
     tiny,
     write_results,
 )
-from gateway.bus import connect
-from gateway.contract import JobRecord, Subjects, decode
+from gateway.bus.connection import connect
+from gateway.bus.contract import JobRecord, Subjects, decode
 from plugins.simulator import SimulatorConfig
 from sdk import AsyncComfyUISDK
 from sdk.nats import NatsClient

@@ -16,7 +16,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-from gateway.natsserver import start_nats_server
+from gateway.bus.natsserver import start_nats_server
 from gateway.settings import Settings
 from plugins.simulator.samples import tiny_workflow
 from tests.e2e.conftest import System

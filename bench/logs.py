@@ -27,8 +27,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import goal, median, pct, print_goals, say, table, write_results
-from gateway.bus import connect, ensure_resources
-from gateway.contract import (
+from gateway.bus.connection import connect, ensure_resources
+from gateway.bus.contract import (
     DispatchedData,
     FailedData,
     HistoryData,
@@ -43,10 +43,10 @@ from gateway.contract import (
     encode,
     make_event,
 )
+from gateway.bus.natsserver import start_nats_server
 from gateway.logsink import LogSink, log_file_relpath
 from gateway.logsink.client import LogQueryError, job_log, query_logs
 from gateway.logsink.store import LogStore
-from gateway.natsserver import start_nats_server
 
 CLASSES = ["EmptyImage", "KSampler", "VAEDecode", "ImageBlur", "SaveImage"]
 SERVERS = [f"gpu{k}" for k in range(8)]

@@ -53,10 +53,10 @@ from bench.common import RESULTS, goal, print_goals, say, table, tiny, write_res
 from bench.memprobe import TRACE_ENV
 from bench.split import free_port, wait_healthy
 from bench.throughput import Completions, submit_all
-from gateway.bus import connect
-from gateway.contract import JobRecord, Subjects, decode
+from gateway.bus.connection import connect
+from gateway.bus.contract import JobRecord, Subjects, decode
+from gateway.bus.natsserver import NatsServer, start_nats_server
 from gateway.logsink.client import query_logs
-from gateway.natsserver import NatsServer, start_nats_server
 from sdk.nats import NatsClient
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -175,8 +175,8 @@ async def running(tmp: Path, big_bytes: int, trace: str | None) -> AsyncIterator
         port = free_port()
         system.url = f"http://127.0.0.1:{port}"
         argvs = {
-            "gateway": ["-m", "gateway.cli", "gateway", *common, "--port", str(port)],
-            "log sink": ["-m", "gateway.cli", "logsink", *common],
+            "gateway": ["-m", "gateway.app.cli", "gateway", *common, "--port", str(port)],
+            "log sink": ["-m", "gateway.app.cli", "logsink", *common],
             "adapters": adapters_argv(system, [f"sim{k}" for k in range(SERVERS)]),
         }
         for role, argv in argvs.items():

@@ -42,8 +42,8 @@ from bench.common import (
     write_results,
 )
 from bench.split import split_system
-from gateway.bus import connect
-from gateway.contract import JobRecord, Subjects, decode
+from gateway.bus.connection import connect
+from gateway.bus.contract import JobRecord, Subjects, decode
 from plugins.simulator import SimulatorConfig
 from sdk import AsyncComfyUISDK
 

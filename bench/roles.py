@@ -23,10 +23,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gateway.bus import session
-from gateway.contract import Subjects
+from gateway.app.serve import storage_for
+from gateway.bus.connection import session
+from gateway.bus.contract import Subjects
 from gateway.lifecycle import stop_on_signals
-from gateway.service import storage_for
 from gateway.settings import Settings
 from plugins.comfyui.adapter import run_adapter
 from plugins.simulator import SimulatorConfig, run_simulator

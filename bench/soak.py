@@ -25,7 +25,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import goal, print_goals, say, table, write_results
-from gateway.contract import JobStatus
+from gateway.bus.contract import JobStatus
 from tests.chaos.scenario import ALL_FAULTS, Outcome, Plan, run_scenario
 
 # Problems of the ledger, by what they mean.

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import httpx
 
-from gateway.natsserver import start_nats_server
+from gateway.bus.natsserver import start_nats_server
 
 ROOT = Path(__file__).resolve().parents[1]
 _TICKS = os.sysconf("SC_CLK_TCK")
@@ -87,7 +87,7 @@ async def wait_healthy(url: str, count: int, within: float) -> None:
 @asynccontextmanager
 async def split_system(servers: int) -> AsyncIterator[SplitSystem]:
     """The whole system, each role a process of its own, over `servers` fake ComfyUIs."""
-    cli = ["-m", "gateway.cli"]
+    cli = ["-m", "gateway.app.cli"]
     with tempfile.TemporaryDirectory(prefix="comfybench-") as tmp:
         data = Path(tmp) / "data"
         broker = await start_nats_server(

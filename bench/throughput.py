@@ -33,8 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import goal, print_goals, running_system, say, table, tiny, write_results
 from bench.split import cpu_seconds, split_system
-from gateway.bus import connect
-from gateway.contract import JobRecord, Subjects, decode
+from gateway.bus.connection import connect
+from gateway.bus.contract import JobRecord, Subjects, decode
 from plugins.simulator import SimulatorConfig
 from sdk import AsyncComfyUISDK
 from sdk.nats import NatsClient

@@ -14,7 +14,7 @@ from typing import Any
 import msgspec
 
 from gateway.api.schemas import JobResult, ServerHealth
-from gateway.contract import TERMINAL_STATUSES, ServerRecord
+from gateway.bus.contract import TERMINAL_STATUSES, ServerRecord
 from sdk.errors import JobFailed, error_from
 
 Inputs = Mapping[str, "str | Path | bytes"]

@@ -9,7 +9,7 @@ from typing import Any
 import httpx
 
 from gateway.api.schemas import JobResult, ServerHealth
-from gateway.contract import ServerRecord
+from gateway.bus.contract import ServerRecord
 from sdk import _protocol as p
 from sdk.errors import GatewayUnreachable
 

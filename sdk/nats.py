@@ -17,8 +17,8 @@ import msgspec
 from nats.aio.client import Client
 from nats.js import api
 
-from gateway.bus import connect
-from gateway.contract import (
+from gateway.bus.connection import connect
+from gateway.bus.contract import (
     TERMINAL_EVENTS,
     ContractError,
     Error,

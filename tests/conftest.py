@@ -14,10 +14,10 @@ import pytest
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 
-from gateway.bus import connect, ensure_resources
-from gateway.contract import Subjects
-from gateway.natsserver import NatsServer, start_nats_server
-from gateway.service import run_gateway
+from gateway.app.serve import run_gateway
+from gateway.bus.connection import connect, ensure_resources
+from gateway.bus.contract import Subjects
+from gateway.bus.natsserver import NatsServer, start_nats_server
 from gateway.settings import Settings
 
 

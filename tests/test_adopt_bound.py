@@ -5,7 +5,7 @@ from __future__ import annotations
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 
-from gateway.contract import (
+from gateway.bus.contract import (
     Dispatched,
     Job,
     JobRecord,
@@ -18,7 +18,7 @@ from gateway.contract import (
     encode,
     now,
 )
-from gateway.events import EventPublisher
+from gateway.bus.events import EventPublisher
 from gateway.settings import Settings
 from plugins.simulator.samples import tiny_workflow
 from tests.conftest import running_gateway

@@ -9,15 +9,15 @@ from pathlib import Path
 from nats.aio.client import Client
 from nats.js import JetStreamContext, api
 
-from gateway.bus import BusResources, connect, ensure_resources, shown_url
-from gateway.contract import Subjects
-from gateway.natsserver import NatsServer
+from gateway.bus.connection import BusResources, connect, ensure_resources, shown_url
+from gateway.bus.contract import Subjects
+from gateway.bus.natsserver import NatsServer
 
 _CREATE = textwrap.dedent(
     """
     import asyncio, sys
-    from gateway.bus import connect, ensure_resources
-    from gateway.contract import Subjects
+    from gateway.bus.connection import connect, ensure_resources
+    from gateway.bus.contract import Subjects
 
     async def main():
         nc = await connect(sys.argv[1], "creator")

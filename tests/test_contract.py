@@ -6,7 +6,7 @@ from typing import Any
 import msgspec
 import pytest
 
-from gateway import contract as c
+from gateway.bus import contract as c
 
 REQUEST = c.JobRequest(
     workflow={"1": {"class_type": "EmptyImage", "inputs": {"width": 64}}},

@@ -1,11 +1,11 @@
-"""The dispatcher's queue of pending jobs and its index of bound jobs (gateway/dispatcher.py)."""
+"""The dispatcher's queue of pending jobs and its index of bound jobs (gateway/balancer/)."""
 
 from __future__ import annotations
 
 import msgspec
 
-from gateway.contract import JobRecord, JobStatus
-from gateway.dispatcher import _Bound, _Queue
+from gateway.balancer.dispatcher import _Bound, _Queue
+from gateway.bus.contract import JobRecord, JobStatus
 
 
 def record(job_id: str, submitted_at: float, priority: int = 0) -> JobRecord:

@@ -4,8 +4,8 @@ import asyncio
 
 from nats.js import JetStreamContext
 
-from gateway.bus import connect
-from gateway.contract import (
+from gateway.bus.connection import connect
+from gateway.bus.contract import (
     CancelledData,
     NodeCached,
     NodeCachedData,
@@ -14,8 +14,8 @@ from gateway.contract import (
     Subjects,
     decode_event,
 )
-from gateway.events import EventPublisher
-from gateway.natsserver import NatsServer
+from gateway.bus.events import EventPublisher
+from gateway.bus.natsserver import NatsServer
 
 
 async def _events_of(js: JetStreamContext, job_id: str) -> list[int]:

@@ -4,8 +4,8 @@ from typing import Any
 
 import pytest
 
-from gateway import contract as c
-from gateway.jobstate import apply_event, attempts_left, ends_attempt
+from gateway.bus import contract as c
+from gateway.bus.jobstate import apply_event, attempts_left, ends_attempt
 
 REQUEST = c.JobRequest(
     workflow={"1": {"class_type": "X", "inputs": {}}}, priority=3, max_attempts=2

@@ -1,10 +1,10 @@
-"""Reading a whole KV bucket once (gateway/kvsnapshot.py), on a real broker."""
+"""Reading a whole KV bucket once (gateway/bus/kvsnapshot.py), on a real broker."""
 
 from __future__ import annotations
 
 from nats.js import JetStreamContext
 
-from gateway.kvsnapshot import kv_snapshot
+from gateway.bus.kvsnapshot import kv_snapshot
 
 
 async def test_every_live_key_once_with_its_latest_value(js: JetStreamContext) -> None:

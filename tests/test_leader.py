@@ -7,8 +7,10 @@ import msgspec
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
-from gateway.bus import session
-from gateway.contract import (
+from gateway.balancer.dispatcher import CONSUMER
+from gateway.balancer.leader import hold_leadership
+from gateway.bus.connection import session
+from gateway.bus.contract import (
     Dispatched,
     DispatchedData,
     JobRecord,
@@ -21,9 +23,7 @@ from gateway.contract import (
     Subjects,
     decode,
 )
-from gateway.dispatcher import CONSUMER
-from gateway.jobstate import apply_event
-from gateway.leader import hold_leadership
+from gateway.bus.jobstate import apply_event
 from gateway.settings import Settings
 from plugins.simulator import SimulatorConfig
 from tests.e2e.conftest import running_system, tiny

@@ -15,7 +15,7 @@ from gateway.api.native.history import recorded_messages
 from gateway.api.native.messages import HISTORY_TYPES, PromptRelay, history_messages, rename_output
 from gateway.api.native.prompts import Entry, PromptIndex
 from gateway.api.native.sockets import NativeSocket, SocketHub
-from gateway.contract import (
+from gateway.bus.contract import (
     CancelledData,
     DispatchedData,
     Event,

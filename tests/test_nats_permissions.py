@@ -21,11 +21,11 @@ import websockets
 from nats.aio.client import Client
 from nats.errors import Error as NatsError
 
-from gateway.bus import _split_credentials, connect, session
-from gateway.contract import JobRequest, Subjects, Succeeded, encode
+from gateway.bus.connection import _split_credentials, connect, session
+from gateway.bus.contract import JobRequest, Subjects, Succeeded, encode
+from gateway.bus.natsserver import DEFAULT_CONF, NatsServer, NatsServerError, start_nats_server
 from gateway.logsink.client import query_logs
 from gateway.logsink.sink import run_logsink
-from gateway.natsserver import DEFAULT_CONF, NatsServer, NatsServerError, start_nats_server
 from gateway.settings import Settings
 from plugins.comfyui import run_adapter
 from plugins.simulator import Simulator, SimulatorConfig, run_simulator

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway.bus import connect
-from gateway.natsserver import NatsServer, answers, embedded_nats, host_port, start_nats_server
+from gateway.bus.connection import connect
+from gateway.bus.natsserver import NatsServer, answers, embedded_nats, host_port, start_nats_server
 from tests.helpers import pid_alive, wait_pid_gone
 
 
@@ -73,7 +73,7 @@ _PARENT = textwrap.dedent(
     """
     import asyncio, sys
     from pathlib import Path
-    from gateway.natsserver import start_nats_server
+    from gateway.bus.natsserver import start_nats_server
 
     async def main():
         server = await start_nats_server(port=0, store_dir=Path(sys.argv[1]))

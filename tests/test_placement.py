@@ -1,7 +1,7 @@
 from __future__ import annotations
 
-from gateway.contract import Capabilities, JobRequest
-from gateway.placement import Candidate, Pending, left_idle, missing, plan, requirements
+from gateway.balancer.placement import Candidate, Pending, left_idle, missing, plan, requirements
+from gateway.bus.contract import Capabilities, JobRequest
 
 SD = {
     "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "sd15.safetensors"}},

@@ -1,9 +1,9 @@
-"""The live server table's speed estimates (gateway/servers.py)."""
+"""The live server table's speed estimates (gateway/balancer/servers.py)."""
 
 from __future__ import annotations
 
-from gateway.contract import Heartbeat
-from gateway.servers import ServerTable
+from gateway.balancer.servers import ServerTable
+from gateway.bus.contract import Heartbeat
 
 
 class Clock:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import httpx
 from nats.js import JetStreamContext
 
-from gateway.contract import JobRecord, JobStatus, Subjects, encode, now
-from gateway.events import EventPublisher
+from gateway.bus.contract import JobRecord, JobStatus, Subjects, encode, now
+from gateway.bus.events import EventPublisher
 from plugins.simulator.samples import tiny_workflow
 
 

@@ -48,7 +48,7 @@ def _free_port() -> int:
 def running_up(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], str]]:
     """`comfyautomate up --simulate 1` on free ports; yields the process and the gateway URL."""
     command = [
-        sys.executable, "-m", "gateway.cli", "up",
+        sys.executable, "-m", "gateway.app.cli", "up",
         "--simulate", "1",
         "--port", str(_free_port()),
         "--nats-url", f"nats://127.0.0.1:{_free_port()}",

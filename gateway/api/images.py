@@ -12,7 +12,7 @@ from litestar.response import Stream
 from gateway.api.errors import ApiError, error_responses
 from gateway.api.native.uploads import UPLOADS
 from gateway.api.services import ServicesDep
-from plugins.storage.base import InvalidKey, NotFound, Storage, StoredObject
+from gateway.storage import InvalidKey, NotFound, Storage, StoredObject
 
 _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
 

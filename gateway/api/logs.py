@@ -12,7 +12,7 @@ from nats.errors import TimeoutError as NatsTimeoutError
 
 from gateway.api.errors import ApiError, error_responses
 from gateway.api.services import Services, ServicesDep
-from gateway.contract import (
+from gateway.bus.contract import (
     SCHEMA_VERSION,
     ContractError,
     JobStatus,

@@ -6,7 +6,7 @@ from typing import Any
 
 import msgspec
 
-from gateway.contract import FailedData, JobInput, JobStatus, OutputFile
+from gateway.bus.contract import FailedData, JobInput, JobStatus, OutputFile
 
 
 class _ReadsLikeADict:

@@ -15,8 +15,8 @@ from nats.js.errors import InvalidKeyError, KeyNotFoundError
 from gateway.api.errors import ApiError, error_responses
 from gateway.api.schemas import ServerHealth, ServerRegistration
 from gateway.api.services import ServicesDep
-from gateway.contract import ContractError, ServerRecord, check_token, decode, encode, now
-from gateway.servers import ServerState
+from gateway.balancer.servers import ServerState
+from gateway.bus.contract import ContractError, ServerRecord, check_token, decode, encode, now
 
 # A server id is a subject token and a KV key: the characters both take.
 _SERVER_ID = re.compile(r"[A-Za-z0-9_=-]{1,128}")

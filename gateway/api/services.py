@@ -22,9 +22,10 @@ from nats.js.kv import KeyValue
 
 from gateway.api.errors import ApiError
 from gateway.api.native.service import NativeService
-from gateway.balancer import Balancer
-from gateway.contract import Cancel as CancelRequest
-from gateway.contract import (
+from gateway.balancer.fleet import FleetView
+from gateway.balancer.role import Balancer
+from gateway.bus.contract import Cancel as CancelRequest
+from gateway.bus.contract import (
     CancelledData,
     ContractError,
     ControlReply,
@@ -36,11 +37,10 @@ from gateway.contract import (
     decode,
     encode,
 )
-from gateway.events import EventPublisher
-from gateway.fleet import FleetView
-from gateway.jobstate import BOUND
+from gateway.bus.events import EventPublisher
+from gateway.bus.jobstate import BOUND
 from gateway.settings import Settings
-from plugins.storage.base import Storage
+from gateway.storage import Storage
 
 log = logging.getLogger(__name__)
 

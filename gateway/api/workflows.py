@@ -20,7 +20,8 @@ from gateway.api.errors import ApiError, error_responses
 from gateway.api.limits import hold, limits_of, submit_rate_limit
 from gateway.api.schemas import JobResult, Submitted, Timings, WorkflowSubmission
 from gateway.api.services import Services, ServicesDep
-from gateway.contract import (
+from gateway.balancer.submit import MAX_REQUEST_BYTES, check_job_id
+from gateway.bus.contract import (
     TERMINAL_EVENTS,
     ContractError,
     Event,
@@ -30,7 +31,6 @@ from gateway.contract import (
     encode,
     event_type,
 )
-from gateway.submit import MAX_REQUEST_BYTES, check_job_id
 
 log = logging.getLogger(__name__)
 

@@ -14,10 +14,10 @@ import logging
 from nats.aio.client import Client
 from nats.js.kv import KeyValue
 
-from gateway.contract import ContractError, ServerRecord, Subjects, decode
+from gateway.bus.contract import ContractError, ServerRecord, Subjects, decode
 from gateway.settings import Settings
+from gateway.storage import Storage
 from plugins.comfyui.adapter import run_adapter
-from plugins.storage.base import Storage
 
 log = logging.getLogger(__name__)
 

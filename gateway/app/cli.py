@@ -90,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(balancer)
     balancer.set_defaults(handler=_run_balancer)
 
-    from gateway import clientcli
+    from gateway.app import clientcli
     from gateway.logsink import cli as logsink_cli
     from plugins.comfyui import cli as adapter_cli
     from plugins.simulator import cli as simulator_cli
@@ -111,7 +111,7 @@ def _settings_from(args: argparse.Namespace) -> Settings:
 
 
 def _run_up(args: argparse.Namespace) -> int:
-    from gateway.up import up
+    from gateway.app.up import up
 
     return up(
         _settings_from(args),
@@ -121,13 +121,13 @@ def _run_up(args: argparse.Namespace) -> int:
 
 
 def _run_role(args: argparse.Namespace, role: Callable[..., Coroutine[Any, Any, None]]) -> int:
-    from gateway.roles import run_role
+    from gateway.bus.process import run_role
 
     return run_role(_settings_from(args), role)
 
 
 def _run_gateway(args: argparse.Namespace) -> int:
-    from gateway.service import run_gateway
+    from gateway.app.serve import run_gateway
 
     async def role(settings: Settings, url: str, stop: asyncio.Event) -> None:
         await run_gateway(settings, url, stop, with_balancer=not args.no_balancer)
@@ -136,7 +136,7 @@ def _run_gateway(args: argparse.Namespace) -> int:
 
 
 def _run_balancer(args: argparse.Namespace) -> int:
-    from gateway.service import run_balancer
+    from gateway.app.serve import run_balancer
 
     return _run_role(args, run_balancer)
 

@@ -12,12 +12,12 @@ from nats.js import JetStreamContext
 
 from gateway.api.app import create_app
 from gateway.api.services import Services
-from gateway.balancer import Balancer
-from gateway.bus import session
-from gateway.contract import Subjects
-from gateway.fleet import FleetView
+from gateway.balancer.fleet import FleetView
+from gateway.balancer.role import Balancer
+from gateway.bus.connection import session
+from gateway.bus.contract import Subjects
 from gateway.settings import Settings
-from plugins.storage.base import Storage
+from gateway.storage import Storage
 from plugins.storage.registry import create_storage
 
 log = logging.getLogger(__name__)

@@ -19,14 +19,14 @@ from typing import Any
 import msgspec
 from nats.aio.client import Client
 
-from gateway.adapterhost import AdapterHost
 from gateway.api.auth import check_settings
-from gateway.bus import session, shown_url
-from gateway.contract import ServerRecord, Subjects, encode, now
+from gateway.app.adapterhost import AdapterHost
+from gateway.app.serve import run_gateway, storage_for
+from gateway.bus.connection import session, shown_url
+from gateway.bus.contract import ServerRecord, Subjects, encode, now
+from gateway.bus.natsserver import DEFAULT_CONF, embedded_nats
 from gateway.lifecycle import stop_on_signals
 from gateway.logsink.sink import run_logsink
-from gateway.natsserver import DEFAULT_CONF, embedded_nats
-from gateway.service import run_gateway, storage_for
 from gateway.settings import Settings
 from plugins.simulator import SimulatorConfig, run_simulator
 

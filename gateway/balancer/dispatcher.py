@@ -24,7 +24,17 @@ from nats.js import JetStreamContext, api
 from nats.js.errors import KeyNotFoundError, NotFoundError
 from nats.js.kv import KeyValue
 
-from gateway.contract import (
+from gateway.balancer.placement import (
+    Candidate,
+    Pending,
+    Requirements,
+    left_idle,
+    missing,
+    plan,
+    requirements,
+)
+from gateway.balancer.servers import ServerTable
+from gateway.bus.contract import (
     Cancel,
     Cancelled,
     Capabilities,
@@ -46,26 +56,16 @@ from gateway.contract import (
     encode,
     now,
 )
-from gateway.events import EventPublisher
-from gateway.jobstate import (
+from gateway.bus.events import EventPublisher
+from gateway.bus.jobstate import (
     BOUND,
     apply_event,
     attempts_left,
     ends_attempt,
     record_from_queued,
 )
-from gateway.kvsnapshot import kv_snapshot
+from gateway.bus.kvsnapshot import kv_snapshot
 from gateway.lifecycle import stop_tasks, wait_event
-from gateway.placement import (
-    Candidate,
-    Pending,
-    Requirements,
-    left_idle,
-    missing,
-    plan,
-    requirements,
-)
-from gateway.servers import ServerTable
 
 log = logging.getLogger(__name__)
 

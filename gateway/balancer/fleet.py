@@ -15,7 +15,8 @@ from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
 from nats.js.kv import KeyValue
 
-from gateway.contract import (
+from gateway.balancer.servers import ServerTable
+from gateway.bus.contract import (
     ContractError,
     ControlReply,
     Describe,
@@ -25,7 +26,6 @@ from gateway.contract import (
     decode,
     encode,
 )
-from gateway.servers import ServerTable
 
 log = logging.getLogger(__name__)
 

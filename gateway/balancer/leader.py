@@ -16,7 +16,7 @@ from typing import Any
 from nats.js.errors import KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
-from gateway.bus import LEADER_LEASE_S
+from gateway.bus.connection import LEADER_LEASE_S
 from gateway.lifecycle import stop_tasks, wait_event
 
 log = logging.getLogger(__name__)

@@ -15,7 +15,7 @@ from typing import Final
 
 import msgspec
 
-from gateway.contract import Capabilities, JobRequest
+from gateway.bus.contract import Capabilities, JobRequest
 
 # Inputs that name a model file, and the model folders ComfyUI looks for them in.
 MODEL_INPUTS: Final[dict[str, tuple[str, ...]]] = {

@@ -13,13 +13,13 @@ import socket
 
 from nats.aio.client import Client
 
-from gateway.contract import Subjects, new_id
-from gateway.dispatcher import Dispatcher
-from gateway.events import EventPublisher
-from gateway.fleet import FleetView
-from gateway.leader import hold_leadership
+from gateway.balancer.dispatcher import Dispatcher
+from gateway.balancer.fleet import FleetView
+from gateway.balancer.leader import hold_leadership
+from gateway.balancer.submit import Submitter
+from gateway.bus.contract import Subjects, new_id
+from gateway.bus.events import EventPublisher
 from gateway.settings import Settings
-from gateway.submit import Submitter
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from typing import Final
 
 import msgspec
 
-from gateway.contract import Capabilities, Heartbeat, ServerRecord
+from gateway.bus.contract import Capabilities, Heartbeat, ServerRecord
 
 STALE_AFTER_INTERVALS: Final = 3
 # A server's speed is the median of its last few successful runs: one run stretched by a crash

@@ -19,7 +19,9 @@ from nats.aio.subscription import Subscription
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
-from gateway.contract import (
+from gateway.balancer.placement import missing, requirements
+from gateway.balancer.servers import ServerTable
+from gateway.bus.contract import (
     ContractError,
     Error,
     JobAccepted,
@@ -34,12 +36,15 @@ from gateway.contract import (
     new_id,
     now,
 )
-from gateway.events import EventPublisher
+from gateway.bus.events import EventPublisher
+from gateway.comfyui.workflow import (
+    WorkflowError,
+    apply_overrides,
+    graph_problems,
+    workflow_problems,
+)
 from gateway.logsink.paths import log_file_relpath
-from gateway.placement import missing, requirements
-from gateway.servers import ServerTable
-from gateway.workflow import WorkflowError, apply_overrides, graph_problems, workflow_problems
-from plugins.storage.base import InvalidKey, validate_key
+from gateway.storage import InvalidKey, validate_key
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +53,8 @@ MAX_ATTEMPTS_LIMIT: Final = 20
 # A submission this old with a record and no event stopped half-way (see _finish_half_done).
 HALF_DONE_AFTER_S: Final = 2.0
 # The `queued` event and each Job handed to an adapter carry the whole request, and the streams
-# take messages of at most 1 MiB (gateway/bus.py); what surrounds the request is far below 16 KiB.
+# take messages of at most 1 MiB (gateway/bus/connection.py); what surrounds the request is far
+# below 16 KiB.
 MAX_REQUEST_BYTES: Final = 1024 * 1024 - 16 * 1024
 # A job id is a KV key, a subject token, part of a file name and a REST path segment.
 _JOB_ID: Final = re.compile(r"[A-Za-z0-9_=-]{1,128}")

@@ -19,7 +19,7 @@ from nats.aio.client import Client
 from nats.js import JetStreamContext, api
 from nats.js.errors import BadRequestError
 
-from gateway.contract import Subjects
+from gateway.bus.contract import Subjects
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from nats.js.errors import BadRequestError, NotFoundError
 
-from gateway.contract import (
+from gateway.bus.contract import (
     Event,
     EventData,
     Subjects,

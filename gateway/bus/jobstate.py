@@ -15,7 +15,7 @@ from typing import Final
 
 import msgspec
 
-from gateway.contract import (
+from gateway.bus.contract import (
     Cancelled,
     Dispatched,
     Event,

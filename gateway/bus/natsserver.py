@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from gateway.bus import shown_url
+from gateway.bus.connection import shown_url
 
 log = logging.getLogger(__name__)
 

@@ -7,9 +7,9 @@ import logging
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from gateway.bus import shown_url
+from gateway.bus.connection import shown_url
+from gateway.bus.natsserver import answers
 from gateway.lifecycle import stop_on_signals
-from gateway.natsserver import answers
 from gateway.settings import Settings
 
 log = logging.getLogger(__name__)

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from .nodedefs import NodeDef, types_match
+from gateway.comfyui.nodedef import NodeDef, types_match
 
 _INNER_FRAME = (
     '  File "/srv/ComfyUI/execution.py", line 852, in validate_inputs\n'

@@ -1,6 +1,6 @@
 """Command-line entry points: `comfyautomate logsink` and `comfyautomate logs show|sql|rebuild`.
 
-gateway/cli.py calls `add_parsers(subcommands)`; every command sets `handler` to a function
+gateway/app/cli.py calls `add_parsers(subcommands)`; every command sets `handler` to a function
 taking the parsed arguments and returning an exit code.
 """
 
@@ -20,8 +20,8 @@ from rich.markup import escape
 from rich.panel import Panel
 from rich.table import Table
 
-from gateway.bus import connect, shown_url
-from gateway.contract import Subjects
+from gateway.bus.connection import connect, shown_url
+from gateway.bus.contract import Subjects
 from gateway.lifecycle import stop_on_signals
 from gateway.logsink import paths
 from gateway.logsink.client import LogQueryError, job_log, query_logs

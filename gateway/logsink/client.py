@@ -9,7 +9,7 @@ from nats.aio.client import Client
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 
-from gateway.contract import Error, LogQuery, LogQueryResult, Subjects, encode
+from gateway.bus.contract import Error, LogQuery, LogQueryResult, Subjects, encode
 from gateway.logsink.messages import JobLog, JobLogPage, JobLogRequest, job_log_subject
 
 # Time for the request to travel and the reply to be built, beyond the query's own limit.

@@ -23,7 +23,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext, api
 
-from gateway.contract import Subjects
+from gateway.bus.contract import Subjects
 from gateway.logsink.config import SinkConfig
 
 log = logging.getLogger(__name__)

@@ -1,7 +1,7 @@
 """Messages of the job-log subject `<prefix>.logs.job`, which the bus contract does not define.
 
 They follow the contract's conventions (msgspec Structs, JSON, a `v` field) so they can move into
-gateway/contract.py unchanged.
+gateway/bus/contract.py unchanged.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from typing import Any
 
 import msgspec
 
-from gateway.contract import SCHEMA_VERSION, Subjects
+from gateway.bus.contract import SCHEMA_VERSION, Subjects
 
 
 def job_log_subject(subjects: Subjects) -> str:

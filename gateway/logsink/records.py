@@ -13,8 +13,8 @@ from typing import Any, Final
 
 import msgspec
 
-from gateway import contract
-from gateway.contract import ContractError
+from gateway.bus import contract
+from gateway.bus.contract import ContractError
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ from typing import Any, Final
 import duckdb
 import msgspec
 
-from gateway.contract import Column, LogQueryResult
+from gateway.bus.contract import Column, LogQueryResult
 
 log = logging.getLogger(__name__)
 

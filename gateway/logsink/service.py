@@ -18,7 +18,7 @@ import msgspec
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from gateway.contract import ContractError, Error, LogQuery, LogQueryResult, Subjects, decode
+from gateway.bus.contract import ContractError, Error, LogQuery, LogQueryResult, Subjects, decode
 from gateway.logsink.config import SinkConfig
 from gateway.logsink.joblog import read_job_page
 from gateway.logsink.messages import JobLogPage, JobLogRequest, job_log_subject

@@ -19,8 +19,8 @@ import duckdb
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from gateway.bus import connect, ensure_resources
-from gateway.contract import Subjects
+from gateway.bus.connection import connect, ensure_resources
+from gateway.bus.contract import Subjects
 from gateway.logsink.config import SinkConfig
 from gateway.logsink.consumer import EventPuller
 from gateway.logsink.jsonl import JsonlError

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import msgspec
 
-from gateway.contract import ContractError
+from gateway.bus.contract import ContractError
 from gateway.logsink import paths
 from gateway.logsink.config import SinkConfig
 from gateway.logsink.index import IndexDB

@@ -20,7 +20,7 @@ from nats.js import JetStreamContext, api
 from nats.js.errors import BadRequestError, KeyNotFoundError
 from nats.js.kv import KeyValue
 
-from gateway.contract import (
+from gateway.bus.contract import (
     Capabilities,
     ContractError,
     Job,
@@ -32,16 +32,16 @@ from gateway.contract import (
     encode,
     event_type,
 )
-from gateway.events import EventPublisher
-from gateway.jobstate import ends_attempt
+from gateway.bus.events import EventPublisher
+from gateway.bus.jobstate import ends_attempt
 from gateway.settings import Settings
+from gateway.storage import Storage
 from plugins.comfyui.client import ComfyClient
 from plugins.comfyui.control import ControlServer
 from plugins.comfyui.heartbeat import Monitor
 from plugins.comfyui.options import AdapterOptions, with_settings
 from plugins.comfyui.progress import Follower
 from plugins.comfyui.runner import JobRun, RunContext
-from plugins.storage.base import Storage
 from plugins.storage.registry import create_storage
 
 log = logging.getLogger(__name__)

@@ -6,9 +6,9 @@ import argparse
 import asyncio
 from typing import Any
 
-from gateway.bus import session
-from gateway.contract import Subjects
-from gateway.roles import run_role
+from gateway.bus.connection import session
+from gateway.bus.contract import Subjects
+from gateway.bus.process import run_role
 from gateway.settings import Settings, SettingsError, load_settings
 from plugins.comfyui.adapter import run_adapter
 from plugins.comfyui.options import AdapterOptions

@@ -15,6 +15,7 @@ from typing import IO, Any, TypeVar
 import httpx
 import msgspec
 
+from gateway.comfyui.urls import base_url
 from plugins.comfyui.messages import (
     HistoryEntry,
     PromptAccepted,
@@ -47,19 +48,6 @@ class PromptRejected(ComfyError):
 
 class FileMissing(ComfyError):
     """GET /view answered 404 (or another 4xx) for an output file."""
-
-
-def base_url(address: str) -> str:
-    """`host:port` or a URL, as the base URL of the server's HTTP API."""
-    address = address.strip().rstrip("/")
-    return address if "://" in address else f"http://{address}"
-
-
-def ws_url(address: str, client_id: str) -> str:
-    """The websocket URL for `client_id` on the server at `address`."""
-    url = base_url(address)
-    scheme, rest = url.split("://", 1)
-    return f"{'wss' if scheme == 'https' else 'ws'}://{rest}/ws?clientId={client_id}"
 
 
 class ComfyClient:

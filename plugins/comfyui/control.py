@@ -15,7 +15,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-from gateway.contract import (
+from gateway.bus.contract import (
     Cancel,
     Capabilities,
     ContractError,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Final
 
-from gateway.contract import FailedData
+from gateway.bus.contract import FailedData
 from plugins.comfyui.messages import PromptError, PromptRejection
 
 # Our failure codes (FailedData.code).

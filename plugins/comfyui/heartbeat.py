@@ -17,7 +17,7 @@ from typing import Any, Final
 
 from nats.aio.client import Client
 
-from gateway.contract import Capabilities, Heartbeat, encode, now
+from gateway.bus.contract import Capabilities, Heartbeat, encode, now
 from plugins.comfyui.client import ComfyClient, ComfyError
 
 log = logging.getLogger(__name__)

@@ -27,10 +27,10 @@ from urllib.parse import urljoin
 
 import httpx
 
-from gateway.contract import Job, JobInput
-from gateway.workflow import apply_overrides
+from gateway.bus.contract import Job, JobInput
+from gateway.comfyui.workflow import apply_overrides
+from gateway.storage import Storage, StorageError, guess_content_type
 from plugins.comfyui.client import ComfyClient
-from plugins.storage.base import Storage, StorageError, guess_content_type
 
 log = logging.getLogger(__name__)
 

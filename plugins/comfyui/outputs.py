@@ -16,9 +16,9 @@ from typing import Any
 import httpx
 import msgspec
 
-from gateway.contract import OutputFile
-from plugins.comfyui.client import ComfyClient, ComfyUnavailable
-from plugins.storage.base import (
+from gateway.bus.contract import OutputFile
+from gateway.comfyui.outputs import stored_name
+from gateway.storage import (
     CHUNK_SIZE,
     DEFAULT_CONTENT_TYPE,
     InvalidContentType,
@@ -28,6 +28,7 @@ from plugins.storage.base import (
     check_content_type,
     guess_content_type,
 )
+from plugins.comfyui.client import ComfyClient, ComfyUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -71,21 +72,6 @@ def output_files(outputs: dict[str, dict[str, Any]]) -> list[OutputRef]:
         for item in items
         if _is_file(item)
     ]
-
-
-def stored_name(filename: str, subfolder: str = "", folder: str = "output") -> str:
-    """The name a ComfyUI output is stored under in its job's folder (before clashes).
-
-    ComfyUI tells files apart by folder type, subfolder and name; all three go into the name
-    (`temp~ComfyUI_temp_x_00001_.png`, `sub~a_00001_.png`) so that files which differ only in
-    the first two do not collide. The gateway names files with this too, before they are stored.
-    """
-    # A storage key segment may not be hidden or hold a slash; ComfyUI names are plain anyway.
-    name = filename.replace("\\", "/").rsplit("/", 1)[-1].lstrip(".") or "output"
-    parts = [] if folder == "output" else [folder]
-    parts += [p.lstrip(".") for p in subfolder.replace("\\", "/").split("/")]
-    parts = [p for p in parts if p]
-    return "~".join([*parts, name])
 
 
 def output_key(job_id: str, ref: OutputRef, taken: set[str]) -> str:

@@ -25,7 +25,7 @@ import msgspec
 import websockets
 from websockets.asyncio.client import ClientConnection, connect
 
-from plugins.comfyui.client import ws_url
+from gateway.comfyui.urls import ws_url
 from plugins.comfyui.messages import (
     Executing,
     ExecutionError,

@@ -29,7 +29,7 @@ from nats.aio.msg import Msg
 from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
 
-from gateway.contract import (
+from gateway.bus.contract import (
     CancelledData,
     Event,
     EventData,
@@ -48,8 +48,9 @@ from gateway.contract import (
     decode,
     now,
 )
-from gateway.events import EventPublisher, EventPublishError
-from gateway.workflow import WorkflowError
+from gateway.bus.events import EventPublisher, EventPublishError
+from gateway.comfyui.workflow import WorkflowError
+from gateway.storage import Storage, StorageError
 from plugins.comfyui import failures
 from plugins.comfyui.client import (
     ComfyClient,
@@ -74,7 +75,6 @@ from plugins.comfyui.messages import (
 from plugins.comfyui.options import AdapterOptions
 from plugins.comfyui.outputs import OutputSaver
 from plugins.comfyui.progress import NUDGE, Follower, Item, Lost, Nudge, Watch
-from plugins.storage.base import Storage, StorageError
 
 log = logging.getLogger(__name__)
 

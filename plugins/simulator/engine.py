@@ -17,16 +17,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gateway.comfyui.graph import ExecutionList, is_link, signatures
+from gateway.comfyui.nodedef import NodeDef
+from gateway.comfyui.validation import Validator
+
 from .config import SimulatorConfig
-from .graph import ExecutionList, is_link, signatures
 from .history import History, QueueItem
 from .hub import Hub
 from .images import format_value
-from .nodedefs import NodeDef, NodeRegistry
+from .nodedefs import NodeRegistry
 from .nodes import RUNNERS, Interrupted, NodeError, fingerprint, resolve_annotated
 from .progress import NodeContext, ProgressState
 from .tracebacks import EXECUTION_FRAMES, node_frame
-from .validation import Validator
 
 log = logging.getLogger(__name__)
 
@@ -352,7 +354,13 @@ class Engine:
             self.last_node_id = node_id
             data = {"node": node_id, "display_node": node_id, "prompt_id": prompt_id}
             self.hub.send("executing", data, run.client_id)
-        context = NodeContext(self, run.progress, node_id, lambda: self._interrupt)
+        context = NodeContext(
+            run.progress,
+            node_id,
+            lambda: self._interrupt,
+            folder=self.folders.get,
+            step_seconds=self.config.step_duration,
+        )
         inputs: dict[str, Any] = {}
         try:
             inputs = self._gather(run, node_id, definition)

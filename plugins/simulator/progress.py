@@ -4,22 +4,19 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .hub import Hub, preview_frame, preview_metadata_frame, text_binary_frame
 from .nodes import Interrupted
-
-if TYPE_CHECKING:
-    from .engine import Engine
 
 
 class ProgressState:
     """The registry behind `progress_state`: every node started so far in this prompt."""
 
     def __init__(self, hub: Hub, prompt_id: str, client_id: str | None) -> None:
-        self._hub = hub
-        self._prompt_id = prompt_id
-        self._client_id = client_id
+        self.hub = hub
+        self.prompt_id = prompt_id
+        self.client_id = client_id
         self._nodes: dict[str, dict[str, Any]] = {}
 
     def _entry(self, node_id: str) -> dict[str, Any]:
@@ -31,7 +28,7 @@ class ProgressState:
                 "max": 1,
                 "state": "pending",
                 "node_id": node_id,
-                "prompt_id": self._prompt_id,
+                "prompt_id": self.prompt_id,
                 "display_node_id": node_id,
                 "parent_node_id": None,
                 "real_node_id": node_id,
@@ -39,8 +36,8 @@ class ProgressState:
         return self._nodes[node_id]
 
     def _send(self) -> None:
-        data = {"prompt_id": self._prompt_id, "nodes": self._nodes}
-        self._hub.send("progress_state", data, self._client_id)
+        data = {"prompt_id": self.prompt_id, "nodes": self._nodes}
+        self.hub.send("progress_state", data, self.client_id)
 
     def start(self, node_id: str) -> None:
         entry = self._entry(node_id)
@@ -63,25 +60,29 @@ class NodeContext:
 
     def __init__(
         self,
-        engine: Engine,
         progress: ProgressState,
         node_id: str,
         interrupted: Callable[[], bool],
+        *,
+        folder: Callable[[str], Path],
+        step_seconds: Callable[[], float],
     ) -> None:
         self.node_id = node_id
-        self._engine = engine
         self._progress = progress
         self._interrupted = interrupted
+        self._folder = folder
+        self._step_seconds = step_seconds
 
     def folder(self, kind: str) -> Path:
-        return self._engine.folders.get(kind)
+        return self._folder(kind)
 
     async def progress(self, value: int, total: int, preview: bytes | None = None) -> None:
-        engine = self._engine
-        client_id = engine.client_id
-        prompt_id = engine.running.prompt_id if engine.running is not None else None
+        # The prompt and client this node runs for: the engine's running prompt throughout.
+        hub = self._progress.hub
+        client_id = self._progress.client_id
+        prompt_id = self._progress.prompt_id
         self._progress.update(self.node_id, value, total)
-        with_metadata = engine.hub.supports_preview_metadata(client_id)
+        with_metadata = hub.supports_preview_metadata(client_id)
         if preview is not None and with_metadata:
             metadata = {
                 "node_id": self.node_id,
@@ -91,18 +92,18 @@ class NodeContext:
                 "real_node_id": self.node_id,
                 "image_type": "image/png",
             }
-            engine.hub.send_binary(preview_metadata_frame(preview, metadata), client_id)
+            hub.send_binary(preview_metadata_frame(preview, metadata), client_id)
         data = {"value": value, "max": total, "prompt_id": prompt_id, "node": self.node_id}
-        engine.hub.send("progress", data, client_id)
+        hub.send("progress", data, client_id)
         if preview is not None and not with_metadata:
-            engine.hub.send_binary(preview_frame(preview), client_id)
+            hub.send_binary(preview_frame(preview), client_id)
 
     def send_text(self, text: str) -> None:
-        self._engine.hub.send_binary(text_binary_frame(self.node_id, text), None)
+        self._progress.hub.send_binary(text_binary_frame(self.node_id, text), None)
 
     def check_interrupted(self) -> None:
         if self._interrupted():
             raise Interrupted
 
     def step_seconds(self) -> float:
-        return self._engine.config.step_duration()
+        return self._step_seconds()

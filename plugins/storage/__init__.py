@@ -5,7 +5,7 @@ when it is asked for, so `nats` is not needed to use `local` and a broken third-
 cannot stop the others from loading.
 """
 
-from plugins.storage.base import (
+from gateway.storage import (
     InvalidContentType,
     InvalidKey,
     NotFound,

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from gateway.files import fsync_dir
-from plugins.storage.base import (
+from gateway.storage import (
     CHUNK_SIZE,
     InvalidKey,
     NotFound,

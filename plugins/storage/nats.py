@@ -47,7 +47,7 @@ from nats.js.object_store import (
     ObjectStore,
 )
 
-from plugins.storage.base import (
+from gateway.storage import (
     NotFound,
     Storage,
     StorageError,
@@ -130,7 +130,7 @@ class NatsStorage(Storage):
             except BucketNotFoundError as exc:
                 raise StorageError(
                     f"object store bucket {self.bucket!r} does not exist; it is created by "
-                    "gateway.bus.ensure_resources (or `nats object add`)"
+                    "gateway.bus.connection.ensure_resources (or `nats object add`)"
                 ) from exc
             except nats.errors.Error as exc:
                 raise StorageError(f"cannot reach object store {self.bucket!r}: {exc!r}") from exc

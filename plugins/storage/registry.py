@@ -10,7 +10,7 @@ from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
 from typing import Any, Final
 
-from plugins.storage.base import Storage, StorageError, UnknownBackend
+from gateway.storage import Storage, StorageError, UnknownBackend
 
 ENTRY_POINT_GROUP: Final = "comfyautomate.storage"
 DEFAULT_BUCKET: Final = "comfy_outputs"

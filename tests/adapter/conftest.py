@@ -15,12 +15,12 @@ import pytest
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 
-from gateway.contract import Subjects, new_id
-from gateway.natsserver import NatsServer
+from gateway.bus.contract import Subjects, new_id
+from gateway.bus.natsserver import NatsServer
 from gateway.settings import Settings
+from gateway.storage import Storage
 from plugins.comfyui import AdapterOptions, run_adapter
 from plugins.simulator import Simulator, SimulatorConfig, run_simulator
-from plugins.storage.base import Storage
 from plugins.storage.registry import create_storage
 from tests.adapter.kit import FAST, SERVER, Bus
 

@@ -1,9 +1,10 @@
 """Helpers of the adapter tests: workflows, `Bus` and the adapter as a process.
 
-`Bus` plays the balancer's part exactly as gateway/dispatcher.py does: it writes the job's KV
-record (`dispatched`, server, attempt) BEFORE publishing the Job on comfy.jobs.<server> with
-`Nats-Msg-Id: <job_id>.<attempt>`, and it keeps the record following the events (jobstate). It
-also records every event, so tests wait on events with deadlines instead of sleeping.
+`Bus` plays the balancer's part exactly as gateway/balancer/dispatcher.py does: it writes the
+job's KV record (`dispatched`, server, attempt) BEFORE publishing the Job on
+comfy.jobs.<server> with `Nats-Msg-Id: <job_id>.<attempt>`, and it keeps the record following
+the events (jobstate). It also records every event, so tests wait on events with deadlines
+instead of sleeping.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 
-from gateway.contract import (
+from gateway.bus.contract import (
     Cancel,
     ControlReply,
     Event,
@@ -42,7 +43,7 @@ from gateway.contract import (
     new_id,
     now,
 )
-from gateway.jobstate import apply_event
+from gateway.bus.jobstate import apply_event
 from plugins.comfyui import AdapterOptions
 from plugins.simulator import Simulator
 

@@ -6,7 +6,7 @@ import asyncio
 
 import msgspec
 
-from gateway.contract import (
+from gateway.bus.contract import (
     Cancelled,
     ControlReply,
     Describe,

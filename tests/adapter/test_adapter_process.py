@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway.contract import Succeeded
-from gateway.natsserver import NatsServer
+from gateway.bus.contract import Succeeded
+from gateway.bus.natsserver import NatsServer
 from plugins.simulator import Simulator, nodes
 from plugins.simulator.images import Image
 from tests.adapter.kit import SERVER, Bus, adapter_process, tiny

@@ -8,7 +8,7 @@ from pathlib import Path
 import httpx
 import msgspec
 
-from gateway.contract import Running, Succeeded
+from gateway.bus.contract import Running, Succeeded
 from plugins.comfyui.client import ComfyClient
 from plugins.comfyui.failures import validation_failure
 from plugins.comfyui.messages import Executing, PromptRejection, Status, decode_ws

@@ -7,7 +7,7 @@ import base64
 
 import msgspec
 
-from gateway.contract import (
+from gateway.bus.contract import (
     Failed,
     FailedData,
     History,
@@ -27,9 +27,9 @@ from gateway.contract import (
     new_id,
     now,
 )
-from gateway.events import EventPublisher
+from gateway.bus.events import EventPublisher
+from gateway.storage import NotFound, Storage
 from plugins.simulator import png
-from plugins.storage.base import NotFound, Storage
 from tests.adapter.kit import FAST, SERVER, Bus, tiny, two_outputs
 from tests.helpers import poll_until
 

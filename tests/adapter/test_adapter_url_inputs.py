@@ -14,13 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from gateway.contract import Failed, JobInput
+from gateway.bus.contract import Failed, JobInput
 from gateway.settings import Settings, load_settings
+from gateway.storage import Storage
 from plugins.comfyui.client import ComfyClient
 from plugins.comfyui.inputs import InputProblem, upload_inputs
 from plugins.comfyui.options import AdapterOptions, with_settings
 from plugins.simulator import Simulator, png
-from plugins.storage.base import Storage
 from tests.adapter.kit import Bus
 
 IMAGE = png.encode_solid(4, 4, (10, 200, 30))

@@ -25,9 +25,9 @@ import msgspec
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from gateway.bus import connect, ensure_resources
-from gateway.contract import Heartbeat, Subjects, decode
-from gateway.natsserver import NatsServer, start_nats_server
+from gateway.bus.connection import connect, ensure_resources
+from gateway.bus.contract import Heartbeat, Subjects, decode
+from gateway.bus.natsserver import NatsServer, start_nats_server
 from plugins.simulator import Simulator, SimulatorConfig
 from tests.helpers import poll_until
 

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 import pytest
 import pytest_asyncio
 
-from gateway.contract import Subjects
+from gateway.bus.contract import Subjects
 from tests.chaos.cluster import Cluster, running_cluster
 from tests.chaos.stream import Tracker
 

@@ -8,7 +8,7 @@ Four witnesses are compared, each read from its own place:
   servers (their /history and their output folders say how often each job really ran).
 
 A terminal event of an attempt that was superseded is allowed, as the contract says
-(gateway/jobstate.py: a server thought dead may report back late, and its news is ignored); the
+(gateway/bus/jobstate.py: a server thought dead may report back late, and its news is ignored); the
 job must still have exactly one terminal event of its final attempt, and the superseded attempt
 must have been handed back by a `retried` event.
 """
@@ -27,7 +27,7 @@ from nats.aio.client import Client
 from nats.js import api
 from nats.js.errors import NotFoundError
 
-from gateway.contract import (
+from gateway.bus.contract import (
     TERMINAL_EVENTS,
     Dispatched,
     Event,
@@ -42,10 +42,10 @@ from gateway.contract import (
     event_type,
     prompt_id_for,
 )
-from gateway.jobstate import apply_event
+from gateway.bus.jobstate import apply_event
 from gateway.logsink.client import query_logs
 from gateway.logsink.config import SinkConfig
-from plugins.storage.base import StorageError
+from gateway.storage import StorageError
 from plugins.storage.registry import create_storage
 from tests.helpers import poll_until
 

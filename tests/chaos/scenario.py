@@ -22,7 +22,7 @@ from typing import Any
 
 import nats.errors
 
-from gateway.contract import JobRecord, JobStatus, Subjects
+from gateway.bus.contract import JobRecord, JobStatus, Subjects
 from sdk.nats import NatsClient
 from tests.chaos.cluster import Cluster, running_cluster
 from tests.chaos.ledger import Verdict, verify

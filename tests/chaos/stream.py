@@ -20,7 +20,7 @@ import nats.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from gateway.contract import ContractError, JobRecord, JobStatus, Subjects, decode
+from gateway.bus.contract import ContractError, JobRecord, JobStatus, Subjects, decode
 from plugins.simulator.samples import tiny_workflow
 from sdk.aio import AsyncComfyUISDK
 from sdk.errors import ApiError, GatewayUnreachable

@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 import pytest
 import pytest_asyncio
 
-from gateway.contract import JobStatus
+from gateway.bus.contract import JobStatus
 from tests.chaos.conftest import Fleet
 from tests.chaos.scenario import ALL_FAULTS, Outcome, Plan, run_stream
 

@@ -18,11 +18,11 @@ import httpx
 import msgspec
 import pytest
 
-from gateway.adapterhost import AdapterHost
-from gateway.bus import session
-from gateway.contract import Subjects
+from gateway.app.adapterhost import AdapterHost
+from gateway.app.serve import storage_for
+from gateway.bus.connection import session
+from gateway.bus.contract import Subjects
 from gateway.logsink.sink import run_logsink
-from gateway.service import storage_for
 from gateway.settings import Settings
 from plugins.simulator import Simulator, SimulatorConfig, run_simulator
 from plugins.simulator.samples import tiny_workflow

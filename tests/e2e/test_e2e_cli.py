@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 async def _cli(*args: str, gateway: str) -> tuple[int, str, str]:
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "gateway.cli", *args, "--gateway", gateway,
+        sys.executable, "-m", "gateway.app.cli", *args, "--gateway", gateway,
         cwd=ROOT,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,

@@ -9,8 +9,8 @@ import zlib
 import httpx
 import websockets
 
-from gateway.bus import connect
-from gateway.contract import JobAccepted, JobRequest, Subjects, decode, encode
+from gateway.bus.connection import connect
+from gateway.bus.contract import JobAccepted, JobRequest, Subjects, decode, encode
 from tests.e2e.conftest import System, sse_events, tiny
 from tests.helpers import poll_until
 

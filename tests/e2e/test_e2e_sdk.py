@@ -118,7 +118,7 @@ async def test_the_async_client(system: System) -> None:
 
 
 async def test_submitting_on_the_bus(system: System) -> None:
-    from gateway.contract import Succeeded, event_type
+    from gateway.bus.contract import Succeeded, event_type
     from sdk.nats import NatsClient
 
     await system.add_server("gpu1")

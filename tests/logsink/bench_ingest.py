@@ -14,8 +14,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from gateway.bus import connect, ensure_resources
-from gateway.contract import (
+from gateway.bus.connection import connect, ensure_resources
+from gateway.bus.contract import (
     JobRequest,
     NodeProgressData,
     QueuedData,
@@ -23,8 +23,8 @@ from gateway.contract import (
     encode,
     make_event,
 )
+from gateway.bus.natsserver import start_nats_server
 from gateway.logsink import LogSink, log_file_relpath
-from gateway.natsserver import start_nats_server
 
 
 async def main(total: int, jobs: int) -> None:

@@ -9,8 +9,8 @@ import pytest
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 
-from gateway.contract import Subjects
-from gateway.events import EventPublisher
+from gateway.bus.contract import Subjects
+from gateway.bus.events import EventPublisher
 from gateway.logsink import LogSink
 from tests.logsink.jobs import FAST
 

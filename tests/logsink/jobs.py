@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from gateway.contract import (
+from gateway.bus.contract import (
     DispatchedData,
     Event,
     EventData,
@@ -18,7 +18,7 @@ from gateway.contract import (
     SucceededData,
     prompt_id_for,
 )
-from gateway.events import EventPublisher
+from gateway.bus.events import EventPublisher
 from gateway.logsink import SinkConfig, log_file_relpath
 
 # Short waits: a redelivery after a kill comes within a second.

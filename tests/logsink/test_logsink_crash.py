@@ -14,10 +14,10 @@ import duckdb
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
-from gateway.contract import Subjects
-from gateway.events import EventPublisher
+from gateway.bus.contract import Subjects
+from gateway.bus.events import EventPublisher
+from gateway.bus.natsserver import NatsServer
 from gateway.logsink import SinkConfig, index_path, paths
-from gateway.natsserver import NatsServer
 from tests.helpers import poll_until
 from tests.logsink.jobs import run_job
 

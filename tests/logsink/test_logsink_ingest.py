@@ -10,9 +10,9 @@ import duckdb
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 
-from gateway.bus import ensure_resources
-from gateway.contract import Subjects, encode
-from gateway.events import EventPublisher
+from gateway.bus.connection import ensure_resources
+from gateway.bus.contract import Subjects, encode
+from gateway.bus.events import EventPublisher
 from gateway.logsink import LogSink, index_path, job_log, log_file_path, query_logs
 from tests.logsink.jobs import run_job
 

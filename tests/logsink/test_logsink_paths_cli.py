@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 from nats.aio.client import Client
 
-from gateway.contract import Subjects
-from gateway.events import EventPublisher
+from gateway.bus.contract import Subjects
+from gateway.bus.events import EventPublisher
+from gateway.bus.natsserver import NatsServer
 from gateway.logsink import LogSink, log_file_path, log_file_relpath, paths
 from gateway.logsink.cli import add_parsers
-from gateway.natsserver import NatsServer
 from tests.logsink.jobs import run_job
 
 T0 = 1_750_000_000.0

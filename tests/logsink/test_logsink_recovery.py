@@ -11,8 +11,8 @@ import pytest
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 
-from gateway.contract import Event, Subjects, encode
-from gateway.events import EventPublisher
+from gateway.bus.contract import Event, Subjects, encode
+from gateway.bus.events import EventPublisher
 from gateway.logsink import LogSink, index_path, log_file_path, rebuild_index
 from gateway.logsink.index import IndexLockedError
 from gateway.logsink.rebuild import reconcile
@@ -24,7 +24,7 @@ T0 = 1_750_000_000.0
 
 async def _make_jobs(js: JetStreamContext, n: int) -> list[list[Event]]:
     """Realistic events of `n` jobs, made on a scratch prefix so no sink sees them."""
-    from gateway.bus import ensure_resources
+    from gateway.bus.connection import ensure_resources
 
     scratch = Subjects("scratch")
     await ensure_resources(js, scratch)

@@ -10,8 +10,8 @@ import duckdb
 import pytest
 from nats.aio.client import Client
 
-from gateway.contract import Subjects
-from gateway.events import EventPublisher
+from gateway.bus.contract import Subjects
+from gateway.bus.events import EventPublisher
 from gateway.logsink import LogQueryError, LogSink, index_path, query_logs
 from gateway.logsink.index import open_database
 from tests.logsink.jobs import run_job

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
-from gateway.natsserver import start_nats_server
+from gateway.bus.natsserver import start_nats_server
 from gateway.settings import Settings
 from plugins.simulator import SimulatorConfig, run_simulator
 from plugins.simulator.config import DEFAULT_NODE_TYPES

@@ -16,8 +16,8 @@ import msgspec
 from nats.js import JetStreamContext
 from nats.js.errors import NoKeysError
 
-from gateway.bus import connect
-from gateway.contract import JobRequest, Subjects, encode
+from gateway.bus.connection import connect
+from gateway.bus.contract import JobRequest, Subjects, encode
 from gateway.settings import Settings
 from plugins.simulator.samples import tiny_workflow
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import httpx
 import msgspec
 
+from gateway.balancer.submit import MAX_REQUEST_BYTES
 from gateway.settings import Settings
-from gateway.submit import MAX_REQUEST_BYTES
 from tests.conftest import running_gateway
 from tests.security.conftest import footprint, jetstream
 from tests.test_gateway_api import TINY

@@ -12,8 +12,8 @@ import asyncio
 import httpx
 import msgspec
 
+from gateway.balancer.submit import MAX_REQUEST_BYTES
 from gateway.settings import Settings
-from gateway.submit import MAX_REQUEST_BYTES
 from tests.conftest import running_gateway
 from tests.e2e.conftest import running_system
 from tests.helpers import poll_until

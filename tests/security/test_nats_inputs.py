@@ -15,8 +15,9 @@ import pytest
 from nats.errors import MaxPayloadError
 from nats.errors import TimeoutError as NatsTimeoutError
 
-from gateway.bus import connect
-from gateway.contract import (
+from gateway.balancer.submit import MAX_REQUEST_BYTES
+from gateway.bus.connection import connect
+from gateway.bus.contract import (
     SCHEMA_VERSION,
     ContractError,
     ControlReply,
@@ -28,7 +29,6 @@ from gateway.contract import (
 )
 from gateway.logsink.messages import job_log_subject
 from gateway.settings import Settings
-from gateway.submit import MAX_REQUEST_BYTES
 from tests.conftest import running_gateway
 from tests.e2e.conftest import running_system, tiny
 from tests.security.conftest import footprint, jetstream, padded

@@ -14,7 +14,7 @@ from typing import BinaryIO
 import pytest
 from nats.js import JetStreamContext, api
 
-from plugins.storage.base import Storage
+from gateway.storage import Storage
 from plugins.storage.local import LocalStorage
 from plugins.storage.nats import NatsStorage
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from plugins.storage.base import (
+from gateway.storage import (
     InvalidKey,
     check_content_type,
     guess_content_type,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from plugins.storage.base import InvalidKey, NotFound, StorageFull
+from gateway.storage import InvalidKey, NotFound, StorageFull
 from plugins.storage.local import LocalStorage
 
 

@@ -11,7 +11,7 @@ import pytest
 from nats.aio.client import Client
 from nats.js import JetStreamContext, api
 
-from plugins.storage.base import NotFound, StorageError
+from gateway.storage import NotFound, StorageError
 from plugins.storage.nats import NatsStorage
 
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from nats.js import JetStreamContext
 
+from gateway.storage import StorageError, UnknownBackend
 from plugins.storage import registry
-from plugins.storage.base import StorageError, UnknownBackend
 from plugins.storage.local import LocalStorage
 from plugins.storage.nats import NatsStorage
 from plugins.storage.registry import (

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Iterable
 
 import pytest
 
-from plugins.storage.base import (
+from gateway.storage import (
     InvalidContentType,
     InvalidKey,
     NotFound,

@@ -17,10 +17,10 @@ from typing import Any, Final
 
 import httpx
 
-from gateway.servers import ServerState, ServerTable
+from gateway.balancer.servers import ServerState, ServerTable
+from gateway.comfyui.nodedef import NodeDef
+from gateway.comfyui.urls import base_url
 from gateway.settings import Settings
-from plugins.comfyui.client import base_url
-from plugins.simulator.nodedefs import NodeDef
 
 log = logging.getLogger(__name__)
 

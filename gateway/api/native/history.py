@@ -26,7 +26,7 @@ from gateway.api.native.messages import (
     stored_file,
 )
 from gateway.api.native.prompts import Entry
-from gateway.contract import (
+from gateway.bus.contract import (
     TERMINAL_EVENTS,
     ContractError,
     Event,

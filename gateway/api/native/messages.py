@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gateway.api.native.prompts import Entry
-from gateway.contract import (
+from gateway.bus.contract import (
     Cancelled,
     Event,
     Failed,
@@ -31,7 +31,7 @@ from gateway.contract import (
     Running,
     Succeeded,
 )
-from plugins.comfyui.outputs import stored_name
+from gateway.comfyui.outputs import stored_name
 
 # Message types ComfyUI still sends, to every socket, for a prompt without a client id.
 BROADCAST_TYPES = frozenset({"progress_state", "progress", "execution_interrupted"})

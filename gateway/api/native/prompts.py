@@ -17,7 +17,7 @@ from typing import Any
 from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 
-from gateway.contract import ContractError, JobRecord, JobStatus, NativePrompt, decode
+from gateway.bus.contract import ContractError, JobRecord, JobStatus, NativePrompt, decode
 
 log = logging.getLogger(__name__)
 

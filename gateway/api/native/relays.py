@@ -19,7 +19,7 @@ from nats.aio.msg import Msg
 from gateway.api.native.early import EarlyEvents
 from gateway.api.native.history import READ_ERRORS, HistoryReader
 from gateway.api.native.messages import PromptRelay
-from gateway.contract import Event, Running
+from gateway.bus.contract import Event, Running
 
 log = logging.getLogger(__name__)
 

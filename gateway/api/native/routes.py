@@ -29,7 +29,7 @@ from gateway.api.native.service import ANONYMOUS, NativeService
 from gateway.api.native.sockets import NativeSocket, frame
 from gateway.api.native.uploads import BadUpload, save_upload, upload_key
 from gateway.api.services import Services, ServicesDep
-from plugins.storage.base import InvalidKey, NotFound, Storage, StoredObject
+from gateway.storage import InvalidKey, NotFound, Storage, StoredObject
 
 log = logging.getLogger(__name__)
 

@@ -13,8 +13,10 @@ import logging
 import time
 import uuid
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
+from nats.aio.client import Client
+from nats.js import JetStreamContext
 from nats.js.errors import KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
@@ -24,20 +26,23 @@ from gateway.api.native.history import HistoryReader
 from gateway.api.native.prompts import Entry, PromptIndex
 from gateway.api.native.sockets import SocketHub
 from gateway.api.native.uploads import UPLOADS, uploads_in
-from gateway.contract import (
+from gateway.balancer.fleet import FleetView
+from gateway.balancer.submit import check_job_id
+from gateway.bus.contract import (
     ContractError,
+    JobAccepted,
     JobInput,
+    JobRecord,
     JobRequest,
     JobStatus,
     NativePrompt,
+    Subjects,
     encode,
 )
-from gateway.submit import check_job_id
-from plugins.simulator.graph import is_link
-from plugins.simulator.validation import Validator
-
-if TYPE_CHECKING:
-    from gateway.api.services import Services
+from gateway.comfyui.graph import is_link
+from gateway.comfyui.validation import Validator
+from gateway.settings import Settings
+from gateway.storage import Storage
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +59,26 @@ def comfy_error(kind: str, message: str, details: str = "") -> dict[str, Any]:
     return {"error": error, "node_errors": {}}
 
 
+class Gateway(Protocol):
+    """What the ComfyUI-compatible API needs of its gateway (`gateway.api.services.Services`)."""
+
+    nc: Client
+    js: JetStreamContext
+    jobs_kv: KeyValue
+    fleet: FleetView
+    settings: Settings
+    subjects: Subjects
+    storage: Storage | None
+
+    async def submit(self, request: JobRequest) -> JobAccepted: ...
+
+    async def cancel(self, job_id: str) -> JobRecord: ...
+
+
 class NativeService:
     """The state behind the ComfyUI-compatible API in one gateway."""
 
-    def __init__(self, services: Services, prompts_kv: KeyValue) -> None:
+    def __init__(self, services: Gateway, prompts_kv: KeyValue) -> None:
         self._services = services
         self.settings = services.settings
         self._kv = prompts_kv

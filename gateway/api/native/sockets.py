@@ -27,7 +27,7 @@ from gateway.api.native.history import HistoryReader
 from gateway.api.native.messages import Outgoing, PromptRelay
 from gateway.api.native.prompts import Entry, PromptIndex
 from gateway.api.native.relays import RelayBook
-from gateway.contract import (
+from gateway.bus.contract import (
     TERMINAL_EVENTS,
     Cancelled,
     ContractError,

@@ -14,8 +14,8 @@ from collections.abc import AsyncIterator
 from pathlib import PurePosixPath
 from typing import Any, Final
 
-from gateway.contract import JobInput
-from plugins.storage.base import InvalidKey, NotFound, Storage, validate_key
+from gateway.bus.contract import JobInput
+from gateway.storage import InvalidKey, NotFound, Storage, validate_key
 
 UPLOADS: Final = "uploads"
 FOLDERS: Final = ("input", "temp", "output")
