@@ -1,10 +1,10 @@
-"""The dispatcher's queue of pending jobs and its index of bound jobs (gateway/balancer/)."""
+"""The queue of pending jobs and the index of bound jobs (gateway/balancer/queue.py)."""
 
 from __future__ import annotations
 
 import msgspec
 
-from gateway.balancer.dispatcher import _Bound, _Queue
+from gateway.balancer.queue import BoundJobs, PendingQueue
 from gateway.bus.contract import JobRecord, JobStatus
 
 
@@ -20,14 +20,14 @@ def record(job_id: str, submitted_at: float, priority: int = 0) -> JobRecord:
 
 
 def test_priority_first_then_age() -> None:
-    queue = _Queue()
+    queue = PendingQueue()
     for job in (record("old", 1.0), record("new", 2.0), record("urgent", 3.0, priority=1)):
         queue.push(job)
     assert queue.head(10) == ["urgent", "old", "new"]
 
 
 def test_a_job_handed_back_is_listed_once() -> None:
-    queue = _Queue()
+    queue = PendingQueue()
     queue.push(record("a", 1.0))
     queue.push(record("b", 2.0))
     for _ in range(3):  # bound, then handed back: discarded and pushed again
@@ -40,7 +40,7 @@ def test_a_job_handed_back_is_listed_once() -> None:
 
 
 def test_head_lists_the_first_jobs_and_keeps_the_rest() -> None:
-    queue = _Queue()
+    queue = PendingQueue()
     for k in range(100):
         queue.push(record(f"j{k:03}", float(k)))
     for k in range(0, 100, 2):
@@ -56,7 +56,7 @@ def _bound_to(job_id: str, server_id: str | None, status: JobStatus) -> JobRecor
 
 
 def test_bound_jobs_follow_their_records() -> None:
-    bound = _Bound()
+    bound = BoundJobs()
     queued = record("a", 1.0)
     on_s1 = _bound_to("a", "s1", JobStatus.DISPATCHED)
     running = _bound_to("a", "s1", JobStatus.RUNNING)

@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 _READY = "Server is ready"
 _LISTEN = re.compile(r"Listening for client connections on (\S+):(\d+)")
 _PR_SET_PDEATHSIG = 1
-DEFAULT_CONF = Path(__file__).resolve().parent.parent / "nats.conf"
+DEFAULT_CONF = Path(__file__).resolve().parents[2] / "nats.conf"
 
 
 class NatsServerError(RuntimeError):

@@ -1,0 +1,96 @@
+"""What the leading balancer knows of the open jobs, and the one place their records change.
+
+The records are kept in memory as the leader's working copy of KV `comfy_jobs`, with the
+indexes a dispatch round reads (the queue, the bound jobs per server) and what the leader
+remembers per job meanwhile (its request until bound, its requirements, when it started, the
+attempt already handed back). Every change of a record goes through `keep`, so the indexes
+never disagree with it.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Final
+
+from nats.js.kv import KeyValue
+
+from gateway.balancer.placement import Requirements, requirements
+from gateway.balancer.queue import BoundJobs, PendingQueue
+from gateway.bus.contract import FailedData, JobRecord, JobRequest, JobStatus, encode
+from gateway.bus.events import EventPublisher
+
+# How long a record may wait for its queued event before the submission is declared lost.
+UNCONFIRMED_GRACE_S: Final = 30.0
+
+
+class JobBook:
+    """The leader's records of open jobs, their indexes and what it remembers of each."""
+
+    def __init__(self, jobs_kv: KeyValue, publisher: EventPublisher) -> None:
+        self._kv = jobs_kv
+        self._publisher = publisher
+        self.records: dict[str, JobRecord] = {}
+        self.bound = BoundJobs()  # kept by keep and forget
+        self.queue = PendingQueue()
+        self.needs: dict[str, Requirements] = {}
+        self.requests: dict[str, JobRequest] = {}  # of queued jobs seen arriving
+        self.started_at: dict[str, float] = {}
+        self.handed_back: dict[str, int] = {}  # job id -> attempt already handed back
+        # Records seen without their queued event, and since when (monotonic).
+        self.unconfirmed: dict[str, tuple[JobRecord, float]] = {}
+
+    def open_statuses(self) -> list[str]:
+        """The status of every job not yet finished."""
+        return [record.status.value for record in self.records.values()]
+
+    def take(self, record: JobRecord, request: JobRequest) -> None:
+        """Hold an open job: its record, its requirements, and a queued job in the queue."""
+        self.keep(record)
+        self.needs[record.job_id] = requirements(request)
+        if record.status is JobStatus.QUEUED:
+            self.queue.push(record)
+
+    def keep(self, record: JobRecord) -> None:
+        """Remember `record` as its job's latest; every change of `records` goes here."""
+        self.bound.change(self.records.get(record.job_id), record)
+        self.records[record.job_id] = record
+
+    def forget(self, job_id: str) -> None:
+        """Drop a job that ended: its record, its indexes, what was remembered of it."""
+        self.bound.change(self.records.pop(job_id, None), None)
+        self._publisher.forget(job_id)
+        self.requests.pop(job_id, None)
+        self.needs.pop(job_id, None)
+        self.queue.discard(job_id)
+        self.handed_back.pop(job_id, None)
+
+    async def store(self, record: JobRecord) -> None:
+        """Write `record` to KV, then keep it."""
+        # KV first: a write that fails leaves memory as it was, so that the event, delivered
+        # again, is applied again (and not taken for one already seen).
+        await self._kv.put(record.job_id, encode(record))
+        self.keep(record)
+
+    async def fail(self, record: JobRecord, code: str, message: str) -> None:
+        """Publish the job's failure; its record follows when the event comes back."""
+        data = FailedData(code=code, message=message, attempt=record.attempt)
+        await self._publisher.emit(record.job_id, data)
+
+    def unconfirmed_since(self, record: JobRecord, since: float | None = None) -> None:
+        """Wait for the job's queued event; `since` (monotonic) defaults to now."""
+        self.unconfirmed[record.job_id] = (record, time.monotonic() if since is None else since)
+
+    def look_again_soon(self, record: JobRecord) -> None:
+        """Look at an unconfirmed job again in about a second (its log could not be read)."""
+        self.unconfirmed_since(record, time.monotonic() - UNCONFIRMED_GRACE_S + 1.0)
+
+    def expired_unconfirmed(self) -> list[JobRecord]:
+        """Unconfirmed jobs that have waited past the grace, no longer waited for."""
+        expired = [
+            record
+            for record, since in self.unconfirmed.values()
+            if time.monotonic() - since > UNCONFIRMED_GRACE_S
+        ]
+        for record in expired:
+            del self.unconfirmed[record.job_id]
+        return expired

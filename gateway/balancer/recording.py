@@ -1,0 +1,240 @@
+"""The leader's records follow the job's events: every event, read once, applied in order.
+
+Events come from a durable consumer of the EVENTS stream, so a new leader continues exactly
+where the last one stopped. Jobs are independent: each job's events are applied in order,
+different jobs' at the same time. A record is written before its event is acked, and an event
+that fails to apply holds back that job's later events until it has been applied.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+import nats.errors
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.errors import KeyNotFoundError
+from nats.js.kv import KeyValue
+
+from gateway.balancer.book import JobBook
+from gateway.balancer.servers import ServerTable
+from gateway.bus.contract import (
+    Cancel,
+    Cancelled,
+    Event,
+    JobRecord,
+    JobStatus,
+    Queued,
+    Retried,
+    Running,
+    Subjects,
+    Succeeded,
+    decode,
+    decode_event,
+    encode,
+)
+from gateway.bus.jobstate import BOUND, apply_event, attempts_left, record_from_queued
+
+log = logging.getLogger(__name__)
+
+_BATCH = 256
+
+
+class Recorder:
+    """Applies events to the book's records and ends, requeues or forwards what they say."""
+
+    def __init__(
+        self,
+        nc: Client,
+        jobs_kv: KeyValue,
+        subjects: Subjects,
+        book: JobBook,
+        servers: ServerTable,
+        *,
+        on_applied: Callable[[], None],
+        tick: float,
+    ) -> None:
+        self._nc = nc
+        self._kv = jobs_kv
+        self._subjects = subjects
+        self._book = book
+        self._servers = servers
+        self._on_applied = on_applied
+        self._tick = tick
+        # Job id -> seq of its event that failed to apply: its later events wait for that one,
+        # also across batches, and nothing is decided from its record meanwhile.
+        self._held: dict[str, int] = {}
+        self.replayed_upto = 2**63  # until the dispatcher knows: no event counts as a first sight
+
+    def holds(self, job_id: str) -> bool:
+        """Whether an event of the job failed to apply and is to be delivered again."""
+        return job_id in self._held
+
+    def forget_held(self) -> None:
+        """A new leadership: what was held is delivered again to its consumer."""
+        self._held.clear()
+
+    async def consume(self, sub: JetStreamContext.PullSubscription) -> None:
+        """Fetch and apply events until cancelled."""
+        while True:
+            try:
+                messages = await sub.fetch(_BATCH, timeout=self._tick)
+            except TimeoutError:  # nats-py raises its own subclass or asyncio's: nothing came
+                continue
+            # Jobs are independent: each job's events are applied in order, different jobs'
+            # at the same time, so a batch costs about one round of KV writes, not one per event.
+            per_job: dict[str, list[tuple[Msg, Event]]] = {}
+            for message in messages:
+                try:
+                    event = decode_event(message.data)
+                except ValueError:
+                    log.exception("dropping an event that does not decode: %r", message.data[:200])
+                    await message.term()
+                    continue
+                per_job.setdefault(event.job_id, []).append((message, event))
+            done: list[Msg] = []
+            try:
+                await asyncio.gather(
+                    *(self._apply_in_order(items, done) for items in per_job.values())
+                )
+            except asyncio.CancelledError:
+                await self._give_back(messages, done)
+                raise
+            # Records are written before the acks: a crash here replays, never skips.
+            for message in done:
+                await message.ack()
+            self._on_applied()
+
+    @staticmethod
+    async def _give_back(messages: list[Msg], done: list[Msg]) -> None:
+        """Stopped mid-batch (shutdown, lost lease): ack what was applied, nak the rest.
+
+        Unacknowledged, the rest would reach the next leader only after the consumer's ack wait.
+        """
+        applied = {id(message) for message in done}
+        for message in messages:
+            try:
+                await (message.ack() if id(message) in applied else message.nak())
+            except nats.errors.Error as exc:  # then the ack wait brings it back
+                log.warning("could not settle an event while stopping: %s", exc)
+
+    async def _apply_in_order(self, items: list[tuple[Msg, Event]], done: list[Msg]) -> None:
+        for index, (message, event) in enumerate(items):
+            held = self._held.get(event.job_id)
+            if held is not None and event.seq > held:
+                # An earlier event of this job is to be delivered again: this one waits.
+                await self._nak(items[index:])
+                return
+            try:
+                await self._on_event(event, message)
+            except Exception:  # one bad event must not stop the fleet; it is retried later
+                log.exception("event %s of job %s failed; retrying it", event.seq, event.job_id)
+                # The job's later events wait for it: applied out of order they would be
+                # judged against the wrong record (a success, say, overtaken by a hand-back).
+                self._held[event.job_id] = event.seq  # never above `held`: see the check above
+                await self._nak(items[index:])
+                return
+            if held is not None and event.seq >= held:
+                del self._held[event.job_id]
+            done.append(message)
+
+    async def _nak(self, items: list[tuple[Msg, Event]]) -> None:
+        for message, event in items:
+            try:
+                await message.nak(delay=1.0)
+            except nats.errors.Error as exc:  # redelivered after the ack wait anyway
+                log.warning("could not nak event %s of job %s: %s", event.seq, event.job_id, exc)
+
+    async def _on_event(self, event: Event, message: Msg | None = None) -> None:
+        record = self._book.records.get(event.job_id)
+        if isinstance(event, Queued) and record is None:
+            await self._on_new_job(event, message)
+            return
+        if record is None:
+            return  # a job that ended before this leader started, or unknown
+        updated = apply_event(record, event)
+        if updated is None:
+            return
+        await self._book.store(updated)
+        if isinstance(event, Running):
+            self._book.started_at[event.job_id] = event.ts
+        if updated.status.terminal:
+            self._finish(record, updated, event)
+        elif isinstance(event, Retried):
+            await self._requeue(updated, event)
+
+    async def _on_new_job(self, event: Queued, message: Msg | None = None) -> None:
+        book = self._book
+        book.unconfirmed.pop(event.job_id, None)
+        if self._first_sight(event, message):
+            record = record_from_queued(event)
+        else:
+            # KV is the truth: a replayed queued event of a job that has moved on must not
+            # revive it.
+            try:
+                entry = await self._kv.get(event.job_id)
+            except KeyNotFoundError:
+                record = record_from_queued(event)
+            else:
+                assert entry.value is not None
+                record = decode(entry.value, JobRecord)
+        if record.status.terminal:
+            return
+        if record.status is JobStatus.QUEUED:
+            # Kept until the job is bound: it saves reading the event back from the stream.
+            book.requests[record.job_id] = event.data.request
+        book.take(record, event.data.request)
+
+    def _first_sight(self, event: Queued, message: Msg | None) -> bool:
+        """Whether this queued event is certainly the job's first news to any leader.
+
+        Then its record can only be the one the submitter wrote, and reading it back from KV
+        (a round trip per new job) is skipped. That holds for the first event of the job's
+        subject (nothing, not even a failure, came before it), delivered for the first time
+        by a consumer that did not replay the stream from the start.
+        """
+        if message is None or event.seq != 1:
+            return False
+        try:
+            meta = message.metadata
+        except (ValueError, IndexError, nats.errors.Error):
+            return False
+        return meta.num_delivered == 1 and meta.sequence.stream > self.replayed_upto
+
+    def _finish(self, before: JobRecord, after: JobRecord, event: Event) -> None:
+        self._book.forget(after.job_id)
+        started = self._book.started_at.pop(after.job_id, None)
+        # Only a success tells how fast a server is: a failure or a cancel may come at once or
+        # after a crash and a restart, and one such outlier would starve a good server.
+        if started is not None and before.server_id is not None and isinstance(event, Succeeded):
+            self._servers.observe_run(before.server_id, event.ts - started)
+        if isinstance(event, Cancelled) and before.status in BOUND and before.server_id:
+            # Cancelled while bound: make sure the adapter stops it too.
+            asyncio.get_running_loop().create_task(self._forward_cancel(before))
+
+    async def _forward_cancel(self, record: JobRecord) -> None:
+        assert record.server_id is not None
+        try:
+            await self._nc.request(
+                self._subjects.control(record.server_id),
+                encode(Cancel(job_id=record.job_id)),
+                timeout=2.0,
+            )
+        except Exception:  # the adapter may be gone; its own check of the record stops it
+            log.warning("could not forward the cancel of %s", record.job_id, exc_info=True)
+
+    async def _requeue(self, record: JobRecord, event: Retried) -> None:
+        self._book.started_at.pop(record.job_id, None)
+        self._book.handed_back.pop(record.job_id, None)
+        if attempts_left(record):
+            self._book.queue.push(record)
+            return
+        self._book.keep(record)
+        await self._book.fail(
+            record,
+            "attempts_exhausted",
+            f"gave up after {record.runs} attempt(s); last: {event.data.reason}",
+        )
