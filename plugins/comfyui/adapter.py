@@ -36,12 +36,13 @@ from gateway.bus.events import EventPublisher
 from gateway.bus.jobstate import ends_attempt
 from gateway.settings import Settings
 from gateway.storage import Storage
+from plugins.comfyui.attempt import RunContext
 from plugins.comfyui.client import ComfyClient
 from plugins.comfyui.control import ControlServer
 from plugins.comfyui.heartbeat import Monitor
 from plugins.comfyui.options import AdapterOptions, with_settings
 from plugins.comfyui.progress import Follower
-from plugins.comfyui.runner import JobRun, RunContext
+from plugins.comfyui.runner import JobRun
 from plugins.storage.registry import create_storage
 
 log = logging.getLogger(__name__)

@@ -1,0 +1,156 @@
+"""The state one attempt of one job shares between running, following and concluding it."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from nats.js.kv import KeyValue
+
+from gateway.bus.contract import (
+    CancelledData,
+    FailedData,
+    Job,
+    RetriedData,
+    RunningData,
+    SucceededData,
+)
+from gateway.bus.events import EventPublisher
+from gateway.storage import Storage
+from plugins.comfyui.client import ComfyClient
+from plugins.comfyui.options import AdapterOptions
+from plugins.comfyui.outputs import OutputSaver
+from plugins.comfyui.progress import NUDGE, Follower, Watch
+from plugins.comfyui.sending import JobEvents
+
+Outcome = SucceededData | FailedData | CancelledData | RetriedData
+
+
+@dataclass
+class RunContext:
+    """What every job of one adapter shares."""
+
+    server_id: str
+    address: str
+    client: ComfyClient
+    follower: Follower
+    publisher: EventPublisher
+    storage: Storage
+    jobs_kv: KeyValue
+    options: AdapterOptions
+    unhealthy: Callable[[], str | None]
+    """Why ComfyUI is unhealthy right now, or None when it answers."""
+
+
+@dataclass
+class Result:
+    """How an attempt ends, with ComfyUI's history of it when there is one."""
+
+    data: Outcome
+    history: dict[str, Any] | None = None
+
+
+@dataclass
+class Stop:
+    """A cancel or a hand-back asked of a running attempt."""
+
+    kind: Literal["cancel", "hand_back"]
+    reason: str
+
+
+@dataclass
+class Seen:
+    """What the socket has told of the prompt so far."""
+
+    outputs: set[str] = field(default_factory=set)
+    current_node: str | None = None
+
+
+class Attempt:
+    """One attempt's state: what was asked of it, what ComfyUI said, its events and outputs."""
+
+    def __init__(self, ctx: RunContext, job: Job, *, announced: bool) -> None:
+        self.ctx = ctx
+        self.job = job
+        self.prompt_id = job.prompt_id
+        self.started = False
+        self.stop: Stop | None = None
+        self.stop_changed = asyncio.Event()
+        self.watch: Watch | None = None
+        self.workflow: dict[str, Any] = job.request.workflow
+        self.node_errors: dict[str, Any] = {}
+        self.announced = announced
+        self.timed_out = False
+        self.history_sent = False
+        self.seen = Seen()
+        self.events = JobEvents(ctx.publisher, job.job_id)
+        self.outputs = OutputSaver(ctx.client, ctx.storage, job.job_id)
+        self.timeout = job.request.timeout_s or ctx.options.default_timeout_s
+        self.deadline = asyncio.get_running_loop().time() + self.timeout
+
+    def request_stop(self, stop: Stop) -> None:
+        """Ask the attempt to stop; a cancel is never overridden by a hand-back."""
+        if self.stop is not None and self.stop.kind == "cancel":
+            return
+        self.stop = stop
+        self.stop_changed.set()
+        if self.watch is not None:
+            self.watch.put(NUDGE)
+
+    def register_watch(self) -> Watch:
+        """Follow the prompt's messages from now on."""
+        watch = self.ctx.follower.watch(self.prompt_id)
+        self.watch = watch
+        if self.stop is not None:
+            watch.put(NUDGE)
+        return watch
+
+    def mark_started(self) -> None:
+        """The prompt reached execution: say `running` (once per attempt)."""
+        self.started = True
+        # Sent when execution starts, not when the prompt is queued: the balancer counts a
+        # run and times the server's speed from this event, and a prompt waiting behind
+        # another job on ComfyUI is neither. It carries the 200's node_errors if any.
+        if self.announced:
+            return
+        self.announced = True
+        self.events.soon(
+            RunningData(
+                attempt=self.job.attempt, prompt_id=self.prompt_id, node_errors=self.node_errors
+            )
+        )
+
+    def class_of(self, node_id: str) -> str | None:
+        """The node's class_type in the workflow that runs, if it names one."""
+        node = self.workflow.get(node_id)
+        if isinstance(node, dict) and isinstance(node.get("class_type"), str):
+            return str(node["class_type"])
+        return None
+
+    def failed(
+        self,
+        code: str,
+        message: str,
+        history: dict[str, Any] | None = None,
+        *,
+        retryable: bool = False,
+    ) -> Result:
+        """The attempt ends `failed`."""
+        data = FailedData(code=code, message=message, attempt=self.job.attempt, retryable=retryable)
+        return Result(data, history)
+
+    def retried(self, reason: str, history: dict[str, Any] | None = None) -> Result:
+        """The attempt goes back to the balancer (`retried`)."""
+        data = RetriedData(
+            attempt=self.job.attempt,
+            reason=reason,
+            started=self.started,
+            previous_server_id=self.ctx.server_id,
+        )
+        return Result(data, history)
+
+    def cancelled(self, reason: str, history: dict[str, Any] | None = None) -> Result:
+        """The attempt ends `cancelled`."""
+        return Result(CancelledData(reason=reason, attempt=self.job.attempt), history)

@@ -1,0 +1,254 @@
+"""How an attempt ended, and saying so: the result from the end of following or the history,
+the outputs stored or dropped, the history and the terminal event published.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import msgspec
+import nats.errors
+from nats.js.errors import KeyNotFoundError
+
+from gateway.bus.contract import (
+    CancelledData,
+    FailedData,
+    HistoryData,
+    JobRecord,
+    JobStatus,
+    NodeOutputData,
+    RetriedData,
+    SucceededData,
+    decode,
+)
+from gateway.storage import StorageError
+from plugins.comfyui import failures
+from plugins.comfyui.attempt import Attempt, Outcome, Result
+from plugins.comfyui.client import ComfyError, ComfyUnavailable, FileMissing
+from plugins.comfyui.follow import End
+from plugins.comfyui.messages import HistoryEntry
+
+log = logging.getLogger(__name__)
+
+# A history event must fit in one NATS message (1 MB by default) with room for the envelope.
+_MAX_HISTORY_BYTES = 900_000
+
+
+async def end_of(attempt: Attempt, end: End) -> Result:
+    """The result of an attempt whose following ended as `end`."""
+    stop = attempt.stop
+    match end.kind:
+        case "done":
+            assert end.found is not None and end.found.raw is not None
+            assert end.found.entry is not None
+            return await from_history(attempt, end.found.raw, end.found.entry)
+        case "unreachable":
+            return attempt.retried(
+                f"ComfyUI at {attempt.ctx.address} stopped answering during the job: {end.reason}"
+            )
+        case "vanished":
+            return attempt.retried("ComfyUI lost the prompt (it restarted?)")
+    # dequeued, or stopped and ComfyUI did not confirm within stop_wait_s.
+    suffix = "" if end.kind == "dequeued" else " (ComfyUI did not confirm the interrupt)"
+    if stop is not None and stop.kind == "cancel":
+        return attempt.cancelled(stop.reason + suffix)
+    if attempt.timed_out:
+        return _timeout_result(attempt, None, suffix)
+    assert stop is not None
+    return attempt.retried(stop.reason + suffix)
+
+
+def _timeout_result(attempt: Attempt, history: dict[str, Any] | None, suffix: str = "") -> Result:
+    return Result(
+        FailedData(
+            code=failures.TIMEOUT,
+            message=f"the job did not finish within {attempt.timeout:g} s; "
+            f"ComfyUI was told to stop it{suffix}",
+            attempt=attempt.job.attempt,
+            retryable=False,
+        ),
+        history,
+    )
+
+
+async def from_history(attempt: Attempt, raw: dict[str, Any], entry: HistoryEntry) -> Result:
+    """The result that the prompt's history entry tells."""
+    if entry.status is not None and entry.status.message("execution_start") is not None:
+        attempt.mark_started()  # polled runs can start and end between two looks
+    for node_id, output in entry.outputs.items():
+        # Adopted, polled or cached runs: their outputs were not (all) seen on the socket.
+        if node_id not in attempt.seen.outputs:
+            attempt.seen.outputs.add(node_id)
+            attempt.events.soon(NodeOutputData(node_id=node_id, output=output))
+    status = entry.status
+    error = status.message("execution_error") if status is not None else None
+    interrupted = status.message("execution_interrupted") if status is not None else None
+    if status is not None and status.status_str == "success" and error is None:
+        return await _succeeded(attempt, raw, entry)
+    if error is not None:
+        if failures.is_out_of_memory(error):
+            return await _out_of_memory(attempt, raw, error)
+        data = failures.execution_failure(error, attempt.workflow, attempt.job.attempt)
+        return Result(data, raw)
+    if interrupted is not None:
+        stop = attempt.stop
+        if stop is not None and stop.kind == "cancel":
+            return attempt.cancelled(stop.reason, raw)
+        if attempt.timed_out:
+            return _timeout_result(attempt, raw)
+        if stop is not None:
+            return attempt.retried(stop.reason, raw)
+        node = interrupted.get("node_id")
+        return attempt.failed(
+            failures.INTERRUPTED,
+            f"the prompt was interrupted on ComfyUI (at node {node}) by someone else",
+            raw,
+            retryable=True,
+        )
+    status_str = status.status_str if status is not None else "none"
+    return attempt.failed(
+        failures.COMFYUI_ERROR,
+        f"ComfyUI ended the prompt with status {status_str!r} and gave no error",
+        raw,
+    )
+
+
+async def _succeeded(attempt: Attempt, raw: dict[str, Any], entry: HistoryEntry) -> Result:
+    # The history event goes out while the outputs are stored; the terminal event still
+    # waits for both.
+    history = asyncio.create_task(_emit_history(attempt, raw), name=f"history-{attempt.job.job_id}")
+    try:
+        outputs = await attempt.outputs.finish(entry.outputs)
+    except FileMissing as exc:
+        await history
+        return attempt.failed(failures.OUTPUT_ERROR, str(exc), raw)
+    except ComfyUnavailable as exc:
+        await history
+        return attempt.retried(f"ComfyUI stopped answering before its outputs were saved: {exc}")
+    except StorageError as exc:
+        await history
+        return attempt.failed(
+            failures.OUTPUT_ERROR, f"an output could not be stored: {exc}", raw, retryable=True
+        )
+    except BaseException:
+        history.cancel()
+        raise
+    await history
+    data = SucceededData(
+        attempt=attempt.job.attempt,
+        outputs=outputs,
+        node_errors=attempt.node_errors,
+        duration_s=_duration(entry),
+    )
+    return Result(data, raw)
+
+
+async def _emit_history(attempt: Attempt, raw: dict[str, Any]) -> None:
+    attempt.history_sent = True
+    await attempt.events.emit(HistoryData(prompt_id=attempt.prompt_id, history=_fit(raw)))
+
+
+async def _out_of_memory(attempt: Attempt, raw: dict[str, Any], error: dict[str, Any]) -> Result:
+    node = error.get("node_id")
+    try:
+        await attempt.ctx.client.free()
+    except ComfyError as exc:
+        log.warning("job %s: POST /free failed: %s", attempt.job.job_id, exc)
+    return attempt.retried(
+        f"ComfyUI ran out of memory in node {node} ({error.get('exception_type')}); "
+        "models were unloaded",
+        raw,
+    )
+
+
+async def conclude(attempt: Attempt, result: Result) -> None:
+    """Publish the attempt's end, its history first; the caller acks the job then."""
+    if not isinstance(result.data, SucceededData):
+        await drop_outputs(attempt)
+    if result.history is not None and not attempt.history_sent:
+        await _emit_history(attempt, result.history)
+    data = result.data
+    job = attempt.job
+    if isinstance(data, CancelledData) and await _record_status(attempt) is JobStatus.CANCELLED:
+        log.info("job %s: already cancelled in its record; not repeating it", job.job_id)
+        await attempt.events.sent()
+    else:
+        await attempt.events.emit(data)
+
+
+async def _record_status(attempt: Attempt) -> JobStatus | None:
+    record = await current_record(attempt)
+    return None if record is None else record.status
+
+
+async def current_record(attempt: Attempt) -> JobRecord | None:
+    """The job's record in KV now; None if there is none."""
+    try:
+        entry = await attempt.ctx.jobs_kv.get(attempt.job.job_id)
+    except KeyNotFoundError:
+        return None
+    if entry.value is None:
+        return None
+    return decode(entry.value, JobRecord)
+
+
+async def drop_outputs(attempt: Attempt) -> None:
+    """Delete what this attempt stored on the way, unless a later attempt has taken over.
+
+    Every attempt stores under the same keys: an attempt handed back while its prompt
+    ran on must not delete what the next attempt, elsewhere, stored there.
+    """
+    try:
+        record = await current_record(attempt)
+    except nats.errors.Error as exc:
+        log.warning("job %s: no record to read (%s); keeping its files", attempt.job.job_id, exc)
+        record = None
+    if record is not None and record.attempt == attempt.job.attempt:
+        await attempt.outputs.discard()
+    else:
+        await attempt.outputs.abandon()
+
+
+def _duration(entry: HistoryEntry) -> float | None:
+    if entry.status is None:
+        return None
+    start = entry.status.message("execution_start")
+    end = entry.status.message("execution_success")
+    if start is None or end is None:
+        return None
+    begin, finish = start.get("timestamp"), end.get("timestamp")
+    if isinstance(begin, int | float) and isinstance(finish, int | float):
+        return max(0.0, (finish - begin) / 1000)
+    return None
+
+
+def _fit(history: dict[str, Any]) -> dict[str, Any]:
+    """The history, small enough for one message: the workflow copy goes first if too big."""
+    if len(msgspec.json.encode(history)) <= _MAX_HISTORY_BYTES:
+        return history
+    trimmed = dict(history)
+    prompt = trimmed.get("prompt")
+    if isinstance(prompt, list) and len(prompt) > 2:
+        trimmed["prompt"] = [*prompt[:2], {"omitted": "too large for an event"}, *prompt[3:]]
+    if len(msgspec.json.encode(trimmed)) <= _MAX_HISTORY_BYTES:
+        return trimmed
+    return {
+        "omitted": "the history is too large for an event",
+        "outputs": trimmed.get("outputs", {}),
+        "status": {"status_str": (trimmed.get("status") or {}).get("status_str")},
+    }
+
+
+def summary(data: Outcome) -> str:
+    """One line on how an attempt ended, for the log."""
+    match data:
+        case SucceededData():
+            return f"succeeded with {len(data.outputs)} output(s)"
+        case FailedData():
+            return f"failed ({data.code}): {data.message}"
+        case CancelledData():
+            return f"cancelled: {data.reason}"
+        case RetriedData():
+            return f"handed back (started={data.started}): {data.reason}"
