@@ -3,6 +3,9 @@
 Every role (gateway, balancer, adapter, log sink, SDK on the bus) imports this module and nothing
 else to speak to the others. All payloads are msgspec Structs encoded as JSON; each carries `v`,
 the schema version, so a reader can refuse what it does not understand instead of misreading it.
+
+Why this module is long: the contract is one module on purpose, so that every role reads the
+same definitions from one place and a change of the wire format is one diff.
 """
 
 from __future__ import annotations
