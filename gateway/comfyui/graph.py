@@ -14,6 +14,7 @@ from typing import Any
 
 
 def is_link(value: object) -> bool:
+    """Whether an input value is a link, `["<node id>", <output index>]`, as ComfyUI reads it."""
     return (
         isinstance(value, list)
         and len(value) == 2

@@ -6,6 +6,8 @@ import copy
 from collections.abc import Mapping
 from typing import Any
 
+from gateway.comfyui.graph import is_link
+
 
 class WorkflowError(ValueError):
     """A workflow or its overrides cannot be used; the message says why, in plain words."""
@@ -33,17 +35,6 @@ def workflow_problems(workflow: Mapping[str, Any]) -> list[str]:
         elif not isinstance(node.get("inputs", {}), dict):
             problems.append(f"node {node_id!r}: inputs must be an object")
     return problems
-
-
-def is_link(value: Any) -> bool:
-    """Whether an input value is a link, `["<node id>", <output index>]`, as ComfyUI reads it."""
-    return (
-        isinstance(value, list)
-        and len(value) == 2
-        and isinstance(value[0], str)
-        and isinstance(value[1], int | float)
-        and not isinstance(value[1], bool)
-    )
 
 
 def graph_problems(workflow: Mapping[str, Any]) -> list[str]:
