@@ -28,7 +28,6 @@ from gateway.bus.contract import Cancel as CancelRequest
 from gateway.bus.contract import (
     CancelledData,
     ContractError,
-    ControlReply,
     Error,
     JobAccepted,
     JobRecord,
@@ -36,8 +35,9 @@ from gateway.bus.contract import (
     Subjects,
     decode,
     encode,
+    event_type,
 )
-from gateway.bus.events import EventPublisher
+from gateway.bus.events import EventPublisher, JobEnded
 from gateway.bus.jobstate import BOUND
 from gateway.settings import Settings
 from gateway.storage import Storage
@@ -155,33 +155,40 @@ class Services:
     async def cancel(self, job_id: str) -> JobRecord:
         """Cancel a job: dequeued if waiting, interrupted if running; its record after.
 
-        ApiError 404 for an unknown job, 409 for one that has ended.
+        The `cancelled` event is appended here, at once, for whatever attempt is under way;
+        from then on the log refuses every other event of the job, so the job never runs
+        on, and the adapter holding it is asked to stop its prompt. ApiError 404 for an
+        unknown job, 409 (with its status) for one that has ended, cancelled included.
         """
         record = await self.record(job_id)
         if record.status.terminal:
-            raise ApiError(409, "already_finished", f"job {job_id} already {record.status}")
-        if record.status in BOUND and record.server_id is not None:
-            if not await self._ask_adapter_to_cancel(record):
-                await self.publisher.emit(
-                    job_id, CancelledData(reason="cancelled by request", attempt=record.attempt)
-                )
-        else:
+            raise _already_ended(job_id, record.status.value)
+        try:
+            # Attempt 0: the job is cancelled, whichever attempt the record shows by then.
             await self.publisher.emit(job_id, CancelledData(reason="cancelled by request"))
+        except JobEnded as ended:  # its end was appended after the record was read
+            raise _already_ended(job_id, event_type(ended.end)) from None
+        else:
+            if record.status in BOUND and record.server_id is not None:
+                await self._ask_adapter_to_cancel(record)
         self.publisher.forget(job_id)  # a cancel is this publisher's last word on the job
         return await self.wait_for_end(job_id, 10.0)
 
-    async def _ask_adapter_to_cancel(self, record: JobRecord) -> bool:
+    async def _ask_adapter_to_cancel(self, record: JobRecord) -> None:
+        """Ask the adapter to stop the job's prompt on ComfyUI now (best effort).
+
+        The cancel stands without it: the adapter learns of it at its next event, and the
+        leading balancer forwards it too once it applies the event.
+        """
         assert record.server_id is not None
         try:
-            reply = await self.nc.request(
+            await self.nc.request(
                 self.subjects.control(record.server_id),
                 encode(CancelRequest(job_id=record.job_id)),
                 timeout=5.0,
             )
         except (NoRespondersError, NatsTimeoutError):
-            log.warning("adapter %s did not answer a cancel; cancelling here", record.server_id)
-            return False
-        return decode(reply.data, ControlReply).ok
+            log.warning("adapter %s did not answer a cancel", record.server_id)
 
     async def _on_record(self, msg: Msg) -> None:
         job_id = msg.subject[len(self._records_prefix) :]
@@ -221,6 +228,10 @@ class Services:
                 waiting.remove(waiter)
             if not waiting:
                 self._waiters.pop(job_id, None)
+
+
+def _already_ended(job_id: str, status: str) -> ApiError:
+    return ApiError(409, "already_finished", f"job {job_id} already {status}", {"status": status})
 
 
 def _report_end(task: asyncio.Task[None]) -> None:

@@ -37,7 +37,7 @@ from gateway.bus.contract import (
     encode,
     now,
 )
-from gateway.bus.events import EventPublisher
+from gateway.bus.events import EventPublisher, JobEnded
 
 log = logging.getLogger(__name__)
 
@@ -196,9 +196,15 @@ class Binder:
         self._book.queue.discard(record.job_id)
         # `dispatched` before the job: once the adapter has the job it appends `running` and
         # more, and a `dispatched` landing after those would misstate the job's course.
-        await self._publisher.emit(
-            record.job_id, DispatchedData(server_id=server_id, attempt=attempt), server_id=server_id
-        )
+        try:
+            await self._publisher.emit(
+                record.job_id,
+                DispatchedData(server_id=server_id, attempt=attempt),
+                server_id=server_id,
+            )
+        except JobEnded:
+            # Cancelled meanwhile: never sent. The record follows the end when it is applied.
+            return
         await self.send(bound, request)
 
     async def send(self, bound: JobRecord, request: JobRequest) -> None:

@@ -9,6 +9,7 @@ never disagree with it.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Final
 
@@ -17,7 +18,7 @@ from nats.js.kv import KeyValue
 from gateway.balancer.placement import Requirements, requirements
 from gateway.balancer.queue import BoundJobs, PendingQueue
 from gateway.bus.contract import FailedData, JobRecord, JobRequest, JobStatus, encode
-from gateway.bus.events import EventPublisher
+from gateway.bus.events import EventPublisher, JobEnded
 
 # How long a record may wait for its queued event before the submission is declared lost.
 UNCONFIRMED_GRACE_S: Final = 30.0
@@ -72,9 +73,13 @@ class JobBook:
         self.keep(record)
 
     async def fail(self, record: JobRecord, code: str, message: str) -> None:
-        """Publish the job's failure; its record follows when the event comes back."""
+        """Publish the job's failure; its record follows when the event comes back.
+
+        A job whose log has ended meanwhile (cancelled, say) keeps that end.
+        """
         data = FailedData(code=code, message=message, attempt=record.attempt)
-        await self._publisher.emit(record.job_id, data)
+        with contextlib.suppress(JobEnded):
+            await self._publisher.emit(record.job_id, data)
 
     def unconfirmed_since(self, record: JobRecord, since: float | None = None) -> None:
         """Wait for the job's queued event; `since` (monotonic) defaults to now."""

@@ -4,6 +4,7 @@ on servers that fell silent (handed back to the queue).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 
@@ -26,8 +27,8 @@ from gateway.bus.contract import (
     Subjects,
     decode,
 )
-from gateway.bus.events import EventPublisher
-from gateway.bus.jobstate import BOUND, ends_attempt
+from gateway.bus.events import EventPublisher, JobEnded
+from gateway.bus.jobstate import BOUND, ends_attempt, ends_job
 from gateway.bus.kvsnapshot import kv_snapshot
 
 log = logging.getLogger(__name__)
@@ -91,31 +92,43 @@ class Recovery:
 
     async def _take(self, record: JobRecord, request: JobRequest) -> None:
         self._book.take(record, request)
-        if record.status is JobStatus.DISPATCHED and record.server_id is not None:
-            # The leader before may have stopped between the record and the job: send it
-            # (again). The same message id makes a copy still in the stream a no-op, and an
-            # adapter adopts a prompt it already has instead of running it twice.
-            await self._complete_dispatched(record)
+        # The leader before may have stopped between the record and the job: send it
+        # (again). The same message id makes a copy still in the stream a no-op, and an
+        # adapter adopts a prompt it already has instead of running it twice.
+        if (
+            record.status is JobStatus.DISPATCHED
+            and record.server_id is not None
+            and await self._complete_dispatched(record)
+        ):
             await self._binder.send(record, request)
 
-    async def _complete_dispatched(self, record: JobRecord) -> None:
-        """Append the bound attempt's `dispatched` if the leader before stopped short of it."""
+    async def _complete_dispatched(self, record: JobRecord) -> bool:
+        """Append the bound attempt's `dispatched` if the leader before stopped short of it.
+
+        False when the job's log has ended (its end is on its way to the record).
+        """
         assert record.server_id is not None
         try:
             last = await self._joblog.last_event(record.job_id)
         except Unreadable:
-            return  # the job is sent all the same
+            return True  # the job is sent all the same
+        if last is not None and ends_job(last):
+            return False
         # The log still ends where the bind started from: the queued job, or the hand-back of
         # the attempt before.
         if (isinstance(last, Queued) and record.attempt == 1) or (
             isinstance(last, Retried) and last.data.attempt == record.attempt - 1
         ):
             log.info("job %s: appending the dispatched event its binding missed", record.job_id)
-            await self._publisher.emit(
-                record.job_id,
-                DispatchedData(server_id=record.server_id, attempt=record.attempt),
-                server_id=record.server_id,
-            )
+            try:
+                await self._publisher.emit(
+                    record.job_id,
+                    DispatchedData(server_id=record.server_id, attempt=record.attempt),
+                    server_id=record.server_id,
+                )
+            except JobEnded:
+                return False
+        return True
 
     # -- submissions that never completed ------------------------------------------------
 
@@ -166,12 +179,13 @@ class Recovery:
                     continue  # the end is in the log, on its way to this record
                 reason = f"server {record.server_id} stopped sending heartbeats"
                 log.warning("job %s: %s; handing it back", record.job_id, reason)
-                await self._publisher.emit(
-                    record.job_id,
-                    RetriedData(
-                        attempt=record.attempt,
-                        reason=reason,
-                        started=record.status is JobStatus.RUNNING,
-                        previous_server_id=record.server_id,
-                    ),
-                )
+                with contextlib.suppress(JobEnded):  # it ended: nothing to hand back
+                    await self._publisher.emit(
+                        record.job_id,
+                        RetriedData(
+                            attempt=record.attempt,
+                            reason=reason,
+                            started=record.status is JobStatus.RUNNING,
+                            previous_server_id=record.server_id,
+                        ),
+                    )

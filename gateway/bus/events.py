@@ -6,6 +6,10 @@ the stream sequence it expects to be the subject's last (`Nats-Expected-Last-Sub
 if another writer got there first, the publisher reads the subject's last event and tries again.
 The same check makes a retried publish safe: if the first try was stored after all, the last
 event is our own and nothing is written twice.
+
+It also makes a job's end final for every writer: an append is refused with `JobEnded` once the
+subject's last event ends the job (`jobstate.ends_job`), whoever wrote it. A writer that raced
+the end learns of it from the failed sequence check, reads the end, and gets the refusal.
 """
 
 from __future__ import annotations
@@ -26,9 +30,11 @@ from gateway.bus.contract import (
     Subjects,
     decode_event,
     encode,
+    event_type,
     make_event,
     new_id,
 )
+from gateway.bus.jobstate import ends_job
 
 log = logging.getLogger(__name__)
 
@@ -41,16 +47,31 @@ class EventPublishError(RuntimeError):
     """An event could not be stored in the EVENTS stream."""
 
 
+class JobEnded(EventPublishError):
+    """The job's log already ends with a terminal event: nothing more is appended to it."""
+
+    def __init__(self, job_id: str, end: Event) -> None:
+        super().__init__(f"job {job_id} already ended ({event_type(end)})")
+        self.job_id = job_id
+        self.end = end
+
+
 class _JobLog:
     """What this process knows of one job's subject: its last event, and a lock for order."""
 
-    __slots__ = ("event_id", "lock", "seq", "stream_seq")
+    __slots__ = ("end", "event_id", "lock", "seq", "stream_seq")
 
     def __init__(self) -> None:
         self.lock = asyncio.Lock()
         self.seq = -1  # unknown until read from the stream or written by us
         self.stream_seq = 0
         self.event_id: str | None = None
+        self.end: Event | None = None  # the last event, when it ends the job
+
+    def stored(self, event: Event, stream_seq: int) -> None:
+        """`event` is the subject's last, at `stream_seq`."""
+        self.seq, self.stream_seq, self.event_id = event.seq, stream_seq, event.event_id
+        self.end = event if ends_job(event) else None
 
 
 class EventPublisher:
@@ -124,7 +145,12 @@ class EventPublisher:
         """
         job = self._job(job_id)
         if job.seq < 0 and not job.lock.locked():
-            job.seq, job.stream_seq, job.event_id = 0, 0, None
+            job.seq, job.stream_seq, job.event_id, job.end = 0, 0, None, None
+
+    def ended(self, job_id: str) -> Event | None:
+        """The job's terminal event if this process knows of one (from memory, no read)."""
+        job = self._jobs.get(job_id)
+        return None if job is None else job.end
 
     async def emit(
         self,
@@ -157,6 +183,14 @@ class EventPublisher:
             await self._read_last(job_id, job)
         event_id = self._new_event_id()
         for attempt in range(_MAX_TRIES):
+            if job.end is not None:
+                log.info(
+                    "job %s ended (%s): %s ignored",
+                    job_id,
+                    event_type(job.end),
+                    type(data).__name__,
+                )
+                raise JobEnded(job_id, job.end)
             event = make_event(
                 data,
                 job_id=job_id,
@@ -179,7 +213,7 @@ class EventPublisher:
             except NatsTimeoutError:
                 log.warning("an event of job %s timed out; checking before retrying", job_id)
             else:
-                job.seq, job.stream_seq, job.event_id = event.seq, ack.seq, event_id
+                job.stored(event, ack.seq)
                 return event
             # Another writer appended, or our timed-out try was stored: read the subject's end.
             await self._read_last(job_id, job)
@@ -215,7 +249,7 @@ class EventPublisher:
                     job.seq = -1  # not ours to know: read it again when next needed
                     return False
                 raise EventPublishError(f"event for job {job_id} refused: {exc}") from exc
-            job.seq, job.stream_seq, job.event_id = 1, ack.seq, event_id
+            job.stored(event, ack.seq)
             return True
 
     async def has_events(self, job_id: str) -> bool:
@@ -242,8 +276,7 @@ class EventPublisher:
                 self._subjects.events_stream, self._subjects.events(job_id)
             )
         except NotFoundError:
-            job.seq, job.stream_seq, job.event_id = 0, 0, None
+            job.seq, job.stream_seq, job.event_id, job.end = 0, 0, None, None
             return
         assert raw.data is not None and raw.seq is not None
-        last = decode_event(raw.data)
-        job.seq, job.stream_seq, job.event_id = last.seq, raw.seq, last.event_id
+        job.stored(decode_event(raw.data), raw.seq)

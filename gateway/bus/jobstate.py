@@ -3,6 +3,10 @@
     queued → dispatched(server) → running → succeeded | failed | cancelled
                  ↑___________ retried ___________|
 
+A terminal event is the last word on a job for every writer: `ends_job` says which events are,
+and the event publisher (events.py) refuses to append anything after one, so that the log of
+a cancelled job can never go on to `running` or `succeeded`.
+
 The record lives in KV `comfy_jobs`. Events arrive at least once and, across writers, may be
 applied late; `apply_event` is therefore idempotent (seq already applied: no change) and ignores
 events of an attempt that has been superseded, so a server thought dead that reports back late
@@ -29,6 +33,11 @@ from gateway.bus.contract import (
 )
 
 BOUND: Final = frozenset({JobStatus.DISPATCHED, JobStatus.RUNNING})
+
+
+def ends_job(event: Event) -> bool:
+    """Whether `event` ends the job for good: nothing may follow it in the job's log."""
+    return isinstance(event, (Succeeded, Failed, Cancelled))
 
 
 def record_from_queued(event: Queued) -> JobRecord:

@@ -11,11 +11,13 @@ from nats.js.kv import KeyValue
 
 from gateway.bus.contract import (
     CancelledData,
+    Event,
     FailedData,
     Job,
     RetriedData,
     RunningData,
     SucceededData,
+    event_type,
 )
 from gateway.bus.events import EventPublisher
 from gateway.storage import Storage
@@ -85,7 +87,7 @@ class Attempt:
         self.timed_out = False
         self.history_sent = False
         self.seen = Seen()
-        self.events = JobEvents(ctx.publisher, job.job_id)
+        self.events = JobEvents(ctx.publisher, job.job_id, on_ended=self._ended_elsewhere)
         self.outputs = OutputSaver(ctx.client, ctx.storage, job.job_id)
         self.timeout = job.request.timeout_s or ctx.options.default_timeout_s
         self.deadline = asyncio.get_running_loop().time() + self.timeout
@@ -98,6 +100,11 @@ class Attempt:
         self.stop_changed.set()
         if self.watch is not None:
             self.watch.put(NUDGE)
+
+    def _ended_elsewhere(self, end: Event) -> None:
+        # The job's log ended without this attempt (a cancel, say): stop the prompt now
+        # rather than run it to the end for nothing.
+        self.request_stop(Stop("cancel", f"the job was {event_type(end)} meanwhile"))
 
     def register_watch(self) -> Watch:
         """Follow the prompt's messages from now on."""

@@ -219,7 +219,9 @@ class OutputSaver:
 
     async def _take_back(self, keep: set[str]) -> None:
         await self._settle()
-        unused, self._written = sorted(self._written - keep), set()
+        # What is kept stays this attempt's: a job cancelled after its outputs were stored
+        # still has them deleted.
+        unused, self._written = sorted(self._written - keep), self._written & keep
         for key in unused:
             try:
                 await self._storage.delete(key)

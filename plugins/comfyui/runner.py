@@ -27,14 +27,15 @@ from typing import Any, TypeVar
 import nats.errors
 from nats.aio.msg import Msg
 
-from gateway.bus.contract import FailedData, Job, JobRecord, JobStatus
-from gateway.bus.events import EventPublishError
+from gateway.bus.contract import Event, FailedData, Job, JobRecord, JobStatus, Succeeded, event_type
+from gateway.bus.events import EventPublishError, JobEnded
 from gateway.comfyui.workflow import WorkflowError
+from gateway.storage import StorageError
 from plugins.comfyui import failures
 from plugins.comfyui.attempt import Attempt, Result, RunContext, Stop
 from plugins.comfyui.client import ComfyError, ComfyUnavailable, PromptRejected
 from plugins.comfyui.conclusion import conclude, drop_outputs, end_of, from_history, summary
-from plugins.comfyui.follow import Found, follow, lookup
+from plugins.comfyui.follow import Found, follow, lookup, stop_on_comfy
 from plugins.comfyui.inputs import InputProblem, prepare_workflow
 
 log = logging.getLogger(__name__)
@@ -96,6 +97,8 @@ class JobRun:
             log.info(
                 "job %s attempt %d: %s", self.job.job_id, self.job.attempt, summary(result.data)
             )
+        except JobEnded as exc:
+            await self._abandon(exc.end)
         except (EventPublishError, nats.errors.Error) as exc:
             # The end could not be published: leave the job to JetStream, which redelivers
             # it; the next delivery finds the prompt on ComfyUI and finishes it.
@@ -112,6 +115,33 @@ class JobRun:
             self._attempt.outputs.cancel()
             self.ctx.follower.unwatch(self.prompt_id)
             self.finished.set()
+
+    async def _abandon(self, end: Event) -> None:
+        """The job's log ended without this attempt (cancelled, say): leave no trace of it.
+
+        The prompt is dequeued or interrupted on ComfyUI, what it stored is deleted (unless the
+        end is another attempt's success, stored under the same keys), and the job is acked.
+        """
+        log.info(
+            "job %s attempt %d: the job was %s meanwhile; stopping here",
+            self.job.job_id,
+            self.job.attempt,
+            event_type(end),
+        )
+        if self.submitted:
+            await stop_on_comfy(self._attempt)
+        try:
+            if isinstance(end, Succeeded) and end.data.attempt != self.job.attempt:
+                await self._attempt.outputs.abandon()
+            else:
+                await self._attempt.outputs.discard()
+        except StorageError as exc:
+            log.error("job %s: could not delete this attempt's outputs: %s", self.job.job_id, exc)
+        self.concluded = True
+        try:
+            await self.msg.ack()
+        except nats.errors.Error as exc:  # a redelivery finds the record ended and drops it
+            log.warning("job %s: could not ack: %s", self.job.job_id, exc)
 
     async def _prime(self) -> None:
         try:
@@ -132,6 +162,8 @@ class JobRun:
             await self._attempt.events.emit(data)
             self.concluded = True
             await self.msg.ack()
+        except JobEnded as ended:
+            await self._abandon(ended.end)
         except (EventPublishError, nats.errors.Error):
             log.exception(
                 "job %s: could not report the failure; leaving it for redelivery", self.job.job_id
@@ -224,6 +256,9 @@ class JobRun:
             return attempt.failed(failures.INPUT_ERROR, str(exc))
         if attempt.stop is not None:
             return self._stopped_before_submit()
+        end = self.ctx.publisher.ended(self.job.job_id)
+        if end is not None:
+            raise JobEnded(self.job.job_id, end)  # cancelled while its inputs were prepared
         attempt.workflow = workflow
         watch = attempt.register_watch()
         try:

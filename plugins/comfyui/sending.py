@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 from gateway.bus.contract import Event, EventData, now
-from gateway.bus.events import EventPublisher
+from gateway.bus.events import EventPublisher, JobEnded
 
 
 class JobEvents:
     """The events of one attempt, in the order they were emitted."""
 
-    def __init__(self, publisher: EventPublisher, job_id: str) -> None:
+    def __init__(
+        self, publisher: EventPublisher, job_id: str, on_ended: Callable[[Event], None]
+    ) -> None:
         self._publisher = publisher
         self._job_id = job_id
+        self._on_ended = on_ended  # told once when the job's log turns out to have ended
         # Progress events on their way to the stream (see soon).
         self._sending: set[asyncio.Task[Event]] = set()
         self._failed: BaseException | None = None  # the first progress event lost
@@ -47,6 +51,8 @@ class JobEvents:
             # Events after a lost one must not be stored: the log would skip a step.
             for later in self._sending:
                 later.cancel()
+            if isinstance(failed, JobEnded):
+                self._on_ended(failed.end)
 
     async def sent(self) -> None:
         """Wait until the progress events emitted so far are stored; raise what failed."""
