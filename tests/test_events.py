@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 from nats.js import JetStreamContext
 
 from gateway.bus.connection import connect
@@ -12,10 +13,14 @@ from gateway.bus.contract import (
     NodeProgress,
     NodeProgressData,
     Subjects,
+    SucceededData,
     decode_event,
 )
-from gateway.bus.events import EventPublisher
+from gateway.bus.events import EventPublisher, JobEnded
 from gateway.bus.natsserver import NatsServer
+
+# Any event that does not end its job.
+_STEP = NodeCachedData(node_ids=["2"])
 
 
 async def _events_of(js: JetStreamContext, job_id: str) -> list[int]:
@@ -34,7 +39,7 @@ async def _events_of(js: JetStreamContext, job_id: str) -> list[int]:
 async def test_events_are_numbered_from_one(js: JetStreamContext) -> None:
     publisher = EventPublisher(js, Subjects(), server_id="s1")
     first = await publisher.emit("job1", NodeCachedData(node_ids=["1"]))
-    second = await publisher.emit("job1", CancelledData())
+    second = await publisher.emit("job1", _STEP)
     assert isinstance(first, NodeCached)
     assert (first.seq, second.seq) == (1, 2)
     assert first.server_id == "s1"
@@ -66,12 +71,12 @@ async def test_two_writers_on_one_job_keep_the_sequence_gap_free(
 
 async def test_a_publisher_that_forgot_a_job_continues_its_sequence(js: JetStreamContext) -> None:
     publisher = EventPublisher(js, Subjects(), remember=1)
-    await publisher.emit("a", CancelledData())
-    await publisher.emit("b", CancelledData())  # pushes "a" out of memory
-    again = await publisher.emit("a", CancelledData())
+    await publisher.emit("a", _STEP)
+    await publisher.emit("b", _STEP)  # pushes "a" out of memory
+    again = await publisher.emit("a", _STEP)
     assert again.seq == 2
     fresh = EventPublisher(js, Subjects())
-    assert (await fresh.emit("a", CancelledData())).seq == 3
+    assert (await fresh.emit("a", _STEP)).seq == 3
 
 
 async def test_many_jobs_at_once(js: JetStreamContext) -> None:
@@ -87,10 +92,10 @@ async def test_many_jobs_at_once(js: JetStreamContext) -> None:
 
 
 async def test_a_job_wrongly_expected_new_continues_its_sequence(js: JetStreamContext) -> None:
-    await EventPublisher(js, Subjects()).emit("old", CancelledData())
+    await EventPublisher(js, Subjects()).emit("old", _STEP)
     publisher = EventPublisher(js, Subjects())
     publisher.expect_new("old")
-    again = await publisher.emit("old", CancelledData())
+    again = await publisher.emit("old", _STEP)
     assert again.seq == 2
     assert await _events_of(js, "old") == [1, 2]
 
@@ -110,7 +115,30 @@ async def test_emits_started_together_are_stored_in_call_order(js: JetStreamCont
 
 async def test_a_forgotten_job_continues_its_sequence(js: JetStreamContext) -> None:
     publisher = EventPublisher(js, Subjects())
-    await publisher.emit("done", CancelledData())
+    await publisher.emit("done", _STEP)
     publisher.forget("done")
     assert "done" not in publisher._jobs  # the memory is what forgetting is for
-    assert (await publisher.emit("done", CancelledData())).seq == 2
+    assert (await publisher.emit("done", _STEP)).seq == 2
+
+
+async def test_nothing_is_appended_after_a_job_ended_whoever_writes(
+    nats_server: NatsServer, js: JetStreamContext
+) -> None:
+    other = await connect(nats_server.url, "other")
+    try:
+        gateway = EventPublisher(js, Subjects())
+        adapter = EventPublisher(other.jetstream(), Subjects(), server_id="s1")
+        await adapter.emit("ends", _STEP)  # the adapter knows where the subject ends
+        end = await gateway.emit("ends", CancelledData(reason="by request"))
+        # The adapter's next event races the end and loses, though it has not read it.
+        with pytest.raises(JobEnded) as refused:
+            await adapter.emit("ends", SucceededData(attempt=1))
+        assert refused.value.end == end
+        assert adapter.ended("ends") == end
+        with pytest.raises(JobEnded):
+            await gateway.emit("ends", CancelledData(reason="twice"))
+        with pytest.raises(JobEnded):  # a publisher that never wrote to the job, too
+            await EventPublisher(js, Subjects()).emit("ends", _STEP)
+    finally:
+        await other.close()
+    assert await _events_of(js, "ends") == [1, 2]

@@ -11,7 +11,7 @@ from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 
 from gateway.api.errors import ApiError, error_responses
-from gateway.api.services import Services, ServicesDep
+from gateway.api.services import LOGGED_WAIT_S, Services, ServicesDep
 from gateway.bus.contract import (
     SCHEMA_VERSION,
     ContractError,
@@ -38,6 +38,8 @@ class JobLogBody(msgspec.Struct, kw_only=True):
     log_file_path: str
     entry_count: int
     entries: list[dict[str, Any]]
+    complete: bool = True
+    """False while the log is behind the job's record: read it again for the rest."""
 
 
 async def _ask_sink(call: Any) -> Any:
@@ -53,13 +55,44 @@ async def _ask_sink(call: Any) -> Any:
 
 @get("/workflow/logs/{job_id:str}", tags=["logs"], responses=error_responses(404, 503, 504))
 async def job_logs(job_id: FromPath[str], services: ServicesDep) -> JobLogBody:
-    """Every event of a job as its JSONL log file holds it, with the file's path."""
-    log = await _ask_sink(job_log(services.nc, services.subjects, job_id))
+    """Every event of a job as its JSONL log file holds it, with the file's path.
+
+    For a job the gateway knows, the answer waits briefly for the log to catch up with the
+    job's record, and says `complete: false` if it has not yet (never 404).
+    """
+    try:
+        record = await services.record(job_id)
+    except ApiError:
+        record = None  # not in KV: the log alone can tell
+    if record is None:
+        log = await _ask_sink(job_log(services.nc, services.subjects, job_id))
+    else:
+        try:
+            log = await _ask_sink(
+                job_log(
+                    services.nc,
+                    services.subjects,
+                    job_id,
+                    at_least_seq=record.last_seq,
+                    wait_s=LOGGED_WAIT_S,
+                )
+            )
+        except ApiError as exc:
+            if exc.code != "not_found":
+                raise
+            return JobLogBody(
+                job_id=job_id,
+                log_file_path=services.log_path(record.log_file_path),
+                entry_count=0,
+                entries=[],
+                complete=False,
+            )
     return JobLogBody(
         job_id=log.job_id,
         log_file_path=services.log_path(log.log_file_path),
         entry_count=log.entry_count,
         entries=log.entries,
+        complete=record is None or log.last_seq >= record.last_seq,
     )
 
 

@@ -26,12 +26,15 @@ from gateway.balancer.fleet import FleetView
 from gateway.balancer.role import Balancer
 from gateway.bus.contract import Cancel as CancelRequest
 from gateway.bus.contract import (
+    Cancelled,
     CancelledData,
     ContractError,
+    ControlReply,
     Error,
     JobAccepted,
     JobRecord,
     JobRequest,
+    JobStatus,
     Subjects,
     decode,
     encode,
@@ -39,11 +42,17 @@ from gateway.bus.contract import (
 )
 from gateway.bus.events import EventPublisher, JobEnded
 from gateway.bus.jobstate import BOUND
+from gateway.logsink.client import LogQueryError, logged_upto
 from gateway.settings import Settings
 from gateway.storage import Storage
 
 log = logging.getLogger(__name__)
 
+# How long an adapter that took a cancel has to end the job (it waits up to its stop_wait_s,
+# 10 s by default, for ComfyUI to confirm an interrupt) before the gateway ends it itself.
+ADAPTER_CANCEL_WAIT_S = 15.0
+# How long a finished job's result waits for its end to be in its log.
+LOGGED_WAIT_S = 5.0
 # HTTP status for each refusal code of the submit path.
 SUBMIT_STATUS = {
     "invalid_request": 400,
@@ -155,40 +164,46 @@ class Services:
     async def cancel(self, job_id: str) -> JobRecord:
         """Cancel a job: dequeued if waiting, interrupted if running; its record after.
 
-        The `cancelled` event is appended here, at once, for whatever attempt is under way;
-        from then on the log refuses every other event of the job, so the job never runs
-        on, and the adapter holding it is asked to stop its prompt. ApiError 404 for an
-        unknown job, 409 (with its status) for one that has ended, cancelled included.
+        A job on an adapter is stopped by it: it dequeues or interrupts the prompt and ends
+        the job with ComfyUI's own account of the stop. Otherwise (waiting, on its way to an
+        adapter, or an adapter that does not end it in time) the `cancelled` event is
+        appended here. Either way the end is the log's: nothing is appended after it, so a
+        cancelled job never runs on. ApiError 404 for an unknown job, 409 (with its status)
+        for one that ended, or that ended otherwise before the cancel took.
         """
         record = await self.record(job_id)
         if record.status.terminal:
             raise _already_ended(job_id, record.status.value)
+        if record.status in BOUND and await self._ask_adapter_to_cancel(record):
+            ended = await self.wait_for_end(job_id, ADAPTER_CANCEL_WAIT_S)
+            if ended.status is JobStatus.CANCELLED:
+                return ended
+            if ended.status.terminal:
+                raise _already_ended(job_id, ended.status.value)
+            log.warning("job %s: its adapter did not end it in time; cancelling here", job_id)
         try:
             # Attempt 0: the job is cancelled, whichever attempt the record shows by then.
             await self.publisher.emit(job_id, CancelledData(reason="cancelled by request"))
-        except JobEnded as ended:  # its end was appended after the record was read
-            raise _already_ended(job_id, event_type(ended.end)) from None
-        else:
-            if record.status in BOUND and record.server_id is not None:
-                await self._ask_adapter_to_cancel(record)
+        except JobEnded as ended_meanwhile:
+            if not isinstance(ended_meanwhile.end, Cancelled):
+                raise _already_ended(job_id, event_type(ended_meanwhile.end)) from None
         self.publisher.forget(job_id)  # a cancel is this publisher's last word on the job
         return await self.wait_for_end(job_id, 10.0)
 
-    async def _ask_adapter_to_cancel(self, record: JobRecord) -> None:
-        """Ask the adapter to stop the job's prompt on ComfyUI now (best effort).
-
-        The cancel stands without it: the adapter learns of it at its next event, and the
-        leading balancer forwards it too once it applies the event.
-        """
-        assert record.server_id is not None
+    async def _ask_adapter_to_cancel(self, record: JobRecord) -> bool:
+        """Ask the adapter holding the job to stop it; whether it holds it and will."""
+        if record.server_id is None:
+            return False
         try:
-            await self.nc.request(
+            reply = await self.nc.request(
                 self.subjects.control(record.server_id),
                 encode(CancelRequest(job_id=record.job_id)),
                 timeout=5.0,
             )
         except (NoRespondersError, NatsTimeoutError):
             log.warning("adapter %s did not answer a cancel", record.server_id)
+            return False
+        return decode(reply.data, ControlReply).ok
 
     async def _on_record(self, msg: Msg) -> None:
         job_id = msg.subject[len(self._records_prefix) :]
@@ -209,7 +224,31 @@ class Services:
                     waiter.set_result(record)
 
     async def wait_for_end(self, job_id: str, within: float) -> JobRecord:
-        """The job's record once it is finished, or its latest record after `within` seconds."""
+        """The job's record once it is finished, or its latest record after `within` seconds.
+
+        A finished job's record is handed back once its log holds the end too (see
+        `wait_logged`), so a client that reads the log next finds it whole.
+        """
+        record = await self._record_at_end(job_id, within)
+        if record.status.terminal:
+            await self.wait_logged(record)
+        return record
+
+    async def wait_logged(self, record: JobRecord, within: float = LOGGED_WAIT_S) -> bool:
+        """Wait until the job's log (its file and the index) holds the record's last event.
+
+        Whether it does; False after `within` seconds, or when no log sink answers.
+        """
+        try:
+            reached = await logged_upto(
+                self.nc, self.subjects, record.job_id, record.last_seq, wait_s=within
+            )
+        except LogQueryError as exc:
+            log.warning("job %s: no word from the log sink on its log: %s", record.job_id, exc)
+            return False
+        return reached >= record.last_seq
+
+    async def _record_at_end(self, job_id: str, within: float) -> JobRecord:
         waiter: asyncio.Future[JobRecord] = asyncio.get_running_loop().create_future()
         # Registered before the record is read, so an end that lands in between is not missed.
         self._waiters.setdefault(job_id, []).append(waiter)

@@ -116,6 +116,9 @@ class Binder:
                     if (need.server is None or need.server == server_id)
                     and self._fit(need, server_id, capabilities, labels)
                 )
+            avoid = self._book.avoid.get(job_id)
+            if avoid in eligible and len(eligible) > 1:
+                eligible = eligible - {avoid}  # it just failed this job: another one, please
             pending.append(Pending(job_id=job_id, eligible=eligible))
         bindings = plan(pending, candidates)
         self._note_passed_over(candidates, pending, bindings)

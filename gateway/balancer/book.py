@@ -10,6 +10,8 @@ never disagree with it.
 from __future__ import annotations
 
 import contextlib
+import heapq
+import random
 import time
 from typing import Final
 
@@ -22,6 +24,17 @@ from gateway.bus.events import EventPublisher, JobEnded
 
 # How long a record may wait for its queued event before the submission is declared lost.
 UNCONFIRMED_GRACE_S: Final = 30.0
+# A job handed back after a failed try waits this long before its next, doubling per try up
+# to the cap, and drawn between half and all of it, so that jobs failed together by one
+# server do not all come back at the same instant.
+BACKOFF_FIRST_S: Final = 0.5
+BACKOFF_CAP_S: Final = 30.0
+
+
+def backoff(tries: int) -> float:
+    """How long a job waits before its next try, after `tries` tries (jittered)."""
+    ceiling = min(BACKOFF_CAP_S, BACKOFF_FIRST_S * 2 ** max(0, tries - 1))
+    return random.uniform(ceiling / 2, ceiling)
 
 
 class JobBook:
@@ -39,6 +52,10 @@ class JobBook:
         self.handed_back: dict[str, int] = {}  # job id -> attempt already handed back
         # Records seen without their queued event, and since when (monotonic).
         self.unconfirmed: dict[str, tuple[JobRecord, float]] = {}
+        # Jobs waiting out their backoff before they are queued again: (ready at, job id).
+        self._deferred: list[tuple[float, str]] = []
+        # Job id -> the server that last handed it back: another is preferred for its next try.
+        self.avoid: dict[str, str] = {}
 
     def open_statuses(self) -> list[str]:
         """The status of every job not yet finished."""
@@ -64,6 +81,29 @@ class JobBook:
         self.needs.pop(job_id, None)
         self.queue.discard(job_id)
         self.handed_back.pop(job_id, None)
+        self.avoid.pop(job_id, None)
+
+    def requeue(
+        self, record: JobRecord, *, after_failure: bool, failed_on: str | None = None
+    ) -> None:
+        """Queue a handed-back job again: after its backoff if its try failed, and on
+        another server than `failed_on` if there is one that can take it."""
+        if failed_on is not None:
+            self.avoid[record.job_id] = failed_on
+        if not after_failure:
+            self.queue.push(record)
+            return
+        ready_at = time.monotonic() + backoff(record.attempt)
+        heapq.heappush(self._deferred, (ready_at, record.job_id))
+
+    def release_ready(self) -> None:
+        """Queue the deferred jobs whose backoff is over (and that are still waiting)."""
+        now = time.monotonic()
+        while self._deferred and self._deferred[0][0] <= now:
+            _, job_id = heapq.heappop(self._deferred)
+            record = self.records.get(job_id)
+            if record is not None and record.status is JobStatus.QUEUED:
+                self.queue.push(record)
 
     async def store(self, record: JobRecord) -> None:
         """Write `record` to KV, then keep it."""

@@ -132,4 +132,5 @@ class Dispatcher:
             self._wake.clear()
             await self._recovery.fail_unconfirmed()
             await self._recovery.hand_back_from_dead_servers()
+            self._book.release_ready()
             await self._binder.round()

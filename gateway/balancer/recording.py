@@ -230,11 +230,16 @@ class Recorder:
         self._book.started_at.pop(record.job_id, None)
         self._book.handed_back.pop(record.job_id, None)
         if attempts_left(record):
-            self._book.queue.push(record)
+            self._book.requeue(
+                record,
+                after_failure=event.data.counts,
+                failed_on=event.data.previous_server_id if event.data.counts else None,
+            )
             return
         self._book.keep(record)
         await self._book.fail(
             record,
             "attempts_exhausted",
-            f"gave up after {record.runs} attempt(s); last: {event.data.reason}",
+            f"gave up after {record.runs} tries (each is in the job's log); "
+            f"last: {event.data.reason}",
         )

@@ -361,13 +361,16 @@ class RetriedData(msgspec.Struct, kw_only=True):
     """An attempt ended without a result and the job goes back to the queue.
 
     `attempt` is the attempt that ended. `started` says whether it had reached ComfyUI's
-    execution: only those count against `max_attempts`.
+    execution. `counts` says whether the try counts against `max_attempts`: every try that
+    failed does, started or not (the server refused, lost or timed out the prompt, or died);
+    a job handed back only because its adapter was stopping does not.
     """
 
     attempt: int
     reason: str
     started: bool = True
     previous_server_id: str | None = None
+    counts: bool = True
 
 
 class HistoryData(msgspec.Struct, kw_only=True):
@@ -609,7 +612,7 @@ class JobRecord(_Message, kw_only=True):
     priority: int = 0
     server_id: str | None = None
     attempt: int = 0
-    runs: int = 0
+    runs: int = 0  # tries that count against max_attempts: started, or failed before starting
     max_attempts: int = 2
     last_seq: int = 0
     started_at: float | None = None

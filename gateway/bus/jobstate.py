@@ -100,13 +100,16 @@ def _transition(record: JobRecord, event: Event) -> dict[str, object] | None:
         case Cancelled(data=data) if _current_attempt(record, data.attempt):
             return {"status": JobStatus.CANCELLED, "finished_at": event.ts}
         case Retried(data=data) if data.attempt == record.attempt and record.status in BOUND:
-            return {"status": JobStatus.QUEUED, "server_id": None}
+            # A started try was counted at `running`; one that failed before starting
+            # counts now, so that a server refusing every prompt cannot loop a job forever.
+            counted = 1 if data.counts and not data.started else 0
+            return {"status": JobStatus.QUEUED, "server_id": None, "runs": record.runs + counted}
         case _:
             return None
 
 
 def attempts_left(record: JobRecord) -> bool:
-    """Whether a job handed back to the queue may run again."""
+    """Whether a job handed back to the queue may be tried again."""
     return record.runs < record.max_attempts
 
 

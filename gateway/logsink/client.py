@@ -70,21 +70,54 @@ async def query_logs(
 
 
 async def job_log(
-    nc: Client, subjects: Subjects, job_id: str, *, timeout_s: float = 10.0
+    nc: Client,
+    subjects: Subjects,
+    job_id: str,
+    *,
+    timeout_s: float = 10.0,
+    at_least_seq: int = 0,
+    wait_s: float = 0.0,
 ) -> JobLog:
     """A job's events in seq order, as recorded, and the path of its log file.
 
-    Raises LogQueryError with code `not_found` when the sink has no event of that job.
+    With `at_least_seq`, waits up to `wait_s` for the log to hold that event (`JobLog.last_seq`
+    says how far it got). Raises LogQueryError with code `not_found` when the sink has no
+    event of that job (after the wait, if any).
     """
     entries: list[dict[str, Any]] = []
     offset = 0
     while True:
-        payload = msgspec.json.encode(JobLogRequest(job_id=job_id, offset=offset))
-        data = await _request(nc, job_log_subject(subjects), payload, timeout_s)
+        request = JobLogRequest(
+            job_id=job_id,
+            offset=offset,
+            at_least_seq=at_least_seq if offset == 0 else 0,
+            wait_s=wait_s if offset == 0 else 0.0,
+        )
+        within = timeout_s + (wait_s if offset == 0 else 0.0)
+        data = await _request(nc, job_log_subject(subjects), msgspec.json.encode(request), within)
         page = msgspec.json.decode(data, type=JobLogPage)
         entries.extend(msgspec.json.decode(raw) for raw in page.entries)
         if page.complete or page.next_offset <= offset:
             break
         offset = page.next_offset
     entries.sort(key=lambda entry: int(entry.get("seq", 0)))
-    return JobLog(job_id=job_id, log_file_path=page.log_file_path, entries=entries)
+    return JobLog(
+        job_id=job_id, log_file_path=page.log_file_path, entries=entries, last_seq=page.last_seq
+    )
+
+
+async def logged_upto(
+    nc: Client, subjects: Subjects, job_id: str, seq: int, *, wait_s: float
+) -> int:
+    """How far the job's log has come (its newest event's seq), waiting up to `wait_s` for it
+    to reach `seq`; 0 when the sink has no event of the job yet."""
+    request = JobLogRequest(job_id=job_id, at_least_seq=seq, wait_s=wait_s, head_only=True)
+    try:
+        data = await _request(
+            nc, job_log_subject(subjects), msgspec.json.encode(request), wait_s + _MARGIN_S
+        )
+    except LogQueryError as exc:
+        if exc.code == "not_found":
+            return 0
+        raise
+    return msgspec.json.decode(data, type=JobLogPage).last_seq

@@ -23,14 +23,19 @@ def read_job_page(
     *,
     offset: int,
     max_bytes: int,
+    head_only: bool = False,
 ) -> JobLogPage:
     """The job's events from byte `offset` of its file, as many as fit in `max_bytes` of JSON."""
     row = cursor.execute(
-        "SELECT log_file_path, log_bytes FROM jobs WHERE job_id = $1", [job_id]
+        "SELECT log_file_path, log_bytes, last_seq FROM jobs WHERE job_id = $1", [job_id]
     ).fetchone()
     if row is None or row[0] is None:
         raise QueryRefused("not_found", f"no log for job {job_id!r}")
-    rel, size = str(row[0]), int(row[1])
+    rel, size, last_seq = str(row[0]), int(row[1]), int(row[2])
+    if head_only:
+        return JobLogPage(
+            job_id=job_id, log_file_path=rel, entries=[], next_offset=size, last_seq=last_seq
+        )
     if offset < 0 or offset > size:
         raise QueryRefused("invalid_request", f"offset {offset} is outside the log ({size} bytes)")
     try:
@@ -49,6 +54,7 @@ def read_job_page(
                 entries=entries,
                 next_offset=position,
                 complete=False,
+                last_seq=last_seq,
             )
         if len(line) + 1 > max_bytes:
             raise QueryRefused(
@@ -58,5 +64,10 @@ def read_job_page(
         if line.strip():
             entries.append(msgspec.Raw(line))
     return JobLogPage(
-        job_id=job_id, log_file_path=rel, entries=entries, next_offset=position, complete=True
+        job_id=job_id,
+        log_file_path=rel,
+        entries=entries,
+        next_offset=position,
+        complete=True,
+        last_seq=last_seq,
     )

@@ -19,11 +19,20 @@ def job_log_subject(subjects: Subjects) -> str:
 
 
 class JobLogRequest(msgspec.Struct, kw_only=True):
-    """One page of a job's events, from byte `offset` of its log file (0: the start)."""
+    """One page of a job's events, from byte `offset` of its log file (0: the start).
+
+    With `at_least_seq`, the sink answers once the job's log holds that event (in its file and
+    its index), or after `wait_s` seconds with what it holds then (`last_seq` tells); a job it
+    has no event of yet is waited for the same way. `head_only` leaves the entries out: a
+    check that the log has come that far.
+    """
 
     v: int = SCHEMA_VERSION
     job_id: str
     offset: int = 0
+    at_least_seq: int = 0
+    wait_s: float = 0.0
+    head_only: bool = False
 
 
 class JobLogPage(msgspec.Struct, kw_only=True):
@@ -39,6 +48,8 @@ class JobLogPage(msgspec.Struct, kw_only=True):
     entries: list[msgspec.Raw]
     next_offset: int = 0
     complete: bool = True
+    last_seq: int = 0
+    """The newest event of the job that the log holds."""
 
 
 class JobLog(msgspec.Struct, kw_only=True):
@@ -47,6 +58,7 @@ class JobLog(msgspec.Struct, kw_only=True):
     job_id: str
     log_file_path: str
     entries: list[dict[str, Any]]
+    last_seq: int = 0
 
     @property
     def entry_count(self) -> int:

@@ -7,6 +7,7 @@ most `query_workers` at once, each on a query thread with a DuckDB connection of
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -29,6 +30,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 # Room left in a reply for everything around the rows or entries.
 _ENVELOPE: Final = 8 * 1024
+# The longest a job-log request may wait for its job's log to come far enough.
+_MAX_WAIT_S: Final = 30.0
 
 
 class LogService:
@@ -49,6 +52,7 @@ class LogService:
         self._data_dir = data_dir
         self._config = config
         self._slots = asyncio.Semaphore(len(cursors))
+        self._stored = asyncio.Event()  # set (and replaced) each time a batch is stored
         self._threads = ThreadPoolExecutor(len(cursors), thread_name_prefix="logsink-query")
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -114,15 +118,45 @@ class LogService:
         )
         return _fit(result, self._nc.max_payload)
 
+    def note_stored(self) -> None:
+        """A batch of events is in the files and the index: wake the requests waiting on it."""
+        self._stored.set()
+        self._stored = asyncio.Event()
+
     async def _job_page(self, data: bytes) -> bytes:
         request = decode(data, JobLogRequest)
         budget = self._nc.max_payload - _ENVELOPE
-        page: JobLogPage = await self._on_thread(
-            lambda cursor: read_job_page(
-                cursor, self._data_dir, request.job_id, offset=request.offset, max_bytes=budget
+
+        async def read() -> JobLogPage:
+            page: JobLogPage = await self._on_thread(
+                lambda cursor: read_job_page(
+                    cursor,
+                    self._data_dir,
+                    request.job_id,
+                    offset=request.offset,
+                    max_bytes=budget,
+                    head_only=request.head_only,
+                )
             )
-        )
-        return msgspec.json.encode(page)
+            return page
+
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + min(max(request.wait_s, 0.0), _MAX_WAIT_S)
+        while True:
+            stored = self._stored  # taken before the read: a batch stored during it wakes us
+            try:
+                page = await read()
+            except QueryRefused as exc:
+                if exc.code != "not_found" or request.at_least_seq <= 0:
+                    raise
+                if loop.time() >= deadline:
+                    raise
+            else:
+                if page.last_seq >= request.at_least_seq or loop.time() >= deadline:
+                    return msgspec.json.encode(page)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout_at(deadline):
+                    await stored.wait()
 
 
 def _error(code: str, message: str) -> bytes:

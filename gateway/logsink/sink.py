@@ -178,6 +178,8 @@ class LogSink:
     ) -> asyncio.Task[None] | None:
         """Store `batch`; then start acking it once the previous batch's acks are out."""
         stats = await self._write(batch)
+        if stats is not None and self._service is not None:
+            self._service.note_stored()
         if acking is not None:
             await acking
         if stats is None:

@@ -27,6 +27,7 @@ from gateway.bus.contract import (
     JobRecord,
     JobStatus,
     Subjects,
+    SucceededData,
     check_token,
     decode,
     encode,
@@ -37,7 +38,9 @@ from gateway.bus.jobstate import ends_attempt
 from gateway.settings import Settings
 from gateway.storage import Storage
 from plugins.comfyui.attempt import RunContext
+from plugins.comfyui.breaker import Breaker
 from plugins.comfyui.client import ComfyClient
+from plugins.comfyui.conclusion import summary
 from plugins.comfyui.control import ControlServer
 from plugins.comfyui.heartbeat import Monitor
 from plugins.comfyui.options import AdapterOptions, with_settings
@@ -102,6 +105,7 @@ class Adapter:
         self._options = options
         self._storage = storage
         self._client = ComfyClient(address)
+        self._breaker = Breaker()
         self._monitor = Monitor(
             self._client,
             server_id=server_id,
@@ -113,6 +117,7 @@ class Adapter:
             refresh_s=options.capabilities_refresh_s,
             resend_s=options.capabilities_resend_s,
             on_unhealthy=self._on_unhealthy,
+            taken_out=self._breaker.reason,
         )
         self._follower = Follower(
             address,
@@ -317,6 +322,7 @@ class Adapter:
         finally:
             self._runs.pop(run.job.job_id, None)
             self._tasks.pop(run.job.job_id, None)
+            self._judge_server(run)
             if run.concluded:
                 self._ended[run.job.job_id, run.job.attempt] = None
                 if len(self._ended) > _ENDED_REMEMBERED:
@@ -324,16 +330,28 @@ class Adapter:
                 run.ctx.publisher.forget(run.job.job_id)
             self._slot.set()
 
+    def _judge_server(self, run: JobRun) -> None:
+        """What the job's end says of the server, for the circuit breaker."""
+        result = run.result
+        if result is None:
+            return
+        if isinstance(result.data, SucceededData):
+            self._breaker.succeeded()
+        elif result.server_fault:
+            self._breaker.server_fault(summary(result.data))
+            if self._breaker.reason() is not None:
+                self._monitor.beat_now()  # no balancer should send it more work meanwhile
+
     async def _drain(self) -> None:
         if not self._tasks:
             return
         log.info("stopping: %d job(s) in flight", len(self._tasks))
         for run in list(self._runs.values()):
-            run.hand_back(_SHUTDOWN, only_unsubmitted=True)
+            run.hand_back(_SHUTDOWN, only_unsubmitted=True, counts=False)
         await asyncio.wait(list(self._tasks.values()), timeout=self._options.grace_s)
         for run in list(self._runs.values()):
             log.warning("job %s: grace period over; handing it back", run.job.job_id)
-            run.hand_back(f"{_SHUTDOWN} (grace period over)")
+            run.hand_back(f"{_SHUTDOWN} (grace period over)", counts=False)
         if self._tasks:
             await asyncio.wait(list(self._tasks.values()), timeout=self._options.stop_wait_s + 5)
         for job_id, task in list(self._tasks.items()):

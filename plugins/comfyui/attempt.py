@@ -52,6 +52,8 @@ class Result:
 
     data: Outcome
     history: dict[str, Any] | None = None
+    server_fault: bool = False
+    """The server failed the job (refused, lost or could not store it): see breaker.py."""
 
 
 @dataclass
@@ -60,6 +62,7 @@ class Stop:
 
     kind: Literal["cancel", "hand_back"]
     reason: str
+    counts: bool = True  # a hand-back that is no failure (the adapter stopping) does not
 
 
 @dataclass
@@ -143,20 +146,33 @@ class Attempt:
         history: dict[str, Any] | None = None,
         *,
         retryable: bool = False,
+        server_fault: bool = False,
     ) -> Result:
         """The attempt ends `failed`."""
         data = FailedData(code=code, message=message, attempt=self.job.attempt, retryable=retryable)
-        return Result(data, history)
+        return Result(data, history, server_fault)
 
-    def retried(self, reason: str, history: dict[str, Any] | None = None) -> Result:
+    def retried(
+        self,
+        reason: str,
+        history: dict[str, Any] | None = None,
+        *,
+        counts: bool = True,
+        server_fault: bool = False,
+    ) -> Result:
         """The attempt goes back to the balancer (`retried`)."""
         data = RetriedData(
             attempt=self.job.attempt,
             reason=reason,
             started=self.started,
             previous_server_id=self.ctx.server_id,
+            counts=counts,
         )
-        return Result(data, history)
+        return Result(data, history, server_fault)
+
+    def server_failed(self, reason: str) -> Result:
+        """The server failed the attempt (refused, lost or timed out the prompt): `retried`."""
+        return self.retried(reason, server_fault=True)
 
     def cancelled(self, reason: str, history: dict[str, Any] | None = None) -> Result:
         """The attempt ends `cancelled`."""

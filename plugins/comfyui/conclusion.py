@@ -45,11 +45,11 @@ async def end_of(attempt: Attempt, end: End) -> Result:
             assert end.found.entry is not None
             return await from_history(attempt, end.found.raw, end.found.entry)
         case "unreachable":
-            return attempt.retried(
+            return attempt.server_failed(
                 f"ComfyUI at {attempt.ctx.address} stopped answering during the job: {end.reason}"
             )
         case "vanished":
-            return attempt.retried("ComfyUI lost the prompt (it restarted?)")
+            return attempt.server_failed("ComfyUI lost the prompt (it restarted?)")
     # dequeued, or stopped and ComfyUI did not confirm within stop_wait_s.
     suffix = "" if end.kind == "dequeued" else " (ComfyUI did not confirm the interrupt)"
     if stop is not None and stop.kind == "cancel":
@@ -57,7 +57,7 @@ async def end_of(attempt: Attempt, end: End) -> Result:
     if attempt.timed_out:
         return _timeout_result(attempt, None, suffix)
     assert stop is not None
-    return attempt.retried(stop.reason + suffix)
+    return attempt.retried(stop.reason + suffix, counts=stop.counts)
 
 
 def _timeout_result(attempt: Attempt, history: dict[str, Any] | None, suffix: str = "") -> Result:
@@ -99,7 +99,7 @@ async def from_history(attempt: Attempt, raw: dict[str, Any], entry: HistoryEntr
         if attempt.timed_out:
             return _timeout_result(attempt, raw)
         if stop is not None:
-            return attempt.retried(stop.reason, raw)
+            return attempt.retried(stop.reason, raw, counts=stop.counts)
         node = interrupted.get("node_id")
         return attempt.failed(
             failures.INTERRUPTED,
@@ -126,11 +126,17 @@ async def _succeeded(attempt: Attempt, raw: dict[str, Any], entry: HistoryEntry)
         return attempt.failed(failures.OUTPUT_ERROR, str(exc), raw)
     except ComfyUnavailable as exc:
         await history
-        return attempt.retried(f"ComfyUI stopped answering before its outputs were saved: {exc}")
+        return attempt.server_failed(
+            f"ComfyUI stopped answering before its outputs were saved: {exc}"
+        )
     except StorageError as exc:
         await history
         return attempt.failed(
-            failures.OUTPUT_ERROR, f"an output could not be stored: {exc}", raw, retryable=True
+            failures.OUTPUT_ERROR,
+            f"an output could not be stored: {exc}",
+            raw,
+            retryable=True,
+            server_fault=True,
         )
     except BaseException:
         history.cancel()

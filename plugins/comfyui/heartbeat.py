@@ -9,6 +9,7 @@ sent only when they changed, plus every ~30 s for a balancer that started late.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import time
@@ -94,8 +95,10 @@ class Monitor:
         refresh_s: float = 60.0,
         resend_s: float = 30.0,
         on_unhealthy: Callable[[str], None] | None = None,
+        taken_out: Callable[[], str | None] = lambda: None,
     ) -> None:
         self._client = client
+        self._taken_out = taken_out  # why the server must get no work for now (breaker.py)
         self.server_id = server_id
         self.address = address
         self.capacity = capacity
@@ -116,6 +119,11 @@ class Monitor:
         self._sent_digest = ""
         self._sent_at = -float("inf")
         self._refreshing: asyncio.Task[None] | None = None
+        self._beat_now = asyncio.Event()
+
+    def beat_now(self) -> None:
+        """Send the next heartbeat at once (the server was just taken out, say)."""
+        self._beat_now.set()
 
     def unhealthy(self) -> str | None:
         """Why the server is unhealthy, or None."""
@@ -180,12 +188,19 @@ class Monitor:
         ):
             include = self.capabilities
             self._sent_digest, self._sent_at = self.capabilities_digest, clock
+        taken_out = self._taken_out()
+        if stopping:
+            reason: str | None = "the adapter is stopping"
+        elif self.healthy and taken_out is not None:
+            reason = taken_out
+        else:
+            reason = self.reason
         return Heartbeat(
             server_id=self.server_id,
             address=self.address,
             ts=now(),
-            healthy=self.healthy and not stopping,
-            reason="the adapter is stopping" if stopping else self.reason,
+            healthy=self.healthy and not stopping and taken_out is None,
+            reason=reason,
             queue_running=self.queue_running,
             queue_pending=self.queue_pending,
             in_flight=in_flight,
@@ -209,8 +224,11 @@ class Monitor:
                     else:
                         self._refresh_in_background()
                 await nc.publish(subject, encode(self.beat(in_flight())))
+                self._beat_now.clear()
                 elapsed = time.monotonic() - started
-                await asyncio.sleep(max(0.0, self.interval_s - elapsed))
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(max(0.0, self.interval_s - elapsed)):
+                        await self._beat_now.wait()
         finally:
             if self._refreshing is not None:
                 self._refreshing.cancel()

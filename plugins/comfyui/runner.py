@@ -59,6 +59,7 @@ class JobRun:
         self.submitted = False
         self.finished = asyncio.Event()
         self.concluded = False  # its end is in the event log
+        self.result: Result | None = None  # how it ended, once that is in the log
         self._attempt = Attempt(ctx, job, announced=record.status is JobStatus.RUNNING)
 
     @property
@@ -72,13 +73,19 @@ class JobRun:
         """Stop the job: dequeue or interrupt it on ComfyUI; it ends `cancelled`."""
         self._attempt.request_stop(Stop("cancel", reason))
 
-    def hand_back(self, reason: str, *, only_unsubmitted: bool = False) -> bool:
-        """Give the job back to the balancer (`retried`); True if the request was taken."""
+    def hand_back(
+        self, reason: str, *, only_unsubmitted: bool = False, counts: bool = True
+    ) -> bool:
+        """Give the job back to the balancer (`retried`); True if the request was taken.
+
+        `counts`: whether this try counts against the job's attempts (False when the
+        adapter is only stopping, which is no failure of the job or of its server).
+        """
         if only_unsubmitted and self.submitted:
             return False
         if self._attempt.stop is not None:
             return False  # a cancel wins over a hand-back
-        self._attempt.request_stop(Stop("hand_back", reason))
+        self._attempt.request_stop(Stop("hand_back", reason, counts))
         return True
 
     # -- the life of the job ------------------------------------------------------------------
@@ -92,6 +99,7 @@ class JobRun:
         try:
             result = await self._run_attempt()
             await conclude(self._attempt, result)
+            self.result = result
             self.concluded = True
             await self.msg.ack()
             log.info(
@@ -196,14 +204,14 @@ class JobRun:
         try:
             found = await lookup(attempt)
         except ComfyError as exc:
-            return attempt.retried(f"ComfyUI at {self.ctx.address} is not answering: {exc}")
+            return attempt.server_failed(f"ComfyUI at {self.ctx.address} is not answering: {exc}")
         if found.kind != "absent":
             return await self._adopt(found)
         if self.record.status is JobStatus.RUNNING:
             # This attempt was submitted before (its `running` event is in the record), yet
             # ComfyUI knows nothing of it: ComfyUI restarted and lost its queue.
             attempt.started = True
-            return attempt.retried("ComfyUI lost the prompt (it restarted?)")
+            return attempt.server_failed("ComfyUI lost the prompt (it restarted?)")
         return await self._submit_and_follow()
 
     async def _adopt(self, found: Found) -> Result:
@@ -231,7 +239,7 @@ class JobRun:
         attempt = self._attempt
         reason = self.ctx.unhealthy()
         if reason is not None:
-            return attempt.retried(f"ComfyUI at {self.ctx.address} is unhealthy: {reason}")
+            return attempt.server_failed(f"ComfyUI at {self.ctx.address} is unhealthy: {reason}")
         options = self.ctx.options
         try:
             workflow = await self._unless_stopped(
@@ -251,7 +259,9 @@ class JobRun:
         except InputProblem as exc:
             return attempt.failed(failures.INPUT_ERROR, str(exc))
         except ComfyUnavailable as exc:
-            return attempt.retried(f"ComfyUI became unreachable while receiving inputs: {exc}")
+            return attempt.server_failed(
+                f"ComfyUI became unreachable while receiving inputs: {exc}"
+            )
         except ComfyError as exc:
             return attempt.failed(failures.INPUT_ERROR, str(exc))
         if attempt.stop is not None:
@@ -274,9 +284,9 @@ class JobRun:
             try:
                 found = await lookup(attempt)
             except ComfyError:
-                return attempt.retried(f"ComfyUI became unreachable at submission: {exc}")
+                return attempt.server_failed(f"ComfyUI became unreachable at submission: {exc}")
             if found.kind == "absent":
-                return attempt.retried(f"ComfyUI did not accept the prompt: {exc}")
+                return attempt.server_failed(f"ComfyUI did not accept the prompt: {exc}")
             return await self._adopt(found)
         self.submitted = True
         if accepted.node_errors:
@@ -309,4 +319,4 @@ class JobRun:
         assert stop is not None
         if stop.kind == "cancel":
             return self._attempt.cancelled(stop.reason)
-        return self._attempt.retried(stop.reason)
+        return self._attempt.retried(stop.reason, counts=stop.counts)

@@ -112,6 +112,8 @@ class SimulatorConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """Accept prompts but never run them."""
     hang_http: bool = False
     """Accept connections but never answer HTTP requests."""
+    fail_prompt: bool = False
+    """POST /prompt answers 500 as aiohttp does when a handler raises (a broken server)."""
     drop_ws_every_seconds: float | None = None
     """Cut every websocket abruptly at this interval."""
     drop_ws_on_message: str | None = None

@@ -278,6 +278,10 @@ class App:
     # --- queue and history ---------------------------------------------------------------
 
     async def _post_prompt(self, request: Request, param: str) -> Response:
+        if self.engine.config.fail_prompt:
+            # What aiohttp sends for an exception that escapes a handler.
+            text = b"500 Internal Server Error\n\nServer got itself in trouble"
+            return Response(500, text, [("Content-Type", "text/plain; charset=utf-8")])
         status, body = self.engine.submit(request.json())
         return json_response(body, status)
 

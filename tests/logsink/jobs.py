@@ -84,11 +84,11 @@ async def run_job(
         content_type="image/png",
         url=f"/images/{job_id}/x.png",
     )
-    await emit(SucceededData(attempt=1, outputs=[output], duration_s=float(nodes)))
     await emit(
         HistoryData(
             prompt_id=prompt_id_for(job_id, 1),
             history={"status": {"status_str": "success"}, "outputs": {}},
         )
     )
+    await emit(SucceededData(attempt=1, outputs=[output], duration_s=float(nodes)))
     return emitted

@@ -69,7 +69,7 @@ async def test_every_event_lands_once_in_its_file_and_the_index(
     assert good["submitted_at"] == "2025-06-15T15:06:40"
     assert good["started_at"] == "2025-06-15T15:06:42"  # queued, dispatched, running: 1 s apart
     assert good["queue_wait_s"] == 2.0
-    assert good["duration_s"] == ok[-2].ts - ok[2].ts  # running .. succeeded
+    assert good["duration_s"] == ok[-1].ts - ok[2].ts  # running .. succeeded
     assert good["node_count"] == 3 and good["output_count"] == 1
     assert good["error_type"] is None
     assert good["log_file_path"] == "logs/prompts/20250615_150640_job-ok.jsonl"
