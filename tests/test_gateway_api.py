@@ -15,9 +15,13 @@ TINY = {
 
 async def test_health_schema_and_metrics(gateway: str) -> None:
     async with httpx.AsyncClient(base_url=gateway) as client:
+        # A gateway with its balancer but no log sink cannot log a job: 503, naming the sink.
         health = await client.get("/health")
-        assert health.status_code == 200
-        assert health.json()["nats"] is True
+        assert health.status_code == 503
+        report = health.json()
+        assert report["nats"] is True and report["balancer"] is True
+        assert report["log_sink"] is False
+        assert [m for m in report["missing"] if "log sink" in m] == report["missing"]
         schema = await client.get("/schema/openapi.json")
         assert schema.status_code == 200
         paths = schema.json()["paths"]

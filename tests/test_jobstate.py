@@ -81,10 +81,20 @@ def test_a_job_can_end_before_it_is_dispatched(event: Any, status: str) -> None:
     assert r is not None and r.status == status
 
 
-def test_a_handback_before_running_does_not_count_as_a_run() -> None:
+def test_a_try_that_failed_before_running_counts_and_a_stopping_adapter_does_not() -> None:
     r: Any = apply_event(queued(), ev(c.Dispatched, 2, c.DispatchedData(server_id="a", attempt=1)))
-    r = apply_event(r, ev(c.Retried, 3, c.RetriedData(attempt=1, reason="busy", started=False)))
-    assert (r.status, r.runs) == ("queued", 0)
+    r = apply_event(r, ev(c.Retried, 3, c.RetriedData(attempt=1, reason="500", started=False)))
+    assert (r.status, r.runs) == ("queued", 1)
+    r = apply_event(r, ev(c.Dispatched, 4, c.DispatchedData(server_id="b", attempt=2)))
+    stopping = c.RetriedData(
+        attempt=2, reason="the adapter is stopping", started=False, counts=False
+    )
+    r = apply_event(r, ev(c.Retried, 5, stopping))
+    assert (r.status, r.runs) == ("queued", 1)
+    r = apply_event(r, ev(c.Dispatched, 6, c.DispatchedData(server_id="b", attempt=3)))
+    r = apply_event(r, ev(c.Running, 7, c.RunningData(attempt=3, prompt_id="p")))
+    r = apply_event(r, ev(c.Retried, 8, c.RetriedData(attempt=3, reason="died", started=True)))
+    assert (r.status, r.runs) == ("queued", 2)  # a started try counted once, at running
 
 
 def test_an_attempt_ends_with_its_terminal_event_or_its_hand_back() -> None:

@@ -109,6 +109,11 @@ class HealthReport(_ReadsLikeADict, msgspec.Struct, kw_only=True):
     servers: int
     healthy_servers: int
     leader: bool
+    """Whether this gateway's balancer leads (`balancer` says whether any does)."""
+    balancer: bool = False
+    log_sink: bool = False
+    missing: list[str] = msgspec.field(default_factory=list)
+    """What the system lacks to take, run and log a job; empty when status is ok."""
 
 
 class ErrorBody(msgspec.Struct, kw_only=True):

@@ -17,7 +17,7 @@ from nats.aio.subscription import Subscription
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
-from nats.js.errors import InvalidKeyError, KeyNotFoundError
+from nats.js.errors import InvalidKeyError, KeyNotFoundError, NotFoundError
 from nats.js.kv import KeyValue
 
 from gateway.api.errors import ApiError
@@ -108,6 +108,26 @@ class Services:
         if self.balancer is None or self.balancer.dispatcher is None or not self.leads:
             return None
         return self.balancer.dispatcher.open_statuses()
+
+    async def someone_leads(self) -> bool:
+        """Whether a balancer holds the dispatching lease (this one, or any on the bus)."""
+        if self.leads:
+            return True
+        bucket = self.subjects.balancer_bucket
+        try:
+            raw = await self.js.get_last_msg(f"KV_{bucket}", f"$KV.{bucket}.leader")
+        except NotFoundError:
+            return False
+        operation = (raw.headers or {}).get("KV-Operation")
+        return operation not in ("DEL", "PURGE")
+
+    async def log_sink_answers(self) -> bool:
+        """Whether a log sink answers requests now."""
+        try:
+            await logged_upto(self.nc, self.subjects, "-health-", 0, wait_s=0, margin_s=2.0)
+        except LogQueryError:
+            return False
+        return True
 
     async def submit(self, request: JobRequest) -> JobAccepted:
         """Submit through `comfy.submit`: the same path as any NATS client's."""

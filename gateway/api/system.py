@@ -12,17 +12,35 @@ from gateway.api.services import ServicesDep
 
 @get("/health", tags=["system"])
 async def health(services: ServicesDep) -> Response[HealthReport]:
-    """200 while this gateway is connected to NATS, 503 otherwise."""
+    """200 once the system can take, run and log a job; 503 naming what it lacks.
+
+    It needs NATS, a leading balancer (here or in another process) and a log sink that
+    answers. Servers are counted but not required: a job waits for one.
+    """
     table = services.fleet.table
     connected = services.nc.is_connected
+    missing = []
+    balancer = sink = False
+    if not connected:
+        missing.append("NATS: this gateway is not connected")
+    else:
+        balancer = await services.someone_leads()
+        if not balancer:
+            missing.append("a leading balancer: none holds the lease yet")
+        sink = await services.log_sink_answers()
+        if not sink:
+            missing.append("a log sink: none answers (`comfyautomate logsink`)")
     report = HealthReport(
-        status="ok" if connected else "degraded",
+        status="ok" if not missing else "degraded",
         nats=connected,
         servers=len(table),
         healthy_servers=len(table.live()),
         leader=services.leads,
+        balancer=balancer,
+        log_sink=sink,
+        missing=missing,
     )
-    return Response(report, status_code=200 if connected else 503)
+    return Response(report, status_code=200 if not missing else 503)
 
 
 def _line(name: str, value: float, **labels: str) -> str:

@@ -107,14 +107,20 @@ async def job_log(
 
 
 async def logged_upto(
-    nc: Client, subjects: Subjects, job_id: str, seq: int, *, wait_s: float
+    nc: Client,
+    subjects: Subjects,
+    job_id: str,
+    seq: int,
+    *,
+    wait_s: float,
+    margin_s: float = _MARGIN_S,
 ) -> int:
     """How far the job's log has come (its newest event's seq), waiting up to `wait_s` for it
     to reach `seq`; 0 when the sink has no event of the job yet."""
     request = JobLogRequest(job_id=job_id, at_least_seq=seq, wait_s=wait_s, head_only=True)
     try:
         data = await _request(
-            nc, job_log_subject(subjects), msgspec.json.encode(request), wait_s + _MARGIN_S
+            nc, job_log_subject(subjects), msgspec.json.encode(request), wait_s + margin_s
         )
     except LogQueryError as exc:
         if exc.code == "not_found":

@@ -145,3 +145,17 @@ async def test_events_also_come_over_a_websocket(system: System) -> None:
         events = [json.loads(frame) async for frame in socket]
     assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
     assert events[-1]["type"] == "succeeded"
+
+
+async def test_health_is_ok_once_the_system_can_take_run_and_log_a_job(system: System) -> None:
+    async with httpx.AsyncClient(base_url=system.url, timeout=30) as client:
+        # The leader takes the lease a moment after it starts: wait for the report to say so.
+        await poll_until(
+            lambda: _status_is(client, 200), "/health ok with every role running", within=20
+        )
+        report = (await client.get("/health")).json()
+    assert report["missing"] == [] and report["balancer"] and report["log_sink"]
+
+
+async def _status_is(client: httpx.AsyncClient, status: int) -> bool:
+    return (await client.get("/health")).status_code == status
