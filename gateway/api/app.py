@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from litestar import Litestar
 from litestar.config.response_cache import ResponseCacheConfig
-from litestar.datastructures import State
+from litestar.datastructures import MutableScopeHeaders, State
 from litestar.di import Provide
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import SwaggerRenderPlugin
+from litestar.types import BeforeMessageSendHookHandler, Message, Scope
 
 from gateway.api.auth import ApiKeyGuard, check_settings, openapi_security
 from gateway.api.errors import EXCEPTION_HANDLERS
@@ -15,7 +16,7 @@ from gateway.api.images import image
 from gateway.api.limits import STATE_KEY, Limits, RateLimited, rate_limited, too_large
 from gateway.api.logs import job_logs, logs_query, recent_jobs
 from gateway.api.native.routes import NATIVE_ROUTES
-from gateway.api.servers import ServerController
+from gateway.api.servers import SYSTEM_HEADER, ServerController
 from gateway.api.services import Services
 from gateway.api.system import health, metrics
 from gateway.api.workflows import WorkflowController, job_events_ws
@@ -63,6 +64,18 @@ def create_app(services: Services) -> Litestar:
             security=security,
         ),
         response_cache_config=ResponseCacheConfig(),
+        before_send=[_mark_as_this_system(services)],
         # The process sets up logging once for every role; Litestar must not add its own.
         logging_config=None,
     )
+
+
+def _mark_as_this_system(services: Services) -> BeforeMessageSendHookHandler:
+    """Every answer names this system (see servers.probe): a gateway is never its own server."""
+
+    async def mark(message: Message, scope: Scope) -> None:
+        if message["type"] == "http.response.start" and services.system_id:
+            headers = MutableScopeHeaders.from_message(message)
+            headers[SYSTEM_HEADER] = services.system_id
+
+    return mark

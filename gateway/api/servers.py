@@ -8,7 +8,7 @@ import unicodedata
 from typing import Any
 
 import httpx
-from litestar import Controller, delete, get, post
+from litestar import Controller, Response, delete, get, post
 from litestar.params import FromPath, JSONBody
 from nats.js.errors import InvalidKeyError, KeyNotFoundError
 
@@ -17,6 +17,7 @@ from gateway.api.schemas import ServerHealth, ServerRegistration
 from gateway.api.services import ServicesDep
 from gateway.balancer.servers import ServerState
 from gateway.bus.contract import ContractError, ServerRecord, check_token, decode, encode, now
+from gateway.bus.kvsnapshot import kv_snapshot
 
 # A server id is a subject token and a KV key: the characters both take.
 _SERVER_ID = re.compile(r"[A-Za-z0-9_=-]{1,128}")
@@ -59,19 +60,74 @@ def _allowed(host: str, allowlist: list[str]) -> bool:
     return False
 
 
-async def probe(address: str) -> None:
-    """Refuse an address where no ComfyUI answers."""
+SYSTEM_HEADER = "X-ComfyAutomate-System"
+
+
+async def probe(address: str, system_id: str) -> None:
+    """Refuse an address where no ComfyUI answers, or where this system's own gateway does.
+
+    A ComfyUI proves itself by the shapes of `/system_stats` (a `system` object and a list of
+    `devices`) and `/object_info` (node classes with their inputs and outputs). A gateway of
+    this system answers both too, and marks its answers with SYSTEM_HEADER: registering it
+    would send the fleet's jobs round in a circle.
+    """
     try:
-        async with httpx.AsyncClient(timeout=3.0) as client:
-            reply = await client.get(f"http://{address}/system_stats")
+        async with httpx.AsyncClient(timeout=10.0) as client:
+            stats = await client.get(f"http://{address}/system_stats")
+            if stats.headers.get(SYSTEM_HEADER) == system_id:
+                raise ApiError(
+                    422,
+                    "own_gateway",
+                    f"{address} is a gateway of this system, not a ComfyUI server",
+                )
+            if stats.status_code != 200 or not _looks_like_system_stats(stats):
+                raise ApiError(
+                    422, "not_comfyui", f"{address} answered /system_stats with {stats.status_code}"
+                )
+            nodes = await client.get(f"http://{address}/object_info")
     except httpx.HTTPError as exc:
         raise ApiError(
             422, "unreachable", f"no ComfyUI answers at {address}: {exc or type(exc).__name__}"
         ) from None
-    if reply.status_code != 200 or "system" not in reply.text:
+    if nodes.status_code != 200 or not _looks_like_object_info(nodes):
         raise ApiError(
-            422, "not_comfyui", f"{address} answered /system_stats with {reply.status_code}"
+            422,
+            "not_comfyui",
+            f"{address} answered /object_info with {nodes.status_code}, not ComfyUI's node list",
         )
+
+
+def _json(reply: httpx.Response) -> Any:
+    try:
+        return reply.json()
+    except ValueError:
+        return None
+
+
+def _looks_like_system_stats(reply: httpx.Response) -> bool:
+    body = _json(reply)
+    return (
+        isinstance(body, dict)
+        and isinstance(body.get("system"), dict)
+        and isinstance(body.get("devices"), list)
+    )
+
+
+def _looks_like_object_info(reply: httpx.Response) -> bool:
+    body = _json(reply)
+    return isinstance(body, dict) and all(
+        isinstance(node, dict) and "input" in node and "output" in node for node in body.values()
+    )
+
+
+def _same_place(a: str, b: str) -> bool:
+    """Whether two `host:port` addresses name the same server (`localhost` is 127.0.0.1)."""
+
+    def norm(address: str) -> str:
+        host, _, port = address.lower().rpartition(":")
+        return f"{'127.0.0.1' if host == 'localhost' else host}:{port}"
+
+    return norm(a) == norm(b)
 
 
 def health_of(state: ServerState, now_monotonic: float) -> ServerHealth:
@@ -111,9 +167,13 @@ class ServerController(Controller):
     @post(["/", "/register"], status_code=201, responses=error_responses(403, 409, 422))
     async def register(
         self, data: JSONBody[ServerRegistration], services: ServicesDep
-    ) -> ServerRecord:
-        """Add a ComfyUI server; its address must answer like ComfyUI.
+    ) -> Response[ServerRecord]:
+        """Add a ComfyUI server (201); its address must answer like ComfyUI.
 
+        One ComfyUI is one server: its address under another id is 409, and so is an id that
+        is registered at another address (remove it first to move it). Registering a server
+        again (same id, or the same name, and the same address) answers 200 and updates what
+        changed (name, weight, capacity, labels) without restarting anything.
         Also at `/servers/register`, the path earlier SDKs used.
         """
         address = check_address(data.address, services.settings.server_allowlist)
@@ -136,23 +196,33 @@ class ServerController(Controller):
             )
         if not 1 <= data.capacity <= 64 or data.weight <= 0:
             raise ApiError(400, "invalid_request", "capacity must be 1-64 and weight positive")
-        if data.server_id is None:
+        registered = await _registered(services)
+        existing = registered.get(server_id)
+        if existing is not None and data.server_id is None and existing.name != data.name:
             # A name made only of letters outside a-z gives the same id as another such name:
             # refuse rather than silently replace the other server.
-            try:
-                taken = await services.servers_kv.get(server_id)
-            except KeyNotFoundError:
-                taken = None
-            if taken is not None and taken.value:
-                other = decode(taken.value, ServerRecord)
-                if other.name != data.name:
-                    raise ApiError(
-                        409,
-                        "server_id_taken",
-                        f"the id {server_id!r} made from the name {data.name!r} is server "
-                        f"{other.name!r}'s; give this one a server_id",
-                    )
-        await probe(address)
+            raise ApiError(
+                409,
+                "server_id_taken",
+                f"the id {server_id!r} made from the name {data.name!r} is server "
+                f"{existing.name!r}'s; give this one a server_id",
+            )
+        if existing is not None and not _same_place(existing.address, address):
+            raise ApiError(
+                409,
+                "server_exists",
+                f"server {server_id!r} is registered at {existing.address}; remove it first "
+                f"(DELETE /servers/{server_id}) to register it at {address}",
+                {"server_id": server_id, "address": existing.address},
+            )
+        for other in registered.values():
+            if other.server_id != server_id and _same_place(other.address, address):
+                raise ApiError(
+                    409,
+                    "address_registered",
+                    f"the ComfyUI at {address} is server {other.server_id!r} already",
+                    {"server_id": other.server_id, "address": other.address},
+                )
         record = ServerRecord(
             server_id=server_id,
             name=data.name,
@@ -160,11 +230,17 @@ class ServerController(Controller):
             weight=data.weight,
             capacity=data.capacity,
             labels=data.labels,
-            registered_at=now(),
+            registered_at=existing.registered_at if existing is not None else now(),
         )
+        if existing is not None:
+            if record != existing:
+                await services.servers_kv.put(server_id, encode(record))
+                services.fleet.table.on_registered(record)
+            return Response(record, status_code=200)
+        await probe(address, services.system_id)
         await services.servers_kv.put(server_id, encode(record))
         services.fleet.table.on_registered(record)
-        return record
+        return Response(record, status_code=201)
 
     @get("/")
     async def list_servers(self, services: ServicesDep) -> list[ServerHealth]:
@@ -180,12 +256,29 @@ class ServerController(Controller):
 
     @delete("/{server_id:str}", status_code=204, responses=error_responses(404))
     async def remove(self, server_id: FromPath[str], services: ServicesDep) -> None:
-        """Remove a server from the registry; its adapter stops getting new jobs."""
+        """Remove a server for good: its adapter stops, its heartbeats are ignored, jobs
+        waiting for it fail `server_removed` and new ones pinned to it are refused. Removing
+        it again is harmless (204)."""
         try:
             await services.servers_kv.get(server_id)
-        except (KeyNotFoundError, InvalidKeyError, ValueError):
+        except (KeyNotFoundError, InvalidKeyError, ValueError) as exc:
+            if isinstance(exc, KeyNotFoundError) and services.fleet.table.is_removed(server_id):
+                return
             raise ApiError(
                 404, "unknown_server", f"no server {server_id!r} is registered"
             ) from None
         await services.servers_kv.delete(server_id)
         services.fleet.table.on_removed(server_id)
+
+
+async def _registered(services: ServicesDep) -> dict[str, ServerRecord]:
+    """Every server in the registry now, by id (read from KV, not from this gateway's view)."""
+    snapshot = await kv_snapshot(services.js, services.subjects.servers_bucket)
+    records = {}
+    for value in snapshot.values():
+        try:
+            record = decode(value, ServerRecord)
+        except ContractError:
+            continue
+        records[record.server_id] = record
+    return records

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 
 from litestar.di import NamedDependency
@@ -93,6 +94,7 @@ class Services:
         self._waiters: dict[str, list[asyncio.Future[JobRecord]]] = {}
         self._records_sub: Subscription | None = None
         self._records_prefix = ""
+        self.system_id = ""  # set by start(); the same for every gateway of this system
 
     def log_path(self, relpath: str) -> str:
         """A job's log file as this gateway's users see it: under the data folder."""
@@ -162,6 +164,7 @@ class Services:
         waiting request would be a JetStream consumer each, and a few thousand waiting clients
         hit the server's consumer limit.
         """
+        self.system_id = await system_id(self.js, self.subjects)
         prefix = f"$KV.{self.subjects.jobs_bucket}."
         self._records_sub = await self.nc.subscribe(prefix + ">", cb=self._on_record)
         self._records_prefix = prefix
@@ -287,6 +290,15 @@ class Services:
                 waiting.remove(waiter)
             if not waiting:
                 self._waiters.pop(job_id, None)
+
+
+async def system_id(js: JetStreamContext, subjects: Subjects) -> str:
+    """What tells this system from another on any broker: its prefix and when its EVENTS
+    stream was made. Gateways mark their answers with it, so that no gateway of the system
+    is taken for a ComfyUI server of it."""
+    info = await js.stream_info(subjects.events_stream)
+    made = info.created.isoformat() if info.created is not None else ""
+    return hashlib.sha256(f"{subjects.prefix}|{made}".encode()).hexdigest()[:16]
 
 
 def _already_ended(job_id: str, status: str) -> ApiError:

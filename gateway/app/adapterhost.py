@@ -70,7 +70,8 @@ class AdapterHost:
                     log.warning("ignoring registry entry %s: %s", entry.key, exc)
                     continue
                 running = self._running.get(record.server_id)
-                if running is not None and running.record == record:
+                if running is not None and _same_adapter(running.record, record):
+                    running.record = record  # a new name, weight or labels: the registry's
                     continue
                 await self._stop(record.server_id)
                 self._start(record)
@@ -109,3 +110,12 @@ class AdapterHost:
         # An error was already reported by _report_end; stopping goes on regardless.
         await asyncio.gather(running.task, return_exceptions=True)
         log.info("adapter for %s stopped", server_id)
+
+
+def _same_adapter(before: ServerRecord, after: ServerRecord) -> bool:
+    """Whether the adapter of `before` serves `after` as it is (it need not restart).
+
+    Name, weight and labels are read from the registry by the balancers; only the address and
+    how many jobs the adapter takes at once are the adapter's own.
+    """
+    return (before.address, before.capacity) == (after.address, after.capacity)

@@ -131,6 +131,7 @@ class Dispatcher:
             await wait_event(self._wake, self._tick)
             self._wake.clear()
             await self._recovery.fail_unconfirmed()
+            await self._recovery.fail_pinned_to_removed()
             await self._recovery.hand_back_from_dead_servers()
             self._book.release_ready()
             await self._binder.round()

@@ -229,6 +229,11 @@ class Recorder:
     async def _requeue(self, record: JobRecord, event: Retried) -> None:
         self._book.started_at.pop(record.job_id, None)
         self._book.handed_back.pop(record.job_id, None)
+        need = self._book.needs.get(record.job_id)
+        if need is not None and need.server is not None and self._servers.is_removed(need.server):
+            self._book.keep(record)
+            await self._book.fail(record, "server_removed", f"server {need.server} was removed")
+            return
         if attempts_left(record):
             self._book.requeue(
                 record,

@@ -63,6 +63,7 @@ class Recovery:
         self._stale_grace = stale_grace
         self._reconnects = 0  # of this connection, as last seen
         self._since = time.monotonic()
+        self._removals_seen = -1  # ServerTable.removals when pinned jobs were last checked
 
     # -- taking over ---------------------------------------------------------------------
 
@@ -146,6 +147,27 @@ class Recovery:
                 await self._book.fail(record, "lost", "the job's submission did not complete")
             elif record.job_id not in self._book.records:
                 await self._take(record, request)
+
+    # -- servers removed from the registry -------------------------------------------------
+
+    async def fail_pinned_to_removed(self) -> None:
+        """Fail the waiting jobs pinned to a server that was removed: none will run them."""
+        if self._servers.removals == self._removals_seen:
+            return
+        self._removals_seen = self._servers.removals
+        book = self._book
+        doomed = [
+            record
+            for job_id, record in book.records.items()
+            if record.status is JobStatus.QUEUED
+            and (need := book.needs.get(job_id)) is not None
+            and need.server is not None
+            and self._servers.is_removed(need.server)
+        ]
+        for record in doomed:
+            book.queue.discard(record.job_id)
+            server = book.needs[record.job_id].server
+            await book.fail(record, "server_removed", f"server {server} was removed")
 
     # -- servers that fell silent ----------------------------------------------------------
 

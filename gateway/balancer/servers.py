@@ -98,6 +98,10 @@ class ServerTable:
         self._servers: dict[str, ServerState] = {}
         self._clock = clock
         self._listening_since = float("-inf")  # heartbeats are not stored: missed while away
+        # Ids removed from the registry: their heartbeats (an adapter still stopping, or one
+        # on a box nobody told) are ignored until the id is registered again.
+        self._removed: set[str] = set()
+        self.removals = 0  # counts removals, so that a reader can tell when one happened
 
     def now(self) -> float:
         return self._clock()
@@ -119,6 +123,8 @@ class ServerTable:
 
     def on_heartbeat(self, beat: Heartbeat) -> bool:
         """Record a heartbeat; True when it carries capabilities we do not have yet."""
+        if beat.server_id in self._removed:
+            return False
         state = self._state(beat.server_id)
         state.heartbeat = beat
         state.seen_at = self.now()
@@ -134,10 +140,18 @@ class ServerTable:
         state.capabilities_hash = digest
 
     def on_registered(self, record: ServerRecord) -> None:
+        self._removed.discard(record.server_id)
         self._state(record.server_id).record = record
 
     def on_removed(self, server_id: str) -> None:
         self._servers.pop(server_id, None)
+        if server_id not in self._removed:
+            self._removed.add(server_id)
+            self.removals += 1
+
+    def is_removed(self, server_id: str) -> bool:
+        """Whether the server was removed from the registry (and not registered again)."""
+        return server_id in self._removed
 
     def observe_run(self, server_id: str, seconds: float) -> None:
         """Add one successful job's run time to the server's speed estimate."""
