@@ -31,6 +31,7 @@ from gateway.bus.contract import (
     encode,
     event_type,
 )
+from gateway.comfyui.overrides import override_problems
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,20 @@ def to_request(body: WorkflowSubmission, services: Services) -> JobRequest:
             {"size": size, "max_request_bytes": MAX_REQUEST_BYTES},
         )
     return request
+
+
+async def check_overrides(services: Services, request: JobRequest) -> None:
+    """A 422 for overrides that name an input their node does not have, or a wrong value.
+
+    Judged by the live servers' node definitions; with none known, the job waits as usual.
+    """
+    native = services.native
+    if not request.overrides or native is None or not isinstance(request.workflow, dict):
+        return
+    registry = await native.fleet.registry()
+    problems = override_problems(request.workflow, request.overrides, registry.get)
+    if problems:
+        raise ApiError(422, "invalid_override", "; ".join(problems), {"problems": problems})
 
 
 def known_job_id(job_id: str) -> str:
@@ -124,7 +139,9 @@ class WorkflowController(Controller):
         request: Request[Any, Any, Any],
     ) -> Submitted:
         """Queue a workflow and answer at once with the job id."""
-        accepted = await services.submit(to_request(data, services))
+        job = to_request(data, services)
+        await check_overrides(services, job)
+        accepted = await services.submit(job)
         base = f"{base_url(services, request)}/workflow"
         return Submitted(
             job_id=accepted.job_id,
@@ -143,7 +160,9 @@ class WorkflowController(Controller):
         request: Request[Any, Any, Any],
     ) -> Response[JobResult]:
         """Run a workflow and wait for its end (up to `timeout`, then 202 with the job)."""
-        accepted = await services.submit(to_request(data, services))
+        job = to_request(data, services)
+        await check_overrides(services, job)
+        accepted = await services.submit(job)
         timeout = data.timeout if data.timeout is not None else DEFAULT_EXECUTE_TIMEOUT
         record = await services.wait_for_end(accepted.job_id, timeout)
         status = 200 if record.status.terminal else 202

@@ -98,7 +98,8 @@ def _title(node: Any) -> Any:
     return meta.get("title") if isinstance(meta, dict) else None
 
 
-def _find_node(workflow: Mapping[str, Any], ref: str) -> str:
+def find_node(workflow: Mapping[str, Any], ref: str) -> str:
+    """The id of the node `ref` names: its id, or its one `_meta.title`."""
     if ref in workflow:
         return ref
     # `_meta` is free-form: a node whose `_meta` is not an object simply has no title.
@@ -122,6 +123,6 @@ def apply_overrides(workflow: Mapping[str, Any], overrides: Mapping[str, Any]) -
         ref, dot, input_name = target.rpartition(".")
         if not dot or not ref or not input_name:
             raise WorkflowError(f"override {target!r} must look like '<node id or title>.<input>'")
-        node = result[_find_node(result, ref)]
+        node = result[find_node(result, ref)]
         node.setdefault("inputs", {})[input_name] = value
     return result

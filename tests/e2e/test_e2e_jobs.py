@@ -159,3 +159,17 @@ async def test_health_is_ok_once_the_system_can_take_run_and_log_a_job(system: S
 
 async def _status_is(client: httpx.AsyncClient, status: int) -> bool:
     return (await client.get("/health")).status_code == status
+
+
+async def test_an_override_of_an_input_the_node_lacks_is_refused_with_the_closest(
+    system: System,
+) -> None:
+    await system.add_server("gpu1")
+    async with httpx.AsyncClient(base_url=system.url, timeout=30) as client:
+        body = {"workflow": tiny(61), "overrides": {"Save.filenme_prefix": "x"}}
+        reply = await client.post("/workflow/submit", json=body)
+        assert reply.status_code == 422, reply.text
+        assert reply.json()["code"] == "invalid_override"
+        assert "did you mean 'filename_prefix'?" in reply.json()["message"]
+        wrong = {"workflow": tiny(62), "overrides": {"1.width": "wide"}}
+        assert (await client.post("/workflow/execute", json=wrong)).status_code == 422
