@@ -170,10 +170,11 @@ class ServerController(Controller):
     ) -> Response[ServerRecord]:
         """Add a ComfyUI server (201); its address must answer like ComfyUI.
 
-        One ComfyUI is one server: its address under another id is 409, and so is an id that
-        is registered at another address (remove it first to move it). Registering a server
-        again (same id, or the same name, and the same address) answers 200 and updates what
-        changed (name, weight, capacity, labels) without restarting anything.
+        One ComfyUI is one server: its address under another explicit id is 409, and so is an
+        id that is registered at another address (remove it first to move it). Registering a
+        server again (same id, or the same name, and the same address) answers 200 and updates
+        what changed (name, weight, capacity, labels) without restarting anything; adding, by
+        name only, an address that is already a server answers that server (200, unchanged).
         Also at `/servers/register`, the path earlier SDKs used.
         """
         address = check_address(data.address, services.settings.server_allowlist)
@@ -217,6 +218,10 @@ class ServerController(Controller):
             )
         for other in registered.values():
             if other.server_id != server_id and _same_place(other.address, address):
+                if data.server_id is None and existing is None:
+                    # Asked to add a ComfyUI that is already a server (the quick start run
+                    # against `up --comfyui`, say): that server it is, unchanged.
+                    return Response(other, status_code=200)
                 raise ApiError(
                     409,
                     "address_registered",

@@ -47,10 +47,16 @@ async def test_one_comfyui_is_one_server(system: System) -> None:
     sim = await system.add_server("gpu1")
     other = await system.add_server("gpu2")
     async with httpx.AsyncClient(base_url=system.url, timeout=30) as client:
-        twin = await client.post("/servers", json={"name": "twin", "address": sim.address})
+        twin = await client.post(
+            "/servers", json={"name": "twin", "server_id": "twin", "address": sim.address}
+        )
         assert twin.status_code == 409, twin.text
         assert twin.json()["code"] == "address_registered"
         assert twin.json()["details"]["server_id"] == "gpu1"
+        # By name only, it is the server that is there already (the quick start, run again).
+        same = await client.post("/servers", json={"name": "My Server", "address": sim.address})
+        assert same.status_code == 200, same.text
+        assert (same.json()["server_id"], same.json()["name"]) == ("gpu1", "gpu1")
         moved = await client.post(
             "/servers", json={"name": "gpu1", "server_id": "gpu1", "address": other.address}
         )

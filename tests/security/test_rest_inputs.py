@@ -407,6 +407,9 @@ async def test_server_names_unicode_kept_apart_control_characters_refused(
 
             # Two servers named only in letters outside a-z are two servers: both are
             # registered, or the second is refused and says why; never one silently replaced.
+            # (One ComfyUI is one server: the simulators' addresses are freed first.)
+            for server_id in ("gpu1", "gpu2"):
+                assert (await client.delete(f"/servers/{server_id}")).status_code == 204
             for name, sim in (("東京", first), ("大阪", second)):
                 reply = await client.post("/servers", json={"name": name, "address": sim.address})
                 assert reply.status_code in (201, 409), reply.text
