@@ -13,6 +13,7 @@ from sdk.client import ComfyUISDK
 from sdk.errors import (
     ApiError,
     ComfyAutomateError,
+    FileUnusable,
     GatewayUnreachable,
     InvalidWorkflow,
     JobFailed,
@@ -26,6 +27,7 @@ __all__ = [
     "AsyncComfyUISDK",
     "ComfyAutomateError",
     "ComfyUISDK",
+    "FileUnusable",
     "GatewayUnreachable",
     "InvalidWorkflow",
     "JobFailed",

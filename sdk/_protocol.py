@@ -15,7 +15,7 @@ import msgspec
 
 from gateway.api.schemas import JobResult, ServerHealth
 from gateway.bus.contract import TERMINAL_STATUSES, ServerRecord
-from sdk.errors import JobFailed, error_from
+from sdk.errors import FileUnusable, JobFailed, error_from
 
 Inputs = Mapping[str, "str | Path | bytes"]
 
@@ -38,11 +38,7 @@ def submission(
     bytes (sent inline) or a `http(s)://` URL the server side downloads; its name is the file
     name the workflow's LoadImage refers to.
     """
-    graph = (
-        json.loads(Path(workflow).read_text())
-        if isinstance(workflow, str | Path)
-        else dict(workflow)
-    )
+    graph = _workflow_file(workflow) if isinstance(workflow, str | Path) else dict(workflow)
     body: dict[str, Any] = {"workflow": graph, "priority": priority}
     if overrides:
         body["overrides"] = dict(overrides)
@@ -61,10 +57,28 @@ def submission(
     return body
 
 
+def _workflow_file(path: str | Path) -> dict[str, Any]:
+    try:
+        graph = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise FileUnusable(f"workflow file {path}: {exc.strerror or exc}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise FileUnusable(f"workflow file {path} is not JSON: {exc}") from None
+    if not isinstance(graph, dict):
+        raise FileUnusable(f"workflow file {path} holds a {type(graph).__name__}, not a workflow")
+    return graph
+
+
 def _input(name: str, value: str | Path | bytes) -> dict[str, str]:
     if isinstance(value, str) and value.startswith(("http://", "https://")):
         return {"name": name, "source": "url", "value": value}
-    data = value if isinstance(value, bytes) else Path(value).read_bytes()
+    if isinstance(value, bytes):
+        data = value
+    else:
+        try:
+            data = Path(value).read_bytes()
+        except OSError as exc:
+            raise FileUnusable(f"input file {value}: {exc.strerror or exc}") from None
     return {"name": name, "source": "base64", "value": base64.b64encode(data).decode()}
 
 

@@ -60,6 +60,10 @@ class GatewayUnreachable(ComfyAutomateError):
     pass
 
 
+class FileUnusable(ComfyAutomateError):
+    """A workflow or input file given by path cannot be read, or is not the JSON it must be."""
+
+
 _BY_STATUS: dict[int, type[ApiError]] = {
     400: InvalidWorkflow,
     404: NotFound,

@@ -8,7 +8,6 @@ from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
 from gateway.balancer.dispatcher import CONSUMER
-from gateway.balancer.leader import hold_leadership
 from gateway.bus.connection import session
 from gateway.bus.contract import (
     Dispatched,
@@ -24,6 +23,7 @@ from gateway.bus.contract import (
     decode,
 )
 from gateway.bus.jobstate import apply_event
+from gateway.bus.lease import hold_lease
 from gateway.settings import Settings
 from plugins.simulator import SimulatorConfig
 from tests.e2e.conftest import running_system, tiny
@@ -50,7 +50,7 @@ async def test_one_leader_at_a_time_and_a_clean_handover(js: JetStreamContext) -
     stops = {name: asyncio.Event() for name in ("a", "b")}
     tasks = {
         name: asyncio.create_task(
-            hold_leadership(kv, name, work_of(name), stops[name], renew_every=0.05)
+            hold_lease(kv, name, work_of(name), stops[name], renew_every=0.05)
         )
         for name in stops
     }
@@ -80,13 +80,13 @@ async def test_a_failing_leader_gives_the_lease_up(js: JetStreamContext) -> None
         await asyncio.Event().wait()
 
     stop = asyncio.Event()
-    first = asyncio.create_task(hold_leadership(kv, "broken", broken, stop, renew_every=0.05))
+    first = asyncio.create_task(hold_lease(kv, "broken", broken, stop, renew_every=0.05))
     second = None
     try:
         async with asyncio.timeout(10):
             assert await runs.get() == "broken"
             second = asyncio.create_task(
-                hold_leadership(kv, "healthy", healthy, stop, renew_every=0.05)
+                hold_lease(kv, "healthy", healthy, stop, renew_every=0.05)
             )
             while await runs.get() != "healthy":
                 pass

@@ -150,3 +150,41 @@ def test_up_leaves_nothing_after_sigterm(running_up: tuple[subprocess.Popen[str]
         process.send_signal(signal.SIGUSR1)  # it logs what every task is waiting on
         raise
     assert all(wait_pid_gone(pid, timeout=10) for pid in descendants)
+
+
+def _second_up(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "gateway.app.cli", "up", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
+
+
+def test_a_second_up_on_the_same_broker_refuses_in_one_line(
+    running_up: tuple[subprocess.Popen[str], str], tmp_path: Path
+) -> None:
+    process, url = running_up
+    command = list(process.args)  # type: ignore[arg-type]
+    nats_url = command[command.index("--nats-url") + 1]
+    second = _second_up(
+        "--port", str(_free_port()), "--nats-url", nats_url, "--data-dir", str(tmp_path / "b")
+    )  # fmt: skip
+    assert second.returncode == 2, second.stderr
+    assert "Traceback" not in second.stderr
+    last = second.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"comfyautomate: the NATS server at {nats_url} already serves"), last
+    assert "--prefix" in last and "--join" in last
+    # The first system was not touched: it still takes and runs jobs.
+    import httpx
+
+    assert httpx.get(f"{url}/health", timeout=10).status_code == 200
+    port = url.rsplit(":", 1)[1]
+    taken = _second_up(
+        "--port", port, "--nats-url", f"nats://127.0.0.1:{_free_port()}",
+        "--data-dir", str(tmp_path / "c"),
+    )  # fmt: skip
+    assert taken.returncode == 2, taken.stderr
+    assert "Traceback" not in taken.stderr
+    assert f"cannot listen on 127.0.0.1:{port}" in taken.stderr.strip().splitlines()[-1]

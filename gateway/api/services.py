@@ -18,7 +18,7 @@ from nats.aio.subscription import Subscription
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
-from nats.js.errors import InvalidKeyError, KeyNotFoundError, NotFoundError
+from nats.js.errors import InvalidKeyError, KeyNotFoundError
 from nats.js.kv import KeyValue
 
 from gateway.api.errors import ApiError
@@ -43,6 +43,7 @@ from gateway.bus.contract import (
 )
 from gateway.bus.events import EventPublisher, JobEnded
 from gateway.bus.jobstate import BOUND
+from gateway.bus.lease import lease_held
 from gateway.logsink.client import LogQueryError, logged_upto
 from gateway.settings import Settings
 from gateway.storage import Storage
@@ -113,15 +114,7 @@ class Services:
 
     async def someone_leads(self) -> bool:
         """Whether a balancer holds the dispatching lease (this one, or any on the bus)."""
-        if self.leads:
-            return True
-        bucket = self.subjects.balancer_bucket
-        try:
-            raw = await self.js.get_last_msg(f"KV_{bucket}", f"$KV.{bucket}.leader")
-        except NotFoundError:
-            return False
-        operation = (raw.headers or {}).get("KV-Operation")
-        return operation not in ("DEL", "PURGE")
+        return self.leads or await lease_held(self.js, self.subjects.balancer_bucket)
 
     async def log_sink_answers(self) -> bool:
         """Whether a log sink answers requests now."""

@@ -67,6 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="also start N fake ComfyUI servers (no GPU needed) and use them",
     )
+    up.add_argument(
+        "--join",
+        action="store_true",
+        help="run beside a system already on this broker and prefix, as more of its roles",
+    )
     up.set_defaults(handler=_run_up)
 
     gateway = commands.add_parser(
@@ -117,6 +122,7 @@ def _run_up(args: argparse.Namespace) -> int:
         _settings_from(args),
         comfyui=args.comfyui,
         simulate=args.simulate,
+        join=args.join,
     )
 
 
@@ -148,12 +154,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         setup_logging(getattr(args, "log_level", "WARNING"))
     try:
         code: int = args.handler(args)
-    except SettingsError as exc:
-        print(f"comfyautomate: {exc}", file=sys.stderr)
+    except (SettingsError, ExceptionGroup) as exc:
+        # A role that cannot start raises inside the task group that runs it.
+        why = _settings_error(exc)
+        if why is None:
+            raise
+        print(f"comfyautomate: {why}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
     return code
+
+
+def _settings_error(exc: BaseException) -> SettingsError | None:
+    """The SettingsError that `exc` is or holds (in exception groups), if any."""
+    if isinstance(exc, SettingsError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = _settings_error(inner)
+            if found is not None:
+                return found
+    return None
 
 
 if __name__ == "__main__":

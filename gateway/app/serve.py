@@ -16,7 +16,7 @@ from gateway.balancer.fleet import FleetView
 from gateway.balancer.role import Balancer
 from gateway.bus.connection import session
 from gateway.bus.contract import Subjects
-from gateway.settings import Settings
+from gateway.settings import Settings, SettingsError
 from gateway.storage import Storage
 from plugins.storage.registry import create_storage
 
@@ -50,9 +50,12 @@ def bind_socket(host: str, port: int) -> socket.socket:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
-    except OSError:
+    except OSError as exc:
         sock.close()
-        raise
+        raise SettingsError(
+            f"cannot listen on {host}:{port}: {exc.strerror or exc} "
+            "(another program has it? choose another with --port)"
+        ) from None
     sock.listen(2048)
     sock.set_inheritable(True)
     return sock

@@ -21,13 +21,14 @@ from nats.aio.client import Client
 
 from gateway.api.auth import check_settings
 from gateway.app.adapterhost import AdapterHost
+from gateway.app.occupied import roles_running
 from gateway.app.serve import run_gateway, storage_for
 from gateway.bus.connection import session, shown_url
 from gateway.bus.contract import ServerRecord, Subjects, encode, now
-from gateway.bus.natsserver import DEFAULT_CONF, embedded_nats
+from gateway.bus.natsserver import DEFAULT_CONF, answers, embedded_nats
 from gateway.lifecycle import stop_on_signals
 from gateway.logsink.sink import run_logsink
-from gateway.settings import Settings
+from gateway.settings import Settings, SettingsError
 from plugins.simulator import SimulatorConfig, run_simulator
 
 log = logging.getLogger(__name__)
@@ -51,14 +52,20 @@ async def run_up(
     comfyui: Sequence[str] = (),
     simulate: int = 0,
     simulator_config: SimulatorConfig | None = None,
+    join: bool = False,
 ) -> int:
-    """Run everything until SIGINT or SIGTERM; return the exit code."""
+    """Run everything until SIGINT or SIGTERM; return the exit code.
+
+    A broker that already serves a system under this prefix is refused (SettingsError)
+    unless `join`: two systems on one broker would take each other's events and jobs.
+    """
     check_settings(settings)  # refuse an unsafe setup before anything starts
     stop = asyncio.Event()
     subjects = Subjects(settings.subject_prefix)
     with stop_on_signals(stop):
         async with AsyncExitStack() as stack:
             url = settings.nats_url
+            found_broker = await answers(url)
             if settings.embedded_nats:
                 conf = Path(settings.nats_conf) if settings.nats_conf else DEFAULT_CONF
                 url = await stack.enter_async_context(
@@ -79,6 +86,16 @@ async def run_up(
                     url, "up", subjects, user=settings.nats_user, password=settings.nats_password
                 )
             )
+            if found_broker and not join:
+                running = await roles_running(nc, subjects)
+                if running:
+                    raise SettingsError(
+                        f"the NATS server at {shown_url(url)} already serves a ComfyAutomate "
+                        f"system under the prefix {subjects.prefix!r} ({', '.join(running)}). "
+                        "Run beside it with another prefix (--prefix) or broker (--nats-url), "
+                        "or join it on purpose: `up --join`, or the separate roles "
+                        "(comfyautomate gateway | adapter | logsink)"
+                    )
             for server_id, name, address in servers:
                 await _register(nc, subjects, server_id, name, address)
             storage = storage_for(settings, nc.jetstream())
@@ -120,6 +137,7 @@ def up(
     *,
     comfyui: Sequence[str] = (),
     simulate: int = 0,
+    join: bool = False,
 ) -> int:
     """Synchronous entry point for the CLI."""
-    return asyncio.run(run_up(settings, comfyui=comfyui, simulate=simulate))
+    return asyncio.run(run_up(settings, comfyui=comfyui, simulate=simulate, join=join))

@@ -1,9 +1,9 @@
 """The leading balancer's work: keep job records from events, bind pending jobs to servers.
 
-Only the lease holder runs this (see leader.py), so it is the single writer of existing records
-in KV `comfy_jobs` and the only one deciding where a job goes. It reads every event through a
-durable consumer, so a new leader continues exactly where the last one stopped; pending jobs are
-rebuilt from KV on start, which is what makes them survive a restart.
+Only the lease holder runs this (gateway/bus/lease.py), so it is the single writer of existing
+records in KV `comfy_jobs` and the only one deciding where a job goes. It reads every event
+through a durable consumer, so a new leader continues exactly where the last one stopped;
+pending jobs are rebuilt from KV on start, which is what makes them survive a restart.
 
 The work is in four parts, each in its own module: `book` (the records and their indexes),
 `recording` (events applied to records), `binding` (dispatch rounds) and `recovery` (jobs taken

@@ -15,10 +15,10 @@ from nats.aio.client import Client
 
 from gateway.balancer.dispatcher import Dispatcher
 from gateway.balancer.fleet import FleetView
-from gateway.balancer.leader import hold_leadership
 from gateway.balancer.submit import Submitter
 from gateway.bus.contract import Subjects, new_id
 from gateway.bus.events import EventPublisher
+from gateway.bus.lease import hold_lease
 from gateway.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -66,6 +66,6 @@ class Balancer:
                 self.leads = False
 
         try:
-            await hold_leadership(lease_kv, self.holder, lead, stop)
+            await hold_lease(lease_kv, self.holder, lead, stop)
         finally:
             await subscription.unsubscribe()

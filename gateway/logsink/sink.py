@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import socket
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -20,7 +22,8 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from gateway.bus.connection import connect, ensure_resources
-from gateway.bus.contract import Subjects
+from gateway.bus.contract import Subjects, new_id
+from gateway.bus.lease import hold_lease, lease_held
 from gateway.logsink.config import SinkConfig
 from gateway.logsink.consumer import EventPuller
 from gateway.logsink.jsonl import JsonlError
@@ -217,6 +220,10 @@ class LogSink:
             self._progress.notify_all()
 
 
+# The log sink's lease, in the bucket of leases that the balancer's is in.
+LEASE_KEY = "logsink"
+
+
 async def run_logsink(
     settings: Settings,
     stop: asyncio.Event,
@@ -226,15 +233,26 @@ async def run_logsink(
 ) -> None:
     """Run the log sink until `stop` is set (what `comfyautomate logsink` and `up` call).
 
-    Uses `nc` when given (`up` shares its connection), else connects to settings.nats_url.
+    Exactly one sink consumes a system's events: this one runs while it holds the log sink's
+    lease, and a second one waits as a standby until the lease is free (its holder stopped or
+    died), so that two sinks never split the stream between two sets of files. Uses `nc`
+    when given (`up` shares its connection), else connects to settings.nats_url.
     """
     subjects = Subjects(settings.subject_prefix)
     own = nc is None
     client = nc if nc is not None else await _connect(settings)
     try:
         await ensure_resources(client.jetstream(), subjects)
-        async with LogSink(client, subjects, settings.data_path, config) as sink:
-            await sink.wait(stop)
+        leases = await client.jetstream().key_value(subjects.balancer_bucket)
+
+        async def sink() -> None:
+            async with LogSink(client, subjects, settings.data_path, config) as running:
+                await running.wait(stop)
+
+        if await lease_held(client.jetstream(), subjects.balancer_bucket, LEASE_KEY):
+            log.warning("another log sink holds the lease: standing by until it stops")
+        holder = f"logsink-{socket.gethostname()}-{os.getpid()}-{new_id()[:8]}"
+        await hold_lease(leases, holder, sink, stop, key=LEASE_KEY, drain_s=60.0)
     finally:
         if own:
             await client.drain()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 from typing import Any
 
 from gateway.bus.connection import session
@@ -20,6 +21,8 @@ Run the adapter of one ComfyUI server: take the jobs the balancer binds to it fr
 them on ComfyUI, publish their progress and store their outputs, and heartbeat its health.
 Stops on SIGINT/SIGTERM, letting running jobs finish within --grace seconds.
 """
+
+log = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -90,6 +93,15 @@ def main(args: argparse.Namespace) -> int:
     labels = parse_labels(args.label)
     options = _options(args)
     capacity = args.capacity if args.capacity is not None else settings.default_capacity
+    if settings.storage == "local":
+        # An adapter alone is usually on a GPU box: its outputs would land on that box, and a
+        # gateway elsewhere would answer 404 for every image URL.
+        log.warning(
+            "storage is local: outputs are kept under %s on this machine, and only a gateway "
+            "that reads the same folder can serve them; on a fleet use storage = nats "
+            "(--storage nats) or a shared folder",
+            settings.data_path / "outputs",
+        )
 
     async def role(settings: Settings, url: str, stop: asyncio.Event) -> None:
         subjects = Subjects(settings.subject_prefix)

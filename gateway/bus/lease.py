@@ -3,7 +3,8 @@
 Every gateway replica answers submissions, but only the holder of the lease binds jobs to
 servers and keeps job records, so capacity is never overcommitted by two replicas deciding at
 once. The bucket's TTL ends the lease of a leader that died; a leader that stops cleanly gives
-it up at once so a standby takes over without waiting.
+it up at once so a standby takes over without waiting. The log sink holds a lease of its own
+(key `logsink`) the same way, so that two sinks never split a system's events.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import logging
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from nats.js.errors import KeyWrongLastSequenceError
+from nats.js import JetStreamContext
+from nats.js.errors import KeyWrongLastSequenceError, NotFoundError
 from nats.js.kv import KeyValue
 
 from gateway.bus.connection import LEADER_LEASE_S
@@ -24,39 +26,51 @@ log = logging.getLogger(__name__)
 _KEY = "leader"
 
 
-async def hold_leadership(
+async def lease_held(js: JetStreamContext, bucket: str, key: str = _KEY) -> bool:
+    """Whether some process holds the lease `key` in `bucket` now (read from the stream)."""
+    try:
+        raw = await js.get_last_msg(f"KV_{bucket}", f"$KV.{bucket}.{key}")
+    except NotFoundError:
+        return False
+    return (raw.headers or {}).get("KV-Operation") not in ("DEL", "PURGE")
+
+
+async def hold_lease(
     kv: KeyValue,
     holder: str,
     work: Callable[[], Coroutine[Any, Any, None]],
     stop: asyncio.Event,
     *,
     renew_every: float = LEADER_LEASE_S / 5,
+    key: str = _KEY,
+    drain_s: float = 0.0,
 ) -> None:
-    """Run `work` whenever this process holds the lease, until `stop` is set.
+    """Run `work` whenever this process holds the lease `key`, until `stop` is set.
 
     `work` is cancelled if the lease is lost (say, the broker was unreachable for longer than the
-    lease); it is started again if the lease is won back.
+    lease); it is started again if the lease is won back. On `stop`, a `work` that watches the
+    same event has `drain_s` seconds to end by itself before it is cancelled.
     """
     while not stop.is_set():
-        revision = await _try_acquire(kv, holder)
+        revision = await _try_acquire(kv, holder, key)
         if revision is None:
             await wait_event(stop, renew_every)
             continue
-        log.info("%s holds the balancer lease", holder)
+        log.info("%s holds the %s lease", holder, key)
         try:
-            await _lead(kv, holder, revision, work, stop, renew_every)
+            await _lead(kv, holder, revision, work, stop, renew_every, key, drain_s)
         except Exception:
             # The lead's work failed: give the lease up (another replica, or this one after a
             # pause, takes over from the durable state) rather than take the process down.
-            log.exception("%s: the balancer's work failed; giving up the lease", holder)
+            log.exception("%s: the %s's work failed; giving up the lease", holder, key)
             await wait_event(stop, renew_every)
         finally:
-            await _release(kv, holder)
+            await _release(kv, holder, key)
 
 
-async def _try_acquire(kv: KeyValue, holder: str) -> int | None:
+async def _try_acquire(kv: KeyValue, holder: str, key: str) -> int | None:
     try:
-        return await kv.create(_KEY, holder.encode())
+        return await kv.create(key, holder.encode())
     except KeyWrongLastSequenceError:
         return None
 
@@ -68,8 +82,10 @@ async def _lead(
     work: Callable[[], Coroutine[Any, Any, None]],
     stop: asyncio.Event,
     renew_every: float,
+    key: str,
+    drain_s: float,
 ) -> None:
-    worker = asyncio.create_task(work(), name="balancer-leader")
+    worker = asyncio.create_task(work(), name=f"{key}-lease-holder")
     stopped = asyncio.create_task(stop.wait())
     try:
         while True:
@@ -79,10 +95,12 @@ async def _lead(
             if done:
                 break
             try:
-                revision = await kv.update(_KEY, holder.encode(), last=revision)
+                revision = await kv.update(key, holder.encode(), last=revision)
             except KeyWrongLastSequenceError:
-                log.warning("%s lost the balancer lease; standing by", holder)
+                log.warning("%s lost the %s lease; standing by", holder, key)
                 break
+        if stop.is_set() and drain_s > 0 and not worker.done():
+            await asyncio.wait({worker}, timeout=drain_s)
     finally:
         stopped.cancel()
         await stop_tasks(worker)
@@ -91,10 +109,10 @@ async def _lead(
             raise failure
 
 
-async def _release(kv: KeyValue, holder: str) -> None:
+async def _release(kv: KeyValue, holder: str, key: str) -> None:
     try:
-        entry = await kv.get(_KEY)
+        entry = await kv.get(key)
         if entry.value == holder.encode():
-            await kv.delete(_KEY, last=entry.revision)
+            await kv.delete(key, last=entry.revision)
     except Exception:  # the lease will expire on its own; releasing early is a courtesy
-        log.warning("could not release the balancer lease; it will expire", exc_info=True)
+        log.warning("could not release the %s lease; it will expire", key, exc_info=True)
