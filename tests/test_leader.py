@@ -85,9 +85,7 @@ async def test_a_failing_leader_gives_the_lease_up(js: JetStreamContext) -> None
     try:
         async with asyncio.timeout(10):
             assert await runs.get() == "broken"
-            second = asyncio.create_task(
-                hold_lease(kv, "healthy", healthy, stop, renew_every=0.05)
-            )
+            second = asyncio.create_task(hold_lease(kv, "healthy", healthy, stop, renew_every=0.05))
             while await runs.get() != "healthy":
                 pass
     finally:
