@@ -191,6 +191,10 @@ class Simulator:
         """Hang the queue: prompts are accepted but not run until `set_hang(False)`."""
         self.engine.set_hang(hang)
 
+    def set_fail_prompt(self, fail: bool = True) -> None:
+        """Answer POST /prompt with a 500, as a broken ComfyUI does (or answer again)."""
+        self.config.fail_prompt = fail
+
     def set_hang_http(self, hang: bool = True) -> None:
         """Stop answering HTTP and websocket handshakes (or answer again)."""
         self.app.hang_http = hang

@@ -17,6 +17,7 @@ from typing import Any
 import httpx
 import msgspec
 import pytest
+from nats.aio.client import Client
 
 from gateway.app.adapterhost import AdapterHost
 from gateway.app.serve import storage_for
@@ -50,6 +51,22 @@ class System:
         self.sims: dict[str, Simulator] = {}
         self._stack = stack
         self._gateways: list[tuple[asyncio.Event, asyncio.Task[None]]] = []
+        self._sink: tuple[asyncio.Event, asyncio.Task[None]] | None = None
+        self.nc: Client | None = None
+
+    def start_log_sink(self) -> None:
+        assert self.nc is not None and self._sink is None
+        stop = asyncio.Event()
+        self._sink = (stop, asyncio.create_task(run_logsink(self.settings, stop, nc=self.nc)))
+
+    async def stop_log_sink(self) -> None:
+        """Stop the log sink gracefully (what it holds is stored first)."""
+        if self._sink is not None:
+            stop, task = self._sink
+            self._sink = None
+            stop.set()
+            async with asyncio.timeout(60):
+                await task
 
     async def add_server(
         self,
@@ -126,15 +143,15 @@ async def running_system(
         nc = await stack.enter_async_context(session(settings.nats_url, "e2e", subjects))
         storage = await stack.enter_async_context(storage_for(settings, nc.jetstream()))
         system = System(settings, stack, headers)
-        roles = [
-            asyncio.create_task(run_logsink(settings, stop, nc=nc)),
-            asyncio.create_task(AdapterHost(nc, settings, storage).run(stop)),
-        ]
+        system.nc = nc
+        system.start_log_sink()
+        roles = [asyncio.create_task(AdapterHost(nc, settings, storage).run(stop))]
         try:
             system.url = await system.start_gateway()
             yield system
         finally:
             await system.stop_all_gateways()
+            await system.stop_log_sink()
             stop.set()
             async with asyncio.timeout(30):
                 await asyncio.gather(*roles)
