@@ -128,11 +128,16 @@ class Bus:
         server_id: str = SERVER,
         attempt: int = 1,
         bound_to: str | None = None,
+        record_attempt: int | None = None,
         overrides: dict[str, Any] | None = None,
         inputs: list[JobInput] | None = None,
         timeout_s: float | None = None,
     ) -> Job:
-        """Bind a new job to `server_id` as the dispatcher does: record first, then the Job."""
+        """Bind a new job to `server_id` as the dispatcher does: record first, then the Job.
+
+        `bound_to` and `record_attempt` make the record disagree with the Job, as when the
+        balancer has moved the job on by the time the adapter reads it.
+        """
         job_id = new_id()
         request = JobRequest(
             workflow=workflow,
@@ -149,7 +154,7 @@ class Bus:
             updated_at=at,
             log_file_path="",
             server_id=bound_to or server_id,
-            attempt=attempt,
+            attempt=attempt if record_attempt is None else record_attempt,
         )
         await self.kv.put(job_id, encode(record))
         job = Job(
