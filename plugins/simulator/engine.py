@@ -97,6 +97,10 @@ class Engine:
         self.hub = hub
         self.history = History()
         self.hang = config.hang_queue
+        # Open unless a test holds it: a started prompt waits here before its nodes, as on a
+        # real server that is slow to start executing (see Simulator.hold_setup).
+        self.setup_gate = asyncio.Event()
+        self.setup_gate.set()
         self.client_id: str | None = None
         self.last_node_id: str | None = None
         self.running: QueueItem | None = None
@@ -247,6 +251,7 @@ class Engine:
         self._message(run, "execution_start", {"prompt_id": item.prompt_id}, broadcast=False)
         if self.config.setup_duration() > 0:
             await asyncio.sleep(self.config.setup_duration())
+        await self.setup_gate.wait()
         live = set(run.signatures.values())
         self._cache = {key: entry for key, entry in self._cache.items() if key in live}
         cached = [node_id for node_id in prompt if run.signatures[node_id] in self._cache]

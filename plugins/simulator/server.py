@@ -191,6 +191,14 @@ class Simulator:
         """Hang the queue: prompts are accepted but not run until `set_hang(False)`."""
         self.engine.set_hang(hang)
 
+    def hold_setup(self, hold: bool = True) -> None:
+        """Keep a started prompt from running its nodes (after `execution_start`) until
+        released: a real server's setup takes as long as a replayed client needs."""
+        if hold:
+            self.engine.setup_gate.clear()
+        else:
+            self.engine.setup_gate.set()
+
     def set_fail_prompt(self, fail: bool = True) -> None:
         """Answer POST /prompt with a 500, as a broken ComfyUI does (or answer again)."""
         self.config.fail_prompt = fail

@@ -23,7 +23,12 @@ pytestmark = pytest.mark.asyncio(loop_scope="module")
 class Session:
     def __init__(self, simulator: Simulator, base_dir: Path) -> None:
         self.simulator = simulator
-        self.replay = Replay(simulator.url, base_dir, lambda: simulator.engine.next_number)
+        self.replay = Replay(
+            simulator.url,
+            base_dir,
+            lambda: simulator.engine.next_number,
+            hold_setup=simulator.hold_setup,
+        )
         self.done: set[str] = set()
 
     async def check(self, name: str) -> list[str]:

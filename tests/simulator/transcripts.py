@@ -77,6 +77,10 @@ AFTER_GAP = {"ws_no_clientid_query", "ws_no_client_id_broadcast", "ws_two_client
 # Requests whose effect on the real server came only after earlier messages had all gone out
 # (the recorder sent them while the previous prompt was finishing): sync on the response time.
 SYNC_ON_RESPONSE = {("prompt_options", 0.3202)}
+# Bursts of requests the recorded server answered before its first prompt ran its nodes (it
+# took ~35 ms to start): the replay holds the simulator's setup from the first request to the
+# last, which a loaded machine may take longer than the simulator's setup time to send.
+HOLD_SETUP = {"queue_multi": (0.0037, 0.0241)}
 BOUNDARY = "replayboundary"
 # The recorded client polled these until they were not empty; the replay does the same.
 POLLED = {("http_only_polling", "/history/")}
@@ -266,8 +270,10 @@ class Replay:
         base_dir: Path,
         next_number: Callable[[], int],
         deadline: float = 5.0,
+        hold_setup: Callable[[bool], None] = lambda _: None,
     ) -> None:
         self.url = url
+        self.hold_setup = hold_setup
         self.ws_url = url.replace("http://", "ws://")
         self.base_dir = str(base_dir)
         self.next_number = next_number
@@ -322,14 +328,20 @@ class Replay:
         closed: dict[str, Client] = {}
         async with httpx.AsyncClient(base_url=self.url, timeout=self.deadline) as http:
             try:
+                held = HOLD_SETUP.get(name)
                 for action in actions:
                     sync = action["t"]
                     if (name, action["t"]) in SYNC_ON_RESPONSE:
                         sync = action["t_response"]
                     await self._sync(name, clients, expected, sync)
+                    if held is not None and action["t"] == held[0]:
+                        self.hold_setup(True)
                     await self._act(action, http, clients, closed, check)
+                    if held is not None and action["t"] == held[1]:
+                        self.hold_setup(False)
                 await self._sync(name, clients, expected, float("inf"))
             finally:
+                self.hold_setup(False)
                 for client_name, client in list(clients.items()):
                     await client.ws.close()
                     if client.reader is not None:
