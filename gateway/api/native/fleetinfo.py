@@ -13,6 +13,7 @@ import logging
 import os
 import platform
 import sys
+import time
 from typing import Any, Final
 
 import httpx
@@ -36,6 +37,9 @@ def features_of(settings: Settings) -> dict[str, Any]:
 
 VERSION: Final = "0.1.0"
 _FETCH_TIMEOUT_S: Final = 10.0
+# A server whose /object_info could not be read is asked again after this long, not by every
+# request meanwhile (each would wait out the time-out).
+_RETRY_FAILED_S: Final = 30.0
 
 
 class FleetInfo:
@@ -44,6 +48,7 @@ class FleetInfo:
     def __init__(self, table: ServerTable) -> None:
         self._table = table
         self._by_digest: dict[str, dict[str, Any]] = {}
+        self._failed_at: dict[str, float] = {}  # digest -> when its fetch last failed
         self._lock = asyncio.Lock()
 
     def live(self) -> list[ServerState]:
@@ -70,6 +75,8 @@ class FleetInfo:
         cached = self._by_digest.get(digest)
         if cached is not None:
             return cached
+        if time.monotonic() - self._failed_at.get(digest, -_RETRY_FAILED_S) < _RETRY_FAILED_S:
+            return {}  # a server that did not answer lately: do not make every caller wait
         async with self._lock:
             cached = self._by_digest.get(digest)
             if cached is not None:
@@ -80,8 +87,9 @@ class FleetInfo:
                 reply.raise_for_status()
                 definitions: dict[str, Any] = reply.json()
             except (httpx.HTTPError, ValueError) as exc:
-                # Not cached: the next request asks again.
+                # Not cached: a request after _RETRY_FAILED_S asks again.
                 log.warning("cannot read /object_info of %s: %s", state.server_id, exc)
+                self._failed_at[digest] = time.monotonic()
                 return {}
             if state.capabilities_hash:
                 self._by_digest[digest] = definitions
