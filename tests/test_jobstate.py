@@ -52,7 +52,7 @@ def test_an_event_seen_twice_changes_nothing() -> None:
     assert apply_event(r, ev(c.Dispatched, 2, c.DispatchedData(server_id="t", attempt=1))) is None
 
 
-def test_a_late_event_of_a_superseded_attempt_is_ignored() -> None:
+def test_a_late_event_of_a_superseded_attempt_is_ignored_but_its_end_ends_the_job() -> None:
     r: Any = queued()
     r = apply_event(r, ev(c.Dispatched, 2, c.DispatchedData(server_id="a", attempt=1)))
     r = apply_event(r, ev(c.Running, 3, c.RunningData(attempt=1, prompt_id="p")))
@@ -60,10 +60,15 @@ def test_a_late_event_of_a_superseded_attempt_is_ignored() -> None:
     assert (r.status, r.server_id, r.runs) == ("queued", None, 1)
     assert attempts_left(r)
     r = apply_event(r, ev(c.Dispatched, 5, c.DispatchedData(server_id="b", attempt=2)))
-    # Server a comes back and reports the old attempt: too late.
-    assert apply_event(r, ev(c.Succeeded, 6, c.SucceededData(attempt=1, outputs=[]))) is None
+    # Server a comes back and reports the old attempt's progress: too late.
     assert apply_event(r, ev(c.Running, 6, c.RunningData(attempt=1, prompt_id="p"))) is None
     assert apply_event(r, ev(c.Retried, 6, c.RetriedData(attempt=1, reason="again"))) is None
+    # Its success, if the log took it (it takes one end, whoever writes it), is the result.
+    output = c.OutputFile(
+        node_id="3", filename="a.png", key="j/a.png", size=1, content_type="image/png", url="u"
+    )
+    done = apply_event(r, ev(c.Succeeded, 6, c.SucceededData(attempt=1, outputs=[output])))
+    assert (done.status, done.attempt, done.outputs) == ("succeeded", 1, [output])
     r = apply_event(r, ev(c.Running, 6, c.RunningData(attempt=2, prompt_id="q")))
     assert (r.status, r.runs) == ("running", 2)
     assert not attempts_left(r)

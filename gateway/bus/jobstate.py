@@ -9,8 +9,9 @@ a cancelled job can never go on to `running` or `succeeded`.
 
 The record lives in KV `comfy_jobs`. Events arrive at least once and, across writers, may be
 applied late; `apply_event` is therefore idempotent (seq already applied: no change) and ignores
-events of an attempt that has been superseded, so a server thought dead that reports back late
-cannot undo what happened since.
+the progress of an attempt that has been superseded (its `running`, its hand-back), so a server
+thought dead that reports back late cannot undo what happened since. Its end, if the log took
+it, is the job's end: the log holds one end, whoever wrote it.
 """
 
 from __future__ import annotations
@@ -55,9 +56,9 @@ def record_from_queued(event: Queued) -> JobRecord:
     )
 
 
-def _current_attempt(record: JobRecord, attempt: int) -> bool:
-    # Attempt 0 means "not tied to an attempt" (a cancel before dispatch, say).
-    return attempt in (0, record.attempt)
+def _ended_by(record: JobRecord, attempt: int) -> dict[str, object]:
+    # Attempt 0 means "not tied to an attempt" (a failure before dispatch, say).
+    return {"attempt": attempt} if attempt and attempt != record.attempt else {}
 
 
 def apply_event(record: JobRecord | None, event: Event) -> JobRecord | None:
@@ -93,11 +94,16 @@ def _transition(record: JobRecord, event: Event) -> dict[str, object] | None:
             if record.status is JobStatus.RUNNING:
                 return None
             return {"status": JobStatus.RUNNING, "runs": record.runs + 1, "started_at": event.ts}
-        case Succeeded(data=data) if _current_attempt(record, data.attempt):
-            return {"status": JobStatus.SUCCEEDED, "outputs": data.outputs, "finished_at": event.ts}
-        case Failed(data=data) if _current_attempt(record, data.attempt):
-            return {"status": JobStatus.FAILED, "error": data, "finished_at": event.ts}
-        case Cancelled(data=data) if _current_attempt(record, data.attempt):
+        # An end is the job's end whichever attempt wrote it: the log takes one end and nothing
+        # after it (events.py), so a late success of an attempt handed back is the result, and
+        # the attempt bound since is abandoned by its adapter. The record names the attempt.
+        case Succeeded(data=data):
+            ended: dict[str, object] = {"status": JobStatus.SUCCEEDED, "outputs": data.outputs}
+            return {**ended, "finished_at": event.ts, **_ended_by(record, data.attempt)}
+        case Failed(data=data):
+            ended = {"status": JobStatus.FAILED, "error": data}
+            return {**ended, "finished_at": event.ts, **_ended_by(record, data.attempt)}
+        case Cancelled(data=data):
             return {"status": JobStatus.CANCELLED, "finished_at": event.ts}
         case Retried(data=data) if data.attempt == record.attempt and record.status in BOUND:
             # A started try was counted at `running`; one that failed before starting
