@@ -107,7 +107,7 @@ class Attempt:
     def _ended_elsewhere(self, end: Event) -> None:
         # The job's log ended without this attempt (a cancel, say): stop the prompt now
         # rather than run it to the end for nothing.
-        self.request_stop(Stop("cancel", f"the job was {event_type(end)} meanwhile"))
+        self.request_stop(Stop("cancel", f"the job ended meanwhile ({event_type(end)})"))
 
     def register_watch(self) -> Watch:
         """Follow the prompt's messages from now on."""

@@ -131,7 +131,7 @@ class JobRun:
         end is another attempt's success, stored under the same keys), and the job is acked.
         """
         log.info(
-            "job %s attempt %d: the job was %s meanwhile; stopping here",
+            "job %s attempt %d: the job ended meanwhile (%s); stopping here",
             self.job.job_id,
             self.job.attempt,
             event_type(end),
