@@ -13,10 +13,9 @@ from collections.abc import Mapping
 from typing import Final
 
 import msgspec
-from nats.js import JetStreamContext
 
-from gateway.balancer.book import JobBook
-from gateway.balancer.joblog import JobLog, Unreadable
+from gateway.balancer.joblog import Unreadable
+from gateway.balancer.lead import Lead
 from gateway.balancer.placement import (
     Candidate,
     Pending,
@@ -25,7 +24,6 @@ from gateway.balancer.placement import (
     missing,
     plan,
 )
-from gateway.balancer.servers import ServerTable
 from gateway.bus.contract import (
     Capabilities,
     DispatchedData,
@@ -33,11 +31,10 @@ from gateway.bus.contract import (
     JobRecord,
     JobRequest,
     JobStatus,
-    Subjects,
     encode,
     now,
 )
-from gateway.bus.events import EventPublisher, JobEnded
+from gateway.bus.events import JobEnded
 
 log = logging.getLogger(__name__)
 
@@ -53,21 +50,8 @@ _FITS_REMEMBERED: Final = 50_000
 class Binder:
     """Runs dispatch rounds over the book's queue and sends what it binds."""
 
-    def __init__(
-        self,
-        js: JetStreamContext,
-        subjects: Subjects,
-        book: JobBook,
-        servers: ServerTable,
-        publisher: EventPublisher,
-        joblog: JobLog,
-    ) -> None:
-        self._js = js
-        self._subjects = subjects
-        self._book = book
-        self._servers = servers
-        self._publisher = publisher
-        self._joblog = joblog
+    def __init__(self, lead: Lead) -> None:
+        self._lead = lead
         self._passed_over: dict[str, float] = {}  # server id -> idle with work waiting since
         # (requirements, server id) -> whether that server has what they need; cleared when
         # a server's capabilities or labels change (checked by identity).
@@ -75,26 +59,26 @@ class Binder:
         self._fits_of: dict[str, tuple[Capabilities, dict[str, str]]] = {}
 
     def _candidates(self) -> list[Candidate]:
-        typical = self._servers.typical_seconds_per_job() or _DEFAULT_SECONDS_PER_JOB
+        typical = self._lead.servers.typical_seconds_per_job() or _DEFAULT_SECONDS_PER_JOB
         return [
             Candidate(
                 server_id=s.server_id,
                 capacity=s.capacity,
-                bound=self._book.bound.count(s.server_id),
+                bound=self._lead.book.bound.count(s.server_id),
                 seconds_per_job=s.seconds_per_job or typical / max(s.weight, 0.01),
             )
-            for s in self._servers.live()
+            for s in self._lead.servers.live()
             if s.capabilities is not None
         ]
 
     async def round(self) -> None:
         """Bind what the plan says of the queue's head to the servers with room."""
         candidates = self._candidates()
-        queue = self._book.queue
+        queue = self._lead.book.queue
         if not candidates or not len(queue):
             return
         window = queue.head(max(64, 4 * sum(c.capacity for c in candidates)))
-        states = {c.server_id: self._servers.get(c.server_id) for c in candidates}
+        states = {c.server_id: self._lead.servers.get(c.server_id) for c in candidates}
         usable = []
         for server_id, state in states.items():
             if state is None or state.capabilities is None:
@@ -107,7 +91,7 @@ class Binder:
         eligible_for: dict[Requirements, frozenset[str]] = {}
         pending = []
         for job_id in window:
-            need = self._book.needs[job_id]
+            need = self._lead.book.needs[job_id]
             eligible = eligible_for.get(need)
             if eligible is None:
                 eligible = eligible_for[need] = frozenset(
@@ -116,14 +100,14 @@ class Binder:
                     if (need.server is None or need.server == server_id)
                     and self._fit(need, server_id, capabilities, labels)
                 )
-            avoid = self._book.avoid.get(job_id)
+            avoid = self._lead.book.avoid.get(job_id)
             if avoid in eligible and len(eligible) > 1:
                 eligible = eligible - {avoid}  # it just failed this job: another one, please
             pending.append(Pending(job_id=job_id, eligible=eligible))
         bindings = plan(pending, candidates)
         self._note_passed_over(candidates, pending, bindings)
         for job_id, server_id in bindings:
-            record = self._book.records.get(job_id)
+            record = self._lead.book.records.get(job_id)
             # An earlier binding's awaits let events in: this job may have ended or moved on.
             if record is not None and record.status is JobStatus.QUEUED:
                 await self._bind(record, server_id)
@@ -136,7 +120,7 @@ class Binder:
     ) -> None:
         """Measure afresh a server the plans have kept idle for long while work waited."""
         idle = left_idle(pending, candidates, bindings)
-        now = self._servers.now()
+        now = self._lead.servers.now()
         for c in candidates:
             if c.server_id not in idle:
                 self._passed_over.pop(c.server_id, None)
@@ -150,7 +134,7 @@ class Binder:
                     now - since,
                     c.seconds_per_job,
                 )
-                self._servers.forget_speed(c.server_id)
+                self._lead.servers.forget_speed(c.server_id)
                 del self._passed_over[c.server_id]
         for server_id in self._passed_over.keys() - {c.server_id for c in candidates}:
             del self._passed_over[server_id]
@@ -172,21 +156,23 @@ class Binder:
         return fit
 
     async def _bind(self, record: JobRecord, server_id: str) -> None:
-        request = self._book.requests.get(record.job_id)
+        request = self._lead.book.requests.get(record.job_id)
         if request is None:
             try:
-                request = await self._joblog.request_of(record.job_id)
+                request = await self._lead.joblog.request_of(record.job_id)
             except Unreadable:
                 return  # stays queued: the next round tries again
         if request is None:
             # The record stays, so that the failure, when its event comes back, is recorded.
-            self._book.queue.discard(record.job_id)
-            await self._book.fail(record, "lost", "the job's request is missing from the event log")
+            self._lead.book.queue.discard(record.job_id)
+            await self._lead.book.fail(
+                record, "lost", "the job's request is missing from the event log"
+            )
             return
         # Shielded: a leader stopped half-way would leave a record that says "dispatched" for
         # a job never sent.
         await asyncio.shield(self._bind_to(record, request, server_id))
-        self._book.requests.pop(record.job_id, None)
+        self._lead.book.requests.pop(record.job_id, None)
 
     async def _bind_to(self, record: JobRecord, request: JobRequest, server_id: str) -> None:
         attempt = record.attempt + 1
@@ -195,12 +181,12 @@ class Binder:
             record, status=JobStatus.DISPATCHED, server_id=server_id, attempt=attempt, updated_at=at
         )
         # The record first: once it says "dispatched", no other leader binds the job again.
-        await self._book.store(bound)
-        self._book.queue.discard(record.job_id)
+        await self._lead.book.store(bound)
+        self._lead.book.queue.discard(record.job_id)
         # `dispatched` before the job: once the adapter has the job it appends `running` and
         # more, and a `dispatched` landing after those would misstate the job's course.
         try:
-            await self._publisher.emit(
+            await self._lead.publisher.emit(
                 record.job_id,
                 DispatchedData(server_id=server_id, attempt=attempt),
                 server_id=server_id,
@@ -221,8 +207,8 @@ class Binder:
             submitted_at=bound.submitted_at,
             dispatched_at=bound.updated_at,
         )
-        await self._js.publish(
-            self._subjects.jobs(bound.server_id),
+        await self._lead.js.publish(
+            self._lead.subjects.jobs(bound.server_id),
             encode(job),
             headers={"Nats-Msg-Id": f"{bound.job_id}.{bound.attempt}"},
         )

@@ -23,6 +23,7 @@ from nats.js.kv import KeyValue
 from gateway.balancer.binding import Binder
 from gateway.balancer.book import JobBook
 from gateway.balancer.joblog import JobLog
+from gateway.balancer.lead import Lead
 from gateway.balancer.recording import Recorder
 from gateway.balancer.recovery import Recovery
 from gateway.balancer.servers import ServerTable
@@ -53,23 +54,19 @@ class Dispatcher:
         self._tick = tick
         self._wake = asyncio.Event()
         self._book = JobBook(jobs_kv, publisher)
-        joblog = JobLog(js, subjects, publisher)
-        self._binder = Binder(js, subjects, self._book, servers, publisher, joblog)
-        self._recorder = Recorder(
-            nc, jobs_kv, subjects, self._book, servers, on_applied=self._wake.set, tick=tick
+        lead = Lead(
+            nc=nc,
+            js=js,
+            jobs_kv=jobs_kv,
+            subjects=subjects,
+            book=self._book,
+            servers=servers,
+            publisher=publisher,
+            joblog=JobLog(js, subjects, publisher),
         )
-        self._recovery = Recovery(
-            nc,
-            js,
-            subjects,
-            self._book,
-            servers,
-            publisher,
-            joblog,
-            self._binder,
-            self._recorder,
-            stale_grace=stale_grace,
-        )
+        self._binder = Binder(lead)
+        self._recorder = Recorder(lead, on_applied=self._wake.set, tick=tick)
+        self._recovery = Recovery(lead, self._binder, self._recorder, stale_grace=stale_grace)
 
     def wake(self) -> None:
         """Ask for a dispatch round soon (a server reported room, say)."""

@@ -13,14 +13,11 @@ import logging
 from collections.abc import Callable
 
 import nats.errors
-from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.errors import KeyNotFoundError
-from nats.js.kv import KeyValue
 
-from gateway.balancer.book import JobBook
-from gateway.balancer.servers import ServerTable
+from gateway.balancer.lead import Lead
 from gateway.bus.contract import (
     Cancel,
     Cancelled,
@@ -30,7 +27,6 @@ from gateway.bus.contract import (
     Queued,
     Retried,
     Running,
-    Subjects,
     Succeeded,
     decode,
     decode_event,
@@ -46,22 +42,8 @@ _BATCH = 256
 class Recorder:
     """Applies events to the book's records and ends, requeues or forwards what they say."""
 
-    def __init__(
-        self,
-        nc: Client,
-        jobs_kv: KeyValue,
-        subjects: Subjects,
-        book: JobBook,
-        servers: ServerTable,
-        *,
-        on_applied: Callable[[], None],
-        tick: float,
-    ) -> None:
-        self._nc = nc
-        self._kv = jobs_kv
-        self._subjects = subjects
-        self._book = book
-        self._servers = servers
+    def __init__(self, lead: Lead, *, on_applied: Callable[[], None], tick: float) -> None:
+        self._lead = lead
         self._on_applied = on_applied
         self._tick = tick
         # Job id -> seq of its event that failed to apply: its later events wait for that one,
@@ -149,7 +131,7 @@ class Recorder:
                 log.warning("could not nak event %s of job %s: %s", event.seq, event.job_id, exc)
 
     async def _on_event(self, event: Event, message: Msg | None = None) -> None:
-        record = self._book.records.get(event.job_id)
+        record = self._lead.book.records.get(event.job_id)
         if isinstance(event, Queued) and record is None:
             await self._on_new_job(event, message)
             return
@@ -158,16 +140,16 @@ class Recorder:
         updated = apply_event(record, event)
         if updated is None:
             return
-        await self._book.store(updated)
+        await self._lead.book.store(updated)
         if isinstance(event, Running):
-            self._book.started_at[event.job_id] = event.ts
+            self._lead.book.started_at[event.job_id] = event.ts
         if updated.status.terminal:
             self._finish(record, updated, event)
         elif isinstance(event, Retried):
             await self._requeue(updated, event)
 
     async def _on_new_job(self, event: Queued, message: Msg | None = None) -> None:
-        book = self._book
+        book = self._lead.book
         book.unconfirmed.pop(event.job_id, None)
         if self._first_sight(event, message):
             record = record_from_queued(event)
@@ -175,7 +157,7 @@ class Recorder:
             # KV is the truth: a replayed queued event of a job that has moved on must not
             # revive it.
             try:
-                entry = await self._kv.get(event.job_id)
+                entry = await self._lead.jobs_kv.get(event.job_id)
             except KeyNotFoundError:
                 record = record_from_queued(event)
             else:
@@ -205,12 +187,12 @@ class Recorder:
         return meta.num_delivered == 1 and meta.sequence.stream > self.replayed_upto
 
     def _finish(self, before: JobRecord, after: JobRecord, event: Event) -> None:
-        self._book.forget(after.job_id)
-        started = self._book.started_at.pop(after.job_id, None)
+        self._lead.book.forget(after.job_id)
+        started = self._lead.book.started_at.pop(after.job_id, None)
         # Only a success tells how fast a server is: a failure or a cancel may come at once or
         # after a crash and a restart, and one such outlier would starve a good server.
         if started is not None and before.server_id is not None and isinstance(event, Succeeded):
-            self._servers.observe_run(before.server_id, event.ts - started)
+            self._lead.servers.observe_run(before.server_id, event.ts - started)
         if isinstance(event, Cancelled) and before.status in BOUND and before.server_id:
             # Cancelled while bound: make sure the adapter stops it too.
             asyncio.get_running_loop().create_task(self._forward_cancel(before))
@@ -218,8 +200,8 @@ class Recorder:
     async def _forward_cancel(self, record: JobRecord) -> None:
         assert record.server_id is not None
         try:
-            await self._nc.request(
-                self._subjects.control(record.server_id),
+            await self._lead.nc.request(
+                self._lead.subjects.control(record.server_id),
                 encode(Cancel(job_id=record.job_id)),
                 timeout=2.0,
             )
@@ -227,22 +209,28 @@ class Recorder:
             log.warning("could not forward the cancel of %s", record.job_id, exc_info=True)
 
     async def _requeue(self, record: JobRecord, event: Retried) -> None:
-        self._book.started_at.pop(record.job_id, None)
-        self._book.handed_back.pop(record.job_id, None)
-        need = self._book.needs.get(record.job_id)
-        if need is not None and need.server is not None and self._servers.is_removed(need.server):
-            self._book.keep(record)
-            await self._book.fail(record, "server_removed", f"server {need.server} was removed")
+        self._lead.book.started_at.pop(record.job_id, None)
+        self._lead.book.handed_back.pop(record.job_id, None)
+        need = self._lead.book.needs.get(record.job_id)
+        if (
+            need is not None
+            and need.server is not None
+            and self._lead.servers.is_removed(need.server)
+        ):
+            self._lead.book.keep(record)
+            await self._lead.book.fail(
+                record, "server_removed", f"server {need.server} was removed"
+            )
             return
         if attempts_left(record):
-            self._book.requeue(
+            self._lead.book.requeue(
                 record,
                 after_failure=event.data.counts,
                 failed_on=event.data.previous_server_id if event.data.counts else None,
             )
             return
-        self._book.keep(record)
-        await self._book.fail(
+        self._lead.book.keep(record)
+        await self._lead.book.fail(
             record,
             "attempts_exhausted",
             f"gave up after {record.runs} tries (each is in the job's log); "

@@ -8,14 +8,10 @@ import contextlib
 import logging
 import time
 
-from nats.aio.client import Client
-from nats.js import JetStreamContext
-
 from gateway.balancer.binding import Binder
-from gateway.balancer.book import JobBook
-from gateway.balancer.joblog import JobLog, Unreadable
+from gateway.balancer.joblog import Unreadable
+from gateway.balancer.lead import Lead
 from gateway.balancer.recording import Recorder
-from gateway.balancer.servers import ServerTable
 from gateway.bus.contract import (
     DispatchedData,
     JobRecord,
@@ -24,10 +20,9 @@ from gateway.bus.contract import (
     Queued,
     Retried,
     RetriedData,
-    Subjects,
     decode,
 )
-from gateway.bus.events import EventPublisher, JobEnded
+from gateway.bus.events import JobEnded
 from gateway.bus.jobstate import BOUND, ends_attempt, ends_job
 from gateway.bus.kvsnapshot import kv_snapshot
 
@@ -38,26 +33,9 @@ class Recovery:
     """Takes over open jobs at the start of a leadership and hands back the stranded ones."""
 
     def __init__(
-        self,
-        nc: Client,
-        js: JetStreamContext,
-        subjects: Subjects,
-        book: JobBook,
-        servers: ServerTable,
-        publisher: EventPublisher,
-        joblog: JobLog,
-        binder: Binder,
-        recorder: Recorder,
-        *,
-        stale_grace: float,
+        self, lead: Lead, binder: Binder, recorder: Recorder, *, stale_grace: float
     ) -> None:
-        self._nc = nc
-        self._js = js
-        self._subjects = subjects
-        self._book = book
-        self._servers = servers
-        self._publisher = publisher
-        self._joblog = joblog
+        self._lead = lead
         self._binder = binder
         self._recorder = recorder
         self._stale_grace = stale_grace
@@ -70,29 +48,31 @@ class Recovery:
     async def load_records(self) -> None:
         """Take every open job from KV: pending ones back into the queue."""
         self._since = time.monotonic()
-        for value in (await kv_snapshot(self._js, self._subjects.jobs_bucket)).values():
+        for value in (await kv_snapshot(self._lead.js, self._lead.subjects.jobs_bucket)).values():
             record = decode(value, JobRecord)
             if not record.status.terminal:
                 await self._adopt(record)
         log.info(
-            "leading: %d open jobs, %d pending", len(self._book.records), len(self._book.queue)
+            "leading: %d open jobs, %d pending",
+            len(self._lead.book.records),
+            len(self._lead.book.queue),
         )
 
     async def _adopt(self, record: JobRecord) -> None:
         try:
-            request = await self._joblog.request_of(record.job_id)
+            request = await self._lead.joblog.request_of(record.job_id)
         except Unreadable:
-            self._book.look_again_soon(record)
+            self._lead.book.look_again_soon(record)
             return
         if request is None:
             # Being submitted right now (its queued event is on the way), or a submission that
             # died half-way; the second kind is failed once it has waited long enough.
-            self._book.unconfirmed_since(record)
+            self._lead.book.unconfirmed_since(record)
             return
         await self._take(record, request)
 
     async def _take(self, record: JobRecord, request: JobRequest) -> None:
-        self._book.take(record, request)
+        self._lead.book.take(record, request)
         # The leader before may have stopped between the record and the job: send it
         # (again). The same message id makes a copy still in the stream a no-op, and an
         # adapter adopts a prompt it already has instead of running it twice.
@@ -110,7 +90,7 @@ class Recovery:
         """
         assert record.server_id is not None
         try:
-            last = await self._joblog.last_event(record.job_id)
+            last = await self._lead.joblog.last_event(record.job_id)
         except Unreadable:
             return True  # the job is sent all the same
         if last is not None and ends_job(last):
@@ -122,7 +102,7 @@ class Recovery:
         ):
             log.info("job %s: appending the dispatched event its binding missed", record.job_id)
             try:
-                await self._publisher.emit(
+                await self._lead.publisher.emit(
                     record.job_id,
                     DispatchedData(server_id=record.server_id, attempt=record.attempt),
                     server_id=record.server_id,
@@ -135,34 +115,34 @@ class Recovery:
 
     async def fail_unconfirmed(self) -> None:
         """Fail the records whose queued event never came; take those whose event is there."""
-        for record in self._book.expired_unconfirmed():
+        for record in self._lead.book.expired_unconfirmed():
             try:
-                request = await self._joblog.request_of(record.job_id)
+                request = await self._lead.joblog.request_of(record.job_id)
             except Unreadable:
-                self._book.look_again_soon(record)
+                self._lead.book.look_again_soon(record)
                 continue
             if request is None:
                 log.error("job %s has a record but never got its queued event", record.job_id)
-                self._book.keep(record)  # so that its failure is recorded
-                await self._book.fail(record, "lost", "the job's submission did not complete")
-            elif record.job_id not in self._book.records:
+                self._lead.book.keep(record)  # so that its failure is recorded
+                await self._lead.book.fail(record, "lost", "the job's submission did not complete")
+            elif record.job_id not in self._lead.book.records:
                 await self._take(record, request)
 
     # -- servers removed from the registry -------------------------------------------------
 
     async def fail_pinned_to_removed(self) -> None:
         """Fail the waiting jobs pinned to a server that was removed: none will run them."""
-        if self._servers.removals == self._removals_seen:
+        if self._lead.servers.removals == self._removals_seen:
             return
-        self._removals_seen = self._servers.removals
-        book = self._book
+        self._removals_seen = self._lead.servers.removals
+        book = self._lead.book
         doomed = [
             record
             for job_id, record in book.records.items()
             if record.status is JobStatus.QUEUED
             and (need := book.needs.get(job_id)) is not None
             and need.server is not None
-            and self._servers.is_removed(need.server)
+            and self._lead.servers.is_removed(need.server)
         ]
         for record in doomed:
             book.queue.discard(record.job_id)
@@ -174,12 +154,12 @@ class Recovery:
     async def hand_back_from_dead_servers(self) -> None:
         """Hand back the attempts bound to servers whose heartbeats stopped."""
         warming_up = time.monotonic() - self._since < self._stale_grace
-        reconnects = int(self._nc.stats["reconnects"])
+        reconnects = int(self._lead.nc.stats["reconnects"])
         if reconnects != self._reconnects:
             # Back from a broker outage: its servers' silence meanwhile proves nothing.
             self._reconnects = reconnects
-            self._servers.on_reconnected()
-        book = self._book
+            self._lead.servers.on_reconnected()
+        book = self._lead.book
         for server_id, job_id in book.bound.pairs():
             record = book.records.get(job_id)
             if record is None or record.status not in BOUND or record.server_id != server_id:
@@ -188,12 +168,14 @@ class Recovery:
                 continue
             if self._recorder.holds(record.job_id):
                 continue  # its record may be behind its events: an end may be on the way
-            state = self._servers.get(server_id)
+            state = self._lead.servers.get(server_id)
             silent = state is None or state.heartbeat is None
-            if (state is not None and self._servers.is_stale(state)) or (silent and not warming_up):
+            if (state is not None and self._lead.servers.is_stale(state)) or (
+                silent and not warming_up
+            ):
                 book.handed_back[record.job_id] = record.attempt
                 try:
-                    last = await self._joblog.last_event(record.job_id)
+                    last = await self._lead.joblog.last_event(record.job_id)
                 except Unreadable:
                     del book.handed_back[record.job_id]  # look again next round
                     continue
@@ -202,7 +184,7 @@ class Recovery:
                 reason = f"server {record.server_id} stopped sending heartbeats"
                 log.warning("job %s: %s; handing it back", record.job_id, reason)
                 with contextlib.suppress(JobEnded):  # it ended: nothing to hand back
-                    await self._publisher.emit(
+                    await self._lead.publisher.emit(
                         record.job_id,
                         RetriedData(
                             attempt=record.attempt,

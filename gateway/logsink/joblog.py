@@ -32,10 +32,19 @@ def read_job_page(
     if row is None or row[0] is None:
         raise QueryRefused("not_found", f"no log for job {job_id!r}")
     rel, size, last_seq = str(row[0]), int(row[1]), int(row[2])
-    if head_only:
+
+    def page(entries: list[msgspec.Raw], next_offset: int, complete: bool) -> JobLogPage:
         return JobLogPage(
-            job_id=job_id, log_file_path=rel, entries=[], next_offset=size, last_seq=last_seq
+            job_id=job_id,
+            log_file_path=rel,
+            entries=entries,
+            next_offset=next_offset,
+            complete=complete,
+            last_seq=last_seq,
         )
+
+    if head_only:
+        return page([], size, True)
     if offset < 0 or offset > size:
         raise QueryRefused("invalid_request", f"offset {offset} is outside the log ({size} bytes)")
     try:
@@ -48,14 +57,7 @@ def read_job_page(
     position = offset
     for line in data.split(b"\n")[:-1]:
         if entries and (position - offset) + len(line) + 1 > max_bytes:
-            return JobLogPage(
-                job_id=job_id,
-                log_file_path=rel,
-                entries=entries,
-                next_offset=position,
-                complete=False,
-                last_seq=last_seq,
-            )
+            return page(entries, position, False)
         if len(line) + 1 > max_bytes:
             raise QueryRefused(
                 "too_large", f"an event of job {job_id!r} is larger than a reply can carry"
@@ -63,11 +65,4 @@ def read_job_page(
         position += len(line) + 1
         if line.strip():
             entries.append(msgspec.Raw(line))
-    return JobLogPage(
-        job_id=job_id,
-        log_file_path=rel,
-        entries=entries,
-        next_offset=position,
-        complete=True,
-        last_seq=last_seq,
-    )
+    return page(entries, position, True)
