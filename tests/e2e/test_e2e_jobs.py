@@ -173,3 +173,18 @@ async def test_an_override_of_an_input_the_node_lacks_is_refused_with_the_closes
         assert "did you mean 'filename_prefix'?" in reply.json()["message"]
         wrong = {"workflow": tiny(62), "overrides": {"1.width": "wide"}}
         assert (await client.post("/workflow/execute", json=wrong)).status_code == 422
+
+
+async def test_a_prompt_in_comfyuis_history_is_in_the_log_index_too(system: System) -> None:
+    await system.add_server("gpu1")
+    async with httpx.AsyncClient(base_url=system.url, timeout=30) as client:
+        reply = await client.post("/prompt", json={"prompt": tiny(71), "client_id": "ryw"})
+        prompt_id = reply.json()["prompt_id"]
+
+        async def in_history() -> bool:
+            return bool((await client.get(f"/history/{prompt_id}")).json())
+
+        await poll_until(in_history, "the prompt in /history")
+        sql = f"SELECT status FROM jobs WHERE job_id = '{prompt_id}'"
+        rows = (await client.post("/logs/query", json={"sql": sql})).json()["rows"]
+        assert rows == [["succeeded"]]

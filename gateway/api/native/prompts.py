@@ -43,6 +43,8 @@ class Entry:
     """The history entry's `status.messages`, once read back from the job's events."""
     run_started: float | None = None
     """When the socket hub relayed this run's start: the record says so a moment later."""
+    logged: bool = False
+    """Whether the job's log is known to hold its end (see NativeService.logged)."""
 
     @property
     def prompt_id(self) -> str:

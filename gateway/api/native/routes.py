@@ -158,6 +158,7 @@ async def get_history(services: ServicesDep, request: Request[Any, Any, Any]) ->
     if offset is None or offset < 0:
         offset = 0 if max_items is None else max(0, len(entries) - max_items)
     end = None if max_items is None else offset + max(0, max_items)
+    await native.logged(entries[offset:end])
     return _json(await native.reader.entries(entries[offset:end]))
 
 
@@ -177,6 +178,7 @@ async def get_history_entry(
     entry = native.owned(_caller(request), prompt_id)
     if entry is None or not entry.settled.is_set() or entry.record is None:
         return _json({})
+    await native.logged([entry])
     return _json({entry.prompt_id: await native.reader.entry(entry)})
 
 

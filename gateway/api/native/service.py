@@ -74,6 +74,8 @@ class Gateway(Protocol):
 
     async def cancel(self, job_id: str) -> JobRecord: ...
 
+    async def wait_logged(self, record: JobRecord) -> bool: ...
+
 
 class NativeService:
     """The state behind the ComfyUI-compatible API in one gateway."""
@@ -86,6 +88,17 @@ class NativeService:
         self.reader = HistoryReader(services.js, services.subjects)
         self.hub = SocketHub(services.nc, services.subjects, self.index, self.reader)
         self.fleet = FleetInfo(services.fleet.table)
+
+    async def logged(self, entries: list[Entry]) -> None:
+        """Wait (briefly) until the logs of these ended prompts hold their ends, as a REST
+        result does: a client that reads a prompt's log next finds it whole."""
+        waiting = [e for e in entries if e.record is not None and not e.logged]
+
+        async def one(entry: Entry) -> None:
+            assert entry.record is not None
+            entry.logged = await self._services.wait_logged(entry.record)
+
+        await asyncio.gather(*(one(entry) for entry in waiting))
 
     # -- POST /prompt ------------------------------------------------------------------------
 
