@@ -107,3 +107,13 @@ async def test_a_job_waits_while_no_server_is_known(gateway: str) -> None:
         assert cancel.json()["status"] == "cancelled"
         again = await client.post(f"/workflow/cancel/{job['job_id']}")
         assert again.status_code == 409
+
+
+async def test_a_timeout_that_is_not_a_positive_number_is_refused(gateway: str) -> None:
+    async with httpx.AsyncClient(base_url=gateway) as client:
+        for timeout in (-5, 0):
+            reply = await client.post(
+                "/workflow/submit", json={"workflow": TINY, "timeout": timeout}
+            )
+            assert reply.status_code == 400, reply.text
+            assert "timeout must be" in reply.json()["message"]

@@ -42,3 +42,8 @@ def test_values_of_the_wrong_type_or_out_of_range_are_refused() -> None:
 def test_fitting_overrides_links_and_unknown_classes_pass() -> None:
     assert problems(**{"1.width": 128, "Save.filename_prefix": "ok", "2.image": ["1", 0]}) == []
     assert override_problems(tiny_workflow(), {"1.anything": 1}, lambda _: None) == []
+
+
+def test_an_input_fed_by_a_link_takes_only_a_link() -> None:
+    [problem] = problems(**{"Save.images": "x"})
+    assert "images takes a link to a node's IMAGE output" in problem

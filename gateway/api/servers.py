@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import re
+import socket
 import unicodedata
 from typing import Any
 
@@ -35,11 +37,25 @@ def check_address(address: str, allowlist: list[str]) -> str:
     """`host:port` of a ComfyUI server, refused with a 400 when malformed or not allowed."""
     address = address.strip().removeprefix("http://").rstrip("/")
     match = _ADDRESS.match(address)
-    if match is None or not 0 < int(match["port"]) < 65536:
+    if match is None or not 0 < int(match["port"]) < 65536 or not _plain_host(match["host"]):
         raise ApiError(400, "invalid_address", f"{address!r} is not host:port (e.g. 10.0.0.5:8188)")
     if allowlist and not _allowed(match["host"].strip("[]"), allowlist):
         raise ApiError(403, "address_not_allowed", f"{address} is not in the allowed networks")
     return address
+
+
+def _plain_host(host: str) -> bool:
+    """A name, or an IP address written as one (not `127.000.000.001`, which URLs refuse)."""
+    if host.startswith("["):
+        host = host.strip("[]")
+    elif not all(part.isdigit() for part in host.split(".")):
+        return True  # a name
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        # `127.1` and `2130706433` are IPv4 in other spellings; resolving them says so.
+        return host.count(".") < 3
+    return True
 
 
 def _allowed(host: str, allowlist: list[str]) -> bool:
@@ -120,14 +136,27 @@ def _looks_like_object_info(reply: httpx.Response) -> bool:
     )
 
 
-def _same_place(a: str, b: str) -> bool:
-    """Whether two `host:port` addresses name the same server (`localhost` is 127.0.0.1)."""
+async def _place(address: str) -> tuple[frozenset[str], str]:
+    """The IP addresses a `host:port` reaches, and its port: how two spellings of one server
+    (`localhost`, `127.1`, `0.0.0.0`, `2130706433`) are told to be one."""
+    host, _, port = address.lower().rpartition(":")
+    host = host.strip("[]")
+    try:
+        infos = await asyncio.get_running_loop().getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except OSError:
+        return frozenset({host}), port
+    ips = set()
+    for info in infos:
+        ip = ipaddress.ip_address(str(info[4][0]).split("%", 1)[0])
+        # A connection to "any" address reaches this machine.
+        ips.add("127.0.0.1" if ip.is_unspecified or ip.is_loopback else str(ip))
+    return frozenset(ips), port
 
-    def norm(address: str) -> str:
-        host, _, port = address.lower().rpartition(":")
-        return f"{'127.0.0.1' if host == 'localhost' else host}:{port}"
 
-    return norm(a) == norm(b)
+async def _same_place(a: str, b: str) -> bool:
+    """Whether two `host:port` addresses name the same server."""
+    (ips_a, port_a), (ips_b, port_b) = await _place(a), await _place(b)
+    return port_a == port_b and bool(ips_a & ips_b)
 
 
 def health_of(state: ServerState, now_monotonic: float) -> ServerHealth:
@@ -197,55 +226,10 @@ class ServerController(Controller):
             )
         if not 1 <= data.capacity <= 64 or data.weight <= 0:
             raise ApiError(400, "invalid_request", "capacity must be 1-64 and weight positive")
-        registered = await _registered(services)
-        existing = registered.get(server_id)
-        if existing is not None and data.server_id is None and existing.name != data.name:
-            # A name made only of letters outside a-z gives the same id as another such name:
-            # refuse rather than silently replace the other server.
-            raise ApiError(
-                409,
-                "server_id_taken",
-                f"the id {server_id!r} made from the name {data.name!r} is server "
-                f"{existing.name!r}'s; give this one a server_id",
-            )
-        if existing is not None and not _same_place(existing.address, address):
-            raise ApiError(
-                409,
-                "server_exists",
-                f"server {server_id!r} is registered at {existing.address}; remove it first "
-                f"(DELETE /servers/{server_id}) to register it at {address}",
-                {"server_id": server_id, "address": existing.address},
-            )
-        for other in registered.values():
-            if other.server_id != server_id and _same_place(other.address, address):
-                if data.server_id is None and existing is None:
-                    # Asked to add a ComfyUI that is already a server (the quick start run
-                    # against `up --comfyui`, say): that server it is, unchanged.
-                    return Response(other, status_code=200)
-                raise ApiError(
-                    409,
-                    "address_registered",
-                    f"the ComfyUI at {address} is server {other.server_id!r} already",
-                    {"server_id": other.server_id, "address": other.address},
-                )
-        record = ServerRecord(
-            server_id=server_id,
-            name=data.name,
-            address=address,
-            weight=data.weight,
-            capacity=data.capacity,
-            labels=data.labels,
-            registered_at=existing.registered_at if existing is not None else now(),
-        )
-        if existing is not None:
-            if record != existing:
-                await services.servers_kv.put(server_id, encode(record))
-                services.fleet.table.on_registered(record)
-            return Response(record, status_code=200)
-        await probe(address, services.system_id)
-        await services.servers_kv.put(server_id, encode(record))
-        services.fleet.table.on_registered(record)
-        return Response(record, status_code=201)
+        # One registration at a time here, so that two at once cannot both find the address
+        # free (gateways elsewhere are not held by this; see docs/API.md).
+        async with services.registering:
+            return await _register(services, data, server_id, address)
 
     @get("/")
     async def list_servers(self, services: ServicesDep) -> list[ServerHealth]:
@@ -274,6 +258,61 @@ class ServerController(Controller):
             ) from None
         await services.servers_kv.delete(server_id)
         services.fleet.table.on_removed(server_id)
+
+
+async def _register(
+    services: ServicesDep, data: ServerRegistration, server_id: str, address: str
+) -> Response[ServerRecord]:
+    """The registration proper (see ServerController.register), under the lock."""
+    registered = await _registered(services)
+    existing = registered.get(server_id)
+    if existing is not None and data.server_id is None and existing.name != data.name:
+        # A name made only of letters outside a-z gives the same id as another such name:
+        # refuse rather than silently replace the other server.
+        raise ApiError(
+            409,
+            "server_id_taken",
+            f"the id {server_id!r} made from the name {data.name!r} is server "
+            f"{existing.name!r}'s; give this one a server_id",
+        )
+    if existing is not None and not await _same_place(existing.address, address):
+        raise ApiError(
+            409,
+            "server_exists",
+            f"server {server_id!r} is registered at {existing.address}; remove it first "
+            f"(DELETE /servers/{server_id}) to register it at {address}",
+            {"server_id": server_id, "address": existing.address},
+        )
+    for other in registered.values():
+        if other.server_id != server_id and await _same_place(other.address, address):
+            if data.server_id is None and existing is None:
+                # Asked to add a ComfyUI that is already a server (the quick start run
+                # against `up --comfyui`, say): that server it is, unchanged.
+                return Response(other, status_code=200)
+            raise ApiError(
+                409,
+                "address_registered",
+                f"the ComfyUI at {address} is server {other.server_id!r} already",
+                {"server_id": other.server_id, "address": other.address},
+            )
+    record = ServerRecord(
+        server_id=server_id,
+        name=data.name,
+        address=address,
+        weight=data.weight,
+        capacity=data.capacity,
+        labels=data.labels,
+        registered_at=existing.registered_at if existing is not None else now(),
+    )
+    if existing is not None:
+        if record != existing:
+            await services.servers_kv.put(server_id, encode(record))
+            services.fleet.table.on_registered(record)
+        return Response(record, status_code=200)
+    await probe(address, services.system_id)
+    await services.servers_kv.put(server_id, encode(record))
+    services.fleet.table.on_registered(record)
+    return Response(record, status_code=201)
 
 
 async def _registered(services: ServicesDep) -> dict[str, ServerRecord]:

@@ -96,6 +96,7 @@ class Services:
         self._records_sub: Subscription | None = None
         self._records_prefix = ""
         self.system_id = ""  # set by start(); the same for every gateway of this system
+        self.registering = asyncio.Lock()  # one server registration at a time (api/servers.py)
 
     def log_path(self, relpath: str) -> str:
         """A job's log file as this gateway's users see it: under the data folder."""

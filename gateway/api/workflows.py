@@ -45,6 +45,12 @@ def base_url(services: Services, request: Request[Any, Any, Any]) -> str:
 
 def to_request(body: WorkflowSubmission, services: Services) -> JobRequest:
     """The bus request for a submission; a 413 when the bus could not carry it."""
+    if body.timeout is not None and not (math.isfinite(body.timeout) and body.timeout > 0):
+        raise ApiError(
+            400,
+            "invalid_request",
+            f"timeout must be a number of seconds over 0, not {body.timeout!r}",
+        )
     request = JobRequest(
         workflow=body.workflow,
         overrides=body.overrides,

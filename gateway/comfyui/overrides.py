@@ -79,7 +79,10 @@ def _wrong_value(spec: InputSpec, value: Any) -> str | None:
             return f"{value!r} is not one of the choices ({shown}{more})"
         return None
     check = _CHECKS.get(spec.type)
-    if check is not None and not check(value):
+    if check is None:
+        # Not a widget: IMAGE, LATENT, MODEL, ... come from another node's output.
+        return f'{spec.name} takes a link to a node\'s {spec.type} output, like ["1", 0]'
+    if not check(value):
         return f"{spec.name} takes {spec.type}, not {type(value).__name__} {value!r}"
     if spec.type in ("INT", "FLOAT"):
         low, high = spec.extra.get("min"), spec.extra.get("max")

@@ -3,6 +3,7 @@ only what changed, and removal is final for the adapter, the heartbeats and pinn
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import httpx
@@ -62,8 +63,31 @@ async def test_one_comfyui_is_one_server(system: System) -> None:
         )
         assert moved.status_code == 409, moved.text
         assert moved.json()["code"] in ("server_exists", "address_registered")
+        # Other spellings of the same address are the same server.
+        port = sim.address.rsplit(":", 1)[1]
+        for spelling in (f"127.1:{port}", f"0.0.0.0:{port}", f"2130706433:{port}"):
+            alias = await client.post("/servers", json={"name": spelling, "address": spelling})
+            assert (alias.status_code, alias.json().get("server_id")) == (200, "gpu1"), alias.text
+        odd = await client.post(
+            "/servers", json={"name": "odd", "address": f"127.000.000.001:{port}"}
+        )
+        assert (odd.status_code, odd.json()["code"]) == (400, "invalid_address"), odd.text
         servers = await _servers(client)
         assert servers["gpu1"]["address"] == sim.address and set(servers) == {"gpu1", "gpu2"}
+
+
+async def test_registrations_at_once_of_one_comfyui_make_one_server(system: System) -> None:
+    await system.add_server("gpu1")
+    extra = await system.add_server("spare")
+    async with httpx.AsyncClient(base_url=system.url, timeout=30) as client:
+        assert (await client.delete("/servers/spare")).status_code == 204
+        bodies = [{"name": f"same{i}", "address": extra.address} for i in range(6)]
+        replies = await asyncio.gather(*(client.post("/servers", json=b) for b in bodies))
+        assert sorted(r.status_code for r in replies) == [200] * 5 + [201], [
+            r.text for r in replies
+        ]
+        at_address = [s for s in (await _servers(client)).values() if s["address"] == extra.address]
+        assert len(at_address) == 1, at_address
 
 
 async def test_the_gateway_is_not_taken_for_a_comfyui_server(system: System) -> None:
