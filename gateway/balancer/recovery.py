@@ -168,11 +168,12 @@ class Recovery:
                 continue
             if self._recorder.holds(record.job_id):
                 continue  # its record may be behind its events: an end may be on the way
-            state = self._lead.servers.get(server_id)
+            servers = self._lead.servers
+            state = servers.get(server_id)
+            if state is None and servers.draining(server_id):
+                continue  # removed, and its adapter still finishes the job: leave it to it
             silent = state is None or state.heartbeat is None
-            if (state is not None and self._lead.servers.is_stale(state)) or (
-                silent and not warming_up
-            ):
+            if (state is not None and servers.is_stale(state)) or (silent and not warming_up):
                 book.handed_back[record.job_id] = record.attempt
                 try:
                     last = await self._lead.joblog.last_event(record.job_id)
@@ -181,7 +182,10 @@ class Recovery:
                     continue
                 if last is not None and ends_attempt(last, record.attempt):
                     continue  # the end is in the log, on its way to this record
-                reason = f"server {record.server_id} stopped sending heartbeats"
+                if servers.is_removed(server_id):
+                    reason = f"server {record.server_id} was removed"
+                else:
+                    reason = f"server {record.server_id} stopped sending heartbeats"
                 log.warning("job %s: %s; handing it back", record.job_id, reason)
                 with contextlib.suppress(JobEnded):  # it ended: nothing to hand back
                     await self._lead.publisher.emit(

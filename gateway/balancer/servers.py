@@ -102,6 +102,9 @@ class ServerTable:
         # on a box nobody told) are ignored until the id is registered again.
         self._removed: set[str] = set()
         self.removals = 0  # counts removals, so that a reader can tell when one happened
+        # Removed id -> (monotonic time, interval) of its last heartbeat: its adapter is still
+        # finishing the jobs it runs (it stops gracefully), and they are not handed back.
+        self._draining: dict[str, tuple[float, float]] = {}
 
     def now(self) -> float:
         return self._clock()
@@ -124,6 +127,7 @@ class ServerTable:
     def on_heartbeat(self, beat: Heartbeat) -> bool:
         """Record a heartbeat; True when it carries capabilities we do not have yet."""
         if beat.server_id in self._removed:
+            self._draining[beat.server_id] = (self.now(), beat.interval_s)
             return False
         state = self._state(beat.server_id)
         state.heartbeat = beat
@@ -141,10 +145,13 @@ class ServerTable:
 
     def on_registered(self, record: ServerRecord) -> None:
         self._removed.discard(record.server_id)
+        self._draining.pop(record.server_id, None)
         self._state(record.server_id).record = record
 
     def on_removed(self, server_id: str) -> None:
-        self._servers.pop(server_id, None)
+        state = self._servers.pop(server_id, None)
+        if state is not None and state.heartbeat is not None:
+            self._draining[server_id] = (state.seen_at, state.heartbeat.interval_s)
         if server_id not in self._removed:
             self._removed.add(server_id)
             self.removals += 1
@@ -152,6 +159,14 @@ class ServerTable:
     def is_removed(self, server_id: str) -> bool:
         """Whether the server was removed from the registry (and not registered again)."""
         return server_id in self._removed
+
+    def draining(self, server_id: str) -> bool:
+        """A removed server whose adapter still heartbeats: it finishes what it runs."""
+        last = self._draining.get(server_id)
+        if server_id not in self._removed or last is None:
+            return False
+        seen_at, interval = last
+        return self.now() - seen_at <= STALE_AFTER_INTERVALS * interval
 
     def observe_run(self, server_id: str, seconds: float) -> None:
         """Add one successful job's run time to the server's speed estimate."""

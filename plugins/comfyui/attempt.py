@@ -53,7 +53,8 @@ class Result:
     data: Outcome
     history: dict[str, Any] | None = None
     server_fault: bool = False
-    """The server failed the job (refused, lost or could not store it): see breaker.py."""
+    """The server failed the job while it answers (an error to the prompt, outputs it could
+    not store): see breaker.py."""
 
 
 @dataclass
@@ -171,7 +172,7 @@ class Attempt:
         return Result(data, history, server_fault)
 
     def server_failed(self, reason: str) -> Result:
-        """The server failed the attempt (refused, lost or timed out the prompt): `retried`."""
+        """The server, while answering, failed the attempt (a 5xx to the prompt): `retried`."""
         return self.retried(reason, server_fault=True)
 
     def cancelled(self, reason: str, history: dict[str, Any] | None = None) -> Result:

@@ -6,11 +6,13 @@ taken out of the fleet for a while, then tried again with one job.
       └────────────────(a job succeeds)───────────────┼─────────────────────────┤
                                                       └───(a server fault)──────┘
 
-A server fault is what says nothing about the job: ComfyUI refusing or losing the prompt (5xx,
-unreachable, restarted), or storing its outputs failing (a full disk). A job's own failure (a
-node error, a bad input) changes nothing. While open, the adapter's heartbeat says unhealthy
-with the reason, so no balancer sends it work; the server's answering health checks alone do
-not close it. Each trip from probing doubles the cooldown, up to a cap.
+A server fault is a failure that says nothing about the job, of a server that answers: ComfyUI
+answering POST /prompt with a server error, or storing its outputs failing (a full disk). A
+server that does not answer at all is the health check's business (it is reported unhealthy
+while it does not answer, and healthy again once it does: a restarted ComfyUI works at once).
+A job's own failure (a node error, a bad input) changes nothing. While open, the adapter's
+heartbeat says unhealthy with the reason, so no balancer sends it work; the server's answering
+health checks alone do not close it. Each trip from probing doubles the cooldown, up to a cap.
 """
 
 from __future__ import annotations

@@ -35,7 +35,11 @@ class ComfyError(Exception):
 
 
 class ComfyUnavailable(ComfyError):
-    """ComfyUI did not answer, or answered with a server error."""
+    """ComfyUI did not answer, or answered with a server error (`status`, then)."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class PromptRejected(ComfyError):
@@ -77,7 +81,8 @@ class ComfyClient:
         if response.status_code >= 500:
             raise ComfyUnavailable(
                 f"ComfyUI at {self.address} answered {method} {path} with "
-                f"{response.status_code}: {response.text[:200]}"
+                f"{response.status_code}: {response.text[:200]}",
+                response.status_code,
             )
         return response
 

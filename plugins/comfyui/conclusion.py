@@ -45,11 +45,11 @@ async def end_of(attempt: Attempt, end: End) -> Result:
             assert end.found.entry is not None
             return await from_history(attempt, end.found.raw, end.found.entry)
         case "unreachable":
-            return attempt.server_failed(
+            return attempt.retried(
                 f"ComfyUI at {attempt.ctx.address} stopped answering during the job: {end.reason}"
             )
         case "vanished":
-            return attempt.server_failed("ComfyUI lost the prompt (it restarted?)")
+            return attempt.retried("ComfyUI lost the prompt (it restarted?)")
     # dequeued, or stopped and ComfyUI did not confirm within stop_wait_s.
     suffix = "" if end.kind == "dequeued" else " (ComfyUI did not confirm the interrupt)"
     if stop is not None and stop.kind == "cancel":
@@ -126,9 +126,7 @@ async def _succeeded(attempt: Attempt, raw: dict[str, Any], entry: HistoryEntry)
         return attempt.failed(failures.OUTPUT_ERROR, str(exc), raw)
     except ComfyUnavailable as exc:
         await history
-        return attempt.server_failed(
-            f"ComfyUI stopped answering before its outputs were saved: {exc}"
-        )
+        return attempt.retried(f"ComfyUI stopped answering before its outputs were saved: {exc}")
     except StorageError as exc:
         await history
         return attempt.failed(

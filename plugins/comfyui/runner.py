@@ -204,14 +204,14 @@ class JobRun:
         try:
             found = await lookup(attempt)
         except ComfyError as exc:
-            return attempt.server_failed(f"ComfyUI at {self.ctx.address} is not answering: {exc}")
+            return attempt.retried(f"ComfyUI at {self.ctx.address} is not answering: {exc}")
         if found.kind != "absent":
             return await self._adopt(found)
         if self.record.status is JobStatus.RUNNING:
             # This attempt was submitted before (its `running` event is in the record), yet
             # ComfyUI knows nothing of it: ComfyUI restarted and lost its queue.
             attempt.started = True
-            return attempt.server_failed("ComfyUI lost the prompt (it restarted?)")
+            return attempt.retried("ComfyUI lost the prompt (it restarted?)")
         return await self._submit_and_follow()
 
     async def _adopt(self, found: Found) -> Result:
@@ -239,7 +239,7 @@ class JobRun:
         attempt = self._attempt
         reason = self.ctx.unhealthy()
         if reason is not None:
-            return attempt.server_failed(f"ComfyUI at {self.ctx.address} is unhealthy: {reason}")
+            return attempt.retried(f"ComfyUI at {self.ctx.address} is unhealthy: {reason}")
         options = self.ctx.options
         try:
             workflow = await self._unless_stopped(
@@ -259,9 +259,7 @@ class JobRun:
         except InputProblem as exc:
             return attempt.failed(failures.INPUT_ERROR, str(exc))
         except ComfyUnavailable as exc:
-            return attempt.server_failed(
-                f"ComfyUI became unreachable while receiving inputs: {exc}"
-            )
+            return attempt.retried(f"ComfyUI became unreachable while receiving inputs: {exc}")
         except ComfyError as exc:
             return attempt.failed(failures.INPUT_ERROR, str(exc))
         if attempt.stop is not None:
@@ -284,9 +282,13 @@ class JobRun:
             try:
                 found = await lookup(attempt)
             except ComfyError:
-                return attempt.server_failed(f"ComfyUI became unreachable at submission: {exc}")
+                return attempt.retried(f"ComfyUI became unreachable at submission: {exc}")
             if found.kind == "absent":
-                return attempt.server_failed(f"ComfyUI did not accept the prompt: {exc}")
+                reason = f"ComfyUI did not accept the prompt: {exc}"
+                # Answered with an error, while it answers: a fault of the server's (breaker.py).
+                if exc.status is not None:
+                    return attempt.server_failed(reason)
+                return attempt.retried(reason)
             return await self._adopt(found)
         self.submitted = True
         if accepted.node_errors:
