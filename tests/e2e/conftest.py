@@ -86,6 +86,15 @@ class System:
             await poll_until(lambda: _healthy(client, server_id), "server healthy")
         return sim
 
+    async def revive_server(self, server_id: str) -> Simulator:
+        """Start the fake ComfyUI of a server that died again, at its address and folders
+        (its queue and history are gone, as a restarted ComfyUI's are)."""
+        dead = self.sims[server_id]
+        config = msgspec.structs.replace(dead.config, fail_prompt=False)
+        sim = await self._stack.enter_async_context(run_simulator(config, port=dead.port))
+        self.sims[server_id] = sim
+        return sim
+
     async def start_gateway(self) -> str:
         stop = asyncio.Event()
         url, task = await start_gateway(self.settings, stop)

@@ -2,8 +2,9 @@
 over the real system (NATS, gateway and balancer, log sink, adapters, fake ComfyUIs).
 
 Each step is one action: submit (pinned or not, with a budget of tries), cancel, a server's
-ComfyUI failing every prompt or hanging its queue (and recovering), a server removed from the
-registry or registered again, the log sink restarted, or time passing. After every step the
+ComfyUI failing every prompt, hanging its queue or dying (and recovering, a dead one with its
+queue and history lost), a server removed from the registry or registered again (which stops
+and starts its adapter), the log sink restarted, or time passing. After every step the
 invariants that must hold at every moment are checked against the event log and the API; once
 the faults stop, every job must end, and records, logs, outputs and the fakes' histories must
 agree. A failure prints the seed and the steps; `MODEL_SEED=<seed>` replays them, and
@@ -49,6 +50,7 @@ class Model:
     registered: set[str] = field(default_factory=lambda: set(SERVERS))
     failing: set[str] = field(default_factory=set)
     hanging: set[str] = field(default_factory=set)
+    dead: set[str] = field(default_factory=set)
     steps: list[str] = field(default_factory=list)
 
 
@@ -59,6 +61,7 @@ class Run:
         self.rng = rng
         self.model = Model()
         self.sims: dict[str, Simulator] = dict(system.sims)
+        self.lost_histories: list[dict[str, Any]] = []
 
     # -- actions ------------------------------------------------------------------------------
 
@@ -88,8 +91,19 @@ class Run:
 
     async def fault(self) -> str:
         server_id = self.rng.choice(SERVERS)
+        if server_id in self.model.dead:
+            self.sims[server_id] = await self.system.revive_server(server_id)
+            self.model.dead.discard(server_id)
+            self.model.failing.discard(server_id)
+            self.model.hanging.discard(server_id)
+            return f"{server_id} back from the dead"
         sim = self.sims[server_id]
-        kind = self.rng.choice(("fail", "hang"))
+        kind = self.rng.choice(("fail", "hang", "die"))
+        if kind == "die":
+            self.lost_histories.append(await _history(sim))  # what dies with it
+            sim.crash()
+            self.model.dead.add(server_id)
+            return f"{server_id} dies"
         if kind == "fail":
             on = server_id not in self.model.failing
             sim.set_fail_prompt(on)
@@ -109,6 +123,9 @@ class Run:
             return f"remove {server_id}"
         body = {"name": server_id, "server_id": server_id, "address": self.sims[server_id].address}
         reply = await self.client.post("/servers", json=body)
+        if server_id in self.model.dead:  # nothing answers there: refused, as it must be
+            assert (reply.status_code, reply.json()["code"]) == (422, "unreachable"), reply.text
+            return f"register dead {server_id}: 422"
         assert reply.status_code == 201, reply.text
         self.model.registered.add(server_id)
         return f"register {server_id} again"
@@ -142,6 +159,9 @@ class Run:
     # -- once the faults stop -----------------------------------------------------------------
 
     async def heal(self) -> None:
+        for server_id in sorted(self.model.dead):
+            self.sims[server_id] = await self.system.revive_server(server_id)
+        self.model.dead.clear()
         for server_id in SERVERS:
             self.sims[server_id].set_fail_prompt(False)
             self.sims[server_id].set_hang(False)
@@ -157,7 +177,7 @@ class Run:
             assert records[job_id]["status"] in ("succeeded", "failed", "cancelled"), reply.text
         await poll_until(lambda: sink_caught_up(nc, subjects), "the log sink caught up", within=60)
         events = await read_events(nc, subjects)
-        histories = [await _history(sim) for sim in self.sims.values()]
+        histories = [await _history(sim) for sim in self.sims.values()] + self.lost_histories
         outputs = self.system.settings.data_path / "outputs"
         for job_id, body in self.model.jobs.items():
             trail = events[job_id]
