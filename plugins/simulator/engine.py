@@ -200,6 +200,11 @@ class Engine:
         self._heap.clear()
         self.queue_updated()
 
+    @property
+    def interrupt_requested(self) -> bool:
+        """Whether the running prompt has been told to stop (it stops at its next node)."""
+        return self._interrupt
+
     def interrupt(self, prompt_id: Any) -> None:
         """Targeted when `prompt_id` is given (only the running prompt), else global."""
         if prompt_id:

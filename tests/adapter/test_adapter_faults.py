@@ -12,6 +12,7 @@ from gateway.bus.contract import (
     Describe,
     NodeStarted,
     Retried,
+    Running,
     Succeeded,
     decode,
     encode,
@@ -20,6 +21,10 @@ from gateway.settings import Settings
 from tests.adapter.kit import SERVER, Bus, tiny
 
 SLOW = {"class_seconds": {"ImageInvert": 1.5}}
+
+
+def _ran(bus: Bus, job_id: str) -> bool:
+    return any(isinstance(e, Running) for e in bus.events[job_id])
 
 
 def _started(bus: Bus, job_id: str, node: str) -> bool:
@@ -158,16 +163,21 @@ async def test_heartbeat_carries_health_load_and_capabilities(bus: Bus, make_sim
 async def test_graceful_shutdown_hands_back_what_it_holds(bus: Bus, make_sim, start_adapter):
     async with make_sim(**SLOW) as sim:
         stop = await start_adapter(sim.address)
+        # The running prompt is held after its start until the adapter has told it to stop:
+        # left to run, it could end before a slow machine got that far.
+        sim.hold_setup()
         running = await bus.dispatch(tiny("running"))
-        await bus.wait(lambda: _started(bus, running.job_id, "2"), what="the job to run")
+        await bus.wait(lambda: _ran(bus, running.job_id), what="the job to run")
         pending = await bus.dispatch(tiny("pending"))
         await bus.wait_pending(sim, pending)
         stop.set()
-        end = await bus.wait_event(running.job_id)
-        assert isinstance(end, Retried) and end.data.started, end
         end = await bus.wait_event(pending.job_id)
         assert isinstance(end, Retried) and not end.data.started, end
         assert "shutting down" in end.data.reason
+        await bus.wait(lambda: sim.engine.interrupt_requested, what="the running prompt stopped")
+        sim.hold_setup(False)
+        end = await bus.wait_event(running.job_id)
+        assert isinstance(end, Retried) and end.data.started, end
         await bus.wait(lambda: _last_beat(bus, healthy=False), what="a last unhealthy beat")
         assert sim.engine.queue_remaining() == 0
 
