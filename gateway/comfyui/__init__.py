@@ -2,6 +2,7 @@
 
 The API-format workflow and its checks (`workflow`), the order nodes run in (`graph`), prompt
 validation with ComfyUI's error bodies (`validation`), node definitions as `/object_info` gives
-them (`nodedef`), a server's URLs (`urls`) and the names outputs are stored under (`outputs`).
+them (`nodedef`), overrides checked against those (`overrides`), a server's URLs (`urls`) and
+the names outputs are stored under (`outputs`).
 The adapter, the simulator and the ComfyUI-compatible API all read them from here.
 """
