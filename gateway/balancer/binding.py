@@ -180,9 +180,13 @@ class Binder:
         bound = msgspec.structs.replace(
             record, status=JobStatus.DISPATCHED, server_id=server_id, attempt=attempt, updated_at=at
         )
-        # The record first: once it says "dispatched", no other leader binds the job again.
-        await self._lead.book.store(bound)
-        self._lead.book.queue.discard(record.job_id)
+        book = self._lead.book
+        async with book.changing(record.job_id):
+            if book.records.get(record.job_id) is not record:
+                return  # an event changed it (a cancel, say) while this binding waited
+            # The record first: once it says "dispatched", no other leader binds it again.
+            await book.store(bound)
+        book.queue.discard(record.job_id)
         # `dispatched` before the job: once the adapter has the job it appends `running` and
         # more, and a `dispatched` landing after those would misstate the job's course.
         try:

@@ -9,10 +9,12 @@ never disagree with it.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import heapq
 import random
 import time
+from collections.abc import AsyncIterator
 from typing import Final
 
 from nats.js.kv import KeyValue
@@ -56,6 +58,23 @@ class JobBook:
         self._deferred: list[tuple[float, str]] = []
         # Job id -> the server that last handed it back: another is preferred for its next try.
         self.avoid: dict[str, str] = {}
+        # Job id -> (lock, users): one change of a job's record at a time (see `changing`).
+        self._locks: dict[str, tuple[asyncio.Lock, list[int]]] = {}
+
+    @contextlib.asynccontextmanager
+    async def changing(self, job_id: str) -> AsyncIterator[None]:
+        """Hold the job's record still: the binder and the event applier both read it, await,
+        and write it; without this, a cancel applied during a binding's await would be
+        overwritten by the binding (and the job wait for ever)."""
+        lock, users = self._locks.setdefault(job_id, (asyncio.Lock(), [0]))
+        users[0] += 1
+        try:
+            async with lock:
+                yield
+        finally:
+            users[0] -= 1
+            if not users[0]:
+                del self._locks[job_id]
 
     def open_statuses(self) -> list[str]:
         """The status of every job not yet finished."""

@@ -131,22 +131,24 @@ class Recorder:
                 log.warning("could not nak event %s of job %s: %s", event.seq, event.job_id, exc)
 
     async def _on_event(self, event: Event, message: Msg | None = None) -> None:
-        record = self._lead.book.records.get(event.job_id)
-        if isinstance(event, Queued) and record is None:
-            await self._on_new_job(event, message)
-            return
-        if record is None:
-            return  # a job that ended before this leader started, or unknown
-        updated = apply_event(record, event)
-        if updated is None:
-            return
-        await self._lead.book.store(updated)
-        if isinstance(event, Running):
-            self._lead.book.started_at[event.job_id] = event.ts
-        if updated.status.terminal:
-            self._finish(record, updated, event)
-        elif isinstance(event, Retried):
-            await self._requeue(updated, event)
+        book = self._lead.book
+        async with book.changing(event.job_id):
+            record = book.records.get(event.job_id)
+            if isinstance(event, Queued) and record is None:
+                await self._on_new_job(event, message)
+                return
+            if record is None:
+                return  # a job that ended before this leader started, or unknown
+            updated = apply_event(record, event)
+            if updated is None:
+                return
+            await book.store(updated)
+            if isinstance(event, Running):
+                book.started_at[event.job_id] = event.ts
+            if updated.status.terminal:
+                self._finish(record, updated, event)
+            elif isinstance(event, Retried):
+                await self._requeue(updated, event)
 
     async def _on_new_job(self, event: Queued, message: Msg | None = None) -> None:
         book = self._lead.book
