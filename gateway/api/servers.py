@@ -153,10 +153,10 @@ async def _place(address: str) -> tuple[frozenset[str], str]:
     return frozenset(ips), port
 
 
-async def _same_place(a: str, b: str) -> bool:
-    """Whether two `host:port` addresses name the same server."""
-    (ips_a, port_a), (ips_b, port_b) = await _place(a), await _place(b)
-    return port_a == port_b and bool(ips_a & ips_b)
+async def _same_place(place: tuple[frozenset[str], str], address: str) -> bool:
+    """Whether `address` names the server at `place` (see _place)."""
+    ips, port = await _place(address)
+    return port == place[1] and bool(ips & place[0])
 
 
 def health_of(state: ServerState, now_monotonic: float) -> ServerHealth:
@@ -275,7 +275,8 @@ async def _register(
             f"the id {server_id!r} made from the name {data.name!r} is server "
             f"{existing.name!r}'s; give this one a server_id",
         )
-    if existing is not None and not await _same_place(existing.address, address):
+    place = await _place(address)  # resolved once, compared with each registered server
+    if existing is not None and not await _same_place(place, existing.address):
         raise ApiError(
             409,
             "server_exists",
@@ -284,7 +285,7 @@ async def _register(
             {"server_id": server_id, "address": existing.address},
         )
     for other in registered.values():
-        if other.server_id != server_id and await _same_place(other.address, address):
+        if other.server_id != server_id and await _same_place(place, other.address):
             if data.server_id is None and existing is None:
                 # Asked to add a ComfyUI that is already a server (the quick start run
                 # against `up --comfyui`, say): that server it is, unchanged.

@@ -17,7 +17,6 @@ from gateway.bus.contract import (
     FailedData,
     HistoryData,
     JobRecord,
-    JobStatus,
     NodeOutputData,
     RetriedData,
     SucceededData,
@@ -173,18 +172,8 @@ async def conclude(attempt: Attempt, result: Result) -> None:
         await drop_outputs(attempt)
     if result.history is not None and not attempt.history_sent:
         await _emit_history(attempt, result.history)
-    data = result.data
-    job = attempt.job
-    if isinstance(data, CancelledData) and await _record_status(attempt) is JobStatus.CANCELLED:
-        log.info("job %s: already cancelled in its record; not repeating it", job.job_id)
-        await attempt.events.sent()
-    else:
-        await attempt.events.emit(data)
-
-
-async def _record_status(attempt: Attempt) -> JobStatus | None:
-    record = await current_record(attempt)
-    return None if record is None else record.status
+    # A job cancelled meanwhile (by the gateway) refuses this: JobEnded, handled by the runner.
+    await attempt.events.emit(result.data)
 
 
 async def current_record(attempt: Attempt) -> JobRecord | None:

@@ -30,6 +30,7 @@ from gateway.bus.contract import (
     Running,
     Subjects,
     event_type,
+    prompt_id_for,
 )
 from plugins.simulator import Simulator, SimulatorConfig
 from tests.chaos.ledger import read_events, sink_caught_up
@@ -231,8 +232,6 @@ async def _history(sim: Simulator) -> dict[str, Any]:
 
 
 def _succeeded_in(history: dict[str, Any], job_id: str, attempt: int) -> bool:
-    from gateway.bus.contract import prompt_id_for
-
     entry = history.get(prompt_id_for(job_id, attempt))
     return entry is not None and entry["status"]["status_str"] == "success"
 
