@@ -131,6 +131,7 @@ class Submitter:
             priority=request.priority,
             max_attempts=request.max_attempts,
             last_seq=1,
+            caller=request.caller,
         )
         try:
             await self._kv.create(job_id, encode(record))

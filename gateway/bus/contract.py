@@ -195,6 +195,10 @@ class JobRequest(_Message, kw_only=True):
     timeout_s: float | None = None
     job_id: str | None = None
     metadata: dict[str, str] = msgspec.field(default_factory=dict)
+    # Who submitted it: the opaque id of the API key the gateway took it from (see
+    # gateway/api/auth.py), or None for a job published on the bus directly. A user key sees
+    # only jobs with its own caller; the gateway sets it and never takes it from a client.
+    caller: str | None = None
 
 
 class JobAccepted(_Message, kw_only=True):
@@ -568,6 +572,8 @@ class LogQuery(_Message, kw_only=True):
     sql: str
     max_rows: int = 10_000
     timeout_s: float = 10.0
+    # Set for a user key's query: it sees only the rows of jobs with this caller. None: all.
+    caller: str | None = None
 
 
 class Column(msgspec.Struct, frozen=True):
@@ -619,6 +625,7 @@ class JobRecord(_Message, kw_only=True):
     finished_at: float | None = None
     outputs: list[OutputFile] = msgspec.field(default_factory=list)
     error: FailedData | None = None
+    caller: str | None = None  # the request's caller, for ownership checks
 
 
 # --------------------------------------------------------------------------------------------

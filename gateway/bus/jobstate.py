@@ -53,6 +53,7 @@ def record_from_queued(event: Queued) -> JobRecord:
         priority=request.priority,
         max_attempts=request.max_attempts,
         last_seq=event.seq,
+        caller=request.caller,
     )
 
 
