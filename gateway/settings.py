@@ -12,7 +12,7 @@ import os
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 import msgspec
 
@@ -22,6 +22,15 @@ DEFAULT_CONFIG_FILE: Final = "comfyautomate.toml"
 
 class SettingsError(ValueError):
     """A setting has a value that cannot be used; the message names it."""
+
+
+class ApiKey(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """An `api_keys` entry written as a table: the key (a digest or `plain:KEY`), its role, and
+    a name that becomes its caller id (see gateway/api/auth.py)."""
+
+    key: str
+    role: Literal["admin", "user"] = "admin"
+    name: str | None = None
 
 
 class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -40,9 +49,12 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     host: str = "127.0.0.1"
     port: int = 8000
     public_url: str | None = None
-    # SHA-256 hex digests of the REST API keys ("plain:KEY" is hashed at start); required when
-    # `host` is beyond loopback.
-    api_keys: list[str] = msgspec.field(default_factory=list)
+    # The REST API keys: SHA-256 hex digests ("plain:KEY" is hashed at start), each optionally
+    # with a role and a name ("user/alice@plain:KEY"), or tables (ApiKey); required when `host`
+    # is beyond loopback. See gateway/api/auth.py.
+    api_keys: list[str | ApiKey] = msgspec.field(default_factory=list)
+    # Turns unnamed keys into caller ids (an HMAC under it); made in the data folder when unset.
+    caller_secret: str | None = None
     # Workflows are JSON graphs; 10 MB is far above any real one and far below harm.
     max_body_bytes: int = 10 * 1024 * 1024
     # Submissions (submit and execute) per API key, or per address without keys: a token

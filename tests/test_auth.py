@@ -141,7 +141,11 @@ def test_only_loopback_may_run_without_keys() -> None:
 def test_keys_are_stored_as_digests() -> None:
     abc = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
     assert hash_key("abc") == abc
-    assert key_digests(Settings(api_keys=[abc, abc.upper(), "plain:abc"])) == [abc.encode()] * 3
+    for entry in (abc, abc.upper(), "plain:abc", "user/al@plain:abc", "admin@" + abc.upper()):
+        assert key_digests(Settings(api_keys=[entry])) == [abc.encode()]
+    # One key twice would be two callers, or two roles, for the same client: refused.
+    with pytest.raises(SettingsError, match="entry 3 repeats"):
+        key_digests(Settings(api_keys=["plain:x", abc, "user@plain:abc"]))
     # A malformed entry may be a key written wrongly: the error gives its place, not its text.
     with pytest.raises(SettingsError, match="entry 2") as bad:
         key_digests(Settings(api_keys=[abc, "not-a-digest-s3cret"]))

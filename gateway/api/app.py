@@ -29,9 +29,9 @@ def create_app(services: Services) -> Litestar:
     `api_keys`) on a host beyond loopback, a malformed key, a limit out of range.
     """
     settings = services.settings
-    digests = check_settings(settings)
+    keys = check_settings(settings)
     limits = Limits(settings)
-    components, security = openapi_security(digests)
+    components, security = openapi_security(keys)
     return Litestar(
         route_handlers=[
             WorkflowController,
@@ -46,7 +46,7 @@ def create_app(services: Services) -> Litestar:
             *NATIVE_ROUTES,
         ],
         dependencies={"services": Provide(lambda: services, sync_to_thread=False)},
-        guards=[ApiKeyGuard(digests)],
+        guards=[ApiKeyGuard(keys)],
         exception_handlers={
             **EXCEPTION_HANDLERS,
             RateLimited: rate_limited,

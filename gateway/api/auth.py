@@ -1,10 +1,19 @@
-"""API keys for the REST API: hashed at rest, checked by an app-wide guard.
+"""API keys for the REST API: hashed at rest, each with a role and a caller id.
 
-`api_keys` holds SHA-256 hex digests of the keys (make one with
-`uv run python -c "from gateway.api.auth import hash_key; print(hash_key('KEY'))"`); an entry
-written `plain:KEY` is hashed when the app is built, for quick local setups. Clients send
-`Authorization: Bearer KEY` or `X-API-Key: KEY`. With no keys configured the API is open, which
-is allowed only while the gateway listens on loopback alone.
+An `api_keys` entry is a SHA-256 hex digest of a key (make one with
+`uv run python -c "from gateway.api.auth import hash_key; print(hash_key('KEY'))"`), or
+`plain:KEY`, hashed when the app is built, for quick local setups. Either may be preceded by a
+role and a name: `user/alice@plain:KEY`, `admin@<digest>`; in TOML an entry may also be a table
+`{key = "...", role = "user", name = "alice"}`. Without a role an entry is an admin key.
+
+- `admin` keys see and act on everything: the fleet, every job, every log row.
+- `user` keys see only the jobs they submitted, on every surface; another's job is a 404.
+
+Every key is a caller, named by an opaque id that tells nothing about the key: the entry's name,
+or else an HMAC of the key's digest under the gateway's caller secret (`caller_secret`, else a
+random one kept in `<data_dir>/caller-secret`). Clients send `Authorization: Bearer KEY`,
+`X-API-Key: KEY` or Basic's password. With no keys configured the API is open, and everyone is
+the one admin caller `anonymous`; that is allowed only while the gateway listens on loopback.
 """
 
 from __future__ import annotations
@@ -15,26 +24,76 @@ import hashlib
 import hmac
 import ipaddress
 import logging
+import os
 import re
-from typing import Any, Final
+import secrets
+from pathlib import Path
+from typing import Any, Final, Literal
 
+import msgspec
 from litestar.connection import ASGIConnection
 from litestar.exceptions import NotAuthorizedException, PermissionDeniedException
 from litestar.handlers import BaseRouteHandler
 from litestar.openapi.spec import Components, SecurityRequirement, SecurityScheme
 
-from gateway.settings import Settings, SettingsError
+from gateway.api.errors import ApiError
+from gateway.settings import ApiKey, Settings, SettingsError
 
 log = logging.getLogger(__name__)
 
 PLAIN_PREFIX: Final = "plain:"
+ANONYMOUS: Final = "anonymous"
+# The caller secret's file under the data folder when the settings give none.
+SECRET_FILE: Final = "caller-secret"
 _DIGEST = re.compile(r"[0-9a-f]{64}")
+_ROLED = re.compile(r"(admin|user)(?:/([^@]*))?@(.+)", re.DOTALL)
+# Names become caller ids, storage key parts and SQL literals: a closed, quote-free alphabet.
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 # Liveness, Prometheus scraping and the API description answer without a key: probes and
 # scrapers rarely carry credentials, and none of them reveals jobs, servers or outputs.
 PUBLIC_PATHS: Final = frozenset({"/health", "/metrics"})
 PUBLIC_PREFIX: Final = "/schema"
-# Where the guard leaves who the caller is, for the rate limiter (the connection's state).
+# Where the guard leaves who the caller is (the connection's state), for handlers and limits.
 CLIENT_ID_STATE: Final = "comfyautomate_client_id"
+CALLER_STATE: Final = "comfyautomate_caller"
+
+
+class Caller(msgspec.Struct, frozen=True):
+    """Who is asking: an opaque caller id, and whether it may see everything."""
+
+    id: str
+    admin: bool
+
+    def owns(self, caller: str | None) -> bool:
+        """Whether this caller may see a job or file recorded with `caller`."""
+        return self.admin or caller == self.id
+
+
+OPEN: Final = Caller(ANONYMOUS, admin=True)
+
+
+class KeyEntry(msgspec.Struct, frozen=True):
+    """One configured key: its digest, its role and, when the settings give one, its name."""
+
+    digest: bytes
+    role: Literal["admin", "user"]
+    name: str | None
+
+
+class Keys(msgspec.Struct, frozen=True):
+    """Every configured key, and the secret that turns an unnamed key into a caller id."""
+
+    entries: list[KeyEntry]
+    secret: bytes = b""
+
+    def caller(self, entry: KeyEntry) -> Caller:
+        """The caller a key stands for."""
+        if entry.name is not None:
+            ident = entry.name
+        else:
+            mac = hmac.new(self.secret, entry.digest, hashlib.sha256).hexdigest()
+            ident = "key-" + mac[:20]
+        return Caller(ident, admin=entry.role == "admin")
 
 
 def hash_key(key: str) -> str:
@@ -42,23 +101,83 @@ def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
-def key_digests(settings: Settings) -> list[bytes]:
-    """The configured keys as digests; a malformed entry is a SettingsError.
+def _digest_of(secret: str, position: int) -> bytes:
+    if secret.startswith(PLAIN_PREFIX) and len(secret) > len(PLAIN_PREFIX):
+        return hash_key(secret[len(PLAIN_PREFIX) :]).encode()
+    if _DIGEST.fullmatch(secret.lower()):
+        return secret.lower().encode()
+    # The message gives the entry's position, never its text: it may be a key written wrongly.
+    raise SettingsError(
+        f"api_keys entry {position} is neither a SHA-256 hex digest (64 hex digits) "
+        f"nor 'plain:<key>' (optionally after 'admin@', 'user@' or 'user/<name>@')"
+    )
 
-    The message gives the entry's position, never its text: it may be a key written wrongly.
-    """
-    digests = []
-    for position, entry in enumerate(settings.api_keys, start=1):
-        if entry.startswith(PLAIN_PREFIX) and len(entry) > len(PLAIN_PREFIX):
-            digests.append(hash_key(entry[len(PLAIN_PREFIX) :]))
-        elif _DIGEST.fullmatch(entry.lower()):
-            digests.append(entry.lower())
+
+def _entry(raw: str | ApiKey, position: int) -> KeyEntry:
+    if isinstance(raw, ApiKey):
+        role, name, secret = raw.role, raw.name, raw.key
+    else:
+        roled = _ROLED.fullmatch(raw)
+        if roled is not None:
+            role_text, name, secret = roled.groups()
+            role = "admin" if role_text == "admin" else "user"
         else:
-            raise SettingsError(
-                f"api_keys entry {position} is neither a SHA-256 hex digest (64 hex digits) "
-                f"nor 'plain:<key>'"
-            )
-    return [digest.encode() for digest in digests]
+            role, name, secret = "admin", None, raw
+    if name is not None and (
+        not _NAME.fullmatch(name) or name.startswith("key-") or name == ANONYMOUS
+    ):
+        raise SettingsError(
+            f"api_keys entry {position}: a name is 1-64 letters, digits, '_', '.', '-', "
+            f"starting with a letter or digit, not 'anonymous' nor starting with 'key-'"
+        )
+    return KeyEntry(digest=_digest_of(secret, position), role=role, name=name)
+
+
+def key_entries(settings: Settings) -> list[KeyEntry]:
+    """The configured keys; a malformed entry, a repeated key or name is a SettingsError."""
+    entries = [_entry(raw, position) for position, raw in enumerate(settings.api_keys, 1)]
+    digests = [entry.digest for entry in entries]
+    if len(set(digests)) != len(digests):
+        position = next(i for i, d in enumerate(digests, 1) if digests.index(d) != i - 1)
+        raise SettingsError(f"api_keys entry {position} repeats the key of an earlier entry")
+    names = [entry.name for entry in entries if entry.name is not None]
+    if len(set(names)) != len(names):
+        raise SettingsError("api_keys: two entries have the same name; names are caller ids")
+    return entries
+
+
+def key_digests(settings: Settings) -> list[bytes]:
+    """The configured keys' digests (SettingsError for a malformed entry)."""
+    return [entry.digest for entry in key_entries(settings)]
+
+
+def caller_secret(settings: Settings) -> bytes:
+    """The secret behind unnamed keys' caller ids: the setting, else the data folder's file.
+
+    Made at first use, readable by its owner alone. Gateways that share jobs must share it
+    (or name every key): the same key must be the same caller on each.
+    """
+    if settings.caller_secret:
+        return settings.caller_secret.encode()
+    path = settings.data_path / SECRET_FILE
+    try:
+        return _read_or_make_secret(path)
+    except OSError as exc:
+        raise SettingsError(f"cannot read or make the caller secret {path}: {exc}") from exc
+
+
+def _read_or_make_secret(path: Path) -> bytes:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        secret = path.read_bytes().strip()
+        if len(secret) < 32:
+            raise OSError("the file holds fewer than 32 characters") from None
+        return secret
+    with os.fdopen(fd, "wb") as out:
+        out.write(secrets.token_hex(32).encode())
+    return path.read_bytes().strip()
 
 
 def is_loopback(host: str) -> bool:
@@ -73,7 +192,7 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def check_exposure(settings: Settings, digests: list[bytes]) -> None:
+def check_exposure(settings: Settings, digests: list[bytes] | list[KeyEntry]) -> None:
     """Refuse to serve an open API beyond loopback."""
     if not digests and not is_loopback(settings.host):
         raise SettingsError(
@@ -82,14 +201,15 @@ def check_exposure(settings: Settings, digests: list[bytes]) -> None:
         )
 
 
-def check_settings(settings: Settings) -> list[bytes]:
-    """The key digests, after refusing settings the API cannot be served on safely.
+def check_settings(settings: Settings) -> Keys:
+    """The configured keys, after refusing settings the API cannot be served on safely.
 
     `create_app` calls it; a launcher may call it first to fail before starting anything else.
     """
-    digests = key_digests(settings)
-    check_exposure(settings, digests)
-    return digests
+    entries = key_entries(settings)
+    check_exposure(settings, entries)
+    secret = caller_secret(settings) if any(e.name is None for e in entries) else b""
+    return Keys(entries=entries, secret=secret)
 
 
 def presented_key(connection: ASGIConnection[Any, Any, Any, Any]) -> str | None:
@@ -125,17 +245,22 @@ def _is_public(connection: ASGIConnection[Any, Any, Any, Any]) -> bool:
 
 
 class ApiKeyGuard:
-    """Litestar guard: 401 without a key, 403 with an unknown one; public paths pass."""
+    """Litestar guard: 401 without a key, 403 with an unknown one; public paths pass.
 
-    def __init__(self, digests: list[bytes]) -> None:
-        self._digests = digests
+    It leaves the caller in the connection's state, for `caller_of`.
+    """
+
+    def __init__(self, keys: Keys) -> None:
+        self._entries = keys.entries
+        self._callers = [keys.caller(entry) for entry in keys.entries]
 
     # Async although it never waits: Litestar runs a sync guard in a worker thread, a thread
     # hop on every request.
     async def __call__(
         self, connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler
     ) -> None:
-        if not self._digests:
+        if not self._entries:
+            _settle(connection, OPEN)
             return
         if _is_public(connection):
             return
@@ -151,18 +276,34 @@ class ApiKeyGuard:
             )
         digest = hash_key(key).encode()
         # Compare against every key, without stopping early, so timing tells nothing.
-        matches = [hmac.compare_digest(digest, known) for known in self._digests]
+        matches = [hmac.compare_digest(digest, entry.digest) for entry in self._entries]
         if not any(matches):
             client = connection.client.host if connection.client else "?"
             log.warning("refused an unknown API key from %s", client)
             raise PermissionDeniedException("the API key is not valid")
-        # The digest's head names the caller for per-key limits without holding the key.
-        connection.state[CLIENT_ID_STATE] = "key:" + digest[:16].decode()
+        _settle(connection, self._callers[matches.index(True)])
 
 
-def openapi_security(digests: list[bytes]) -> tuple[Components, list[SecurityRequirement]]:
+def _settle(connection: ASGIConnection[Any, Any, Any, Any], caller: Caller) -> None:
+    connection.state[CALLER_STATE] = caller
+    connection.state[CLIENT_ID_STATE] = caller.id
+
+
+def caller_of(connection: ASGIConnection[Any, Any, Any, Any]) -> Caller:
+    """Who sent this request, as the guard found; a public route's caller owns nothing."""
+    caller = connection.state.get(CALLER_STATE)
+    return caller if isinstance(caller, Caller) else Caller("", admin=False)
+
+
+async def admin_only(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
+    """Guard for the fleet's routes: a user key gets 403 (it knows those routes exist)."""
+    if not caller_of(connection).admin:
+        raise ApiError(403, "admin_only", "this needs an admin API key")
+
+
+def openapi_security(keys: Keys) -> tuple[Components, list[SecurityRequirement]]:
     """The key schemes for /schema, so the docs UI can send a key; none when the API is open."""
-    if not digests:
+    if not keys.entries:
         return Components(), []
     schemes: dict[str, SecurityScheme | Any] = {
         "bearer": SecurityScheme(type="http", scheme="bearer"),

@@ -9,8 +9,10 @@ from litestar import Request, Response, get
 from litestar.params import FromPath
 from litestar.response import Stream
 
+from gateway.api.auth import caller_of
 from gateway.api.errors import ApiError, error_responses
 from gateway.api.native.uploads import UPLOADS
+from gateway.api.owners import owns_key
 from gateway.api.services import ServicesDep
 from gateway.storage import InvalidKey, NotFound, Storage, StoredObject
 
@@ -52,8 +54,9 @@ async def image(
     if storage is None:
         raise ApiError(503, "no_storage", "no storage backend is configured")
     key = key.lstrip("/")
-    if key.split("/", 1)[0] == UPLOADS:
-        # Uploads through ComfyUI's API belong to their caller: /view serves them to it alone.
+    # Uploads through ComfyUI's API are served by /view, to their caller alone; an output of
+    # another caller's job answers as if nothing were there.
+    if key.split("/", 1)[0] == UPLOADS or not await owns_key(services, caller_of(request), key):
         raise ApiError(404, "not_found", f"nothing is stored under {key!r}")
     try:
         stored = await storage.stat(key)

@@ -5,11 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 import msgspec
-from litestar import get, post
+from litestar import Request, get, post
 from litestar.params import FromPath, FromQuery, JSONBody
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 
+from gateway.api.auth import caller_of
 from gateway.api.errors import ApiError, error_responses
 from gateway.api.services import LOGGED_WAIT_S, Services, ServicesDep
 from gateway.bus.contract import (
@@ -54,16 +55,21 @@ async def _ask_sink(call: Any) -> Any:
 
 
 @get("/workflow/logs/{job_id:str}", tags=["logs"], responses=error_responses(404, 503, 504))
-async def job_logs(job_id: FromPath[str], services: ServicesDep) -> JobLogBody:
+async def job_logs(
+    job_id: FromPath[str], services: ServicesDep, request: Request[Any, Any, Any]
+) -> JobLogBody:
     """Every event of a job as its JSONL log file holds it, with the file's path.
 
     For a job the gateway knows, the answer waits briefly for the log to catch up with the
     job's record, and says `complete: false` if it has not yet (never 404).
     """
+    caller = caller_of(request)
     try:
         record = await services.record(job_id)
     except ApiError:
-        record = None  # not in KV: the log alone can tell
+        record = None  # not in KV: the log alone can tell (an admin's business alone)
+    if not caller.owns(None if record is None else record.caller):
+        raise ApiError(404, "unknown_job", f"no job {job_id!r}")
     if record is None:
         log = await _ask_sink(job_log(services.nc, services.subjects, job_id))
     else:

@@ -14,6 +14,7 @@ from litestar import Controller, Response, delete, get, post
 from litestar.params import FromPath, JSONBody
 from nats.js.errors import InvalidKeyError, KeyNotFoundError
 
+from gateway.api.auth import admin_only
 from gateway.api.errors import ApiError, error_responses
 from gateway.api.schemas import ServerHealth, ServerRegistration
 from gateway.api.services import ServicesDep
@@ -193,7 +194,12 @@ class ServerController(Controller):
     path = "/servers"
     tags = ("servers",)
 
-    @post(["/", "/register"], status_code=201, responses=error_responses(403, 409, 422))
+    @post(
+        ["/", "/register"],
+        status_code=201,
+        guards=[admin_only],
+        responses=error_responses(403, 409, 422),
+    )
     async def register(
         self, data: JSONBody[ServerRegistration], services: ServicesDep
     ) -> Response[ServerRecord]:
@@ -243,7 +249,12 @@ class ServerController(Controller):
         healthy = sum(1 for s in servers if s.status == "healthy")
         return {"servers": servers, "total": len(servers), "healthy": healthy}
 
-    @delete("/{server_id:str}", status_code=204, responses=error_responses(404))
+    @delete(
+        "/{server_id:str}",
+        status_code=204,
+        guards=[admin_only],
+        responses=error_responses(403, 404),
+    )
     async def remove(self, server_id: FromPath[str], services: ServicesDep) -> None:
         """Remove a server for good: its adapter stops, its heartbeats are ignored, jobs
         waiting for it fail `server_removed` and new ones pinned to it are refused. Removing

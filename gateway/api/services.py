@@ -21,6 +21,7 @@ from nats.js import JetStreamContext
 from nats.js.errors import InvalidKeyError, KeyNotFoundError
 from nats.js.kv import KeyValue
 
+from gateway.api.auth import Caller
 from gateway.api.errors import ApiError
 from gateway.api.native.service import NativeService
 from gateway.balancer.fleet import FleetView
@@ -140,16 +141,22 @@ class Services:
             status = SUBMIT_STATUS.get(error.code, 500)
             raise ApiError(status, error.code, error.message, error.details) from None
 
-    async def record(self, job_id: str) -> JobRecord:
-        """The job's current record, or a 404."""
+    async def record(self, job_id: str, caller: Caller | None = None) -> JobRecord:
+        """The job's current record, or a 404; also a 404 when `caller` may not see it.
+
+        The same 404 either way: a user key cannot tell another's job from no job.
+        """
         try:
             entry = await self.jobs_kv.get(job_id)
         except KeyNotFoundError:
-            raise ApiError(404, "unknown_job", f"no job {job_id!r}") from None
+            raise _unknown_job(job_id) from None
         except (InvalidKeyError, ValueError):  # a key no job id can be
-            raise ApiError(404, "unknown_job", f"no job {job_id!r}") from None
+            raise _unknown_job(job_id) from None
         assert entry.value is not None
-        return decode(entry.value, JobRecord)
+        record = decode(entry.value, JobRecord)
+        if caller is not None and not caller.owns(record.caller):
+            raise _unknown_job(job_id)
+        return record
 
     async def start(self) -> None:
         """Follow job records as they change, for the requests that wait on them.
@@ -178,7 +185,7 @@ class Services:
             await self._records_sub.unsubscribe()
             self._records_sub = None
 
-    async def cancel(self, job_id: str) -> JobRecord:
+    async def cancel(self, job_id: str, caller: Caller | None = None) -> JobRecord:
         """Cancel a job: dequeued if waiting, interrupted if running; its record after.
 
         A job on an adapter is stopped by it: it dequeues or interrupts the prompt and ends
@@ -188,7 +195,7 @@ class Services:
         cancelled job never runs on. ApiError 404 for an unknown job, 409 (with its status)
         for one that ended, or that ended otherwise before the cancel took.
         """
-        record = await self.record(job_id)
+        record = await self.record(job_id, caller)
         if record.status.terminal:
             raise _already_ended(job_id, record.status.value)
         if record.status in BOUND and await self._ask_adapter_to_cancel(record):
@@ -293,6 +300,10 @@ async def system_id(js: JetStreamContext, subjects: Subjects) -> str:
     info = await js.stream_info(subjects.events_stream)
     made = info.created.isoformat() if info.created is not None else ""
     return hashlib.sha256(f"{subjects.prefix}|{made}".encode()).hexdigest()[:16]
+
+
+def _unknown_job(job_id: str) -> ApiError:
+    return ApiError(404, "unknown_job", f"no job {job_id!r}")
 
 
 def _already_ended(job_id: str, status: str) -> ApiError:

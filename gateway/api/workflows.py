@@ -16,8 +16,10 @@ from litestar.response.sse import ServerSentEventMessage
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import api
 
+from gateway.api.auth import Caller, caller_of
 from gateway.api.errors import ApiError, error_responses
 from gateway.api.limits import hold, limits_of, submit_rate_limit
+from gateway.api.owners import check_inputs_owned
 from gateway.api.schemas import JobResult, Submitted, Timings, WorkflowSubmission
 from gateway.api.services import Services, ServicesDep
 from gateway.balancer.submit import MAX_REQUEST_BYTES, check_job_id
@@ -43,8 +45,8 @@ def base_url(services: Services, request: Request[Any, Any, Any]) -> str:
     return (services.settings.public_url or str(request.base_url)).rstrip("/")
 
 
-def to_request(body: WorkflowSubmission, services: Services) -> JobRequest:
-    """The bus request for a submission; a 413 when the bus could not carry it."""
+def to_request(body: WorkflowSubmission, services: Services, caller: Caller) -> JobRequest:
+    """The bus request for a submission by `caller`; a 413 when the bus could not carry it."""
     if body.timeout is not None and not (math.isfinite(body.timeout) and body.timeout > 0):
         raise ApiError(
             400,
@@ -67,6 +69,7 @@ def to_request(body: WorkflowSubmission, services: Services) -> JobRequest:
         timeout_s=body.timeout,
         job_id=body.job_id,
         metadata=body.metadata,
+        caller=caller.id,
     )
     # Checked here as well as by the balancer: a request over NATS's message limit could not
     # even be sent to it.
@@ -102,6 +105,17 @@ def known_job_id(job_id: str) -> str:
         return check_job_id(job_id)
     except ContractError:
         raise ApiError(404, "unknown_job", f"no job {job_id!r}") from None
+
+
+async def _checked_request(
+    body: WorkflowSubmission, services: Services, request: Request[Any, Any, Any]
+) -> JobRequest:
+    """The bus request for a submission, after every check the gateway can make itself."""
+    caller = caller_of(request)
+    job = to_request(body, services, caller)
+    await check_inputs_owned(services, caller, job.inputs)
+    await check_overrides(services, job)
+    return job
 
 
 _SUBMIT_ERRORS = error_responses(404, 409, 413, 422, 429, 503, 504)
@@ -145,8 +159,7 @@ class WorkflowController(Controller):
         request: Request[Any, Any, Any],
     ) -> Submitted:
         """Queue a workflow and answer at once with the job id."""
-        job = to_request(data, services)
-        await check_overrides(services, job)
+        job = await _checked_request(data, services, request)
         accepted = await services.submit(job)
         base = f"{base_url(services, request)}/workflow"
         return Submitted(
@@ -166,8 +179,7 @@ class WorkflowController(Controller):
         request: Request[Any, Any, Any],
     ) -> Response[JobResult]:
         """Run a workflow and wait for its end (up to `timeout`, then 202 with the job)."""
-        job = to_request(data, services)
-        await check_overrides(services, job)
+        job = await _checked_request(data, services, request)
         accepted = await services.submit(job)
         timeout = data.timeout if data.timeout is not None else DEFAULT_EXECUTE_TIMEOUT
         record = await services.wait_for_end(accepted.job_id, timeout)
@@ -179,7 +191,8 @@ class WorkflowController(Controller):
         self, job_id: FromPath[str], services: ServicesDep, request: Request[Any, Any, Any]
     ) -> JobResult:
         """Where a job is now."""
-        return to_result(await services.record(known_job_id(job_id)), services, request)
+        record = await services.record(known_job_id(job_id), caller_of(request))
+        return to_result(record, services, request)
 
     @get("/result/{job_id:str}", responses=error_responses(404))
     async def result(
@@ -190,7 +203,7 @@ class WorkflowController(Controller):
         wait: FromQuery[float] = 0.0,
     ) -> JobResult:
         """A job's result; `?wait=SECONDS` waits for it to finish first."""
-        known_job_id(job_id)
+        await services.record(known_job_id(job_id), caller_of(request))
         if math.isnan(wait):
             # A NaN deadline would sit in the event loop's timer heap and disorder every timer.
             raise ApiError(400, "invalid_request", "wait must be a number of seconds, not NaN")
@@ -202,7 +215,7 @@ class WorkflowController(Controller):
         self, job_id: FromPath[str], services: ServicesDep, request: Request[Any, Any, Any]
     ) -> JobResult:
         """Cancel a job: dequeued if waiting, interrupted if running."""
-        record = await services.cancel(known_job_id(job_id))
+        record = await services.cancel(known_job_id(job_id), caller_of(request))
         return to_result(record, services, request)
 
     @get("/events/{job_id:str}", responses=error_responses(404, 503))
@@ -210,7 +223,8 @@ class WorkflowController(Controller):
         self, job_id: FromPath[str], services: ServicesDep, request: Request[Any, Any, Any]
     ) -> ServerSentEvent:
         """Every event of the job, from the first, live, as Server-Sent Events; ends with it."""
-        await services.record(known_job_id(job_id))  # 404 before the stream starts
+        # 404 before the stream starts, also for another caller's job.
+        await services.record(known_job_id(job_id), caller_of(request))
         slot = limits_of(request.app).streams.acquire()  # 503 when too many are open
         return ServerSentEvent(hold(slot, _event_stream(services, job_id)))
 
@@ -261,7 +275,7 @@ async def job_events_ws(
     """The same events as /workflow/events/{job_id}, one JSON text frame each."""
     await socket.accept()
     try:
-        await services.record(known_job_id(job_id))
+        await services.record(known_job_id(job_id), caller_of(socket))
         slot = limits_of(socket.app).streams.acquire()
     except ApiError as exc:
         # 4000 + the HTTP status: 4404 for an unknown job, 4503 for too many streams.

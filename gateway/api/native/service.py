@@ -199,11 +199,8 @@ class NativeService:
             priority=1 if entry.prompt.front else 0,
             job_id=entry.prompt_id,
             max_attempts=services.settings.default_max_attempts,
-            metadata={
-                "api": "comfyui",
-                "caller": entry.prompt.caller,
-                **({"client_id": client_id} if client_id else {}),
-            },
+            metadata={"api": "comfyui", **({"client_id": client_id} if client_id else {})},
+            caller=entry.prompt.caller,
         )
         await services.submit(request)
 

@@ -27,11 +27,16 @@ class BadUpload(ValueError):
     """An upload ComfyUI would refuse with a 400 and an empty body."""
 
 
+def caller_folder(caller: str) -> str:
+    """The folder under `uploads/` that holds a caller's uploads."""
+    return caller.replace(":", "-")
+
+
 def upload_key(caller: str, folder: str, subfolder: str, name: str) -> str:
     """The storage key of an uploaded file; InvalidKey/BadUpload for names that escape."""
     if folder not in FOLDERS:
         raise BadUpload(f"unknown upload type {folder!r}")
-    parts = [UPLOADS, caller.replace(":", "-"), folder]
+    parts = [UPLOADS, caller_folder(caller), folder]
     sub = subfolder.strip("/")
     if sub:
         parts.append(sub)
