@@ -92,12 +92,16 @@ def quoted(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
-def padded(size: int) -> dict[str, Any]:
-    """The sample workflow with a title long enough that its JobRequest is `size` bytes."""
+def padded(size: int, caller: str | None = None) -> dict[str, Any]:
+    """The sample workflow with a title long enough that its JobRequest is `size` bytes.
+
+    `caller` is the one the request carries: a gateway adds its caller's (`anonymous` with no
+    API keys), a request published on the bus has none.
+    """
     workflow = tiny_workflow()
     workflow["1"]["_meta"] = {"title": ""}
-    grow = size - len(encode(JobRequest(workflow=workflow)))
+    grow = size - len(encode(JobRequest(workflow=workflow, caller=caller)))
     assert grow >= 0, f"the sample alone is more than {size} bytes"
     workflow["1"]["_meta"]["title"] = "x" * grow
-    assert len(encode(JobRequest(workflow=workflow))) == size
+    assert len(encode(JobRequest(workflow=workflow, caller=caller))) == size
     return workflow

@@ -12,6 +12,7 @@ import asyncio
 import httpx
 import msgspec
 
+from gateway.api.auth import ANONYMOUS
 from gateway.balancer.submit import MAX_REQUEST_BYTES
 from gateway.settings import Settings
 from tests.conftest import running_gateway
@@ -26,13 +27,13 @@ async def test_the_largest_job_runs_and_one_byte_more_is_refused(settings: Setti
         await system.add_server("gpu1")
         async with httpx.AsyncClient(base_url=system.url, timeout=60) as client:
             largest = await client.post(
-                "/workflow/execute", json={"workflow": padded(MAX_REQUEST_BYTES)}
+                "/workflow/execute", json={"workflow": padded(MAX_REQUEST_BYTES, ANONYMOUS)}
             )
             assert largest.status_code == 200, largest.text[:500]
             assert largest.json()["status"] == "succeeded"
             job_id = largest.json()["job_id"]
             over = await client.post(
-                "/workflow/execute", json={"workflow": padded(MAX_REQUEST_BYTES + 1)}
+                "/workflow/execute", json={"workflow": padded(MAX_REQUEST_BYTES + 1, ANONYMOUS)}
             )
             assert over.status_code == 413
             assert over.json()["code"] == "too_large"
