@@ -185,6 +185,8 @@ async def list_jobs(
             check_token(server, "server id")
         except ContractError as exc:
             raise ApiError(400, "invalid_request", str(exc)) from None
+        if "'" in server or "\\" in server:
+            raise ApiError(400, "invalid_request", "server ids have no quotes")
     rows: list[dict[str, Any]] = await _ask_sink(
         sink_recent_jobs(
             services.nc,
