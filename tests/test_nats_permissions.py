@@ -218,6 +218,7 @@ async def _run_jobs(broker: NatsServer, http: httpx.AsyncClient, sim: Simulator)
     # The gateway's log endpoints go to the log sink.
     logs = await http.get(f"/workflow/logs/{done.json()['job_id']}")
     assert logs.status_code == 200 and logs.json()["entry_count"] > 0, logs.text
+    assert (await http.get("/workflow/jobs")).status_code == 200
 
 
 HEAVY = Path(__file__).parent / "data" / "comfyui-protocol" / "workflows" / "heavy.json"

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
+import asyncio
+import logging
+from collections.abc import Awaitable
+from typing import Any, TypeVar
 
 import msgspec
 from litestar import Request, get, post
@@ -12,6 +15,7 @@ from nats.errors import TimeoutError as NatsTimeoutError
 
 from gateway.api.auth import caller_of
 from gateway.api.errors import ApiError, error_responses
+from gateway.api.limits import RateLimited
 from gateway.api.services import LOGGED_WAIT_S, Services, ServicesDep
 from gateway.bus.contract import (
     SCHEMA_VERSION,
@@ -22,6 +26,10 @@ from gateway.bus.contract import (
     check_token,
 )
 from gateway.logsink.client import LogQueryError, job_log, query_logs
+from gateway.logsink.client import recent_jobs as sink_recent_jobs
+
+T = TypeVar("T")
+_log = logging.getLogger(__name__)
 
 # HTTP status for the log sink's refusal codes; anything else is a bad query (400).
 _STATUS = {
@@ -30,8 +38,19 @@ _STATUS = {
     "timeout": 504,
     "no_log_sink": 503,
     "too_large": 413,
+    "cancelled": 503,
     "internal": 500,
 }
+# Seconds a caller told `busy` is asked to wait before trying again.
+_BUSY_RETRY_S = 1
+
+
+class SinkBusy(RateLimited):
+    """429 `busy`: the log sink runs as many queries (of this caller) as it takes."""
+
+    def __init__(self, message: str, details: Any = None) -> None:
+        ApiError.__init__(self, 429, "busy", message, details)
+        self.retry_after = _BUSY_RETRY_S
 
 
 class JobLogBody(msgspec.Struct, kw_only=True):
@@ -47,6 +66,8 @@ async def _ask_sink(call: Any) -> Any:
     try:
         return await call
     except LogQueryError as exc:
+        if exc.code == "busy":
+            raise SinkBusy(exc.message, exc.details) from None
         raise ApiError(_STATUS.get(exc.code, 400), exc.code, exc.message, exc.details) from None
     except NoRespondersError:
         raise ApiError(503, "no_log_sink", "no log sink is running to answer") from None
@@ -102,8 +123,35 @@ async def job_logs(
     )
 
 
-@post("/logs/query", tags=["logs"], status_code=200, responses=error_responses(413, 503, 504))
-async def logs_query(data: JSONBody[LogQuery], services: ServicesDep) -> LogQueryResult:
+async def _disconnected(request: Request[Any, Any, Any]) -> None:
+    """Return once the client has gone (its body is read: the next message is the end)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _while_connected(request: Request[Any, Any, Any], call: Awaitable[T]) -> T:
+    """Await `call`, cancelling it if the client goes away first (a query then stops)."""
+    work = asyncio.ensure_future(call)
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+        if not work.done() and gone.exception() is not None:
+            # Not knowing whether the client is there is no reason to stop its query.
+            _log.warning("watching for the client to go away failed: %r", gone.exception())
+            await asyncio.wait({work})
+    finally:
+        gone.cancel()
+        if not work.done():
+            work.cancel()
+    if work.cancelled():
+        raise ApiError(503, "cancelled", "the client went away; the query was stopped")
+    return work.result()
+
+
+@post("/logs/query", tags=["logs"], status_code=200, responses=error_responses(413, 429, 503, 504))
+async def logs_query(
+    data: JSONBody[LogQuery], services: ServicesDep, request: Request[Any, Any, Any]
+) -> LogQueryResult:
     """Run one read-only SELECT on the log index (sandboxed: no files, no settings)."""
     if data.v > SCHEMA_VERSION:
         # The contract's rule: refuse a message of a later version rather than misread it.
@@ -120,7 +168,7 @@ async def logs_query(data: JSONBody[LogQuery], services: ServicesDep) -> LogQuer
         max_rows=data.max_rows,
         timeout_s=data.timeout_s,
     )
-    result: LogQueryResult = await _ask_sink(call)
+    result: LogQueryResult = await _while_connected(request, _ask_sink(call))
     return result
 
 
@@ -138,10 +186,6 @@ async def recent_jobs(
 async def list_jobs(
     services: Services, *, status: JobStatus | None, server: str | None, limit: int
 ) -> list[dict[str, Any]]:
-    where = []
-    # Both filters are checked against closed sets before they are put into SQL.
-    if status is not None:
-        where.append(f"status = '{JobStatus(status).value}'")
     if server is not None:
         try:
             check_token(server, "server id")
@@ -149,13 +193,13 @@ async def list_jobs(
             raise ApiError(400, "invalid_request", str(exc)) from None
         if "'" in server or "\\" in server:
             raise ApiError(400, "invalid_request", "server ids have no quotes")
-        where.append(f"server_id = '{server}'")
-    clause = f"WHERE {' AND '.join(where)}" if where else ""
-    sql = (
-        "SELECT job_id, status, server_id, attempts, submitted_at, started_at, finished_at, "
-        "duration_s, queue_wait_s, error_type, error_message, output_count, log_file_path "
-        f"FROM jobs {clause} ORDER BY submitted_at DESC LIMIT {max(1, min(limit, 1000))}"
+    rows: list[dict[str, Any]] = await _ask_sink(
+        sink_recent_jobs(
+            services.nc,
+            services.subjects,
+            status=None if status is None else JobStatus(status).value,
+            server=server,
+            limit=limit,
+        )
     )
-    result: LogQueryResult = await _ask_sink(query_logs(services.nc, services.subjects, sql))
-    names = [column.name for column in result.columns]
-    return [dict(zip(names, row, strict=True)) for row in result.rows]
+    return rows

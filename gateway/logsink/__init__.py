@@ -3,8 +3,9 @@
 Public surface (see README.md):
 - paths: `log_file_path`, `log_file_relpath`, `index_path` (the gateway names a job's log file);
 - running it: `run_logsink(settings, stop)`, `LogSink` (async context manager), `SinkConfig`;
-- asking it: `query_logs`, `job_log`, `LogQueryError`; subjects `<prefix>.logs.query` and
-  `<prefix>.logs.job` (`job_log_subject`);
+- asking it: `query_logs`, `job_log`, `LogQueryError` (and `client.recent_jobs`); subjects
+  `<prefix>.logs.query`, `<prefix>.logs.job` (`job_log_subject`), `<prefix>.logs.jobs` and
+  `<prefix>.logs.cancel` (messages.py);
 - recovery: `rebuild_index(data_dir)`;
 - the CLI: `gateway.logsink.cli.add_parsers`.
 """

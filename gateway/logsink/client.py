@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from typing import Any, Final
 
 import msgspec
@@ -9,11 +11,28 @@ from nats.aio.client import Client
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 
-from gateway.bus.contract import Error, LogQuery, LogQueryResult, Subjects, encode
-from gateway.logsink.messages import JobLog, JobLogPage, JobLogRequest, job_log_subject
+from gateway.bus.contract import Error, LogQuery, LogQueryResult, Subjects, encode, new_id
+from gateway.logsink.messages import (
+    QUERY_ID_HEADER,
+    JobListRequest,
+    JobLog,
+    JobLogPage,
+    JobLogRequest,
+    QueryCancel,
+    job_list_subject,
+    job_log_subject,
+    query_cancel_subject,
+)
+
+log = logging.getLogger(__name__)
 
 # Time for the request to travel and the reply to be built, beyond the query's own limit.
 _MARGIN_S: Final = 5.0
+# The longest SQL text a query may have, and the longest it may run: the sink's defaults
+# (SinkConfig.max_sql_bytes, max_timeout_s), checked here so that a request the sink would
+# refuse is not sent (a text beyond NATS's payload limit could not be).
+MAX_SQL_BYTES: Final = 64 * 1024
+MAX_TIMEOUT_S: Final = 60.0
 
 
 class LogQueryError(RuntimeError):
@@ -55,6 +74,23 @@ async def _request(nc: Client, subject: str, payload: bytes, within: float) -> b
     return reply.data
 
 
+def check_query(sql: str, timeout_s: float) -> None:
+    """Raise LogQueryError (`too_large`, `invalid_request`) for a query the sink would refuse."""
+    size = len(sql.encode())
+    if size > MAX_SQL_BYTES:
+        raise LogQueryError(
+            "too_large",
+            f"the SQL is {size} bytes; a query takes at most {MAX_SQL_BYTES}",
+            {"max_sql_bytes": MAX_SQL_BYTES},
+        )
+    if not 0 < timeout_s <= MAX_TIMEOUT_S:
+        raise LogQueryError(
+            "invalid_request",
+            f"timeout_s must be more than 0 and at most {MAX_TIMEOUT_S:g}",
+            {"max_timeout_s": MAX_TIMEOUT_S},
+        )
+
+
 async def query_logs(
     nc: Client,
     subjects: Subjects,
@@ -62,11 +98,74 @@ async def query_logs(
     *,
     max_rows: int = 10_000,
     timeout_s: float = 10.0,
+    caller: str | None = None,
 ) -> LogQueryResult:
-    """Run one SELECT on the log index; raise LogQueryError if the sink refuses it."""
-    payload = encode(LogQuery(sql=sql, max_rows=max_rows, timeout_s=timeout_s))
-    data = await _request(nc, subjects.logs_query, payload, timeout_s + _MARGIN_S)
-    return msgspec.json.decode(data, type=LogQueryResult)
+    """Run one read-only query on the log index; raise LogQueryError if the sink refuses it.
+
+    `caller`: the query sees only that caller's jobs (None: every job). If this call is
+    cancelled or times out, the sink is told to stop the query.
+    """
+    check_query(sql, timeout_s)
+    payload = encode(LogQuery(sql=sql, max_rows=max_rows, timeout_s=timeout_s, caller=caller))
+    query_id = new_id()
+    try:
+        reply = await nc.request(
+            subjects.logs_query,
+            payload,
+            timeout=timeout_s + _MARGIN_S,
+            headers={QUERY_ID_HEADER: query_id},
+        )
+    except NoRespondersError as exc:
+        raise LogQueryError(
+            "no_log_sink",
+            f"no log sink answers on {subjects.logs_query}: is `comfyautomate logsink` running?",
+        ) from exc
+    except NatsTimeoutError as exc:
+        await _cancel_query(nc, subjects, query_id)
+        raise LogQueryError(
+            "timeout", f"the log sink did not answer within {timeout_s + _MARGIN_S:g} s"
+        ) from exc
+    except asyncio.CancelledError:
+        await _cancel_query(nc, subjects, query_id)
+        raise
+    _raise_if_error(reply.data)
+    return msgspec.json.decode(reply.data, type=LogQueryResult)
+
+
+async def _cancel_query(nc: Client, subjects: Subjects, query_id: str) -> None:
+    """Tell the sink to stop a query nobody waits for any more."""
+    try:
+        await nc.publish(
+            query_cancel_subject(subjects), msgspec.json.encode(QueryCancel(query_id=query_id))
+        )
+    except Exception:
+        # The query still ends at its time limit; a lost cancel only frees its slot later.
+        log.exception("telling the log sink to stop query %s failed", query_id)
+
+
+async def recent_jobs(
+    nc: Client,
+    subjects: Subjects,
+    *,
+    status: str | None = None,
+    server: str | None = None,
+    caller: str | None = None,
+    limit: int = 50,
+    timeout_s: float = 10.0,
+) -> list[dict[str, Any]]:
+    """The newest jobs of the index (at most 1000), filtered by status, server and caller.
+
+    Answered on the sink's own-reads pool: never behind people's SQL.
+    """
+    request = JobListRequest(
+        status=status, server_id=server, caller=caller, limit=max(1, min(limit, 1000))
+    )
+    data = await _request(
+        nc, job_list_subject(subjects), msgspec.json.encode(request), timeout_s + _MARGIN_S
+    )
+    result = msgspec.json.decode(data, type=LogQueryResult)
+    names = [column.name for column in result.columns]
+    return [dict(zip(names, row, strict=True)) for row in result.rows]
 
 
 async def job_log(

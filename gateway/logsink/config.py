@@ -30,7 +30,13 @@ class SinkConfig(msgspec.Struct, frozen=True, kw_only=True):
     # DuckDB, for the whole database (the limits are per database, not per connection)
     memory_limit: str = "1GB"
     threads: int = 2
-    # Queries
-    query_workers: int = 2
+    # People's SQL (`<prefix>.logs.query`): at most this many at once, and per caller (one
+    # caller for all queries without one); past either a query is refused (`busy`), not queued.
+    query_workers: int = 4
+    queries_per_caller: int = 2
     max_rows_cap: int = 100_000
     max_timeout_s: float = 60.0
+    max_sql_bytes: int = 64 * 1024
+    # The system's own reads (a job's log, the job list): a pool of their own, never behind SQL.
+    read_workers: int = 2
+    read_timeout_s: float = 10.0

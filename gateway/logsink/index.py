@@ -70,13 +70,37 @@ class IndexDB:
         self.path = path
         self._con = open_database(path, memory_limit=memory_limit, threads=threads)
         try:
-            for statement in schema.TABLES + schema.VIEWS:
+            for statement in schema.TABLES:
+                self._con.execute(statement)
+            self._add_columns()
+            for statement in schema.VIEWS:
                 self._con.execute(statement)
         except BaseException:
             self._con.close()
             raise
         self._key = path.resolve()
         _open_here.add(self._key)
+
+    def _add_columns(self) -> None:
+        """Give an index made by an older build the columns added since, filled from events."""
+        for table, column, kind in schema.ADDED_COLUMNS:
+            present = self._con.execute(
+                "SELECT count(*) FROM duckdb_columns() WHERE database_name = current_database() "
+                "AND schema_name = 'main' AND table_name = $1 AND column_name = $2",
+                [table, column],
+            ).fetchone()
+            if present is not None and present[0]:
+                continue
+            log.info("the index gains the column %s.%s", table, column)
+            self._con.execute("BEGIN TRANSACTION")
+            try:
+                self._con.execute(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {column} {kind}")
+                if (table, column) == ("jobs", "caller"):
+                    self._con.execute(schema.FILL_CALLER)
+                self._con.execute("COMMIT")
+            except BaseException:
+                self._con.execute("ROLLBACK")
+                raise
 
     def cursor(self) -> duckdb.DuckDBPyConnection:
         """A new connection to the same database (for queries on another thread)."""

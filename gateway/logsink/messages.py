@@ -1,4 +1,5 @@
-"""Messages of the job-log subject `<prefix>.logs.job`, which the bus contract does not define.
+"""Messages of the log sink's own subjects (`<prefix>.logs.job`, `.jobs`, `.cancel`), which the
+bus contract does not define.
 
 They follow the contract's conventions (msgspec Structs, JSON, a `v` field) so they can move into
 gateway/bus/contract.py unchanged.
@@ -6,7 +7,7 @@ gateway/bus/contract.py unchanged.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Final
 
 import msgspec
 
@@ -16,6 +17,38 @@ from gateway.bus.contract import SCHEMA_VERSION, Subjects
 def job_log_subject(subjects: Subjects) -> str:
     """`<prefix>.logs.job`: request a job's events (JobLogRequest -> JobLogPage or Error)."""
     return f"{subjects.prefix}.logs.job"
+
+
+def job_list_subject(subjects: Subjects) -> str:
+    """`<prefix>.logs.jobs`: the recent jobs (JobListRequest -> LogQueryResult or Error)."""
+    return f"{subjects.prefix}.logs.jobs"
+
+
+def query_cancel_subject(subjects: Subjects) -> str:
+    """`<prefix>.logs.cancel`: stop a running query (QueryCancel, no reply)."""
+    return f"{subjects.prefix}.logs.cancel"
+
+
+# A header of a `<prefix>.logs.query` request: the id a QueryCancel names the query by. A query
+# without one runs to its end or its time limit.
+QUERY_ID_HEADER: Final = "Comfy-Query-Id"
+
+
+class QueryCancel(msgspec.Struct, kw_only=True):
+    """Its asker gave up on the query sent with this id: the sink interrupts it."""
+
+    v: int = SCHEMA_VERSION
+    query_id: str
+
+
+class JobListRequest(msgspec.Struct, kw_only=True):
+    """The newest jobs first, from the index, filtered by status, server and caller."""
+
+    v: int = SCHEMA_VERSION
+    status: str | None = None
+    server_id: str | None = None
+    caller: str | None = None
+    limit: int = 50
 
 
 class JobLogRequest(msgspec.Struct, kw_only=True):

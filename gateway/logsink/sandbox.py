@@ -1,11 +1,13 @@
-"""Running someone else's SQL against the index: one SELECT, bounded in time, rows and reach.
+"""Running someone else's SQL on the index: one read-only query, bounded in time, rows and reach.
 
 Layers, each enough on its own for what it guards:
-- the statement is parsed first and must be exactly one SELECT (WITH ... SELECT, FROM-first and
-  DESCRIBE/SUMMARIZE are SELECTs to DuckDB); anything else is refused before it runs;
+- the statement is parsed first and must be one query that only reads, down to its CTEs and
+  subqueries (statements.py); anything else is refused before it runs;
+- a query for one caller sees only that caller's jobs (tenancy.py);
 - the database refuses files, network, extensions and settings (index.locked_down_config);
 - the query runs in a transaction that is always rolled back;
-- a watchdog calls `interrupt()` when the time limit passes, and at most `max_rows` rows are read.
+- a watchdog calls `interrupt()` when the time limit passes or the query is cancelled (its
+  asker gave up), and at most `max_rows` rows are read.
 """
 
 from __future__ import annotations
@@ -18,87 +20,146 @@ import math
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any, Final
 
 import duckdb
 import msgspec
 
 from gateway.bus.contract import Column, LogQueryResult
+from gateway.logsink.refusal import QueryRefused
+from gateway.logsink.statements import check_sql
+from gateway.logsink.tenancy import scope_to_caller
+
+__all__ = ["QueryRefused", "Stopper", "check_sql", "run_query", "run_read", "to_jsonable"]
 
 log = logging.getLogger(__name__)
 
 _INTERRUPT_EVERY_S: Final = 0.05
 
 
-class QueryRefused(Exception):
-    """A query that is not run, or not finished, with a code and a sentence for people."""
+class Stopper:
+    """Interrupts one query on its connection: at its time limit, or once `cancel()` is called.
 
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
+    Thread-safe; `cancel()` may come from any thread, before, during or after the query.
+    """
 
+    def __init__(self) -> None:
+        self._wake = threading.Event()
+        self._done = threading.Event()
+        self.cancelled = False
+        self.fired = False
 
-def check_sql(cursor: duckdb.DuckDBPyConnection, sql: str) -> None:
-    """Raise QueryRefused unless `sql` is exactly one SELECT statement."""
-    try:
-        statements = cursor.extract_statements(sql)
-    except duckdb.Error as exc:
-        raise QueryRefused("invalid_sql", f"the SQL does not parse: {exc}") from exc
-    if not statements:
-        raise QueryRefused("invalid_sql", "no SQL statement given")
-    if len(statements) > 1:
-        raise QueryRefused(
-            "multiple_statements",
-            f"one statement per query, got {len(statements)}; remove the `;` between them",
+    def cancel(self) -> None:
+        """Stop the query as soon as possible (its asker is gone)."""
+        self.cancelled = True
+        self._wake.set()
+
+    def watch(self, cursor: duckdb.DuckDBPyConnection, timeout_s: float) -> threading.Thread:
+        """Start the watchdog thread for a query that starts now."""
+        thread = threading.Thread(
+            target=self._run, args=(cursor, timeout_s), name="logsink-watchdog", daemon=True
         )
-    kind = statements[0].type
-    if kind != duckdb.StatementType.SELECT:
-        raise QueryRefused(
-            "not_select",
-            f"only SELECT queries are allowed (WITH ... SELECT included); this is {kind.name}",
+        thread.start()
+        return thread
+
+    def finish(self) -> None:
+        """The query is over: the watchdog stops interrupting and ends."""
+        self._done.set()
+        self._wake.set()
+
+    def _run(self, cursor: duckdb.DuckDBPyConnection, timeout_s: float) -> None:
+        self._wake.wait(timeout_s)
+        if self._done.is_set():
+            return
+        self.fired = True
+        # Repeat: an interrupt that lands between two steps of the query is lost.
+        while not self._done.is_set():
+            cursor.interrupt()
+            self._done.wait(_INTERRUPT_EVERY_S)
+
+    def refusal(self, timeout_s: float) -> QueryRefused:
+        """Why the query was stopped, as the answer its asker (if still there) gets."""
+        if self.cancelled:
+            return QueryRefused("cancelled", "the query was cancelled: its asker gave up")
+        return QueryRefused(
+            "timeout", f"the query ran longer than {timeout_s:g} s and was interrupted"
         )
 
 
 def run_query(
-    cursor: duckdb.DuckDBPyConnection, sql: str, *, max_rows: int, timeout_s: float
+    cursor: duckdb.DuckDBPyConnection,
+    sql: str,
+    *,
+    max_rows: int,
+    timeout_s: float,
+    caller: str | None = None,
+    catalog: str = "",
+    stopper: Stopper | None = None,
 ) -> LogQueryResult:
-    """Run one SELECT on `cursor` (a connection of its own) and return typed, JSON-able rows.
+    """Run one read-only query on `cursor` (a connection of its own); typed, JSON-able rows.
 
-    Blocks the calling thread; raises QueryRefused on any refusal, error or time-out.
+    With `caller`, the query sees only that caller's jobs (`catalog`: the index's database
+    name). Blocks the calling thread; raises QueryRefused on any refusal, error, time-out or
+    cancel.
     """
     started = time.perf_counter()
-    check_sql(cursor, sql)
-    done = threading.Event()
-    fired = threading.Event()
+    check_sql(cursor, sql, scoped=caller is not None)
 
-    def watchdog() -> None:
-        fired.set()
-        # Repeat: an interrupt that lands between two steps of the query is lost.
-        while not done.is_set():
-            cursor.interrupt()
-            done.wait(_INTERRUPT_EVERY_S)
+    def scope() -> None:
+        if caller is not None:
+            scope_to_caller(cursor, catalog, caller)
 
-    timer = threading.Timer(timeout_s, watchdog)
-    timer.daemon = True
+    return _execute(cursor, sql, [], max_rows, timeout_s, stopper or Stopper(), started, scope)
+
+
+def run_read(
+    cursor: duckdb.DuckDBPyConnection,
+    sql: str,
+    params: list[Any],
+    *,
+    max_rows: int,
+    timeout_s: float,
+    stopper: Stopper | None = None,
+) -> LogQueryResult:
+    """Run the sink's own SQL (never a request's text) as `run_query` runs a checked one."""
+    started = time.perf_counter()
+    return _execute(cursor, sql, params, max_rows, timeout_s, stopper or Stopper(), started)
+
+
+def _execute(
+    cursor: duckdb.DuckDBPyConnection,
+    sql: str,
+    params: list[Any],
+    max_rows: int,
+    timeout_s: float,
+    stopper: Stopper,
+    started: float,
+    prepare: Callable[[], None] | None = None,
+) -> LogQueryResult:
     cursor.execute("BEGIN TRANSACTION")
-    timer.start()
+    watchdog: threading.Thread | None = None
     try:
-        cursor.execute(sql)
+        if prepare is not None:
+            prepare()
+        watchdog = stopper.watch(cursor, timeout_s)
+        if params:
+            cursor.execute(sql, params)
+        else:
+            cursor.execute(sql)
         description = cursor.description or []
         rows = cursor.fetchmany(max_rows + 1)
     except duckdb.Error as exc:
-        if fired.is_set():
-            raise QueryRefused(
-                "timeout", f"the query ran longer than {timeout_s:g} s and was interrupted"
-            ) from exc
+        if stopper.fired:
+            raise stopper.refusal(timeout_s) from exc
         raise _refusal(exc) from exc
     finally:
-        done.set()
-        timer.cancel()
+        stopper.finish()
+        if watchdog is not None:
+            watchdog.join()
         _roll_back(cursor)
-    if fired.is_set():
-        raise QueryRefused("timeout", f"the query ran longer than {timeout_s:g} s")
+    if stopper.fired:
+        raise stopper.refusal(timeout_s)
     columns = [Column(name=str(d[0]), type=str(d[1])) for d in description]
     truncated = len(rows) > max_rows
     converters = [_converter(column.type) for column in columns]

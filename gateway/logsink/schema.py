@@ -42,16 +42,28 @@ TABLES: Final = (
         last_event_at TIMESTAMP,
         -- bookkeeping: the seq the status comes from, and how much of the log file is indexed
         status_seq BIGINT NOT NULL DEFAULT 0,
-        log_bytes BIGINT NOT NULL DEFAULT 0
+        log_bytes BIGINT NOT NULL DEFAULT 0,
+        -- who submitted the job (JobRequest.caller); last, where an older index gains it
+        caller VARCHAR
     )
     """,
 )
 
-VIEWS: Final = (
+# An index made before a column existed gains it at start (see index.IndexDB).
+ADDED_COLUMNS: Final = (("jobs", "caller", "VARCHAR"),)
+
+# Filling `jobs.caller` of an older index from its `queued` events, once, when it gains the column.
+FILL_CALLER: Final = """
+    UPDATE jobs SET caller = q.caller
+    FROM (SELECT job_id, any_value(data->'request'->>'caller') AS caller
+          FROM events WHERE type = 'queued' GROUP BY job_id) AS q
+    WHERE jobs.job_id = q.job_id AND jobs.caller IS NULL AND q.caller IS NOT NULL
+"""
+
+VIEW_BODIES: Final = {
     # One row per node execution: from its node_started to the next node_started or the end
     # of the attempt. The class comes from the event, else from the workflow in `queued`.
-    """
-    CREATE OR REPLACE VIEW node_runs AS
+    "node_runs": """
     WITH marks AS (
         SELECT job_id, seq, ts, type, node_id, server_id, data->>'class_type' AS class_type,
                lead(ts) OVER (PARTITION BY job_id ORDER BY seq) AS next_ts
@@ -70,8 +82,7 @@ VIEWS: Final = (
     FROM marks m LEFT JOIN workflows w USING (job_id)
     WHERE m.type = 'node_started' AND m.next_ts IS NOT NULL
     """,
-    """
-    CREATE OR REPLACE VIEW slowest_nodes AS
+    "slowest_nodes": """
     SELECT coalesce(class_type, '?') AS class_type,
            count(*) AS runs,
            round(avg(duration_s), 3) AS avg_s,
@@ -84,8 +95,7 @@ VIEWS: Final = (
     ORDER BY avg_s DESC
     """,
     # Failures per server and error type, out of the jobs that finished on that server.
-    """
-    CREATE OR REPLACE VIEW failure_rates AS
+    "failure_rates": """
     WITH finished AS (
         SELECT * FROM jobs WHERE status IN ('succeeded', 'failed', 'cancelled')
     ),
@@ -100,8 +110,7 @@ VIEWS: Final = (
     GROUP BY f.server_id, f.error_type
     ORDER BY failure_rate DESC, failures DESC
     """,
-    """
-    CREATE OR REPLACE VIEW daily_timing AS
+    "daily_timing": """
     SELECT CAST(submitted_at AS DATE) AS day,
            count(*) AS jobs,
            count(started_at) AS started,
@@ -115,9 +124,14 @@ VIEWS: Final = (
     GROUP BY day
     ORDER BY day
     """,
-)
+}
 
-VIEW_NAMES: Final = ("node_runs", "slowest_nodes", "failure_rates", "daily_timing")
+VIEW_NAMES: Final = tuple(VIEW_BODIES)
+VIEWS: Final = tuple(
+    f"CREATE OR REPLACE VIEW {name} AS {body}" for name, body in VIEW_BODIES.items()
+)
+# What a query scoped to one caller may name (tenancy shadows each with that caller's rows).
+SCOPED_NAMES: Final = ("events", "jobs", *VIEW_NAMES)
 
 # Epoch seconds (DOUBLE) to a UTC TIMESTAMP without depending on the session's time zone.
 _TS = "make_timestamp(CAST(round({0} * 1e6) AS BIGINT))"
@@ -154,6 +168,7 @@ _DELTA_TYPES: Final = {
     "event_count": "BIGINT",
     "last_seq": "BIGINT",
     "last_event_at": "DOUBLE",
+    "caller": "VARCHAR",
 }
 _DELTA_SCHEMA: Final = "[{" + ",".join(f'"{k}":"{v}"' for k, v in _DELTA_TYPES.items()) + "}]"
 
@@ -162,12 +177,12 @@ UPSERT_JOBS: Final = f"""
     INSERT INTO jobs (job_id, status, server_id, attempts, submitted_at, started_at,
                       finished_at, error_type, error_message, workflow_hash, node_count,
                       output_count, log_file_path, event_count, last_seq, last_event_at,
-                      status_seq, log_bytes)
+                      status_seq, log_bytes, caller)
     SELECT d.job_id, d.status, d.server_id, d.attempts, {_TS.format("d.submitted_at")},
            {_TS.format("d.started_at")}, {_TS.format("d.finished_at")}, d.error_type,
            d.error_message, d.workflow_hash, d.node_count, d.output_count, d.log_file_path,
            d.event_count, d.last_seq, {_TS.format("d.last_event_at")}, d.status_seq,
-           d.log_bytes
+           d.log_bytes, d.caller
     FROM (SELECT unnest(from_json($1, '{_DELTA_SCHEMA}'), recursive := true)) AS d
     ON CONFLICT (job_id) DO UPDATE SET
         status = CASE WHEN excluded.status_seq > jobs.status_seq
@@ -189,5 +204,6 @@ UPSERT_JOBS: Final = f"""
         log_file_path = excluded.log_file_path,
         event_count = jobs.event_count + excluded.event_count,
         last_seq = greatest(jobs.last_seq, excluded.last_seq),
-        last_event_at = greatest(jobs.last_event_at, excluded.last_event_at)
+        last_event_at = greatest(jobs.last_event_at, excluded.last_event_at),
+        caller = coalesce(jobs.caller, excluded.caller)
 """

@@ -1,7 +1,10 @@
-"""The query face of the sink: `<prefix>.logs.query` (SQL) and `<prefix>.logs.job` (a job's log).
+"""The query face of the sink: `<prefix>.logs.query` (SQL), `<prefix>.logs.job` (a job's log),
+`<prefix>.logs.jobs` (the job list) and `<prefix>.logs.cancel` (stop a query).
 
-Requests are answered in tasks of their own (a subscription's callbacks run one at a time), at
-most `query_workers` at once, each on a query thread with a DuckDB connection of its own.
+Requests are answered in tasks of their own (a subscription's callbacks run one at a time) on
+two pools (pools.py): SQL on `queries`, bounded and refused when full; the system's own reads
+on `reads`, so a job's log never waits behind someone's long query. A query is stopped at its
+time limit, or earlier when its asker sends a cancel naming the query's id.
 """
 
 from __future__ import annotations
@@ -10,64 +13,86 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Final, TypeVar
+from typing import Final
 
-import duckdb
 import msgspec
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from gateway.bus.contract import ContractError, Error, LogQuery, LogQueryResult, Subjects, decode
 from gateway.logsink.config import SinkConfig
+from gateway.logsink.joblist import recent_jobs
 from gateway.logsink.joblog import read_job_page
-from gateway.logsink.messages import JobLogPage, JobLogRequest, job_log_subject
+from gateway.logsink.messages import (
+    QUERY_ID_HEADER,
+    JobListRequest,
+    JobLogPage,
+    JobLogRequest,
+    QueryCancel,
+    job_list_subject,
+    job_log_subject,
+    query_cancel_subject,
+)
+from gateway.logsink.pools import QueryPool
 from gateway.logsink.sandbox import QueryRefused, run_query
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
 # Room left in a reply for everything around the rows or entries.
 _ENVELOPE: Final = 8 * 1024
 # The longest a job-log request may wait for its job's log to come far enough.
 _MAX_WAIT_S: Final = 30.0
+_cancel: Final = msgspec.json.Decoder(QueryCancel)
 
 
 class LogService:
-    """Answers log queries from the index; owns the query threads and their connections."""
+    """Answers log requests from the index; owns the pools and their connections.
+
+    `catalog`: DuckDB's name of the index database (for the per-caller views).
+    """
 
     def __init__(
         self,
         nc: Client,
         subjects: Subjects,
-        cursors: list[duckdb.DuckDBPyConnection],
+        *,
+        queries: QueryPool,
+        reads: QueryPool,
+        catalog: str,
         data_dir: Path,
         config: SinkConfig,
     ) -> None:
         self._nc = nc
         self._subjects = subjects
-        self._cursors = list(cursors)
-        self._all_cursors = list(cursors)
+        self.queries = queries
+        self.reads = reads
+        self._catalog = catalog
         self._data_dir = data_dir
         self._config = config
-        self._slots = asyncio.Semaphore(len(cursors))
         self._stored = asyncio.Event()  # set (and replaced) each time a batch is stored
-        self._threads = ThreadPoolExecutor(len(cursors), thread_name_prefix="logsink-query")
 
     async def run(self, stop: asyncio.Event) -> None:
         """Answer requests until `stop` is set, then finish those in progress."""
         async with asyncio.TaskGroup() as tasks:
 
-            async def on_query(msg: Msg) -> None:
-                tasks.create_task(self._answer(msg, self._query))
+            def answering(
+                handler: Callable[[Msg], Awaitable[bytes]],
+            ) -> Callable[[Msg], Awaitable[None]]:
+                async def on_message(msg: Msg) -> None:
+                    tasks.create_task(self._answer(msg, handler))
 
-            async def on_job(msg: Msg) -> None:
-                tasks.create_task(self._answer(msg, self._job_page))
+                return on_message
 
             subs = [
-                await self._nc.subscribe(self._subjects.logs_query, cb=on_query),
-                await self._nc.subscribe(job_log_subject(self._subjects), cb=on_job),
+                await self._nc.subscribe(self._subjects.logs_query, cb=answering(self._query)),
+                await self._nc.subscribe(
+                    job_log_subject(self._subjects), cb=answering(self._job_page)
+                ),
+                await self._nc.subscribe(
+                    job_list_subject(self._subjects), cb=answering(self._job_list)
+                ),
+                await self._nc.subscribe(query_cancel_subject(self._subjects), cb=self._on_cancel),
             ]
             try:
                 await stop.wait()
@@ -76,16 +101,13 @@ class LogService:
                     await sub.unsubscribe()
 
     def close(self) -> None:
-        """Interrupt what still runs and stop the query threads (blocks until they end)."""
-        for cursor in self._all_cursors:
-            cursor.interrupt()
-        self._threads.shutdown(wait=True)
-        for cursor in self._all_cursors:
-            cursor.close()
+        """Interrupt what still runs and stop the pools (blocks until their threads end)."""
+        self.queries.close()
+        self.reads.close()
 
-    async def _answer(self, msg: Msg, handler: Callable[[bytes], Awaitable[bytes]]) -> None:
+    async def _answer(self, msg: Msg, handler: Callable[[Msg], Awaitable[bytes]]) -> None:
         try:
-            reply = await handler(msg.data)
+            reply = await handler(msg)
         except QueryRefused as exc:
             reply = _error(exc.code, exc.message)
         except ContractError as exc:
@@ -96,25 +118,51 @@ class LogService:
         if msg.reply:
             await msg.respond(reply)
 
-    async def _on_thread(self, work: Callable[[duckdb.DuckDBPyConnection], T]) -> T:
-        async with self._slots:
-            cursor = self._cursors.pop()
-            try:
-                loop = asyncio.get_running_loop()
-                return await loop.run_in_executor(self._threads, work, cursor)
-            finally:
-                self._cursors.append(cursor)
+    async def _on_cancel(self, msg: Msg) -> None:
+        try:
+            request = _cancel.decode(msg.data)
+        except msgspec.DecodeError as exc:
+            log.warning("ignoring a query cancel that is not a QueryCancel: %s", exc)
+            return
+        if self.queries.cancel(request.query_id):
+            log.info("query %s cancelled by its asker", request.query_id)
 
-    async def _query(self, data: bytes) -> bytes:
-        request = decode(data, LogQuery)
+    async def _query(self, msg: Msg) -> bytes:
+        request = decode(msg.data, LogQuery)
         if request.max_rows < 0:
             raise QueryRefused("invalid_request", "max_rows must be 0 or more")
         if not request.timeout_s > 0:
             raise QueryRefused("invalid_request", "timeout_s must be more than 0")
+        size = len(request.sql.encode())
+        if size > self._config.max_sql_bytes:
+            raise QueryRefused(
+                "too_large",
+                f"the SQL is {size} bytes; at most {self._config.max_sql_bytes} are taken",
+            )
         max_rows = min(request.max_rows, self._config.max_rows_cap)
         timeout_s = min(request.timeout_s, self._config.max_timeout_s)
-        result = await self._on_thread(
-            lambda cursor: run_query(cursor, request.sql, max_rows=max_rows, timeout_s=timeout_s)
+        query_id = (msg.headers or {}).get(QUERY_ID_HEADER)
+        result = await self.queries.run(
+            lambda cursor, stopper: run_query(
+                cursor,
+                request.sql,
+                max_rows=max_rows,
+                timeout_s=timeout_s,
+                caller=request.caller,
+                catalog=self._catalog,
+                stopper=stopper,
+            ),
+            caller=request.caller,
+            query_id=query_id,
+        )
+        return _fit(result, self._nc.max_payload)
+
+    async def _job_list(self, msg: Msg) -> bytes:
+        request = decode(msg.data, JobListRequest)
+        result = await self.reads.run(
+            lambda cursor, stopper: recent_jobs(
+                cursor, request, timeout_s=self._config.read_timeout_s, stopper=stopper
+            )
         )
         return _fit(result, self._nc.max_payload)
 
@@ -123,13 +171,13 @@ class LogService:
         self._stored.set()
         self._stored = asyncio.Event()
 
-    async def _job_page(self, data: bytes) -> bytes:
-        request = decode(data, JobLogRequest)
+    async def _job_page(self, msg: Msg) -> bytes:
+        request = decode(msg.data, JobLogRequest)
         budget = self._nc.max_payload - _ENVELOPE
 
         async def read() -> JobLogPage:
-            page: JobLogPage = await self._on_thread(
-                lambda cursor: read_job_page(
+            page: JobLogPage = await self.reads.run(
+                lambda cursor, _: read_job_page(
                     cursor,
                     self._data_dir,
                     request.job_id,

@@ -27,9 +27,11 @@ from gateway.bus.lease import hold_lease, lease_held
 from gateway.logsink.config import SinkConfig
 from gateway.logsink.consumer import EventPuller
 from gateway.logsink.jsonl import JsonlError
+from gateway.logsink.pools import QueryPool
 from gateway.logsink.rebuild import reconcile
 from gateway.logsink.service import LogService
 from gateway.logsink.store import BatchStats, LogStore
+from gateway.logsink.tenancy import catalog_of
 from gateway.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -91,14 +93,42 @@ class LogSink:
         self._store = store = await self._in_writer(lambda: LogStore(self.data_dir, config))
         # Lines a crash left in the files but not in the index go in before any redelivery.
         await self._in_writer(lambda: reconcile(store))
-        cursors = [await self._in_writer(store.index.cursor) for _ in range(config.query_workers)]
-        self._service = LogService(self._nc, self._subjects, cursors, self.data_dir, config)
+        self._service = LogService(
+            self._nc,
+            self._subjects,
+            queries=QueryPool(
+                "query",
+                await self._cursors(config.query_workers),
+                per_caller=config.queries_per_caller,
+            ),
+            reads=QueryPool("read", await self._cursors(config.read_workers), queue=True),
+            catalog=await self._in_writer(lambda: _catalog(store)),
+            data_dir=self.data_dir,
+            config=config,
+        )
         self._puller = EventPuller(self._nc, self._js, self._subjects, config)
         await self._puller.start()
         info = await self._js.consumer_info(self._subjects.events_stream, config.durable)
         self._acked_upto = info.ack_floor.stream_seq or 0
         self._task = asyncio.create_task(self._run(), name="logsink")
         log.info("log sink running: data in %s", self.data_dir.resolve())
+
+    async def _cursors(self, count: int) -> list[duckdb.DuckDBPyConnection]:
+        store = self._store
+        assert store is not None
+        return [await self._in_writer(store.index.cursor) for _ in range(max(count, 1))]
+
+    @property
+    def queries(self) -> QueryPool:
+        """The pool of people's SQL: what runs, what was cancelled (see PoolStats)."""
+        assert self._service is not None, "the log sink is not running"
+        return self._service.queries
+
+    @property
+    def reads(self) -> QueryPool:
+        """The pool of the system's own reads (job logs, the job list)."""
+        assert self._service is not None, "the log sink is not running"
+        return self._service.reads
 
     async def _run(self) -> None:
         assert self._service is not None
@@ -218,6 +248,14 @@ class LogSink:
         async with self._progress:
             self._acked_upto = max(self._acked_upto, last)
             self._progress.notify_all()
+
+
+def _catalog(store: LogStore) -> str:
+    cursor = store.index.cursor()
+    try:
+        return catalog_of(cursor)
+    finally:
+        cursor.close()
 
 
 # The log sink's lease, in the bucket of leases that the balancer's is in.

@@ -7,10 +7,11 @@ import time
 from pathlib import Path
 
 import duckdb
+import msgspec
 import pytest
 from nats.aio.client import Client
 
-from gateway.bus.contract import Subjects
+from gateway.bus.contract import Error, LogQuery, Subjects, encode
 from gateway.bus.events import EventPublisher
 from gateway.logsink import LogQueryError, LogSink, index_path, query_logs
 from gateway.logsink.index import open_database
@@ -41,7 +42,24 @@ REFUSED = [
     ("DROP TABLE events", "not_select"),
     ("SELECT 1; DROP TABLE events", "multiple_statements"),
     ("SELECT 1; SELECT 2", "multiple_statements"),
-    ("SELECT * FROM query('DROP TABLE events')", "invalid_sql"),
+    # query() and json_execute_serialized_sql() run SQL that the check never sees.
+    ("SELECT * FROM query('DROP TABLE events')", "forbidden"),
+    ("SELECT * FROM query('SELECT 1')", "forbidden"),
+    ("FROM json_execute_serialized_sql(json_serialize_sql('SELECT 1'))", "forbidden"),
+    ("SELECT * FROM checkpoint()", "forbidden"),
+    # Statements that change data, inside a SELECT: refused by the parse tree, not the text.
+    ("WITH x AS (UPDATE jobs SET status='pwned' RETURNING *) SELECT * FROM x", "not_select"),
+    ("WITH x AS (DELETE FROM events RETURNING *) SELECT count(*) FROM x", "not_select"),
+    (
+        "WITH x AS (INSERT INTO jobs (job_id) VALUES ('x') RETURNING job_id) "
+        "SELECT * FROM jobs WHERE job_id IN (SELECT job_id FROM x)",
+        "not_select",
+    ),
+    (
+        "SELECT * FROM (WITH y AS (SELECT 1), x AS (UPDATE jobs SET status = 'p' RETURNING 1) "
+        "SELECT * FROM x)",
+        "not_select",
+    ),
     ("SELCT 1", "invalid_sql"),
     ("", "invalid_sql"),
 ]
@@ -61,6 +79,42 @@ async def test_refusals_are_clear_and_leave_the_database_unchanged(
         assert refused.value.message, sql
     assert (await query_logs(nc, subjects, SNAPSHOT)).rows == before
     assert not Path("/tmp/stolen.csv").exists()
+
+
+async def test_reading_queries_of_every_shape_still_run(
+    nc: Client, subjects: Subjects, sink: LogSink, publisher: EventPublisher
+) -> None:
+    await run_job(publisher, "j1", submitted_at=1_750_000_000.0)
+    async with asyncio.timeout(10):
+        await sink.wait_caught_up()
+    for sql in (
+        "WITH RECURSIVE r(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM r WHERE n < 3) "
+        "SELECT count(*) FROM r",
+        "FROM jobs",
+        "DESCRIBE jobs",
+        "SUMMARIZE SELECT * FROM events",
+        "SELECT * FROM (SELECT job_id FROM jobs UNION ALL SELECT job_id FROM events) LIMIT 1",
+        "SELECT j.job_id, e.n FROM jobs j, LATERAL (SELECT count(*) AS n FROM events "
+        "WHERE events.job_id = j.job_id) e",
+        "SELECT * FROM duckdb_tables()",
+        "SELECT table_name FROM information_schema.tables",
+        "SELECT * FROM pragma_table_info('jobs')",
+        "SELECT * FROM range(3), unnest([1, 2]), generate_series(1, 2)",
+    ):
+        assert (await query_logs(nc, subjects, sql)).columns, sql
+
+
+async def test_the_sink_refuses_sql_over_its_size_limit(
+    nc: Client, subjects: Subjects, sink: LogSink
+) -> None:
+    # Sent as a raw request: the client function would not send it at all.
+    sql = "SELECT 1 -- " + "x" * (sink.config.max_sql_bytes)
+    reply = await nc.request(subjects.logs_query, encode(LogQuery(sql=sql)), timeout=10)
+    error = msgspec.json.decode(reply.data, type=Error)
+    assert error.code == "too_large", error
+    with pytest.raises(LogQueryError) as refused:
+        await query_logs(nc, subjects, sql)
+    assert refused.value.code == "too_large"
 
 
 async def test_a_runaway_query_is_interrupted_at_its_time_limit(

@@ -145,3 +145,38 @@ async def test_sql_in_every_text_field_is_stored_verbatim(settings: Settings) ->
         queued = next(e for e in log["entries"] if e["type"] == "queued")
         assert queued["data"]["request"]["metadata"] == metadata
         assert queued["data"]["request"]["workflow"] == chain(EVIL)
+
+
+async def test_sql_that_would_change_the_index_or_swamp_the_bus_is_refused(
+    settings: Settings,
+) -> None:
+    async with (
+        running_system(settings) as system,
+        httpx.AsyncClient(base_url=system.url, timeout=60) as client,
+    ):
+        await system.add_server("gpu1")
+        ran = await client.post("/workflow/execute", json={"workflow": chain(["a", "b"])})
+        assert ran.json()["status"] == "succeeded", ran.text
+
+        async def indexed() -> bool:
+            rows = await sql(client, "SELECT count(*) FROM jobs WHERE status = 'succeeded'")
+            return bool(rows[0][0] == 1)
+
+        await poll_until(indexed, "the job indexed as finished")
+        before = await sql(client, "SELECT job_id, status FROM jobs")
+        for statement in (
+            "WITH x AS (UPDATE jobs SET status='pwned' RETURNING *) SELECT * FROM x",
+            "SELECT * FROM (WITH x AS (DELETE FROM events RETURNING 1) SELECT * FROM x)",
+            "SELECT * FROM query('SELECT 1')",
+        ):
+            reply = await client.post("/logs/query", json={"sql": statement})
+            assert reply.status_code == 400, (statement, reply.text)
+            assert reply.json()["code"] in ("not_select", "forbidden"), reply.text
+        assert await sql(client, "SELECT job_id, status FROM jobs") == before
+
+        # Bigger than a bus message: refused by the gateway, before it is sent.
+        huge = await client.post("/logs/query", json={"sql": "SELECT 1 -- " + "x" * 9_000_000})
+        assert huge.status_code == 413, huge.text
+        assert huge.json()["code"] == "too_large"
+        assert huge.json()["details"] == {"max_sql_bytes": 64 * 1024}
+        assert await sql(client, "SELECT 1") == [[1]]
