@@ -21,8 +21,8 @@ from gateway.bus.contract import (
     SCHEMA_VERSION,
     ContractError,
     JobStatus,
-    LogQuery,
     LogQueryResult,
+    SqlQuery,
     check_token,
 )
 from gateway.logsink.client import LogQueryError, job_log, query_logs
@@ -150,15 +150,18 @@ async def _while_connected(request: Request[Any, Any, Any], call: Awaitable[T]) 
 
 @post("/logs/query", tags=["logs"], status_code=200, responses=error_responses(413, 429, 503, 504))
 async def logs_query(
-    data: JSONBody[LogQuery], services: ServicesDep, request: Request[Any, Any, Any]
+    data: JSONBody[SqlQuery], services: ServicesDep, request: Request[Any, Any, Any]
 ) -> LogQueryResult:
-    """Run one read-only SELECT on the log index (sandboxed: no files, no settings)."""
+    """Run one read-only SELECT on the log index (sandboxed: no files, no settings).
+
+    A user key's query sees only the rows of its own jobs; an admin's sees every row.
+    """
     if data.v > SCHEMA_VERSION:
         # The contract's rule: refuse a message of a later version rather than misread it.
         raise ApiError(
             400,
             "invalid_request",
-            f"LogQuery has schema version {data.v}; this gateway understands up to "
+            f"the query has schema version {data.v}; this gateway understands up to "
             f"{SCHEMA_VERSION}",
         )
     call = query_logs(
@@ -167,6 +170,7 @@ async def logs_query(
         data.sql,
         max_rows=data.max_rows,
         timeout_s=data.timeout_s,
+        caller=_scope(request),
     )
     result: LogQueryResult = await _while_connected(request, _ask_sink(call))
     return result
@@ -175,16 +179,33 @@ async def logs_query(
 @get("/workflow/jobs", tags=["workflows"], responses=error_responses(503, 504))
 async def recent_jobs(
     services: ServicesDep,
+    request: Request[Any, Any, Any],
     status: FromQuery[JobStatus | None] = None,
     server: FromQuery[str | None] = None,
     limit: FromQuery[int] = 50,
 ) -> list[dict[str, Any]]:
-    """Recent jobs, newest first, from the log index; filter by status and server."""
-    return await list_jobs(services, status=status, server=server, limit=limit)
+    """Recent jobs, newest first, from the log index; filter by status and server.
+
+    A user key lists only its own jobs.
+    """
+    return await list_jobs(
+        services, status=status, server=server, limit=limit, caller=_scope(request)
+    )
+
+
+def _scope(request: Request[Any, Any, Any]) -> str | None:
+    """Whose rows the request may see in the index: None for an admin (every row)."""
+    caller = caller_of(request)
+    return None if caller.admin else caller.id
 
 
 async def list_jobs(
-    services: Services, *, status: JobStatus | None, server: str | None, limit: int
+    services: Services,
+    *,
+    status: JobStatus | None,
+    server: str | None,
+    limit: int,
+    caller: str | None = None,
 ) -> list[dict[str, Any]]:
     if server is not None:
         try:
@@ -199,6 +220,7 @@ async def list_jobs(
             services.subjects,
             status=None if status is None else JobStatus(status).value,
             server=server,
+            caller=caller,
             limit=limit,
         )
     )

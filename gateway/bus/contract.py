@@ -568,10 +568,18 @@ class ControlReply(_Message, kw_only=True):
     capabilities: Capabilities | None = None
 
 
-class LogQuery(_Message, kw_only=True):
+class SqlQuery(_Message, kw_only=True):
+    """A query as a client writes it (the body of `POST /logs/query`)."""
+
     sql: str
     max_rows: int = 10_000
     timeout_s: float = 10.0
+
+
+class LogQuery(SqlQuery, kw_only=True):
+    """A query as the log sink takes it: with whose rows it may see, which only the gateway
+    (from the API key) or a trusted bus client sets."""
+
     # Set for a user key's query: it sees only the rows of jobs with this caller. None: all.
     caller: str | None = None
 

@@ -182,6 +182,24 @@ class Run:
             if status["status"] == "cancelled":
                 assert job_id in self.model.cancelled, f"{job_id} cancelled by someone else"
 
+    async def check_index(self, *, whole: bool) -> None:
+        """Each key's job list and SQL show only its jobs (all of them, once `whole`)."""
+        for who, client in self.clients.items():
+            mine = {j for j, owner in self.model.owner.items() if self.model.may(who, j)}
+            listed = await client.get("/workflow/jobs", params={"limit": 1000})
+            assert listed.status_code == 200, listed.text
+            # A client may not widen its own scope by naming another caller in the body.
+            queried = await client.post(
+                "/logs/query",
+                json={"sql": "SELECT DISTINCT job_id FROM events", "caller": "alice"},
+            )
+            assert queried.status_code == 200, queried.text
+            rows = queried.json()["rows"]
+            for seen in ({j["job_id"] for j in listed.json()}, {row[0] for row in rows}):
+                assert seen <= mine, f"{who} sees {seen - mine}"
+                if whole:
+                    assert seen == mine, f"{who} misses {mine - seen}"
+
     async def step(self) -> None:
         who = self.rng.choice(list(KEYS))
         if not self.model.owner or self.rng.random() < 0.3:
@@ -203,6 +221,7 @@ async def test_each_key_sees_exactly_its_own(keyed: System) -> None:
             reply = await run.clients["root"].get(f"/workflow/result/{job_id}?wait=60")
             assert reply.json()["status"] in ("succeeded", "cancelled"), reply.text
         await run.check()
+        await run.check_index(whole=True)
         for job_id in run.model.owner:
             for who in KEYS:
                 await run.touch(who, job_id, "images")
