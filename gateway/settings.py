@@ -52,7 +52,9 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     submit_burst: int = 100
     # Event streams (SSE and websocket together) open at once on one gateway.
     max_event_streams: int = 256
-    # Networks (CIDR) or host names that servers may be registered at; empty allows any.
+    # Networks (CIDR) or host names that servers may be registered at, and only those. Empty:
+    # public addresses, and loopback and private ones only while `host` is loopback. Link-local,
+    # cloud metadata, multicast and this system's own ports never (gateway/api/serveraddress.py).
     server_allowlist: list[str] = msgspec.field(default_factory=list)
     # Balancing and adapters
     heartbeat_interval_s: float = 1.0
