@@ -62,9 +62,15 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # default: one trusted client feeding a fleet is the common case, and it may submit 1000/s.
     submit_rate_per_s: float = 0.0
     submit_burst: int = 100
+    # Server registrations per API key (or address): a burst, then a rate per minute. Always
+    # on: each one makes the gateway resolve and probe an address.
+    register_burst: int = 10
+    register_rate_per_min: float = 10.0
     # Event streams (SSE and websocket together) open at once on one gateway.
     max_event_streams: int = 256
-    # Networks (CIDR) or host names that servers may be registered at; empty allows any.
+    # Networks (CIDR) or host names that servers may be registered at, and only those. Empty:
+    # public addresses, and loopback and private ones only while `host` is loopback. Link-local,
+    # cloud metadata, multicast and this system's own ports never (gateway/api/serveraddress.py).
     server_allowlist: list[str] = msgspec.field(default_factory=list)
     # Balancing and adapters
     heartbeat_interval_s: float = 1.0

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -57,13 +58,24 @@ async def js(nc: Client, subjects: Subjects) -> JetStreamContext:
 @pytest.fixture
 def settings(nats_server: NatsServer, tmp_path: Path) -> Settings:
     """Settings of a one-machine deployment on the test's broker and temp folder."""
-    return Settings(nats_url=nats_server.url, data_dir=str(tmp_path / "data"), port=0)
+    # Tests register and remove servers freely (the model test, dozens of times): the limit on
+    # registrations is tested with its own settings.
+    return Settings(
+        nats_url=nats_server.url, data_dir=str(tmp_path / "data"), port=0, register_burst=1000
+    )
 
 
-async def start_gateway(settings: Settings, stop: asyncio.Event) -> tuple[str, asyncio.Task[None]]:
-    """Run a gateway (with its balancer) in this event loop; return its URL and task."""
+async def start_gateway(
+    settings: Settings, stop: asyncio.Event, sock: socket.socket | None = None
+) -> tuple[str, asyncio.Task[None]]:
+    """Run a gateway (with its balancer) in this event loop; return its URL and task.
+
+    `sock` (bound and listening) is served instead of `settings.host:port`.
+    """
     listening: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-    task = asyncio.create_task(run_gateway(settings, settings.nats_url, stop, listening=listening))
+    task = asyncio.create_task(
+        run_gateway(settings, settings.nats_url, stop, listening=listening, sock=sock)
+    )
     done, _ = await asyncio.wait({task, listening}, timeout=20, return_when=asyncio.FIRST_COMPLETED)
     if task in done:
         task.result()  # raises what stopped it
@@ -74,10 +86,12 @@ async def start_gateway(settings: Settings, stop: asyncio.Event) -> tuple[str, a
 
 
 @contextlib.asynccontextmanager
-async def running_gateway(settings: Settings) -> AsyncIterator[str]:
+async def running_gateway(
+    settings: Settings, sock: socket.socket | None = None
+) -> AsyncIterator[str]:
     """A gateway for the block: its base URL; stopped on exit, also when the block fails."""
     stop = asyncio.Event()
-    url, task = await start_gateway(settings, stop)
+    url, task = await start_gateway(settings, stop, sock)
     try:
         yield url
     finally:

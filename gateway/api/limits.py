@@ -1,4 +1,5 @@
-"""Limits on what one client can take: submit rate, concurrent event streams, body size.
+"""Limits on what one client can take: submit and registration rates, concurrent event streams,
+body size.
 
 The app keeps one `Limits` in its state; handlers reach it through `limits_of(app)`.
 """
@@ -8,7 +9,7 @@ from __future__ import annotations
 import math
 import time
 import weakref
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from types import TracebackType
 from typing import Any, Final, TypeVar
 
@@ -32,25 +33,36 @@ _PRUNE_ABOVE: Final = 10_000
 class RateLimited(ApiError):
     """429 with the seconds to wait, in `Retry-After` and in `details`."""
 
-    def __init__(self, retry_after: int, rate: float, burst: int) -> None:
+    def __init__(self, retry_after: int, terms: str, details: Mapping[str, Any]) -> None:
         super().__init__(
             429,
             "rate_limited",
-            f"too many submissions: {burst} at once, then {rate:g} per second "
-            f"(submit_burst, submit_rate_per_s); retry in {retry_after} s",
-            {"retry_after_s": retry_after, "submit_rate_per_s": rate, "submit_burst": burst},
+            f"{terms}; retry in {retry_after} s",
+            {"retry_after_s": retry_after, **details},
         )
         self.retry_after = retry_after
 
 
 class TokenBuckets:
-    """One token bucket per client: `burst` tokens, refilled at `rate` per second."""
+    """One token bucket per client: `burst` tokens, refilled at `rate` per second.
+
+    A refusal says what is limited and how (`terms`, with the settings that set it), and
+    carries `details` besides the seconds to wait.
+    """
 
     def __init__(
-        self, rate: float, burst: int, clock: Callable[[], float] = time.monotonic
+        self,
+        rate: float,
+        burst: int,
+        clock: Callable[[], float] = time.monotonic,
+        *,
+        terms: str = "",
+        details: Mapping[str, Any] | None = None,
     ) -> None:
         self.rate = rate
         self.burst = burst
+        self.terms = terms or f"too many requests: {burst} at once, then {rate:g} per second"
+        self.details = dict(details or {})
         self._clock = clock
         self._buckets: dict[str, tuple[float, float]] = {}  # client -> (tokens, at)
 
@@ -63,7 +75,8 @@ class TokenBuckets:
         now = self._clock()
         tokens = self._level(client, now)
         if tokens < 1.0:
-            raise RateLimited(math.ceil((1.0 - tokens) / self.rate), self.rate, self.burst)
+            wait = math.ceil((1.0 - tokens) / self.rate)
+            raise RateLimited(wait, self.terms, self.details)
         self._buckets[client] = (tokens - 1.0, now)
         if len(self._buckets) > _PRUNE_ABOVE:
             full = [c for c in self._buckets if self._level(c, now) >= self.burst]
@@ -137,12 +150,31 @@ class Limits:
             raise SettingsError("submit_rate_per_s must be >= 0 and submit_burst >= 1")
         if settings.max_event_streams < 1:
             raise SettingsError("max_event_streams must be at least 1")
+        if not settings.register_rate_per_min > 0 or settings.register_burst < 1:
+            raise SettingsError("register_rate_per_min must be > 0 and register_burst >= 1")
         self.max_body_bytes = settings.max_body_bytes
+        rate, burst = settings.submit_rate_per_s, settings.submit_burst
         # A rate of 0 turns the submit limit off.
         self.submits = (
-            TokenBuckets(settings.submit_rate_per_s, settings.submit_burst)
-            if settings.submit_rate_per_s > 0
+            TokenBuckets(
+                rate,
+                burst,
+                terms=f"too many submissions: {burst} at once, then {rate:g} per second "
+                "(submit_burst, submit_rate_per_s)",
+                details={"submit_rate_per_s": rate, "submit_burst": burst},
+            )
+            if rate > 0
             else None
+        )
+        # Always on: each registration makes the gateway resolve and probe an address, which
+        # must not become a way to scan the network it sits in.
+        burst, per_minute = settings.register_burst, settings.register_rate_per_min
+        self.registrations = TokenBuckets(
+            per_minute / 60.0,
+            burst,
+            terms=f"too many server registrations: {burst} at once, then {per_minute:g} per "
+            "minute (register_burst, register_rate_per_min)",
+            details={"register_burst": burst, "register_rate_per_min": per_minute},
         )
         self.streams = StreamSlots(settings.max_event_streams)
 
@@ -171,6 +203,11 @@ async def submit_rate_limit(
     buckets = limits_of(connection.app).submits
     if buckets is not None:
         buckets.take(client_id(connection))
+
+
+def take_registration(connection: ASGIConnection[Any, Any, Any, Any]) -> None:
+    """Spend one of the caller's server registrations, or raise RateLimited."""
+    limits_of(connection.app).registrations.take(client_id(connection))
 
 
 def rate_limited(_: Request[Any, Any, Any], exc: RateLimited) -> Response[dict[str, Any]]:

@@ -1,30 +1,39 @@
-"""`/servers`: register, list, health, remove the ComfyUI servers of the fleet."""
+"""`/servers`: register, list, health, remove the ComfyUI servers of the fleet.
+
+Where a server may be registered is `serveraddress`'s rule, whether a ComfyUI answers there is
+`probe`'s; this module keeps the registry: one ComfyUI, one server.
+"""
 
 from __future__ import annotations
 
-import asyncio
-import ipaddress
 import re
-import socket
 import unicodedata
-from typing import Any
+from collections.abc import Iterable, Sequence
+from typing import Any, Final
 
-import httpx
-from litestar import Controller, Response, delete, get, post
+from litestar import Controller, Request, Response, delete, get, post
 from litestar.params import FromPath, JSONBody
+from litestar.types import Guard
 from nats.js.errors import InvalidKeyError, KeyNotFoundError
 
 from gateway.api.auth import admin_only
 from gateway.api.errors import ApiError, error_responses
+from gateway.api.limits import take_registration
+from gateway.api.probe import SYSTEM_HEADER as SYSTEM_HEADER  # what app.py marks answers with
+from gateway.api.probe import probe
 from gateway.api.schemas import ServerHealth, ServerRegistration
+from gateway.api.serveraddress import ServerAddress, check_reach, parse_address
 from gateway.api.services import ServicesDep
 from gateway.balancer.servers import ServerState
 from gateway.bus.contract import ContractError, ServerRecord, check_token, decode, encode, now
 from gateway.bus.kvsnapshot import kv_snapshot
+from gateway.comfyui.addresses import IPAddress, resolve
 
 # A server id is a subject token and a KV key: the characters both take.
 _SERVER_ID = re.compile(r"[A-Za-z0-9_=-]{1,128}")
-_ADDRESS = re.compile(r"^(?P<host>\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+):(?P<port>\d{1,5})$")
+# Who may change the fleet: every guard here runs before a registration or a removal is
+# looked at (reading the fleet is for every caller).
+FLEET_CHANGE_GUARDS: Final[Sequence[Guard]] = (admin_only,)
 
 
 def _server_id(body: ServerRegistration) -> str:
@@ -34,124 +43,24 @@ def _server_id(body: ServerRegistration) -> str:
     return slug or "server"
 
 
-def check_address(address: str, allowlist: list[str]) -> str:
-    """`host:port` of a ComfyUI server, refused with a 400 when malformed or not allowed."""
-    address = address.strip().removeprefix("http://").rstrip("/")
-    match = _ADDRESS.match(address)
-    if match is None or not 0 < int(match["port"]) < 65536 or not _plain_host(match["host"]):
-        raise ApiError(400, "invalid_address", f"{address!r} is not host:port (e.g. 10.0.0.5:8188)")
-    if allowlist and not _allowed(match["host"].strip("[]"), allowlist):
-        raise ApiError(403, "address_not_allowed", f"{address} is not in the allowed networks")
-    return address
-
-
-def _plain_host(host: str) -> bool:
-    """A name, or an IP address written as one (not `127.000.000.001`, which URLs refuse)."""
-    if host.startswith("["):
-        host = host.strip("[]")
-    elif not all(part.isdigit() for part in host.split(".")):
-        return True  # a name
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        # `127.1` and `2130706433` are IPv4 in other spellings; resolving them says so.
-        return host.count(".") < 3
-    return True
-
-
-def _allowed(host: str, allowlist: list[str]) -> bool:
-    """An entry is a network (`10.0.0.0/8`, `127.0.0.1`) or a host name matched exactly."""
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
-        ip = None
-    for entry in allowlist:
-        try:
-            network = ipaddress.ip_network(entry, strict=False)
-        except ValueError:
-            if host == entry:
-                return True
-            continue
-        if ip is not None and ip in network:
-            return True
-    return False
-
-
-SYSTEM_HEADER = "X-ComfyAutomate-System"
-
-
-async def probe(address: str, system_id: str) -> None:
-    """Refuse an address where no ComfyUI answers, or where this system's own gateway does.
-
-    A ComfyUI proves itself by the shapes of `/system_stats` (a `system` object and a list of
-    `devices`) and `/object_info` (node classes with their inputs and outputs). A gateway of
-    this system answers both too, and marks its answers with SYSTEM_HEADER: registering it
-    would send the fleet's jobs round in a circle.
-    """
-    try:
-        async with httpx.AsyncClient(timeout=10.0) as client:
-            stats = await client.get(f"http://{address}/system_stats")
-            if stats.headers.get(SYSTEM_HEADER) == system_id:
-                raise ApiError(
-                    422,
-                    "own_gateway",
-                    f"{address} is a gateway of this system, not a ComfyUI server",
-                )
-            if stats.status_code != 200 or not _looks_like_system_stats(stats):
-                raise ApiError(
-                    422, "not_comfyui", f"{address} answered /system_stats with {stats.status_code}"
-                )
-            nodes = await client.get(f"http://{address}/object_info")
-    except httpx.HTTPError as exc:
-        raise ApiError(
-            422, "unreachable", f"no ComfyUI answers at {address}: {exc or type(exc).__name__}"
-        ) from None
-    if nodes.status_code != 200 or not _looks_like_object_info(nodes):
-        raise ApiError(
-            422,
-            "not_comfyui",
-            f"{address} answered /object_info with {nodes.status_code}, not ComfyUI's node list",
-        )
-
-
-def _json(reply: httpx.Response) -> Any:
-    try:
-        return reply.json()
-    except ValueError:
-        return None
-
-
-def _looks_like_system_stats(reply: httpx.Response) -> bool:
-    body = _json(reply)
-    return (
-        isinstance(body, dict)
-        and isinstance(body.get("system"), dict)
-        and isinstance(body.get("devices"), list)
-    )
-
-
-def _looks_like_object_info(reply: httpx.Response) -> bool:
-    body = _json(reply)
-    return isinstance(body, dict) and all(
-        isinstance(node, dict) and "input" in node and "output" in node for node in body.values()
-    )
-
-
 async def _place(address: str) -> tuple[frozenset[str], str]:
     """The IP addresses a `host:port` reaches, and its port: how two spellings of one server
     (`localhost`, `127.1`, `0.0.0.0`, `2130706433`) are told to be one."""
     host, _, port = address.lower().rpartition(":")
     host = host.strip("[]")
     try:
-        infos = await asyncio.get_running_loop().getaddrinfo(host, None, type=socket.SOCK_STREAM)
-    except OSError:
+        number = int(port)
+        ips = await resolve(host, number)
+    except (OSError, ValueError):
         return frozenset({host}), port
-    ips = set()
-    for info in infos:
-        ip = ipaddress.ip_address(str(info[4][0]).split("%", 1)[0])
-        # A connection to "any" address reaches this machine.
-        ips.add("127.0.0.1" if ip.is_unspecified or ip.is_loopback else str(ip))
-    return frozenset(ips), port
+    return _place_of(ips, str(number))
+
+
+def _place_of(ips: Iterable[IPAddress], port: str) -> tuple[frozenset[str], str]:
+    # A connection to "any" address reaches this machine.
+    return frozenset(
+        "127.0.0.1" if ip.is_unspecified or ip.is_loopback else str(ip) for ip in ips
+    ), port
 
 
 async def _same_place(place: tuple[frozenset[str], str], address: str) -> bool:
@@ -197,22 +106,28 @@ class ServerController(Controller):
     @post(
         ["/", "/register"],
         status_code=201,
-        guards=[admin_only],
-        responses=error_responses(403, 409, 422),
+        guards=list(FLEET_CHANGE_GUARDS),
+        responses=error_responses(403, 409, 422, 429),
     )
     async def register(
-        self, data: JSONBody[ServerRegistration], services: ServicesDep
+        self,
+        request: Request[Any, Any, Any],
+        data: JSONBody[ServerRegistration],
+        services: ServicesDep,
     ) -> Response[ServerRecord]:
-        """Add a ComfyUI server (201); its address must answer like ComfyUI.
+        """Add a ComfyUI server (201); its address must be allowed and answer like ComfyUI.
 
         One ComfyUI is one server: its address under another explicit id is 409, and so is an
         id that is registered at another address (remove it first to move it). Registering a
         server again (same id, or the same name, and the same address) answers 200 and updates
         what changed (name, weight, capacity, labels) without restarting anything; adding, by
         name only, an address that is already a server answers that server (200, unchanged).
-        Also at `/servers/register`, the path earlier SDKs used.
+        An address the policy refuses is 403 `address_not_allowed` (nothing connects to it),
+        one where no ComfyUI answers 422 `unreachable`, whatever did answer; well-formed
+        registrations are rate-limited per caller (429). Also at `/servers/register`, the path
+        earlier SDKs used.
         """
-        address = check_address(data.address, services.settings.server_allowlist)
+        server = parse_address(data.address)
         if not data.name.strip() or any(unicodedata.category(ch) == "Cc" for ch in data.name):
             raise ApiError(
                 400,
@@ -232,10 +147,13 @@ class ServerController(Controller):
             )
         if not 1 <= data.capacity <= 64 or data.weight <= 0:
             raise ApiError(400, "invalid_request", "capacity must be 1-64 and weight positive")
+        # Counted from here on: what follows resolves the name and may connect to it.
+        take_registration(request)
+        server = await check_reach(server, services.settings)
         # One registration at a time here, so that two at once cannot both find the address
         # free (gateways elsewhere are not held by this; see docs/API.md).
         async with services.registering:
-            return await _register(services, data, server_id, address)
+            return await _register(services, data, server_id, server)
 
     @get("/")
     async def list_servers(self, services: ServicesDep) -> list[ServerHealth]:
@@ -252,7 +170,7 @@ class ServerController(Controller):
     @delete(
         "/{server_id:str}",
         status_code=204,
-        guards=[admin_only],
+        guards=list(FLEET_CHANGE_GUARDS),
         responses=error_responses(403, 404),
     )
     async def remove(self, server_id: FromPath[str], services: ServicesDep) -> None:
@@ -272,9 +190,10 @@ class ServerController(Controller):
 
 
 async def _register(
-    services: ServicesDep, data: ServerRegistration, server_id: str, address: str
+    services: ServicesDep, data: ServerRegistration, server_id: str, server: ServerAddress
 ) -> Response[ServerRecord]:
     """The registration proper (see ServerController.register), under the lock."""
+    address = server.address
     registered = await _registered(services)
     existing = registered.get(server_id)
     if existing is not None and data.server_id is None and existing.name != data.name:
@@ -286,7 +205,8 @@ async def _register(
             f"the id {server_id!r} made from the name {data.name!r} is server "
             f"{existing.name!r}'s; give this one a server_id",
         )
-    place = await _place(address)  # resolved once, compared with each registered server
+    # Resolved once (by the policy check), compared with each registered server.
+    place = _place_of(server.ips, str(server.port)) if server.ips else await _place(address)
     if existing is not None and not await _same_place(place, existing.address):
         raise ApiError(
             409,
@@ -321,7 +241,7 @@ async def _register(
             await services.servers_kv.put(server_id, encode(record))
             services.fleet.table.on_registered(record)
         return Response(record, status_code=200)
-    await probe(address, services.system_id)
+    await probe(server, services.system_id)
     await services.servers_kv.put(server_id, encode(record))
     services.fleet.table.on_registered(record)
     return Response(record, status_code=201)

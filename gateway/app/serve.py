@@ -68,12 +68,14 @@ async def run_gateway(
     *,
     with_balancer: bool = True,
     listening: asyncio.Future[str] | None = None,
+    sock: socket.socket | None = None,
 ) -> None:
     """REST API (and, by default, a balancer) on `settings.host:port` until `stop` is set.
 
-    `listening` receives the gateway's base URL once it accepts connections.
+    `listening` receives the gateway's base URL once it accepts connections. `sock`, a socket
+    already bound and listening, is served instead (and closed at the end).
     """
-    sock = bind_socket(settings.host, settings.port)
+    sock = sock or bind_socket(settings.host, settings.port)
     with sock:
         await _serve(settings, url, stop, sock, with_balancer, listening)
 

@@ -7,8 +7,9 @@ spooled (memory up to 1 MB, then a temporary file) with a size limit, uploaded w
 A URL is fetched only from public addresses unless an allowlist says otherwise: the adapter
 sits next to ComfyUI and often inside a private network, so a job must not make it read
 loopback, link-local (cloud metadata), private or multicast addresses. The host is resolved
-here, every address it has is checked, and the connection goes to the checked address (a
-second lookup could answer differently). Redirects are followed one by one, each checked alike.
+here, every address it has is checked (gateway/comfyui/addresses.py), and the connection goes
+to the checked address (a second lookup could answer differently). Redirects are followed one
+by one, each checked alike.
 """
 
 from __future__ import annotations
@@ -16,9 +17,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import ipaddress
 import logging
-import socket
 import tempfile
 from collections.abc import AsyncIterable, Iterable
 from pathlib import PurePosixPath
@@ -28,6 +27,7 @@ from urllib.parse import urljoin
 import httpx
 
 from gateway.bus.contract import Job, JobInput
+from gateway.comfyui.addresses import Allowlist, IPAddress, host_key, kind_of, resolve
 from gateway.comfyui.workflow import apply_overrides
 from gateway.storage import Storage, StorageError, guess_content_type
 from plugins.comfyui.client import ComfyClient
@@ -38,8 +38,6 @@ _SPOOL_IN_MEMORY = 1024 * 1024
 _MAX_REDIRECTS: Final = 5
 _REDIRECTS: Final = frozenset({301, 302, 303, 307, 308})
 _DEFAULT_PORTS: Final = {"http": 80, "https": 443}
-
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 class InputProblem(Exception):
@@ -78,82 +76,20 @@ async def _from_storage(item: JobInput, file: IO[bytes], storage: Storage, limit
         raise InputProblem(f"input {item.name!r}: cannot read key {item.value!r}: {exc}") from exc
 
 
-class UrlAllowlist:
-    """Where URL inputs may come from besides public addresses.
-
-    An entry is a network (`10.0.0.0/8`, `192.168.1.20`, `fd00::/8`) or a host name, matched
-    exactly and without regard to case; a host name allows whatever addresses it resolves to.
-    """
-
-    def __init__(self, entries: Iterable[str] = ()) -> None:
-        self.networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
-        self.hosts: set[str] = set()
-        for entry in (raw.strip() for raw in entries):
-            if not entry:
-                continue
-            try:
-                self.networks.append(ipaddress.ip_network(entry, strict=False))
-            except ValueError:
-                self.hosts.add(_host_key(entry))
-
-    def allows(self, host: str, address: IPAddress) -> bool:
-        address = _unmapped(address)
-        return _host_key(host) in self.hosts or any(address in net for net in self.networks)
-
-
-def _host_key(host: str) -> str:
-    return host.strip().strip("[]").rstrip(".").lower()
-
-
-def _unmapped(address: IPAddress) -> IPAddress:
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return address.ipv4_mapped
-    return address
-
-
-def refused_kind(address: IPAddress) -> str | None:
-    """Why `address` is refused by default ("loopback", "private", ...), or None if public."""
-    address = _unmapped(address)
-    checks = (
-        ("loopback", address.is_loopback),
-        ("link-local", address.is_link_local),
-        ("multicast", address.is_multicast),
-        ("unspecified", address.is_unspecified),
-        ("private", address.is_private),
-        ("reserved", address.is_reserved),
-        ("non-public", not address.is_global),
-    )
-    return next((kind for kind, hit in checks if hit), None)
-
-
-async def _resolve(host: str, port: int) -> list[IPAddress]:
-    try:
-        return [ipaddress.ip_address(host)]
-    except ValueError:
-        pass
-    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    found: list[IPAddress] = []
-    for _, _, _, _, sockaddr in infos:
-        address = ipaddress.ip_address(str(sockaddr[0]).split("%")[0])
-        if address not in found:
-            found.append(address)
-    return found
-
-
-async def _checked_addresses(url: httpx.URL, allowlist: UrlAllowlist, what: str) -> list[IPAddress]:
+async def _checked_addresses(url: httpx.URL, allowlist: Allowlist, what: str) -> list[IPAddress]:
     """Every address of the host of `url`, once each passed the check."""
     host = url.raw_host.decode("ascii")
     port = url.port or _DEFAULT_PORTS[url.scheme]
     try:
-        addresses = await _resolve(host, port)
+        addresses = await resolve(host, port)
     except OSError as exc:
         raise InputProblem(f"{what}: cannot resolve host {host!r}: {exc}") from exc
     if not addresses:
         raise InputProblem(f"{what}: host {host!r} has no address")
     for address in addresses:
-        kind = refused_kind(address)
+        kind = kind_of(address)
         if kind is not None and not allowlist.allows(host, address):
-            shown = host if _host_key(host) == str(address) else f"{host} ({address})"
+            shown = host if host_key(host) == str(address) else f"{host} ({address})"
             raise InputProblem(
                 f"{what}: host {shown} is refused ({kind} address): URL inputs are fetched from "
                 "public addresses only, unless the setting url_input_allowlist names the host "
@@ -167,13 +103,13 @@ def _pinned(url: httpx.URL, address: IPAddress) -> tuple[httpx.URL, dict[str, st
     headers = {"Host": url.netloc.decode("ascii")}
     extensions: dict[str, Any] = {}
     host = url.raw_host.decode("ascii")
-    if url.scheme == "https" and _host_key(host) != str(address):
+    if url.scheme == "https" and host_key(host) != str(address):
         extensions["sni_hostname"] = host
     return url.copy_with(host=str(address)), headers, extensions
 
 
 async def _from_url(
-    item: JobInput, file: IO[bytes], limit: int, time_limit: float, allowlist: UrlAllowlist
+    item: JobInput, file: IO[bytes], limit: int, time_limit: float, allowlist: Allowlist
 ) -> None:
     what = f"input {item.name!r} ({item.value})"
     try:
@@ -254,7 +190,7 @@ async def upload_inputs(
 
     `url_allowlist` names the hosts and networks besides public ones that URLs may point at.
     """
-    allowlist = UrlAllowlist(url_allowlist)
+    allowlist = Allowlist(url_allowlist)
     renames: dict[str, str] = {}
     for item in inputs:
         with _spool() as file:

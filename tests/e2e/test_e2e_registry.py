@@ -65,9 +65,12 @@ async def test_one_comfyui_is_one_server(system: System) -> None:
         assert moved.json()["code"] in ("server_exists", "address_registered")
         # Other spellings of the same address are the same server.
         port = sim.address.rsplit(":", 1)[1]
-        for spelling in (f"127.1:{port}", f"0.0.0.0:{port}", f"2130706433:{port}"):
+        for spelling in (f"127.1:{port}", f"2130706433:{port}"):
             alias = await client.post("/servers", json={"name": spelling, "address": spelling})
             assert (alias.status_code, alias.json().get("server_id")) == (200, "gpu1"), alias.text
+        # "Any" address is no server's, not even this machine's one.
+        anywhere = await client.post("/servers", json={"name": "any", "address": f"0.0.0.0:{port}"})
+        assert (anywhere.status_code, anywhere.json()["code"]) == (403, "address_not_allowed")
         odd = await client.post(
             "/servers", json={"name": "odd", "address": f"127.000.000.001:{port}"}
         )
