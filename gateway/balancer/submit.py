@@ -37,6 +37,7 @@ from gateway.bus.contract import (
     now,
 )
 from gateway.bus.events import EventPublisher
+from gateway.comfyui.jobfiles import job_file_problems
 from gateway.comfyui.workflow import (
     WorkflowError,
     apply_overrides,
@@ -188,7 +189,7 @@ class Submitter:
             workflow = apply_overrides(request.workflow, request.overrides)
         except WorkflowError as exc:
             raise Refused("invalid_overrides", str(exc)) from None
-        problems = graph_problems(workflow)
+        problems = graph_problems(workflow) or job_file_problems(workflow)
         if problems:
             raise Refused("invalid_workflow", "; ".join(problems), {"problems": problems})
         problems = input_problems(request.inputs)

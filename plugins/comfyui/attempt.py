@@ -22,6 +22,7 @@ from gateway.bus.contract import (
 from gateway.bus.events import EventPublisher
 from gateway.storage import Storage
 from plugins.comfyui.client import ComfyClient
+from plugins.comfyui.inputfiles import JobFiles
 from plugins.comfyui.options import AdapterOptions
 from plugins.comfyui.outputs import OutputSaver
 from plugins.comfyui.progress import NUDGE, Follower, Watch
@@ -93,6 +94,7 @@ class Attempt:
         self.seen = Seen()
         self.events = JobEvents(ctx.publisher, job.job_id, on_ended=self._ended_elsewhere)
         self.outputs = OutputSaver(ctx.client, ctx.storage, job.job_id)
+        self.files = JobFiles(ctx.client, job.job_id, job.attempt, ctx.options.comfyui_input_dir)
         self.timeout = job.request.timeout_s or ctx.options.default_timeout_s
         self.deadline = asyncio.get_running_loop().time() + self.timeout
 
@@ -132,6 +134,11 @@ class Attempt:
                 attempt=self.job.attempt, prompt_id=self.prompt_id, node_errors=self.node_errors
             )
         )
+
+    async def clear_inputs(self) -> None:
+        """Delete or empty the attempt's input files on ComfyUI (before its end is told, so
+        whoever learns of the end can rely on it); failures are logged."""
+        await self.files.clear(self.ctx.unhealthy())
 
     def class_of(self, node_id: str) -> str | None:
         """The node's class_type in the workflow that runs, if it names one."""

@@ -47,6 +47,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--grace", type=float, help="seconds running jobs get on shutdown (30)")
     parser.add_argument("--ack-wait", type=float, help="seconds before JetStream redelivers (30)")
     parser.add_argument("--job-timeout", type=float, help="default job timeout in s (3600)")
+    parser.add_argument(
+        "--comfyui-input-dir",
+        metavar="DIR",
+        help="ComfyUI's input folder, if this machine sees it: jobs' input files are deleted "
+        "after them (otherwise they are emptied through ComfyUI's API)",
+    )
 
 
 def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -80,6 +86,8 @@ def _options(args: argparse.Namespace) -> AdapterOptions:
         changes["ack_wait_s"] = args.ack_wait
     if args.job_timeout is not None:
         changes["default_timeout_s"] = args.job_timeout
+    if args.comfyui_input_dir is not None:
+        changes["comfyui_input_dir"] = args.comfyui_input_dir
     return AdapterOptions(**changes)
 
 

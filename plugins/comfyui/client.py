@@ -180,20 +180,38 @@ class ComfyClient:
             rejection = PromptRejection(error=f"HTTP {response.status_code}: {response.text[:500]}")
         raise PromptRejected(rejection)
 
-    async def upload_image(self, name: str, file: IO[bytes], content_type: str) -> UploadResult:
-        """POST /upload/image; ComfyUI may rename the file (`x (1).png`), so use the answer."""
+    async def upload_image(
+        self,
+        name: str,
+        file: IO[bytes],
+        content_type: str,
+        *,
+        subfolder: str = "",
+        overwrite: bool = False,
+        time_limit: float = 120.0,
+    ) -> UploadResult:
+        """POST /upload/image into the input folder (`subfolder` of it, made if missing).
+
+        Without `overwrite` ComfyUI may rename the file (`x (1).png`), so use the answer.
+        """
+        data = {"type": "input", "subfolder": subfolder}
+        if overwrite:
+            data["overwrite"] = "true"
         response = await self._request(
             "POST",
             "/upload/image",
             files={"image": (name, file, content_type)},
-            data={"type": "input"},
-            time_limit=120.0,
+            data=data,
+            time_limit=time_limit,
         )
         if response.status_code != 200:
             raise ComfyError(
                 f"ComfyUI refused the upload of {name!r} (HTTP {response.status_code})"
             )
-        return msgspec.json.decode(response.content, type=UploadResult)
+        try:
+            return msgspec.json.decode(response.content, type=UploadResult)
+        except msgspec.DecodeError as exc:
+            raise ComfyError(f"uploading {name!r} answered something unexpected: {exc}") from exc
 
     async def interrupt(self, prompt_id: str) -> None:
         """Interrupt `prompt_id` only if it is the running prompt (ComfyUI checks the id)."""

@@ -168,6 +168,7 @@ async def _out_of_memory(attempt: Attempt, raw: dict[str, Any], error: dict[str,
 
 async def conclude(attempt: Attempt, result: Result) -> None:
     """Publish the attempt's end, its history first; the caller acks the job then."""
+    await attempt.clear_inputs()
     if not isinstance(result.data, SucceededData):
         await drop_outputs(attempt)
     if result.history is not None and not attempt.history_sent:

@@ -2,7 +2,8 @@
 
 A JobInput comes as base64, as a key of the storage backend, or as an http(s) URL. Each is
 spooled (memory up to 1 MB, then a temporary file) with a size limit, uploaded with
-/upload/image, and every workflow input naming it is rewritten to the name ComfyUI gave it.
+/upload/image into the attempt's own folder (inputfiles.py: cleared when the attempt ends), and
+every workflow input naming it is rewritten to the name ComfyUI gave it there.
 
 A URL is fetched only from public addresses unless an allowlist says otherwise: the adapter
 sits next to ComfyUI and often inside a private network, so a job must not make it read
@@ -28,9 +29,11 @@ import httpx
 
 from gateway.bus.contract import Job, JobInput
 from gateway.comfyui.addresses import Allowlist, IPAddress, host_key, kind_of, resolve
+from gateway.comfyui.jobfiles import without_annotation
 from gateway.comfyui.workflow import apply_overrides
 from gateway.storage import Storage, StorageError, guess_content_type
 from plugins.comfyui.client import ComfyClient
+from plugins.comfyui.inputfiles import JobFiles
 
 log = logging.getLogger(__name__)
 
@@ -172,8 +175,9 @@ async def _save(response: httpx.Response, file: IO[bytes], limit: int, what: str
 
 
 def upload_name(name: str) -> str:
-    """The file name to upload under: the last path segment, never hidden or empty."""
-    base = PurePosixPath(name.replace("\\", "/")).name.lstrip(".")
+    """The file name to upload under: the last path segment without a folder annotation
+    ("x.png [input]" names x.png for ComfyUI), never hidden or empty."""
+    base = PurePosixPath(without_annotation(name).replace("\\", "/")).name.lstrip(".")
     return base or "input.png"
 
 
@@ -182,11 +186,13 @@ async def upload_inputs(
     storage: Storage,
     inputs: list[JobInput],
     *,
+    files: JobFiles,
     max_bytes: int,
     url_timeout: float,
     url_allowlist: Iterable[str] = (),
 ) -> dict[str, str]:
-    """Upload every input; return {name in the workflow: name ComfyUI knows it by}.
+    """Upload every input into `files`' folder; return {name in the workflow: name ComfyUI
+    knows it by}. `files` learns each name before its upload, to clear it whatever happens.
 
     `url_allowlist` names the hosts and networks besides public ones that URLs may point at.
     """
@@ -202,7 +208,9 @@ async def upload_inputs(
                 await _from_url(item, file, max_bytes, url_timeout, allowlist)
             name = upload_name(item.name)
             content_type = item.content_type or guess_content_type(name)
-            result = await client.upload_image(name, file, content_type)
+            files.expect(name)
+            result = await client.upload_image(name, file, content_type, subfolder=files.folder)
+            files.uploaded(result)
         renames[item.name] = result.reference
         log.info("uploaded input %r as %r", item.name, result.reference)
     return renames
@@ -227,6 +235,7 @@ async def prepare_workflow(
     storage: Storage,
     job: Job,
     *,
+    files: JobFiles,
     max_bytes: int,
     url_timeout: float,
     url_allowlist: Iterable[str] = (),
@@ -242,6 +251,7 @@ async def prepare_workflow(
         client,
         storage,
         request.inputs,
+        files=files,
         max_bytes=max_bytes,
         url_timeout=url_timeout,
         url_allowlist=url_allowlist,

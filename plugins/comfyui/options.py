@@ -31,6 +31,9 @@ class AdapterOptions(msgspec.Struct, frozen=True, kw_only=True):
     url_allowlist: tuple[str, ...] = ()
     """Hosts and networks besides public addresses that URL inputs may come from (see inputs.py);
     the setting `url_input_allowlist`."""
+    comfyui_input_dir: str | None = None
+    """ComfyUI's input folder as this adapter sees it (the same machine, a shared disk): a job's
+    input files are then deleted when it ends, not only emptied (see inputfiles.py)."""
 
 
 def with_settings(options: AdapterOptions, settings: Settings) -> AdapterOptions:

@@ -36,7 +36,7 @@ from plugins.comfyui.attempt import Attempt, Result, RunContext, Stop
 from plugins.comfyui.client import ComfyError, ComfyUnavailable, PromptRejected
 from plugins.comfyui.conclusion import conclude, drop_outputs, end_of, from_history, summary
 from plugins.comfyui.follow import Found, follow, lookup, stop_on_comfy
-from plugins.comfyui.inputs import InputProblem, prepare_workflow
+from plugins.comfyui.inputs import InputProblem, prepare_workflow, upload_name
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +138,7 @@ class JobRun:
         )
         if self.submitted:
             await stop_on_comfy(self._attempt)
+        await self._attempt.clear_inputs()
         try:
             if isinstance(end, Succeeded) and end.data.attempt != self.job.attempt:
                 await self._attempt.outputs.abandon()
@@ -166,6 +167,7 @@ class JobRun:
             retryable=True,
         )
         try:
+            await self._attempt.clear_inputs()
             await drop_outputs(self._attempt)
             await self._attempt.events.emit(data)
             self.concluded = True
@@ -225,6 +227,10 @@ class JobRun:
         self.submitted = True
         if found.entry is not None and found.entry.workflow:
             attempt.workflow = found.entry.workflow
+            attempt.files.adopt(attempt.workflow, ())
+        else:
+            names = (upload_name(item.name) for item in self.job.request.inputs)
+            attempt.files.adopt(None, names)
         if found.kind in ("done", "running"):
             attempt.mark_started()
         if found.kind == "done":
@@ -247,6 +253,7 @@ class JobRun:
                     self.ctx.client,
                     self.ctx.storage,
                     self.job,
+                    files=attempt.files,
                     max_bytes=options.max_input_bytes,
                     url_timeout=options.url_timeout_s,
                     url_allowlist=options.url_allowlist,

@@ -18,6 +18,7 @@ from gateway.bus.contract import Failed, JobInput
 from gateway.settings import Settings, load_settings
 from gateway.storage import Storage
 from plugins.comfyui.client import ComfyClient
+from plugins.comfyui.inputfiles import JobFiles
 from plugins.comfyui.inputs import InputProblem, upload_inputs
 from plugins.comfyui.options import AdapterOptions, with_settings
 from plugins.simulator import Simulator, png
@@ -104,6 +105,7 @@ async def fetch(
         client,
         storage,
         [JobInput(name="in.png", source="url", value=url)],
+        files=JobFiles(client, "job", 1),
         max_bytes=1024 * 1024,
         url_timeout=5.0,
         url_allowlist=allow or [],
@@ -213,4 +215,4 @@ async def test_a_job_with_a_loopback_url_fails_naming_the_host(
     assert isinstance(end, Failed) and end.data.code == "input_error", end
     assert "host 127.0.0.1 is refused (loopback address)" in end.data.message
     assert files.requests == []
-    assert not (sim.folders.input / "in.png").exists()
+    assert [p for p in sim.folders.input.rglob("*") if p.is_file()] == []
