@@ -65,7 +65,8 @@ async def query_logs(
 ) -> LogQueryResult:
     """Run one SELECT on the log index; raise LogQueryError if the sink refuses it."""
     payload = encode(LogQuery(sql=sql, max_rows=max_rows, timeout_s=timeout_s))
-    data = await _request(nc, subjects.logs_query, payload, timeout_s + _MARGIN_S)
+    # The sink refuses a time limit of 0 or less itself: wait long enough to hear it say so.
+    data = await _request(nc, subjects.logs_query, payload, max(timeout_s, 0.0) + _MARGIN_S)
     return msgspec.json.decode(data, type=LogQueryResult)
 
 
