@@ -1,4 +1,5 @@
-"""Graphs at the edges: the longest chain ComfyUI can check, one node more, cycles.
+"""Graphs at the edges: the longest chain ComfyUI can check, one node more, cycles, and JSON
+nested deeper than a decoder goes.
 
 ComfyUI checks a prompt's links by recursing once per linked node, so a chain much longer than
 Python's frame limit, or a cycle, ends its check in a RecursionError: a 400
@@ -16,6 +17,7 @@ import httpx
 from gateway.comfyui.graph import MAX_CHAIN
 from gateway.comfyui.workflow import graph_problems
 from plugins.simulator import Simulator
+from plugins.simulator.asgi import SERVER_ERROR_TEXT
 from tests.simulator.test_features import run_prompt, types
 
 
@@ -87,6 +89,15 @@ async def test_a_chain_of_3000_nodes_and_cycles_get_comfyuis_400(sim: Simulator)
             assert reply.json()["node_errors"][closing]["dependent_outputs"] == [max(graph)]
         queue = (await http.get("/queue")).json()
     assert queue == {"queue_running": [], "queue_pending": []}
+
+
+async def test_json_nested_past_the_decoder_is_comfyuis_500(sim: Simulator) -> None:
+    """ComfyUI's JSON decoder gives up on deep nesting, and aiohttp answers its usual 500."""
+    async with httpx.AsyncClient(base_url=sim.url, timeout=30) as http:
+        reply = await http.post("/prompt", content=b"[" * 100_000 + b"]" * 100_000)
+        assert reply.status_code == 500
+        assert reply.text == SERVER_ERROR_TEXT.decode()
+        assert (await http.get("/queue")).status_code == 200
 
 
 def test_the_submit_path_refuses_the_same_graphs() -> None:
