@@ -100,7 +100,9 @@ def internal_error(request: Request[Any, Any, Any], exc: Exception) -> Response[
             status_code=400,
         )
     log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
-    return Response(_body("internal", f"internal error: {exc}"), status_code=500)
+    # The exception's text can hold the server's paths and internals: it goes to the log only.
+    message = f"internal error ({type(exc).__name__}); the gateway's log has the details"
+    return Response(_body("internal", message), status_code=500)
 
 
 def error_responses(*statuses: int) -> dict[int, ResponseSpec]:

@@ -148,6 +148,14 @@ async def test_odd_upload_names_and_folders_are_refused_with_a_reason(
             view = await http.get("/view", params={"filename": filename, "type": "input"})
             assert view.status_code == 400, (filename[:20], view.text)
             assert view.text, "a refusal says why"
+        # A file where a folder is wanted, and a folder where a file is: said, not a 500.
+        assert (await _upload(http, _multipart(b"clash"))).status_code == 200
+        in_file = await _upload(http, _multipart(b"a.png", subfolder=b"clash"))
+        assert (in_file.status_code, "share a name" in in_file.text) == (400, True), in_file.text
+        assert (await _upload(http, _multipart(b"a.png", subfolder=b"dir"))).status_code == 200
+        on_folder = await _upload(http, _multipart(b"dir"))
+        assert (on_folder.status_code, "share a name" in on_folder.text) == (400, True)
+        assert settings.data_dir not in on_folder.text
         # A name with a folder in it keeps its last part, as browsers' uploads need.
         reply = await _upload(http, _multipart(b"C:\\Users\\me\\pic.png", subfolder=b"ok/"))
         assert reply.status_code == 200, reply.text

@@ -9,6 +9,7 @@ uploads it to whichever server runs the job.
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
 import unicodedata
 from collections.abc import AsyncIterator
@@ -16,7 +17,17 @@ from pathlib import PurePosixPath
 from typing import Any, Final
 
 from gateway.bus.contract import JobInput
-from gateway.storage import MAX_SEGMENT_BYTES, InvalidKey, NotFound, Storage, validate_key
+from gateway.storage import (
+    MAX_SEGMENT_BYTES,
+    InvalidKey,
+    NotFound,
+    Storage,
+    StorageError,
+    StorageFull,
+    validate_key,
+)
+
+log = logging.getLogger(__name__)
 
 UPLOADS: Final = "uploads"
 FOLDERS: Final = ("input", "temp", "output")
@@ -131,11 +142,31 @@ async def save_upload(
         existing = None if overwrite else await _stored_digest(storage, key)
         if existing is None or existing == digest:
             if existing is None:
-                await storage.put(key, _one(data))
+                await _put(storage, key, data)
             return {"name": candidate, "subfolder": subfolder, "type": folder}
         # Same name, other content: ComfyUI picks "name (1).png", "name (2).png", ...
         candidate = f"{stem} ({attempt}){dot}{suffix}"
     raise BadUpload(f"too many files named like {name!r}")
+
+
+async def _put(storage: Storage, key: str, data: bytes) -> None:
+    """Store an upload; BadUpload when its name cannot be stored where it was asked to be."""
+    try:
+        await storage.put(key, _one(data))
+    except InvalidKey as exc:
+        raise BadUpload(str(exc)) from None
+    except StorageFull:
+        raise
+    except StorageError as exc:
+        # Uploads name their own folders: a file where a folder is wanted (or the reverse) is
+        # the one way a valid key cannot be written on a file system. What the backend said
+        # (with its own paths) goes to the log, not to the client.
+        log.warning("an upload could not be stored under %r: %s", key, exc)
+        name = key.rsplit("/", 1)[-1]
+        raise BadUpload(
+            f"{name!r} cannot be stored in that subfolder: a file and a folder there would share "
+            "a name; choose another name or subfolder"
+        ) from None
 
 
 def _file_reference(value: str) -> tuple[str, str]:
