@@ -11,7 +11,8 @@ from litestar.openapi.plugins import SwaggerRenderPlugin
 from litestar.types import BeforeMessageSendHookHandler, Message, Scope
 
 from gateway.api.auth import ApiKeyGuard, check_settings, openapi_security
-from gateway.api.errors import EXCEPTION_HANDLERS
+from gateway.api.bodies import reject_deep_json
+from gateway.api.errors import EXCEPTION_HANDLERS, refuse_websockets_over_http
 from gateway.api.images import image
 from gateway.api.limits import STATE_KEY, Limits, RateLimited, rate_limited, too_large
 from gateway.api.logs import job_logs, logs_query, recent_jobs
@@ -32,6 +33,7 @@ def create_app(services: Services) -> Litestar:
     keys = check_settings(settings)
     limits = Limits(settings)
     components, security = openapi_security(keys)
+    guards = [ApiKeyGuard(keys)]
     return Litestar(
         route_handlers=[
             WorkflowController,
@@ -46,7 +48,9 @@ def create_app(services: Services) -> Litestar:
             *NATIVE_ROUTES,
         ],
         dependencies={"services": Provide(lambda: services, sync_to_thread=False)},
-        guards=[ApiKeyGuard(keys)],
+        guards=guards,
+        middleware=[refuse_websockets_over_http(guards)],
+        before_request=reject_deep_json,
         exception_handlers={
             **EXCEPTION_HANDLERS,
             RateLimited: rate_limited,

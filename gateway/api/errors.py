@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
+from collections.abc import Sequence
 from http import HTTPStatus
 from typing import Any
 
+import msgspec
 from litestar import Request, Response
+from litestar.connection import ASGIConnection
+from litestar.enums import ScopeType
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.openapi import ResponseSpec
 from litestar.serialization import msgspec_hooks
+from litestar.types import ASGIApp, Guard, Receive, Scope, Send
+from litestar.types.asgi_types import (
+    WebSocketCloseEvent,
+    WebSocketResponseBodyEvent,
+    WebSocketResponseStartEvent,
+)
 
 from gateway.api.schemas import ErrorBody
 
@@ -38,8 +49,15 @@ def api_error(_: Request[Any, Any, Any], exc: ApiError) -> Response[dict[str, An
 def validation_error(
     _: Request[Any, Any, Any], exc: ValidationException
 ) -> Response[dict[str, Any]]:
+    # Litestar's detail names only the route; each field's own complaint is in `extra`.
+    fields = [
+        f"{item['key']}: {item['message']}"
+        for item in exc.extra or []
+        if isinstance(item, dict) and item.get("key") and item.get("message")
+    ]
+    why = "; ".join(fields) if fields else exc.detail
     return Response(
-        _body("invalid_request", f"the request is not valid: {exc.detail}", exc.extra),
+        _body("invalid_request", f"the request is not valid: {why}", exc.extra),
         status_code=400,
     )
 
@@ -82,7 +100,9 @@ def internal_error(request: Request[Any, Any, Any], exc: Exception) -> Response[
             status_code=400,
         )
     log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
-    return Response(_body("internal", f"internal error: {exc}"), status_code=500)
+    # The exception's text can hold the server's paths and internals: it goes to the log only.
+    message = f"internal error ({type(exc).__name__}); the gateway's log has the details"
+    return Response(_body("internal", message), status_code=500)
 
 
 def error_responses(*statuses: int) -> dict[int, ResponseSpec]:
@@ -99,6 +119,63 @@ def error_responses(*statuses: int) -> dict[int, ResponseSpec]:
         )
         for status in (400, *statuses)
     }
+
+
+def refuse_websockets_over_http(guards: Sequence[Guard]) -> Any:
+    """Middleware: a websocket the guards refuse gets their HTTP answer to its upgrade.
+
+    Litestar answers a guard's refusal of a websocket with a close before the accept, which the
+    server turns into a bare 403 whatever the reason: a missing key would read as a wrong one.
+    So the guards are asked first, here, and a refusal goes back as the status it names (401
+    with its `WWW-Authenticate`, 403), with the API's error body, through the ASGI websocket
+    denial response; a server without that extension gets the close, with code 4000 + status.
+    The guards run again inside, at no cost, for a websocket they let through.
+    """
+
+    def middleware(app: ASGIApp) -> ASGIApp:
+        async def refusing(scope: Scope, receive: Receive, send: Send) -> None:
+            if scope["type"] == ScopeType.WEBSOCKET:
+                connection: ASGIConnection[Any, Any, Any, Any] = ASGIConnection(scope, receive)
+                try:
+                    for guard in guards:
+                        checked = guard(connection, scope["route_handler"])
+                        if inspect.isawaitable(checked):
+                            await checked
+                except HTTPException as exc:
+                    await _deny_upgrade(scope, send, exc)
+                    return
+            await app(scope, receive, send)
+
+        return refusing
+
+    return middleware
+
+
+async def _deny_upgrade(scope: Scope, send: Send, exc: HTTPException) -> None:
+    status = exc.status_code
+    if "websocket.http.response" not in (scope.get("extensions") or {}):
+        close: WebSocketCloseEvent = {
+            "type": "websocket.close",
+            "code": 4000 + status,
+            "reason": exc.detail[:120],
+        }
+        await send(close)
+        return
+    body = msgspec.json.encode(_body(_CODES.get(status, "http_error"), exc.detail))
+    headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+    headers += [(k.lower().encode(), v.encode()) for k, v in (exc.headers or {}).items()]
+    start: WebSocketResponseStartEvent = {
+        "type": "websocket.http.response.start",
+        "status": status,
+        "headers": headers,
+    }
+    answer: WebSocketResponseBodyEvent = {
+        "type": "websocket.http.response.body",
+        "body": body,
+        "more_body": False,
+    }
+    await send(start)
+    await send(answer)
 
 
 EXCEPTION_HANDLERS: dict[Any, Any] = {

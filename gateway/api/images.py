@@ -13,6 +13,7 @@ from gateway.api.auth import caller_of
 from gateway.api.errors import ApiError, error_responses
 from gateway.api.native.uploads import UPLOADS
 from gateway.api.owners import owns_key
+from gateway.api.served import how_to_serve
 from gateway.api.services import ServicesDep
 from gateway.storage import InvalidKey, NotFound, Storage, StoredObject
 
@@ -65,28 +66,32 @@ async def image(
     except NotFound:
         raise ApiError(404, "not_found", f"nothing is stored under {key!r}") from None
     headers = {"Cache-Control": "public, max-age=31536000, immutable"}
-    return stream_stored(storage, stored, request, headers)
+    return await stream_stored(storage, stored, request, headers)
 
 
-def stream_stored(
+async def stream_stored(
     storage: Storage,
     stored: StoredObject,
     request: Request[Any, Any, Any],
     headers: dict[str, str],
 ) -> Response[Any]:
-    """A stored object as the response body: whole, or the range the request asks for (206)."""
+    """A stored object as the response body: whole, or the range the request asks for (206).
+
+    Its type and the headers that keep a browser safe from it are `served.how_to_serve`'s.
+    """
     key = stored.key
-    headers = {**headers, "Accept-Ranges": "bytes"}
+    media_type, safety = await how_to_serve(storage, stored)
+    headers = {**headers, **safety, "Accept-Ranges": "bytes"}
     span = parse_range(request.headers.get("range", ""), stored.size)
     if span is None:
         headers["Content-Length"] = str(stored.size)
-        return Stream(storage.open(key), media_type=stored.content_type, headers=headers)
+        return Stream(storage.open(key), media_type=media_type, headers=headers)
     start, end = span
     headers["Content-Range"] = f"bytes {start}-{end - 1}/{stored.size}"
     headers["Content-Length"] = str(end - start)
     return Stream(
         storage.open(key, start=start, end=end),
-        media_type=stored.content_type,
+        media_type=media_type,
         headers=headers,
         status_code=206,
     )

@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 
-from gateway.bus.contract import FailedData, JobInput, JobStatus, OutputFile
+from gateway.bus.contract import (
+    MAX_TIMEOUT_S,
+    PRIORITY_MAX,
+    PRIORITY_MIN,
+    FailedData,
+    JobInput,
+    JobStatus,
+    OutputFile,
+)
 
 
 class _ReadsLikeADict:
@@ -26,6 +34,12 @@ class _ReadsLikeADict:
         return msgspec.to_builtins(self)  # type: ignore[no-any-return]
 
 
+# The bounds the submit path checks, in the schema as well (so OpenAPI shows them). A timeout
+# must also be over 0: the workflow routes check that themselves, with a message of their own.
+Priority = Annotated[int, msgspec.Meta(ge=PRIORITY_MIN, le=PRIORITY_MAX)]
+Timeout = Annotated[float, msgspec.Meta(le=MAX_TIMEOUT_S)]
+
+
 class WorkflowSubmission(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """A workflow to run, in ComfyUI's API format, with how to run it."""
 
@@ -34,9 +48,9 @@ class WorkflowSubmission(msgspec.Struct, kw_only=True, forbid_unknown_fields=Tru
     inputs: list[JobInput] = msgspec.field(default_factory=list)
     server: str | None = None
     labels: dict[str, str] = msgspec.field(default_factory=dict)
-    priority: int = 0
+    priority: Priority = 0
     max_attempts: int | None = None
-    timeout: float | None = None  # execute: seconds to wait before answering 202
+    timeout: Timeout | None = None  # execute: seconds to wait before answering 202
     job_id: str | None = None
     metadata: dict[str, str] = msgspec.field(default_factory=dict)
 

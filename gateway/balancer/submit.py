@@ -22,6 +22,9 @@ from nats.js.kv import KeyValue
 from gateway.balancer.placement import missing, requirements
 from gateway.balancer.servers import ServerTable
 from gateway.bus.contract import (
+    MAX_TIMEOUT_S,
+    PRIORITY_MAX,
+    PRIORITY_MIN,
     ContractError,
     Error,
     JobAccepted,
@@ -203,6 +206,14 @@ class Submitter:
         if not 1 <= request.max_attempts <= MAX_ATTEMPTS_LIMIT:
             raise Refused(
                 "invalid_request", f"max_attempts must be between 1 and {MAX_ATTEMPTS_LIMIT}"
+            )
+        if request.timeout_s is not None and not 0 < request.timeout_s <= MAX_TIMEOUT_S:
+            raise Refused(
+                "invalid_request", f"timeout_s must be over 0 and at most {MAX_TIMEOUT_S:g} s"
+            )
+        if not PRIORITY_MIN <= request.priority <= PRIORITY_MAX:
+            raise Refused(
+                "invalid_request", f"priority must be between {PRIORITY_MIN} and {PRIORITY_MAX}"
             )
         self._check_runnable(request)
 

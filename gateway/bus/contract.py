@@ -182,6 +182,13 @@ class JobInput(msgspec.Struct, frozen=True, kw_only=True):
     content_type: str | None = None
 
 
+# Bounds of a JobRequest's numbers, checked where a job is accepted: a job's own time limit
+# (`timeout_s`, over 0), and a priority that fits the 32-bit integers it is stored and sorted as.
+MAX_TIMEOUT_S: Final = 7 * 24 * 3600.0
+PRIORITY_MIN: Final = -(2**31)
+PRIORITY_MAX: Final = 2**31 - 1
+
+
 class JobRequest(_Message, kw_only=True):
     """What a client asks for: run this workflow (ComfyUI API format) somewhere suitable."""
 

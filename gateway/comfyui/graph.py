@@ -9,8 +9,14 @@ signature of the node they come from.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable
-from typing import Any
+from collections.abc import Callable, Hashable, Mapping
+from typing import Any, Final
+
+# The longest chain of linked nodes a workflow may have, counted in nodes. ComfyUI checks a
+# prompt's links with a recursive walk, a Python frame per node, under Python's default limit of
+# 1000 frames: it refuses a chain much longer than this with a RecursionError. Well below that,
+# so that what the fleet takes, every ComfyUI takes; every walk here is iterative.
+MAX_CHAIN: Final = 500
 
 
 def is_link(value: object) -> bool:
@@ -91,14 +97,38 @@ class ExecutionList:
             self._block_count[blocked] -= 1
 
 
+class _Built:
+    """A container of `_freeze`'s work list whose members are frozen: assemble it."""
+
+    __slots__ = ("container",)
+
+    def __init__(self, container: dict[Any, Any] | list[Any] | tuple[Any, ...]) -> None:
+        self.container = container
+
+
 def _freeze(value: Any) -> Hashable:
-    if isinstance(value, dict):
-        return tuple(sorted((str(k), _freeze(v)) for k, v in value.items()))
-    if isinstance(value, list | tuple):
-        return tuple(_freeze(v) for v in value)
-    if isinstance(value, float) and value != value:
-        return object()  # NaN never equals anything, as in the real cache
-    return value  # type: ignore[no-any-return]
+    """`value` as nested tuples, without recursion: an input may nest as deep as its JSON."""
+    frozen: list[Hashable] = []
+    todo: list[Any] = [value]
+    while todo:
+        item = todo.pop()
+        if isinstance(item, _Built):
+            container = item.container
+            parts = frozen[len(frozen) - len(container) :]
+            del frozen[len(frozen) - len(container) :]
+            if isinstance(container, dict):
+                frozen.append(tuple(sorted(zip(map(str, container), parts, strict=True))))
+            else:
+                frozen.append(tuple(parts))
+        elif isinstance(item, dict | list | tuple):
+            todo.append(_Built(item))
+            # Reversed: members come off the list, and are frozen, in their own order.
+            todo.extend(reversed(list(item.values()) if isinstance(item, dict) else item))
+        elif isinstance(item, float) and item != item:
+            frozen.append(object())  # NaN never equals anything, as in the real cache
+        else:
+            frozen.append(item)
+    return frozen[0]
 
 
 def signatures(
@@ -106,28 +136,65 @@ def signatures(
     fingerprint: Callable[[str], Any],
     include_id: Callable[[str], bool],
 ) -> dict[str, Hashable]:
-    """The cache key of every node of `prompt`."""
+    """The cache key of every node of `prompt`.
+
+    A node's key holds its ancestors' keys, so they are computed upstream first, from an explicit
+    stack: a validated prompt's chains are at most MAX_CHAIN long, but nothing here relies on it.
+    A node on a cycle, or linked to a missing node, is never cached (its key equals nothing).
+    """
     done: dict[str, Hashable] = {}
-
-    def visit(node_id: str, trail: frozenset[str]) -> Hashable:
-        if node_id in done:
-            return done[node_id]
-        node = prompt.get(node_id)
-        if not isinstance(node, dict) or node_id in trail:
-            return object()  # missing or cyclic: never cached
-        parts: list[Hashable] = [node.get("class_type"), _freeze(fingerprint(node_id))]
-        if include_id(node_id):
-            parts.append(node_id)
-        inputs = node.get("inputs", {})
-        for key in sorted(inputs):
-            value = inputs[key]
-            if is_link(value):
-                parts.append((key, "ANCESTOR", visit(value[0], trail | {node_id}), value[1]))
-            else:
-                parts.append((key, _freeze(value)))
-        done[node_id] = tuple(parts)
-        return done[node_id]
-
-    for node_id in prompt:
-        visit(node_id, frozenset())
+    for root in prompt:
+        stack = [root]
+        on_stack = {root}
+        while stack:
+            node_id = stack[-1]
+            # One source at a time, so the stack is a path: a source on it closes a cycle.
+            waiting = next(
+                (
+                    source
+                    for source in _sources(prompt.get(node_id))
+                    if source not in done and source not in on_stack and source in prompt
+                ),
+                None,
+            )
+            if waiting is not None:
+                stack.append(waiting)
+                on_stack.add(waiting)
+                continue
+            stack.pop()
+            on_stack.discard(node_id)
+            if node_id not in done:
+                done[node_id] = _signature(prompt, node_id, done, fingerprint, include_id)
     return done
+
+
+def _sources(node: Any) -> list[str]:
+    inputs = node.get("inputs") if isinstance(node, dict) else None
+    if not isinstance(inputs, dict):
+        return []
+    return [value[0] for value in inputs.values() if is_link(value)]
+
+
+def _signature(
+    prompt: Mapping[str, Any],
+    node_id: str,
+    done: Mapping[str, Hashable],
+    fingerprint: Callable[[str], Any],
+    include_id: Callable[[str], bool],
+) -> Hashable:
+    """One node's key, its sources' keys known (a source missing or on a cycle: never equal)."""
+    node = prompt.get(node_id)
+    if not isinstance(node, dict):
+        return object()
+    parts: list[Hashable] = [node.get("class_type"), _freeze(fingerprint(node_id))]
+    if include_id(node_id):
+        parts.append(node_id)
+    inputs = node.get("inputs", {})
+    for key in sorted(inputs):
+        value = inputs[key]
+        if is_link(value):
+            upstream = done.get(value[0])
+            parts.append((key, "ANCESTOR", object() if upstream is None else upstream, value[1]))
+        else:
+            parts.append((key, _freeze(value)))
+    return tuple(parts)

@@ -7,10 +7,11 @@ of the node downstream, and dependent_outputs accumulate across outputs.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from gateway.comfyui.graph import MAX_CHAIN
 from gateway.comfyui.nodedef import NodeDef, types_match
 
 _INNER_FRAME = (
@@ -39,10 +40,15 @@ _SITE_FRAMES = {
         "    inputs = prompt[unique_id]['inputs']\n"
         "             ~~~~~~~~~~~~~~~~~^^^^^^^^^^\n"
     ),
+    # ComfyUI's walk calls itself once per linked node until Python's frames run out.
+    "recursion": _INNER_FRAME,
 }
+_RECURSION = "maximum recursion depth exceeded"
 
 Error = dict[str, Any]
 Result = tuple[bool, list[Error], str]
+# One node's check: it yields the id of each node it links to and is sent that node's Result.
+_Walk = Generator[str, Result | None, Result]
 
 
 class _WalkError(Exception):
@@ -58,6 +64,20 @@ class _WalkError(Exception):
 
     def traceback(self, outer: bool) -> list[str]:
         return [_OUTER_FRAME if outer else _INNER_FRAME, _SITE_FRAMES[self.site]]
+
+
+class _Cycle(Exception):
+    """A link back to a node whose check is under way: the walk would never end.
+
+    Reported as the node holding that link's own error (ComfyUI's RecursionError, with the
+    cycle named): filed under the node linked to, as other inner errors are, it would be lost
+    when that node's own check ends and records its result.
+    """
+
+    def __init__(self, path: list[str]) -> None:
+        loop = " -> ".join(repr(node_id) for node_id in path)
+        self.cause = RecursionError(f"{_RECURSION}: the links form a cycle ({loop})")
+        super().__init__(str(self.cause))
 
 
 @dataclass
@@ -166,8 +186,51 @@ class Validator:
         return Validation(ok=True, outputs=good, node_errors=node_errors)
 
     def _inputs(self, prompt: dict[str, Any], node_id: str, validated: dict[str, Result]) -> Result:
+        """Check `node_id` and every node it links to, as ComfyUI's walk does.
+
+        ComfyUI recurses once per linked node; this keeps the walk's frames on a stack of its own
+        (each node's check is a generator), so a long chain cannot exhaust Python's. Where
+        ComfyUI's walk would end in a RecursionError it ends here too, with the same error: a
+        chain longer than MAX_CHAIN nodes, or a link back to a node under way (a cycle, which
+        ComfyUI follows round until its frames run out).
+        """
         if node_id in validated:
             return validated[node_id]
+        path = [node_id]
+        walks = [self._walk(prompt, node_id, validated)]
+        reply: Result | None = None
+        raised: Exception | None = None
+        while True:
+            try:
+                wanted = walks[-1].throw(raised) if raised is not None else walks[-1].send(reply)
+            except StopIteration as finished:
+                result: Result = finished.value
+                reply, raised = result, None
+            except _WalkError as exc:
+                reply, raised = None, exc
+            else:
+                reply, raised = None, None
+                if wanted in validated:
+                    reply = validated[wanted]
+                elif wanted in path:
+                    raised = _Cycle([*path[path.index(wanted) :], wanted])
+                elif len(path) >= MAX_CHAIN:
+                    message = f"{_RECURSION} (more than {MAX_CHAIN} nodes linked one after another)"
+                    raised = _WalkError(RecursionError(message), "recursion")
+                else:
+                    path.append(wanted)
+                    walks.append(self._walk(prompt, wanted, validated))
+                continue
+            # The node's check ended: hand its result (or its error) to the one that asked.
+            path.pop()
+            walks.pop()
+            if not walks:
+                if raised is not None:
+                    raise raised
+                assert reply is not None
+                return reply
+
+    def _walk(self, prompt: dict[str, Any], node_id: str, validated: dict[str, Result]) -> _Walk:
         try:
             inputs: dict[str, Any] = prompt[node_id]["inputs"]
         except KeyError as exc:
@@ -194,9 +257,13 @@ class Validator:
                 link_error = self._link(prompt, name, value, info, spec.type, validated)
                 if link_error is not None:
                     errors.append(link_error)
-                elif link_error is None and not self._upstream_ok(
-                    prompt, name, value, info, validated
-                ):
+                    continue
+                try:
+                    upstream = yield from self._upstream_ok(name, value, info, validated)
+                except _Cycle as cycle:
+                    errors.append(_inner_error(cycle.cause, "recursion", name, info, value))
+                    continue
+                if not upstream[0]:
                     valid = False
                 continue
             error = self._scalar(inputs, name, value, info, definition.validate_args)
@@ -259,34 +326,19 @@ class Validator:
         return None
 
     def _upstream_ok(
-        self,
-        prompt: dict[str, Any],
-        name: str,
-        value: list[Any],
-        info: list[Any],
-        validated: dict[str, Result],
-    ) -> bool:
+        self, name: str, value: list[Any], info: list[Any], validated: dict[str, Result]
+    ) -> _Walk:
+        """The linked node's result (a generator: it asks the walk for that node); an error
+        raised while checking it is filed under that node, as ComfyUI files it."""
         source_id = value[0]
         try:
-            return self._inputs(prompt, source_id, validated)[0]
+            upstream = yield source_id
         except _WalkError as exc:
-            reasons = [
-                {
-                    "type": "exception_during_inner_validation",
-                    "message": "Exception when validating inner node",
-                    "details": str(exc),
-                    "extra_info": {
-                        "input_name": name,
-                        "input_config": info,
-                        "exception_message": str(exc),
-                        "exception_type": exc.type_name(),
-                        "traceback": exc.traceback(outer=False),
-                        "linked_node": value,
-                    },
-                }
-            ]
+            reasons = [_inner_error(exc.cause, exc.site, name, info, value)]
             validated[source_id] = (False, reasons, source_id)
-            return False
+            return (False, reasons, source_id)
+        assert upstream is not None
+        return upstream
 
     def _scalar(
         self,
@@ -346,6 +398,25 @@ class Validator:
         if class_type == "LoadImage" and not self._image_exists(str(value)):
             return f"Invalid image file: {value}"
         return None
+
+
+def _inner_error(
+    cause: Exception, site: str, name: str, info: list[Any], value: list[Any]
+) -> Error:
+    """ComfyUI's error for an exception raised while checking a linked node."""
+    return {
+        "type": "exception_during_inner_validation",
+        "message": "Exception when validating inner node",
+        "details": str(cause),
+        "extra_info": {
+            "input_name": name,
+            "input_config": info,
+            "exception_message": str(cause),
+            "exception_type": type(cause).__name__,
+            "traceback": [_INNER_FRAME, _SITE_FRAMES[site]],
+            "linked_node": value,
+        },
+    }
 
 
 def _range_error(kind: str, words: str, name: str, value: Any, info: list[Any]) -> Error:

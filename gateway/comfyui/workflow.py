@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Final
 
-from gateway.comfyui.graph import is_link
+from gateway.comfyui.graph import MAX_CHAIN, is_link
+
+# How deep a workflow may nest as JSON, its own object counted: a node is at level 2, its inputs
+# at 3, an input's value at 4 and below. Every part that copies, validates or encodes a
+# workflow recurses per level; no real workflow comes near this.
+MAX_DEPTH: Final = 64
 
 
 class WorkflowError(ValueError):
@@ -34,13 +39,32 @@ def workflow_problems(workflow: Mapping[str, Any]) -> list[str]:
             problems.append(f"node {node_id!r} has no class_type")
         elif not isinstance(node.get("inputs", {}), dict):
             problems.append(f"node {node_id!r}: inputs must be an object")
+        elif _nests_deeper(node, MAX_DEPTH - 1):
+            problems.append(
+                f"node {node_id!r} nests deeper than the {MAX_DEPTH} levels of lists and objects "
+                "a workflow may have"
+            )
     return problems
 
 
-def graph_problems(workflow: Mapping[str, Any]) -> list[str]:
-    """Links to nodes the workflow lacks, and a cycle; empty when the graph can run.
+def _nests_deeper(value: Any, limit: int) -> bool:
+    """Whether `value` has lists and objects more than `limit` levels inside each other
+    (itself counted), found without recursion."""
+    todo = [(value, 1)]
+    while todo:
+        item, level = todo.pop()
+        if level > limit:
+            return True
+        members = item.values() if isinstance(item, dict) else item
+        todo.extend((member, level + 1) for member in members if isinstance(member, dict | list))
+    return False
 
-    The nodes must already have passed `workflow_problems`. ComfyUI would refuse either only
+
+def graph_problems(workflow: Mapping[str, Any]) -> list[str]:
+    """Links to nodes the workflow lacks, a cycle, a chain of links longer than MAX_CHAIN
+    nodes; empty when the graph can run.
+
+    The nodes must already have passed `workflow_problems`. ComfyUI would refuse each only
     once the job reached a server; refusing at submission keeps it from ever being queued.
     """
     problems = []
@@ -61,14 +85,43 @@ def graph_problems(workflow: Mapping[str, Any]) -> list[str]:
     if cycle is not None:
         path = " -> ".join(repr(node_id) for node_id in cycle)
         problems.append(f"the links form a cycle ({path}): no node of it could ever run first")
+        return problems
+    length, end = _longest_chain(needs)
+    if length > MAX_CHAIN:
+        problems.append(
+            f"node {end!r} ends a chain of {length} linked nodes; ComfyUI checks at most "
+            f"{MAX_CHAIN} nodes linked one after another"
+        )
     return problems
+
+
+def _longest_chain(needs: Mapping[str, list[str]]) -> tuple[int, str | None]:
+    """The most nodes on one path of links, and the node that path ends at (downstream).
+
+    The graph has no cycle. Upstream nodes are measured first, from an explicit stack.
+    """
+    length: dict[str, int] = {}
+    for root in needs:
+        stack = [root]
+        while stack:
+            node = stack[-1]
+            unmeasured = [up for up in needs[node] if up not in length]
+            if unmeasured:
+                stack.extend(unmeasured)
+                continue
+            stack.pop()
+            if node not in length:
+                length[node] = 1 + max((length[up] for up in needs[node]), default=0)
+    if not length:
+        return 0, None
+    end = max(length, key=length.__getitem__)
+    return length[end], end
 
 
 def _find_cycle(needs: Mapping[str, list[str]]) -> list[str] | None:
     """One cycle of the graph as a path that ends where it starts, or None.
 
-    Depth-first without recursion: a workflow of a few thousand chained nodes is legitimate
-    and would exceed Python's recursion limit.
+    Depth-first without recursion: a chain of any length reaches the check of its length.
     """
     done: set[str] = set()
     for root in needs:
@@ -123,6 +176,12 @@ def apply_overrides(workflow: Mapping[str, Any], overrides: Mapping[str, Any]) -
         ref, dot, input_name = target.rpartition(".")
         if not dot or not ref or not input_name:
             raise WorkflowError(f"override {target!r} must look like '<node id or title>.<input>'")
+        # An input's value sits at level 4 of the workflow (see MAX_DEPTH).
+        if isinstance(value, dict | list) and _nests_deeper(value, MAX_DEPTH - 3):
+            raise WorkflowError(
+                f"override {target!r}: its value nests deeper than the {MAX_DEPTH} levels of "
+                "lists and objects a workflow may have"
+            )
         node = result[find_node(result, ref)]
         node.setdefault("inputs", {})[input_name] = value
     return result

@@ -121,7 +121,8 @@ class App:
         handler, param = found
         try:
             response = await handler(request, param)
-        except (InvalidBody, BadRequest, ValueError, TypeError, KeyError) as exc:
+        # RecursionError: JSON nested too deeply for the decoder, which ComfyUI's fails on too.
+        except (InvalidBody, BadRequest, ValueError, TypeError, KeyError, RecursionError) as exc:
             log.warning("%s %s failed: %r", request.method, request.path, exc)
             return server_error()
         response.head = request.method == "HEAD"

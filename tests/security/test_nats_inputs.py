@@ -32,11 +32,14 @@ from gateway.settings import Settings
 from tests.conftest import running_gateway
 from tests.e2e.conftest import running_system, tiny
 from tests.security.conftest import footprint, jetstream, padded
-from tests.security.test_rest_inputs import catalogue
+from tests.security.test_rest_inputs import catalogue, nest
 
 # A JobRequest ignores fields it does not know (a later minor version may add some), where the
 # REST body refuses them.
-_FIELD_ONLY_ON_REST = {"unknown field"}
+# REST refuses these before reading the workflow: a field the bus message does not have, a body
+# nested deeper than REST's JSON guard (on the bus, the workflow's own depth check refuses the
+# same input: the 80-level case).
+_FIELD_ONLY_ON_REST = {"unknown field", "an input nested 700 levels"}
 
 
 async def test_bad_requests_on_every_request_subject_get_errors_and_change_nothing(
@@ -74,6 +77,12 @@ async def test_bad_requests_on_every_request_subject_get_errors_and_change_nothi
                         continue
                     if error.code != case.code or case.says not in error.message:
                         wrong.append(f"{case.name}: {error.code} {error.message}")
+
+                # An override nested too deeply (REST refuses it earlier, as a value no input
+                # takes): the bus's own check refuses it too.
+                deep = {"workflow": tiny(), "overrides": {"2.x": nest(80)}}
+                error = decode(await ask(subjects.submit, json.dumps(deep).encode()), Error)
+                assert error.code == "invalid_overrides" and "64 levels" in error.message, error
 
                 # A later schema version, and a request of one byte over the limit.
                 later = json.dumps({"v": SCHEMA_VERSION + 1, "workflow": tiny()}).encode()

@@ -20,6 +20,7 @@ from plugins.simulator import png
 from tests.conftest import running_gateway
 from tests.e2e.conftest import running_system, tiny
 from tests.security.conftest import footprint, jetstream
+from tests.simulator.test_graph_limits import chain
 
 JSON = {"content-type": "application/json"}
 
@@ -41,6 +42,14 @@ def bad(name: str, body: Any, status: int, code: str, says: str = "") -> Bad:
 
 def with_node(node_id: str, node: Any) -> dict[str, Any]:
     return {**tiny(), node_id: node}
+
+
+def nest(levels: int) -> Any:
+    """A value of `levels` lists inside each other."""
+    value: Any = 1
+    for _ in range(levels):
+        value = [value]
+    return value
 
 
 UI_FORMAT = {
@@ -83,6 +92,20 @@ def catalogue() -> list[Bad]:
             400,
             "invalid_request",
         ),
+        bad(
+            "an input nested 700 levels",
+            {"workflow": with_node("4", {"class_type": INVERT, "inputs": {"x": nest(700)}})},
+            400,
+            "invalid_request",
+            "levels",
+        ),
+        bad(
+            "an input nested 80 levels",
+            {"workflow": with_node("4", {"class_type": INVERT, "inputs": {"x": nest(80)}})},
+            400,
+            "invalid_workflow",
+            "64 levels",
+        ),
         bad("unknown field", {"workflow": wf, "colour": "red"}, 400, "invalid_request"),
         bad("later schema version", {"workflow": wf, "v": 99}, 400, "invalid_request"),
         # Wrong types.
@@ -122,6 +145,18 @@ def catalogue() -> list[Bad]:
         bad("job id a number", {"workflow": wf, "job_id": 5}, 400, "invalid_request"),
         bad("overrides a list", {"workflow": wf, "overrides": ["1.width"]}, 400, "invalid_request"),
         bad("timeout is text", {"workflow": wf, "timeout": "soon"}, 400, "invalid_request"),
+        # Numbers out of range, named in the message.
+        *(
+            bad(f"{field} {value}", {"workflow": wf, field: value}, 400, "invalid_request", field)
+            for field, value in [
+                ("timeout", -5),
+                ("timeout", 0),
+                ("timeout", 1e9),
+                ("priority", 2**31),
+                ("priority", -(2**31) - 1),
+                ("priority", 10**30),
+            ]
+        ),
         # Workflows that are not ComfyUI's API format.
         bad("ui format", {"workflow": UI_FORMAT}, 400, "invalid_workflow", "UI format"),
         bad("empty workflow", {"workflow": {}}, 400, "invalid_workflow", "no nodes"),
@@ -174,6 +209,13 @@ def catalogue() -> list[Bad]:
             400,
             "invalid_workflow",
             "cycle",
+        ),
+        bad(
+            "a chain of 3000 nodes",
+            {"workflow": chain(3000)},
+            400,
+            "invalid_workflow",
+            "chain of 3000 linked nodes",
         ),
         bad(
             "link to a missing node",

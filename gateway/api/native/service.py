@@ -175,7 +175,7 @@ class NativeService:
                 if exc.code == "duplicate_job" and wanted is not None:
                     wanted = None  # a job of that id exists (its prompt was deleted): a new id
                     continue
-                return exc.status, comfy_error(exc.code, exc.message, str(exc.details or ""))
+                return exc.status, comfy_error(exc.code, exc.message, _said(exc.details))
             break
         self.hub.queue_changed(caller)
         return 200, {
@@ -275,6 +275,14 @@ class NativeService:
     async def close(self) -> None:
         await self.hub.close()
         await self.reader.close()
+
+
+def _said(details: Any) -> str:
+    """A refusal's details as ComfyUI's `details` text: the problems it lists, one a line."""
+    problems = details.get("problems") if isinstance(details, dict) else None
+    if isinstance(problems, list):
+        return "\n".join(str(problem) for problem in problems)
+    return "" if details is None else str(details)
 
 
 def _usable(prompt_id: str) -> bool:

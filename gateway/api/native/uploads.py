@@ -9,22 +9,75 @@ uploads it to whichever server runs the job.
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
+import unicodedata
 from collections.abc import AsyncIterator
 from pathlib import PurePosixPath
 from typing import Any, Final
 
 from gateway.bus.contract import JobInput
-from gateway.storage import InvalidKey, NotFound, Storage, validate_key
+from gateway.storage import (
+    MAX_SEGMENT_BYTES,
+    InvalidKey,
+    NotFound,
+    Storage,
+    StorageError,
+    StorageFull,
+    validate_key,
+)
+
+log = logging.getLogger(__name__)
 
 UPLOADS: Final = "uploads"
 FOLDERS: Final = ("input", "temp", "output")
+# A file name is one path segment of every storage backend, whose file systems allow 255 bytes.
+MAX_NAME_BYTES: Final = MAX_SEGMENT_BYTES
+MAX_SUBFOLDER_BYTES: Final = MAX_SEGMENT_BYTES
 _ANNOTATION = re.compile(r"^(.*?) \[(input|output|temp)\]$")
 _MAX_NAME_TRIES: Final = 1000
 
 
 class BadUpload(ValueError):
-    """An upload ComfyUI would refuse with a 400 and an empty body."""
+    """An upload or a file name refused with a 400; the message says what to change."""
+
+
+def _has_control(text: str) -> bool:
+    return any(unicodedata.category(char) in ("Cc", "Cs") for char in text)
+
+
+def check_name(name: str) -> str:
+    """`name` if it can name an uploaded or stored file by itself, else BadUpload."""
+    if not name:
+        raise BadUpload("the file has no name")
+    if len(name.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES:
+        raise BadUpload(f"file name too long (max {MAX_NAME_BYTES} bytes in UTF-8)")
+    if _has_control(name):
+        raise BadUpload("the file name holds control characters")
+    if "/" in name or "\\" in name:
+        raise BadUpload(f"the file name {name!r} holds a path; give the folder as subfolder")
+    if name.startswith("."):
+        raise BadUpload(f"file names may not start with '.': {name!r}")
+    return name
+
+
+def check_subfolder(subfolder: str) -> str:
+    """`subfolder` without a trailing '/', if it stays inside its folder, else BadUpload."""
+    if len(subfolder.encode("utf-8", "surrogatepass")) > MAX_SUBFOLDER_BYTES:
+        raise BadUpload(f"subfolder too long (max {MAX_SUBFOLDER_BYTES} bytes in UTF-8)")
+    if _has_control(subfolder):
+        raise BadUpload("the subfolder holds control characters")
+    if subfolder.startswith("/") or "\\" in subfolder:
+        raise BadUpload(
+            f"subfolder {subfolder!r} must be a relative path with '/' between its folders"
+        )
+    sub = subfolder.rstrip("/")
+    for segment in sub.split("/") if sub else ():
+        if segment in ("", ".", ".."):
+            raise BadUpload(f"subfolder {subfolder!r} may not hold '..', '.' or '//'")
+        if segment.startswith("."):
+            raise BadUpload(f"subfolder {subfolder!r}: folder names may not start with '.'")
+    return sub
 
 
 def caller_folder(caller: str) -> str:
@@ -33,15 +86,18 @@ def caller_folder(caller: str) -> str:
 
 
 def upload_key(caller: str, folder: str, subfolder: str, name: str) -> str:
-    """The storage key of an uploaded file; InvalidKey/BadUpload for names that escape."""
+    """The storage key of an uploaded file; BadUpload for a type, folder or name refused."""
     if folder not in FOLDERS:
-        raise BadUpload(f"unknown upload type {folder!r}")
+        raise BadUpload(f"unknown upload type {folder!r}: one of {', '.join(FOLDERS)}")
     parts = [UPLOADS, caller_folder(caller), folder]
-    sub = subfolder.strip("/")
+    sub = check_subfolder(subfolder)
     if sub:
         parts.append(sub)
-    parts.append(name)
-    return validate_key("/".join(parts))
+    parts.append(check_name(name))
+    try:
+        return validate_key("/".join(parts))
+    except InvalidKey as exc:
+        raise BadUpload(str(exc)) from None
 
 
 def _digest(data: bytes) -> str:
@@ -74,30 +130,48 @@ async def save_upload(
     folder: str = "input",
     subfolder: str = "",
     overwrite: bool = False,
-    content_type: str | None = None,
 ) -> dict[str, str]:
-    """Store an upload with ComfyUI's naming rules; the `{name, subfolder, type}` answer."""
-    name = PurePosixPath(filename.replace("\\", "/")).name
-    if not name or name.startswith("."):
-        raise BadUpload(f"unusable file name {filename!r}")
+    """Store an upload with ComfyUI's naming rules; the `{name, subfolder, type}` answer.
+
+    A file name with a path (some browsers send one) keeps its last part. The type the client
+    declared is not kept: a file is served as what its bytes are (gateway.api.served).
+    """
+    name = check_name(PurePosixPath(filename.replace("\\", "/")).name)
     stem, dot, suffix = name.rpartition(".")
     if not dot:
         stem, suffix = name, ""
     digest = _digest(data)
+    candidate = name
+    for attempt in range(1, _MAX_NAME_TRIES + 1):
+        key = upload_key(caller, folder, subfolder, candidate)
+        existing = None if overwrite else await _stored_digest(storage, key)
+        if existing is None or existing == digest:
+            if existing is None:
+                await _put(storage, key, data)
+            return {"name": candidate, "subfolder": subfolder, "type": folder}
+        # Same name, other content: ComfyUI picks "name (1).png", "name (2).png", ...
+        candidate = f"{stem} ({attempt}){dot}{suffix}"
+    raise BadUpload(f"too many files named like {name!r}")
+
+
+async def _put(storage: Storage, key: str, data: bytes) -> None:
+    """Store an upload; BadUpload when its name cannot be stored where it was asked to be."""
     try:
-        candidate = name
-        for attempt in range(1, _MAX_NAME_TRIES + 1):
-            key = upload_key(caller, folder, subfolder, candidate)
-            existing = None if overwrite else await _stored_digest(storage, key)
-            if existing is None or existing == digest:
-                if existing is None:
-                    await storage.put(key, _one(data), content_type=content_type)
-                return {"name": candidate, "subfolder": subfolder, "type": folder}
-            # Same name, other content: ComfyUI picks "name (1).png", "name (2).png", ...
-            candidate = f"{stem} ({attempt}){dot}{suffix}"
+        await storage.put(key, _one(data))
     except InvalidKey as exc:
         raise BadUpload(str(exc)) from None
-    raise BadUpload(f"too many files named like {name!r}")
+    except StorageFull:
+        raise
+    except StorageError as exc:
+        # Uploads name their own folders: a file where a folder is wanted (or the reverse) is
+        # the one way a valid key cannot be written on a file system. What the backend said
+        # (with its own paths) goes to the log, not to the client.
+        log.warning("an upload could not be stored under %r: %s", key, exc)
+        name = key.rsplit("/", 1)[-1]
+        raise BadUpload(
+            f"{name!r} cannot be stored in that subfolder: a file and a folder there would share "
+            "a name; choose another name or subfolder"
+        ) from None
 
 
 def _file_reference(value: str) -> tuple[str, str]:
@@ -135,7 +209,7 @@ async def uploads_in(storage: Storage, caller: str, prompt: dict[str, Any]) -> l
         try:
             key = upload_key(caller, folder, subfolder, name)
             await storage.stat(key)
-        except (InvalidKey, BadUpload, NotFound):
+        except (BadUpload, NotFound):
             continue
         inputs.append(JobInput(name=value, source="key", value=key))
     return inputs
