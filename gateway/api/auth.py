@@ -260,7 +260,8 @@ class ApiKeyGuard:
         self, connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler
     ) -> None:
         if not self._entries:
-            _settle(connection, OPEN)
+            # No key names the client: limits fall back to its address (see limits.client_id).
+            connection.state[CALLER_STATE] = OPEN
             return
         if _is_public(connection):
             return

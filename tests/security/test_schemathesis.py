@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import httpx
 import hypothesis
 import msgspec
 import pytest
@@ -26,8 +27,8 @@ EXAMPLES = 6  # per operation and per mode (valid, invalid)
 CHECKS = [checks.not_a_server_error, response_schema_conformance]
 
 
-def _fuzz(url: str) -> tuple[list[str], int]:
-    """Run every operation; the failures, and how many operations ran."""
+def _fuzz(url: str, headers: dict[str, str] | None = None) -> tuple[list[str], int]:
+    """Run every operation with `headers`; the failures, and how many operations ran."""
     schema = schemathesis.openapi.from_url(f"{url}/schema/openapi.json")
     failures: list[str] = []
     operations = 0
@@ -51,7 +52,7 @@ def _fuzz(url: str) -> tuple[list[str], int]:
             )
             @hypothesis.given(case=operation.as_strategy(generation_mode=mode))
             def run(case: Any) -> None:
-                case.call_and_validate(base_url=url, checks=CHECKS, timeout=30)
+                case.call_and_validate(base_url=url, checks=CHECKS, timeout=30, headers=headers)
 
             try:
                 run()
@@ -68,14 +69,27 @@ def _fuzz(url: str) -> tuple[list[str], int]:
     "ignore:Do not use the `random` module inside strategies"
     ":hypothesis.errors.HypothesisDeprecationWarning"
 )
+@pytest.mark.parametrize("key", [None, "admin", "user"])
 async def test_the_openapi_document_holds_against_the_running_gateway(
-    settings: Settings,
+    settings: Settings, key: str | None
 ) -> None:
     # Registration probes the address it is given: only loopback may be probed.
     settings = msgspec.structs.replace(settings, server_allowlist=["127.0.0.1/32"])
-    async with running_system(settings) as system:
+    headers = None
+    if key is not None:
+        # With keys, as an admin (every route open to it) and as a user (fleet routes 403,
+        # others' jobs 404): either way each answer must be one the document promises.
+        keys = {"admin": "admin-key-91c2", "user": "user-key-3f0d"}
+        settings = msgspec.structs.replace(
+            settings, api_keys=["admin@plain:" + keys["admin"], "user/u@plain:" + keys["user"]]
+        )
+        headers = {"Authorization": f"Bearer {keys[key]}"}
+    admin = {"Authorization": "Bearer admin-key-91c2"} if key is not None else None
+    async with running_system(settings, headers=admin) as system:
         await system.add_server("gpu1")
         # schemathesis sends blocking requests: from a thread, while the gateway runs here.
-        failures, operations = await asyncio.to_thread(_fuzz, system.url)
+        failures, operations = await asyncio.to_thread(_fuzz, system.url, headers)
+        async with httpx.AsyncClient(base_url=system.url, headers=admin) as client:
+            assert (await client.get("/health")).status_code == 200
     assert operations >= 15
     assert not failures, "\n\n".join(failures)

@@ -13,10 +13,10 @@ from typing import Any, Final
 import msgspec
 from litestar import Request, Response, WebSocket
 
-from gateway.api.auth import CLIENT_ID_STATE
+from gateway.api.auth import caller_of
 from gateway.api.bodies import body_nests_too_deeply, too_deep_message
 from gateway.api.errors import ApiError
-from gateway.api.native.service import ANONYMOUS, NativeService, comfy_error
+from gateway.api.native.service import NativeService, comfy_error
 from gateway.api.services import Services
 
 JSON: Final = "application/json; charset=utf-8"
@@ -86,10 +86,12 @@ async def native_of(services: Services) -> NativeService:
     return native
 
 
-def caller_of(connection: Request[Any, Any, Any] | WebSocket[Any, Any, Any]) -> str:
-    """Whose prompts the connection sees: its API key's caller id, or the one anonymous caller."""
-    caller = connection.state.get(CLIENT_ID_STATE)
-    return caller if isinstance(caller, str) else ANONYMOUS
+def caller_id(connection: Request[Any, Any, Any] | WebSocket[Any, Any, Any]) -> str:
+    """Whose prompts the connection sees: its API key's caller id (`anonymous` without keys).
+
+    Per caller for every role: an admin's `/queue` is its own, as one ComfyUI's would be.
+    """
+    return caller_of(connection).id
 
 
 async def json_body(request: Request[Any, Any, Any]) -> Any:

@@ -16,7 +16,7 @@ from litestar.exceptions import ClientException
 
 from gateway.api.errors import ApiError
 from gateway.api.images import stream_stored
-from gateway.api.native.answers import caller_of, empty, json_answer, native_of, paths, said
+from gateway.api.native.answers import caller_id, empty, json_answer, native_of, paths, said
 from gateway.api.native.uploads import (
     MAX_NAME_BYTES,
     BadUpload,
@@ -64,7 +64,7 @@ async def _viewed(
     native = await native_of(services)
     if storage is None:
         raise _NoFile(404)
-    caller = caller_of(request)
+    caller = caller_id(request)
     # Outputs are stored under `<prompt id>/<name>`, named with that subfolder exactly.
     entry = native.index.get(subfolder) if folder != "input" and subfolder else None
     if entry is not None and entry.prompt.caller != caller:
@@ -139,7 +139,7 @@ async def upload_image(services: ServicesDep, request: Request[Any, Any, Any]) -
     try:
         answer = await save_upload(
             services.storage,
-            caller_of(request),
+            caller_id(request),
             image.filename,
             await image.read(),
             folder=str(form.get("type") or "input"),

@@ -24,7 +24,7 @@ from gateway.api.errors import ApiError
 from gateway.api.limits import limits_of, submit_rate_limit
 from gateway.api.native.answers import (
     NotJson,
-    caller_of,
+    caller_id,
     decoded,
     empty,
     json_answer,
@@ -53,21 +53,21 @@ SEND_TIMEOUT_S: Final = 30.0
 async def post_prompt(services: ServicesDep, request: Request[Any, Any, Any]) -> Response[bytes]:
     """Queue a prompt on the fleet; ComfyUI's answer (`prompt_id`, `number`, `node_errors`)."""
     body = decoded(await request.body())
-    status, answer = await (await native_of(services)).enqueue(caller_of(request), body)
+    status, answer = await (await native_of(services)).enqueue(caller_id(request), body)
     return json_answer(answer, status)
 
 
 @get(paths("/prompt"), include_in_schema=False)
 async def get_prompt(services: ServicesDep, request: Request[Any, Any, Any]) -> Response[bytes]:
     """`exec_info.queue_remaining`: the caller's running plus pending prompts."""
-    remaining = (await native_of(services)).index.remaining(caller_of(request))
+    remaining = (await native_of(services)).index.remaining(caller_id(request))
     return json_answer({"exec_info": {"queue_remaining": remaining}})
 
 
 @get(paths("/queue"), include_in_schema=False)
 async def get_queue(services: ServicesDep, request: Request[Any, Any, Any]) -> Response[bytes]:
     """The caller's queue as one server shows it: at most one running."""
-    running, pending = (await native_of(services)).index.queue_of(caller_of(request))
+    running, pending = (await native_of(services)).index.queue_of(caller_id(request))
     return json_answer(
         {
             "queue_running": [queue_item(running)] if running is not None else [],
@@ -83,9 +83,9 @@ async def post_queue(services: ServicesDep, request: Request[Any, Any, Any]) -> 
     native = await native_of(services)
     if isinstance(body, dict):
         if body.get("clear"):
-            await native.delete_pending(caller_of(request), None)
+            await native.delete_pending(caller_id(request), None)
         if isinstance(body.get("delete"), list):
-            await native.delete_pending(caller_of(request), body["delete"])
+            await native.delete_pending(caller_id(request), body["delete"])
     return empty()
 
 
@@ -94,7 +94,7 @@ async def post_interrupt(services: ServicesDep, request: Request[Any, Any, Any])
     """Interrupt the caller's running prompt, or only the named one if it is running."""
     body = await json_body(request)
     prompt_id = body.get("prompt_id") if isinstance(body, dict) else None
-    await (await native_of(services)).interrupt(caller_of(request), prompt_id)
+    await (await native_of(services)).interrupt(caller_id(request), prompt_id)
     return empty()
 
 
@@ -106,7 +106,7 @@ async def get_history(services: ServicesDep, request: Request[Any, Any, Any]) ->
     """Every ended prompt of the caller, oldest first; `max_items` keeps the newest N, or N
     from position `offset`."""
     native = await native_of(services)
-    entries = native.history(caller_of(request))
+    entries = native.history(caller_id(request))
     max_items = _int(request.query_params.get("max_items"))
     offset = _int(request.query_params.get("offset"))
     # A negative offset is ComfyUI's "none given" (its default is -1).
@@ -130,7 +130,7 @@ async def get_history_entry(
 ) -> Response[bytes]:
     """`{id: entry}`, or `{}` while the prompt has not ended (or is not the caller's)."""
     native = await native_of(services)
-    entry = native.owned(caller_of(request), prompt_id)
+    entry = native.owned(caller_id(request), prompt_id)
     if entry is None or not entry.settled.is_set() or entry.record is None:
         return json_answer({})
     await native.logged([entry])
@@ -144,9 +144,9 @@ async def post_history(services: ServicesDep, request: Request[Any, Any, Any]) -
     native = await native_of(services)
     if isinstance(body, dict):
         if body.get("clear"):
-            await native.delete_history(caller_of(request), None)
+            await native.delete_history(caller_id(request), None)
         if isinstance(body.get("delete"), list):
-            await native.delete_history(caller_of(request), body["delete"])
+            await native.delete_history(caller_id(request), body["delete"])
     return empty()
 
 
@@ -210,7 +210,7 @@ async def native_ws(socket: WebSocket[Any, Any, Any], services: ServicesDep) -> 
         return
     client_id = socket.query_params.get("clientId") or uuid.uuid4().hex
     with slot:
-        conn = await native.hub.connect(caller_of(socket), client_id)
+        conn = await native.hub.connect(caller_id(socket), client_id)
         try:
             async with asyncio.TaskGroup() as tasks:
                 tasks.create_task(_read(socket, conn, native))

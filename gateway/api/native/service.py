@@ -46,7 +46,6 @@ from gateway.storage import Storage
 
 log = logging.getLogger(__name__)
 
-ANONYMOUS = "anonymous"
 SECRET_EXTRA_DATA = frozenset({"auth_token_comfy_org", "api_key_comfy_org"})
 # Room left in a NATS message for the KV headers around a stored prompt.
 PAYLOAD_HEADROOM = 4096
