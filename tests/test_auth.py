@@ -14,7 +14,14 @@ import pytest
 import websockets
 from websockets.asyncio.client import connect as ws_connect
 
-from gateway.api.auth import check_exposure, hash_key, is_loopback, key_digests
+from gateway.api.auth import (
+    check_exposure,
+    check_settings,
+    hash_key,
+    is_loopback,
+    key_digests,
+    key_entries,
+)
 from gateway.settings import Settings, SettingsError, load_settings
 from sdk import AsyncComfyUISDK
 from sdk.errors import ApiError as SdkApiError
@@ -160,3 +167,52 @@ def test_keys_come_from_the_environment(tmp_path: Path) -> None:
     empty.write_text("")
     loaded = load_settings(config_file=empty, environ=environ)
     assert key_digests(loaded) == [hash_key(KEY_A).encode(), hash_key(KEY_B).encode()]
+
+
+def test_keys_with_roles_and_names_from_toml_and_the_environment(tmp_path: Path) -> None:
+    config = tmp_path / "keys.toml"
+    config.write_text(
+        'api_keys = [\n  "admin@plain:ops",\n  "user/alice@plain:a",\n'
+        '  { key = "plain:b", role = "user", name = "bob" },\n  "plain:legacy",\n]\n'
+        f'data_dir = "{tmp_path / "data"}"\n'
+    )
+    keys = check_settings(load_settings(config_file=config, environ={}))
+    callers = [keys.caller(entry) for entry in keys.entries]
+    assert [(c.id, c.admin) for c in callers[1:3]] == [("alice", False), ("bob", False)]
+    assert callers[0].admin and callers[3].admin  # no role given: an admin key
+    assert callers[0].id.startswith("key-") and callers[0].id != callers[3].id
+
+    environ = {"COMFYAUTOMATE_API_KEYS": "user/alice@plain:a,admin@" + hash_key("ops")}
+    from_env = key_entries(load_settings(config_file=_empty(tmp_path), environ=environ))
+    assert [(e.role, e.name) for e in from_env] == [("user", "alice"), ("admin", None)]
+
+
+def test_bad_names_are_refused_without_the_key_in_the_message() -> None:
+    for entry in ("user/@plain:s3cret", "user/a b@plain:s3cret", "user/key-1@plain:s3cret"):
+        with pytest.raises(SettingsError, match="entry 1") as bad:
+            key_entries(Settings(api_keys=[entry]))
+        assert "s3cret" not in str(bad.value)
+    with pytest.raises(SettingsError, match="same name"):
+        key_entries(Settings(api_keys=["user/a@plain:x", "admin/a@plain:y"]))
+
+
+def test_an_unnamed_key_is_the_same_caller_after_a_restart_and_tells_nothing(
+    tmp_path: Path,
+) -> None:
+    settings = Settings(api_keys=["user@plain:" + KEY_A], data_dir=str(tmp_path / "data"))
+    first = check_settings(settings)
+    again = check_settings(settings)  # a restart: the secret is read back from the data folder
+    ident = first.caller(first.entries[0]).id
+    assert again.caller(again.entries[0]).id == ident
+    assert hash_key(KEY_A)[:16] not in ident and KEY_A not in ident
+    secret = tmp_path / "data" / "caller-secret"
+    assert secret.stat().st_mode & 0o077 == 0  # readable by its owner alone
+    # Another secret (another system, or `caller_secret` set) gives another id.
+    other = check_settings(msgspec.structs.replace(settings, caller_secret="x" * 40))
+    assert other.caller(other.entries[0]).id != ident
+
+
+def _empty(tmp_path: Path) -> Path:
+    empty = tmp_path / "empty.toml"
+    empty.write_text("")
+    return empty
