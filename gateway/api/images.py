@@ -65,7 +65,8 @@ async def image(
         raise ApiError(400, "invalid_key", str(exc)) from None
     except NotFound:
         raise ApiError(404, "not_found", f"nothing is stored under {key!r}") from None
-    headers = {"Cache-Control": "public, max-age=31536000, immutable"}
+    # An output never changes, but it is one caller's: a shared cache must not keep it.
+    headers = {"Cache-Control": "private, max-age=31536000, immutable", "Vary": "Authorization"}
     return await stream_stored(storage, stored, request, headers)
 
 

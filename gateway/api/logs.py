@@ -143,6 +143,8 @@ async def _while_connected(request: Request[Any, Any, Any], call: Awaitable[T]) 
         gone.cancel()
         if not work.done():
             work.cancel()
+            # Let the cancellation land (the sink is told to stop the query) before reading it.
+            await asyncio.wait({work})
     if work.cancelled():
         raise ApiError(503, "cancelled", "the client went away; the query was stopped")
     return work.result()

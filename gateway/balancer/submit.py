@@ -48,7 +48,7 @@ from gateway.comfyui.workflow import (
     workflow_problems,
 )
 from gateway.logsink.paths import log_file_relpath
-from gateway.storage import InvalidKey, validate_key
+from gateway.storage import MAX_SEGMENT_BYTES, InvalidKey, validate_key
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +85,11 @@ def input_problems(inputs: list[JobInput]) -> list[str]:
             problems.append(f"input {name!r}: the name has a control character")
         elif name.startswith(("/", "\\")) or ".." in parts:
             problems.append(f"input {name!r}: the name must be a relative path without '..'")
+        elif any(len(part.encode("utf-8", "surrogatepass")) > MAX_SEGMENT_BYTES for part in parts):
+            # ComfyUI's upload would fail on it, try after try, as if the server were at fault.
+            problems.append(
+                f"input {name[:40]!r}...: a file name is at most {MAX_SEGMENT_BYTES} bytes in UTF-8"
+            )
         if item.source == "key":
             try:
                 validate_key(item.value)

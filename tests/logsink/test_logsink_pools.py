@@ -7,6 +7,7 @@ the tests wait on what the sink reports running, never on the clock.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -105,7 +106,7 @@ async def test_rest_limits_on_logs_query(http: httpx.AsyncClient, sink: LogSink)
 
 
 async def test_rest_busy_and_client_gone(
-    http: httpx.AsyncClient, gateway: str, sink: LogSink
+    http: httpx.AsyncClient, gateway: str, sink: LogSink, caplog: pytest.LogCaptureFixture
 ) -> None:
     async def ask_long() -> None:
         async with httpx.AsyncClient(base_url=gateway, timeout=120) as own:
@@ -125,3 +126,6 @@ async def test_rest_busy_and_client_gone(
     # The HTTP clients went away: the gateway cancels, the sink stops both queries.
     await _until(sink, lambda stats: stats.running == 0 and stats.cancelled == 2)
     assert (await http.post("/logs/query", json={"sql": "SELECT 1"})).status_code == 200
+    # A client going away is no error of the gateway's.
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not errors, [r.getMessage() for r in errors]

@@ -142,6 +142,16 @@ def catalogue() -> list[Bad]:
             400,
             "invalid_request",
         ),
+        bad(
+            "an input name ComfyUI cannot store",
+            {
+                "workflow": wf,
+                "inputs": [{"name": "y" * 300 + ".png", "source": "base64", "value": "AA=="}],
+            },
+            400,
+            "invalid_request",
+            "at most 255 bytes",
+        ),
         bad("job id a number", {"workflow": wf, "job_id": 5}, 400, "invalid_request"),
         bad("overrides a list", {"workflow": wf, "overrides": ["1.width"]}, 400, "invalid_request"),
         bad("timeout is text", {"workflow": wf, "timeout": "soon"}, 400, "invalid_request"),

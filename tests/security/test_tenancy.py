@@ -50,6 +50,10 @@ def _load(workflow: dict[str, Any]) -> None:
     workflow["2"]["inputs"]["image"] = ["9", 0]
 
 
+async def _done(reply: httpx.Response) -> httpx.Response:
+    return reply
+
+
 def auth(who: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {KEYS[who]}"}
 
@@ -155,7 +159,11 @@ class Run:
                 assert reply.json()["code"] == "unknown_job"
         elif surface == "images":
             for key in self.model.outputs.get(job_id, []):
-                await self._expect(client.get(f"/images/{key}"), allowed)
+                reply = await client.get(f"/images/{key}")
+                await self._expect(_done(reply), allowed)
+                if allowed:  # one caller's file: no shared cache may keep it for another
+                    assert reply.headers["cache-control"].startswith("private"), reply.headers
+                    assert "Authorization" in reply.headers["vary"]
 
     async def _expect(self, call: Any, allowed: bool) -> None:
         reply = await call
