@@ -131,20 +131,41 @@ def test_a_bucket_refills_at_its_rate() -> None:
 
 
 async def test_a_stream_slot_comes_back_however_the_stream_ends() -> None:
-    slots = StreamSlots(limit=1)
+    slots = StreamSlots(limit=1, per_client=1)
 
     async def two() -> AsyncIterator[int]:
         yield 1
         yield 2
 
-    assert [item async for item in hold(slots.acquire(), two())] == [1, 2]
+    assert [item async for item in hold(slots.acquire("c"), two())] == [1, 2]
     assert slots.in_use == 0
     # Dropped without ever being iterated, as when a client leaves before the body.
-    never = hold(slots.acquire(), two())
+    never = hold(slots.acquire("c"), two())
     with pytest.raises(ApiError):
-        slots.acquire()
+        slots.acquire("c")
     del never
     assert slots.in_use == 0
-    with slots.acquire() as slot:
+    with slots.acquire("c") as slot:
         slot.release()
     assert slots.in_use == 0
+
+
+async def test_one_key_cannot_take_every_event_stream(settings: Settings) -> None:
+    keyed = {"api_keys": ["plain:key-one", "plain:key-two"]}
+    async with (
+        running(settings, max_event_streams=3, max_event_streams_per_key=2, **keyed) as url,
+        httpx.AsyncClient(base_url=url, headers={"X-API-Key": "key-one"}) as one,
+    ):
+        job = (await one.post("/workflow/submit", json={"workflow": TINY})).json()["job_id"]
+        events = f"/workflow/events/{job}"
+        async with one.stream("GET", events) as first, one.stream("GET", events) as second:
+            assert first.status_code == second.status_code == 200
+            third = await one.get(events)
+            assert third.status_code == 503
+            assert third.json()["details"] == {"max_event_streams_per_key": 2}
+            # Another key still gets one: the gateway has a stream left.
+            other = {"X-API-Key": "key-two"}
+            ws_url = url.replace("http://", "ws://") + events + "/ws"
+            async with ws_connect(ws_url, additional_headers=other) as ws:
+                assert "queued" in await ws.recv()
+            assert (await one.post(f"/workflow/cancel/{job}")).status_code == 200

@@ -87,12 +87,13 @@ class TokenBuckets:
 class StreamSlot:
     """One held event stream; released once, however many times `release` is called."""
 
-    def __init__(self, slots: StreamSlots) -> None:
+    def __init__(self, slots: StreamSlots, client: str) -> None:
         self._slots: StreamSlots | None = slots
+        self._client = client
 
     def release(self) -> None:
         if self._slots is not None:
-            self._slots.in_use -= 1
+            self._slots.give_back(self._client)
             self._slots = None
 
     def __enter__(self) -> StreamSlot:
@@ -105,14 +106,27 @@ class StreamSlot:
 
 
 class StreamSlots:
-    """Counts SSE and websocket event streams together against `max_event_streams`."""
+    """Counts SSE and websocket event streams together against `max_event_streams`, and each
+    client's (API key, else address) against `max_event_streams_per_key`, so that one client
+    cannot take every stream from the others."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, per_client: int) -> None:
         self.limit = limit
+        self.per_client = per_client
         self.in_use = 0
+        self._by_client: dict[str, int] = {}
 
-    def acquire(self) -> StreamSlot:
-        """A slot, or a 503 `too_many_streams` when all are taken."""
+    def acquire(self, client: str) -> StreamSlot:
+        """A slot for `client`, or a 503 `too_many_streams` when all (or its own) are taken."""
+        held = self._by_client.get(client, 0)
+        if held >= self.per_client:
+            raise ApiError(
+                503,
+                "too_many_streams",
+                f"this API key (or address) has {held} event streams open, the most one client "
+                "may (max_event_streams_per_key); close one, or poll /workflow/status",
+                {"max_event_streams_per_key": self.per_client},
+            )
         if self.in_use >= self.limit:
             raise ApiError(
                 503,
@@ -122,7 +136,16 @@ class StreamSlots:
                 {"max_event_streams": self.limit},
             )
         self.in_use += 1
-        return StreamSlot(self)
+        self._by_client[client] = held + 1
+        return StreamSlot(self, client)
+
+    def give_back(self, client: str) -> None:
+        self.in_use -= 1
+        left = self._by_client.get(client, 1) - 1
+        if left > 0:
+            self._by_client[client] = left
+        else:
+            self._by_client.pop(client, None)
 
 
 def hold(slot: StreamSlot, stream: AsyncIterator[T]) -> AsyncIterator[T]:
@@ -148,8 +171,8 @@ class Limits:
             raise SettingsError("max_body_bytes must be at least 1")
         if settings.submit_rate_per_s < 0 or settings.submit_burst < 1:
             raise SettingsError("submit_rate_per_s must be >= 0 and submit_burst >= 1")
-        if settings.max_event_streams < 1:
-            raise SettingsError("max_event_streams must be at least 1")
+        if settings.max_event_streams < 1 or settings.max_event_streams_per_key < 1:
+            raise SettingsError("max_event_streams and max_event_streams_per_key must be >= 1")
         if not settings.register_rate_per_min > 0 or settings.register_burst < 1:
             raise SettingsError("register_rate_per_min must be > 0 and register_burst >= 1")
         self.max_body_bytes = settings.max_body_bytes
@@ -176,7 +199,12 @@ class Limits:
             "minute (register_burst, register_rate_per_min)",
             details={"register_burst": burst, "register_rate_per_min": per_minute},
         )
-        self.streams = StreamSlots(settings.max_event_streams)
+        self.streams = StreamSlots(settings.max_event_streams, settings.max_event_streams_per_key)
+
+
+def take_stream(connection: ASGIConnection[Any, Any, Any, Any]) -> StreamSlot:
+    """One of the gateway's event streams for this client, or a 503 `too_many_streams`."""
+    return limits_of(connection.app).streams.acquire(client_id(connection))
 
 
 def limits_of(app: Litestar) -> Limits:

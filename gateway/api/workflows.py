@@ -18,7 +18,7 @@ from nats.js import api
 
 from gateway.api.auth import Caller, caller_of
 from gateway.api.errors import ApiError, error_responses
-from gateway.api.limits import hold, limits_of, submit_rate_limit
+from gateway.api.limits import hold, submit_rate_limit, take_stream
 from gateway.api.owners import check_inputs_owned
 from gateway.api.schemas import JobResult, Submitted, Timings, WorkflowSubmission
 from gateway.api.services import Services, ServicesDep
@@ -225,7 +225,7 @@ class WorkflowController(Controller):
         """Every event of the job, from the first, live, as Server-Sent Events; ends with it."""
         # 404 before the stream starts, also for another caller's job.
         await services.record(known_job_id(job_id), caller_of(request))
-        slot = limits_of(request.app).streams.acquire()  # 503 when too many are open
+        slot = take_stream(request)  # 503 when too many are open
         return ServerSentEvent(hold(slot, _event_stream(services, job_id)))
 
 
@@ -276,7 +276,7 @@ async def job_events_ws(
     await socket.accept()
     try:
         await services.record(known_job_id(job_id), caller_of(socket))
-        slot = limits_of(socket.app).streams.acquire()
+        slot = take_stream(socket)
     except ApiError as exc:
         # 4000 + the HTTP status: 4404 for an unknown job, 4503 for too many streams.
         await socket.close(code=4000 + exc.status, reason=exc.message[:120])

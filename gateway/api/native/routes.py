@@ -21,7 +21,7 @@ from litestar.params import FromPath
 
 from gateway.api.bodies import nests_deeper
 from gateway.api.errors import ApiError
-from gateway.api.limits import limits_of, submit_rate_limit
+from gateway.api.limits import submit_rate_limit, take_stream
 from gateway.api.native.answers import (
     NotJson,
     caller_id,
@@ -204,7 +204,7 @@ async def native_ws(socket: WebSocket[Any, Any, Any], services: ServicesDep) -> 
     native = await native_of(services)
     await socket.accept()
     try:
-        slot = limits_of(socket.app).streams.acquire()
+        slot = take_stream(socket)
     except ApiError as exc:
         await socket.close(code=4000 + exc.status, reason=exc.message[:120])
         return
