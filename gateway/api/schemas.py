@@ -101,7 +101,8 @@ class ServerRegistration(msgspec.Struct, kw_only=True, forbid_unknown_fields=Tru
 class ServerHealth(_ReadsLikeADict, msgspec.Struct, kw_only=True):
     server_id: str
     name: str
-    address: str
+    address: str | None
+    """Where the server is; shown to admin keys only (the fleet's network is theirs)."""
     status: str  # healthy, unhealthy, offline, unknown
     reason: str | None
     last_seen_s: float | None

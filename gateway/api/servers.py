@@ -16,7 +16,7 @@ from litestar.params import FromPath, JSONBody
 from litestar.types import Guard
 from nats.js.errors import InvalidKeyError, KeyNotFoundError
 
-from gateway.api.auth import admin_only
+from gateway.api.auth import OPEN, Caller, admin_only, caller_of
 from gateway.api.errors import ApiError, error_responses
 from gateway.api.limits import take_registration
 from gateway.api.probe import SYSTEM_HEADER as SYSTEM_HEADER  # what app.py marks answers with
@@ -69,14 +69,14 @@ async def _same_place(place: tuple[frozenset[str], str], address: str) -> bool:
     return port == place[1] and bool(ips & place[0])
 
 
-def health_of(state: ServerState, now_monotonic: float) -> ServerHealth:
+def health_of(state: ServerState, now_monotonic: float, *, admin: bool = True) -> ServerHealth:
     beat = state.heartbeat
     caps = state.capabilities
     age = state.age(now_monotonic)
     return ServerHealth(
         server_id=state.server_id,
         name=state.name,
-        address=state.address,
+        address=state.address if admin else None,
         status=state.status(now_monotonic),
         reason=beat.reason if beat else None,
         last_seen_s=None if age is None else round(age, 3),
@@ -93,10 +93,12 @@ def health_of(state: ServerState, now_monotonic: float) -> ServerHealth:
     )
 
 
-def fleet_health(services: ServicesDep) -> list[ServerHealth]:
+def fleet_health(services: ServicesDep, caller: Caller = OPEN) -> list[ServerHealth]:
+    """Every server's health; without addresses for a user key."""
     table = services.fleet.table
     clock = table.now()
-    return [health_of(s, clock) for s in sorted(table, key=lambda s: s.server_id)]
+    servers = sorted(table, key=lambda s: s.server_id)
+    return [health_of(s, clock, admin=caller.admin) for s in servers]
 
 
 class ServerController(Controller):
@@ -156,14 +158,18 @@ class ServerController(Controller):
             return await _register(services, data, server_id, server)
 
     @get("/")
-    async def list_servers(self, services: ServicesDep) -> list[ServerHealth]:
-        """Every server known: registered ones and those that heartbeat."""
-        return fleet_health(services)
+    async def list_servers(
+        self, services: ServicesDep, request: Request[Any, Any, Any]
+    ) -> list[ServerHealth]:
+        """Every server known: registered ones and those that heartbeat (addresses: admins)."""
+        return fleet_health(services, caller_of(request))
 
     @get("/health")
-    async def health(self, services: ServicesDep) -> dict[str, Any]:
-        """Fleet health: each server's status, queue and last heartbeat."""
-        servers = fleet_health(services)
+    async def health(
+        self, services: ServicesDep, request: Request[Any, Any, Any]
+    ) -> dict[str, Any]:
+        """Fleet health: each server's status, queue and last heartbeat (addresses: admins)."""
+        servers = fleet_health(services, caller_of(request))
         healthy = sum(1 for s in servers if s.status == "healthy")
         return {"servers": servers, "total": len(servers), "healthy": healthy}
 

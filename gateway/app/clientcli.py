@@ -185,7 +185,7 @@ def _servers(args: argparse.Namespace) -> int:
                 for s in sdk.list_servers():
                     table.add_row(
                         s.server_id,
-                        s.address,
+                        s.address or "(admins only)",
                         s.status,
                         str(s.queue_running),
                         str(s.queue_pending),

@@ -271,6 +271,12 @@ async def test_a_user_key_cannot_change_the_fleet(keyed: System) -> None:
             reply = await client.delete("/servers/t1", headers=auth(who))
             assert reply.status_code == 403, reply.text
         await poll_until(lambda: _still_there(client), "t1 still registered")
+        # Users see the fleet's state, not its network: addresses are for admins.
+        for who, sees in (("alice", None), ("bob", None), ("root", sim.address)):
+            for path in ("/servers", "/servers/health"):
+                reply = (await client.get(path, headers=auth(who))).json()
+                servers = reply if path == "/servers" else reply["servers"]
+                assert {s["server_id"]: s["address"] for s in servers}["t1"] == sees, (who, path)
 
 
 async def _still_there(client: httpx.AsyncClient) -> bool:
