@@ -74,7 +74,7 @@ def _timeout_result(
     return Result(
         FailedData(
             code=failures.TIMEOUT,
-            message=f"the job did not finish within {attempt.timeout:g} s; {how}",
+            message=f"the job did not finish within {attempt.timeout:g} s of running; {how}",
             attempt=attempt.job.attempt,
             retryable=False,
         ),
