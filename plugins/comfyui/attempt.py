@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -18,6 +19,7 @@ from gateway.bus.contract import (
     RunningData,
     SucceededData,
     event_type,
+    now,
 )
 from gateway.bus.events import EventPublisher
 from gateway.storage import Storage
@@ -78,7 +80,11 @@ class Seen:
 class Attempt:
     """One attempt's state: what was asked of it, what ComfyUI said, its events and outputs."""
 
-    def __init__(self, ctx: RunContext, job: Job, *, announced: bool) -> None:
+    def __init__(
+        self, ctx: RunContext, job: Job, *, announced: bool, started_at: float | None = None
+    ) -> None:
+        """`started_at`: when this attempt's prompt started running (wall clock), if it did
+        before this delivery (an adapter that restarted): its time counts from then."""
         self.ctx = ctx
         self.job = job
         self.prompt_id = job.prompt_id
@@ -96,7 +102,13 @@ class Attempt:
         self.outputs = OutputSaver(ctx.client, ctx.storage, job.job_id)
         self.files = JobFiles(ctx.client, job.job_id, job.attempt, ctx.options.comfyui_input_dir)
         self.timeout = job.request.timeout_s or ctx.options.default_timeout_s
-        self.deadline = asyncio.get_running_loop().time() + self.timeout
+        self._loop = asyncio.get_running_loop()
+        # The job's time is its run on ComfyUI: it counts from `running`, like the balancer's
+        # timing of the server, not while the prompt waits behind another job there. That
+        # wait has its own bound (`start_wait_s`).
+        self.deadline = math.inf
+        self.start_by = self._loop.time() + ctx.options.start_wait_s
+        self._started_at = started_at
 
     def request_stop(self, stop: Stop) -> None:
         """Ask the attempt to stop; a cancel is never overridden by a hand-back."""
@@ -121,7 +133,10 @@ class Attempt:
         return watch
 
     def mark_started(self) -> None:
-        """The prompt reached execution: say `running` (once per attempt)."""
+        """The prompt reached execution: its time starts; say `running` (once per attempt)."""
+        if not self.started:
+            ran = 0.0 if self._started_at is None else max(0.0, now() - self._started_at)
+            self.deadline = self._loop.time() + self.timeout - ran
         self.started = True
         # Sent when execution starts, not when the prompt is queued: the balancer counts a
         # run and times the server's speed from this event, and a prompt waiting behind

@@ -46,7 +46,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--storage", help="storage backend for outputs: local, nats, ...")
     parser.add_argument("--grace", type=float, help="seconds running jobs get on shutdown (30)")
     parser.add_argument("--ack-wait", type=float, help="seconds before JetStream redelivers (30)")
-    parser.add_argument("--job-timeout", type=float, help="default job timeout in s (3600)")
+    parser.add_argument(
+        "--job-timeout", type=float, help="default job timeout in s of running (3600)"
+    )
+    parser.add_argument(
+        "--start-wait",
+        type=float,
+        help="seconds a job may wait in ComfyUI's queue before it is handed back (3600)",
+    )
     parser.add_argument(
         "--comfyui-input-dir",
         metavar="DIR",
@@ -86,6 +93,8 @@ def _options(args: argparse.Namespace) -> AdapterOptions:
         changes["ack_wait_s"] = args.ack_wait
     if args.job_timeout is not None:
         changes["default_timeout_s"] = args.job_timeout
+    if args.start_wait is not None:
+        changes["start_wait_s"] = args.start_wait
     if args.comfyui_input_dir is not None:
         changes["comfyui_input_dir"] = args.comfyui_input_dir
     return AdapterOptions(**changes)

@@ -59,12 +59,22 @@ async def end_of(attempt: Attempt, end: End) -> Result:
     return attempt.retried(stop.reason + suffix, counts=stop.counts)
 
 
-def _timeout_result(attempt: Attempt, history: dict[str, Any] | None, suffix: str = "") -> Result:
+def _timeout_result(
+    attempt: Attempt,
+    history: dict[str, Any] | None,
+    suffix: str = "",
+    *,
+    finished_anyway: bool = False,
+) -> Result:
+    how = (
+        "ComfyUI finished it after that, and its outputs are not kept"
+        if finished_anyway
+        else f"ComfyUI was told to stop it{suffix}"
+    )
     return Result(
         FailedData(
             code=failures.TIMEOUT,
-            message=f"the job did not finish within {attempt.timeout:g} s; "
-            f"ComfyUI was told to stop it{suffix}",
+            message=f"the job did not finish within {attempt.timeout:g} s of running; {how}",
             attempt=attempt.job.attempt,
             retryable=False,
         ),
@@ -84,7 +94,14 @@ async def from_history(attempt: Attempt, raw: dict[str, Any], entry: HistoryEntr
     status = entry.status
     error = status.message("execution_error") if status is not None else None
     interrupted = status.message("execution_interrupted") if status is not None else None
-    if status is not None and status.status_str == "success" and error is None:
+    succeeded = status is not None and status.status_str == "success" and error is None
+    cancelling = attempt.stop is not None and attempt.stop.kind == "cancel"
+    if attempt.timed_out and not cancelling:
+        # The job's time was up before the prompt ended: it has failed, also when ComfyUI
+        # finished it after all (an interrupt waits for the running node to end), and
+        # nothing it saved is an output of the job.
+        return _timeout_result(attempt, raw, finished_anyway=succeeded)
+    if succeeded:
         return await _succeeded(attempt, raw, entry)
     if error is not None:
         if failures.is_out_of_memory(error):
@@ -95,8 +112,6 @@ async def from_history(attempt: Attempt, raw: dict[str, Any], entry: HistoryEntr
         stop = attempt.stop
         if stop is not None and stop.kind == "cancel":
             return attempt.cancelled(stop.reason, raw)
-        if attempt.timed_out:
-            return _timeout_result(attempt, raw)
         if stop is not None:
             return attempt.retried(stop.reason, raw, counts=stop.counts)
         node = interrupted.get("node_id")

@@ -1,8 +1,9 @@
 """Following one prompt on ComfyUI until it leaves: its messages, polling, stops and time-outs.
 
 The socket's messages become node events as they come; silence, a poll tick or the prompt's
-end is checked against ComfyUI's history and queue. Nothing waits without a deadline: the
-job's timeout, a grace for an unreachable ComfyUI and a wait for a stop to be confirmed.
+end is checked against ComfyUI's history and queue. Nothing waits without a deadline: a bound
+on the wait for ComfyUI to start the prompt, the job's timeout once it runs, a grace for an
+unreachable ComfyUI and a wait for a stop to be confirmed.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from gateway.bus.contract import (
     NodeProgressData,
     NodeStartedData,
 )
-from plugins.comfyui.attempt import Attempt
+from plugins.comfyui.attempt import Attempt, Stop
 from plugins.comfyui.client import ComfyError
 from plugins.comfyui.messages import (
     Executed,
@@ -110,12 +111,22 @@ async def follow(attempt: Attempt, watch: Watch) -> End:
     give_up_at = math.inf
     while True:
         now = loop.time()
+        if not attempt.started and attempt.stop is None and now >= attempt.start_by:
+            # Queued behind work that does not move (or a stuck ComfyUI): another server
+            # may run it.
+            wait_s = options.start_wait_s
+            log.warning("job %s: ComfyUI did not start it within %g s", attempt.job.job_id, wait_s)
+            attempt.request_stop(
+                Stop("hand_back", f"ComfyUI did not start the prompt within {wait_s:g} s")
+            )
         if attempt.stop is not None and not stop_seen:
             stop_seen = True
             if await stop_on_comfy(attempt) == "dequeued":
                 return End("dequeued")
             give_up_at = min(give_up_at, now + options.stop_wait_s)
         if not attempt.timed_out and now >= attempt.deadline:
+            # Past the deadline the job has failed, whatever ComfyUI does next (see
+            # conclusion.from_history).
             attempt.timed_out = True
             log.warning("job %s: timed out after %g s", attempt.job.job_id, attempt.timeout)
             if await stop_on_comfy(attempt) == "dequeued":
@@ -129,8 +140,7 @@ async def follow(attempt: Attempt, watch: Watch) -> End:
             wait = options.silence_s
         else:
             wait = options.poll_s
-        limit = give_up_at if attempt.timed_out else min(give_up_at, attempt.deadline)
-        item = await _next(watch, max(0.0, min(wait, limit - now)))
+        item = await _next(watch, max(0.0, min(wait, _next_limit(attempt, give_up_at) - now)))
         if isinstance(item, Lost | Nudge):
             continue
         if item is not None:
@@ -163,6 +173,17 @@ async def follow(attempt: Attempt, watch: Watch) -> End:
         absent = absent + 1 if found.kind == "absent" else 0
         if absent >= 2:
             return End("vanished")
+
+
+def _next_limit(attempt: Attempt, give_up_at: float) -> float:
+    """When following must look up next at the latest: a stop's confirmation, the job's
+    deadline, the bound on the wait for ComfyUI to start the prompt."""
+    limit = give_up_at
+    if not attempt.timed_out:
+        limit = min(limit, attempt.deadline)  # infinite until the prompt starts
+    if not attempt.started and attempt.stop is None:
+        limit = min(limit, attempt.start_by)
+    return limit
 
 
 def _on_message(attempt: Attempt, message: WsMessage) -> Literal["ending", "ended"] | None:

@@ -11,7 +11,10 @@ class AdapterOptions(msgspec.Struct, frozen=True, kw_only=True):
     """Timings and limits of one adapter. Durations are in seconds."""
 
     default_timeout_s: float = 3600.0
-    """A job without `timeout_s` ends `failed` (code timeout) after this long."""
+    """A job without `timeout_s` ends `failed` (code timeout) once it has run this long."""
+    start_wait_s: float = 3600.0
+    """A prompt that ComfyUI has not started this long after the job came is taken off its
+    queue, and the job handed back (`retried`, a try that counts)."""
     silence_s: float = 5.0
     """A job whose socket has been silent this long is cross-checked with /history and /queue."""
     poll_s: float = 0.5

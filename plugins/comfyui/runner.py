@@ -60,7 +60,10 @@ class JobRun:
         self.finished = asyncio.Event()
         self.concluded = False  # its end is in the event log
         self.result: Result | None = None  # how it ended, once that is in the log
-        self._attempt = Attempt(ctx, job, announced=record.status is JobStatus.RUNNING)
+        running = record.status is JobStatus.RUNNING and record.attempt == job.attempt
+        self._attempt = Attempt(
+            ctx, job, announced=running, started_at=record.started_at if running else None
+        )
 
     @property
     def started(self) -> bool:

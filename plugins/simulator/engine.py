@@ -374,6 +374,9 @@ class Engine:
         inputs: dict[str, Any] = {}
         try:
             inputs = self._gather(run, node_id, definition)
+            # ComfyUI's worker is a thread: between two nodes its server has answered what
+            # came meanwhile, an /interrupt among them, however quick the nodes are.
+            await asyncio.sleep(0)
             if self._interrupt:
                 raise Interrupted
             if self._matches(self.config.crash_on_node, node_id, class_type):

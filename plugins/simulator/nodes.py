@@ -43,7 +43,8 @@ class RunContext(Protocol):
         """The absolute output, input or temp folder."""
 
     async def progress(self, value: int, total: int, preview: bytes | None = None) -> None:
-        """Report progress (and optionally a PNG preview) for this node."""
+        """Report progress (and optionally a PNG preview) for this node; raise Interrupted
+        first if an interrupt is pending, as ComfyUI's progress hook does."""
 
     def send_text(self, text: str) -> None:
         """Broadcast a binary TEXT frame for this node."""
@@ -252,8 +253,7 @@ async def _ksampler(inputs: dict[str, Any], ctx: RunContext) -> NodeResult:
     for step in range(1, steps + 1):
         if ctx.step_seconds() > 0:
             await asyncio.sleep(ctx.step_seconds())
-        ctx.check_interrupted()
-        await ctx.progress(step, steps)
+        await ctx.progress(step, steps)  # where an interrupt stops the sampler
     return NodeResult((Latent(latent.width, latent.height, latent.batch, int(inputs["seed"])),))
 
 

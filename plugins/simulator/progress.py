@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -77,6 +78,8 @@ class NodeContext:
         return self._folder(kind)
 
     async def progress(self, value: int, total: int, preview: bytes | None = None) -> None:
+        # ComfyUI's progress hook honours a pending interrupt before it reports anything.
+        self.check_interrupted()
         # The prompt and client this node runs for: the engine's running prompt throughout.
         hub = self._progress.hub
         client_id = self._progress.client_id
@@ -97,6 +100,10 @@ class NodeContext:
         hub.send("progress", data, client_id)
         if preview is not None and not with_metadata:
             hub.send_binary(preview_frame(preview), client_id)
+        # ComfyUI runs prompts on a thread of their own: between two updates its server
+        # answers requests (an /interrupt among them) and its sockets send, however quick
+        # the steps are.
+        await asyncio.sleep(0)
 
     def send_text(self, text: str) -> None:
         self._progress.hub.send_binary(text_binary_frame(self.node_id, text), None)

@@ -132,13 +132,16 @@ class Bus:
         overrides: dict[str, Any] | None = None,
         inputs: list[JobInput] | None = None,
         timeout_s: float | None = None,
+        job_id: str | None = None,
+        started_at: float | None = None,
     ) -> Job:
         """Bind a new job to `server_id` as the dispatcher does: record first, then the Job.
 
         `bound_to` and `record_attempt` make the record disagree with the Job, as when the
-        balancer has moved the job on by the time the adapter reads it.
+        balancer has moved the job on by the time the adapter reads it. `started_at` makes
+        the record say the attempt runs since then, as after an adapter died mid-job.
         """
-        job_id = new_id()
+        job_id = job_id or new_id()
         request = JobRequest(
             workflow=workflow,
             overrides=overrides or {},
@@ -149,12 +152,13 @@ class Bus:
         at = now()
         record = JobRecord(
             job_id=job_id,
-            status=JobStatus.DISPATCHED,
+            status=JobStatus.DISPATCHED if started_at is None else JobStatus.RUNNING,
             submitted_at=at,
             updated_at=at,
             log_file_path="",
             server_id=bound_to or server_id,
             attempt=attempt if record_attempt is None else record_attempt,
+            started_at=started_at,
         )
         await self.kv.put(job_id, encode(record))
         job = Job(

@@ -51,3 +51,14 @@ def test_adapter_subcommand_parses_its_options():
 def test_a_label_needs_an_equals_sign():
     with pytest.raises(SettingsError, match="key=value"):
         cli.parse_labels(["gpu"])
+
+
+def test_job_timeout_and_start_wait_reach_the_adapter_options():
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    base = ["--server-id", "gpu-1", "--address", "10.0.0.5:8188"]
+    args = parser.parse_args([*base, "--job-timeout", "90", "--start-wait", "600"])
+    options = cli._options(args)
+    assert (options.default_timeout_s, options.start_wait_s) == (90.0, 600.0)
+    defaults = cli._options(parser.parse_args(base))
+    assert (defaults.default_timeout_s, defaults.start_wait_s) == (3600.0, 3600.0)
