@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import math
 from typing import Any
 
 from gateway.bus.connection import session
@@ -86,6 +87,11 @@ def parse_labels(items: list[str]) -> dict[str, str]:
 
 
 def _options(args: argparse.Namespace) -> AdapterOptions:
+    for flag in ("grace", "ack_wait", "job_timeout", "start_wait"):
+        value = getattr(args, flag)
+        # A NaN or a time of 0 or less would end every job at once, or never.
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise SettingsError(f"--{flag.replace('_', '-')} must be seconds over 0, not {value}")
     changes: dict[str, Any] = {}
     if args.grace is not None:
         changes["grace_s"] = args.grace

@@ -62,3 +62,13 @@ def test_job_timeout_and_start_wait_reach_the_adapter_options():
     assert (options.default_timeout_s, options.start_wait_s) == (90.0, 600.0)
     defaults = cli._options(parser.parse_args(base))
     assert (defaults.default_timeout_s, defaults.start_wait_s) == (3600.0, 3600.0)
+
+
+def test_times_of_zero_or_less_are_refused_with_the_flag_named():
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    base = ["--server-id", "gpu-1", "--address", "10.0.0.5:8188"]
+    for flag in ("--job-timeout", "--start-wait", "--grace", "--ack-wait"):
+        for value in ("0", "-5", "nan"):
+            with pytest.raises(SettingsError, match=flag):
+                cli._options(parser.parse_args([*base, flag, value]))
