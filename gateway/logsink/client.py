@@ -74,7 +74,7 @@ async def _request(nc: Client, subject: str, payload: bytes, within: float) -> b
     return reply.data
 
 
-def check_query(sql: str, timeout_s: float) -> None:
+def check_query(sql: str, timeout_s: float, max_rows: int = 0) -> None:
     """Raise LogQueryError (`too_large`, `invalid_request`) for a query the sink would refuse."""
     size = len(sql.encode())
     if size > MAX_SQL_BYTES:
@@ -89,6 +89,8 @@ def check_query(sql: str, timeout_s: float) -> None:
             f"timeout_s must be more than 0 and at most {MAX_TIMEOUT_S:g}",
             {"max_timeout_s": MAX_TIMEOUT_S},
         )
+    if max_rows < 0:
+        raise LogQueryError("invalid_request", "max_rows must be 0 or more")
 
 
 async def query_logs(
@@ -105,7 +107,7 @@ async def query_logs(
     `caller`: the query sees only that caller's jobs (None: every job). If this call is
     cancelled or times out, the sink is told to stop the query.
     """
-    check_query(sql, timeout_s)
+    check_query(sql, timeout_s, max_rows)
     payload = encode(LogQuery(sql=sql, max_rows=max_rows, timeout_s=timeout_s, caller=caller))
     query_id = new_id()
     try:

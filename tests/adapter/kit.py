@@ -44,6 +44,7 @@ from gateway.bus.contract import (
     now,
 )
 from gateway.bus.jobstate import apply_event
+from gateway.storage import NotFound, Storage
 from plugins.comfyui import AdapterOptions
 from plugins.simulator import Simulator
 
@@ -255,3 +256,12 @@ def adapter_process(
         if process.poll() is None:
             process.send_signal(signal.SIGKILL)
         process.wait(timeout=10)
+
+
+async def is_stored(storage: Storage, key: str) -> bool:
+    """Whether the storage holds `key` now."""
+    try:
+        await storage.stat(key)
+    except NotFound:
+        return False
+    return True

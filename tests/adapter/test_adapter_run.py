@@ -28,9 +28,9 @@ from gateway.bus.contract import (
     now,
 )
 from gateway.bus.events import EventPublisher
-from gateway.storage import NotFound, Storage
+from gateway.storage import Storage
 from plugins.simulator import png
-from tests.adapter.kit import FAST, SERVER, Bus, tiny, two_outputs
+from tests.adapter.kit import FAST, SERVER, Bus, is_stored, tiny, two_outputs
 from tests.helpers import poll_until
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -91,14 +91,6 @@ def _early_and_late() -> dict[str, object]:
     return workflow
 
 
-async def _stored(storage: Storage, key: str) -> bool:
-    try:
-        await storage.stat(key)
-    except NotFound:
-        return False
-    return True
-
-
 # Node 4's file is saved, then the slow branch fails three seconds later.
 _FAILS_AFTER_EARLY_COPY = {"class_seconds": {"ImageInvert": 3.0}, "fail_nodes": ["ImageInvert"]}
 
@@ -108,7 +100,7 @@ async def _early_copy(bus: Bus, start_adapter, address: str, storage: Storage) -
     await start_adapter(address)
     job = await bus.dispatch(_early_and_late())
     key = f"{job.job_id}/gw_early_00001_.png"
-    await poll_until(lambda: _stored(storage, key), f"{key} to be stored", within=10)
+    await poll_until(lambda: is_stored(storage, key), f"{key} to be stored", within=10)
     return job, key
 
 
@@ -134,7 +126,7 @@ async def test_an_output_stored_early_is_deleted_when_the_prompt_fails(
         end = await bus.wait_event(job.job_id)
         assert isinstance(end, Failed) and end.data.code == "execution_error", end
         # A failed job has no outputs; the file saved on the way is not one.
-        assert not await _stored(storage, key)
+        assert not await is_stored(storage, key)
 
 
 async def test_an_attempt_taken_over_leaves_the_outputs_to_the_next_one(
@@ -149,7 +141,7 @@ async def test_an_attempt_taken_over_leaves_the_outputs_to_the_next_one(
         await bus.kv.put(job.job_id, encode(moved))
         end = await bus.wait_event(job.job_id)
         assert isinstance(end, Failed) and end.data.attempt == 1, end
-        assert await _stored(storage, key)
+        assert await is_stored(storage, key)
 
 
 async def test_cached_run_still_reports_outputs(bus: Bus, make_sim, start_adapter):

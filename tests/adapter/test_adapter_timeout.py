@@ -12,9 +12,9 @@ import httpx
 import msgspec
 
 from gateway.bus.contract import Failed, Retried, Succeeded, new_id, now, prompt_id_for
-from gateway.storage import NotFound, Storage
+from gateway.storage import Storage
 from plugins.simulator import Simulator
-from tests.adapter.kit import FAST, Bus, tiny
+from tests.adapter.kit import FAST, Bus, is_stored, tiny
 
 WORKFLOWS = Path(__file__).resolve().parents[2] / "workflows"
 
@@ -35,14 +35,6 @@ def _history(sim: Simulator, prompt_id: str) -> dict[str, Any]:
 def _last_message(entry: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     event, data = entry["status"]["messages"][-1]
     return event, data
-
-
-async def _stored(storage: Storage, key: str) -> bool:
-    try:
-        await storage.stat(key)
-    except NotFound:
-        return False
-    return True
 
 
 async def test_a_long_sampler_is_interrupted_at_the_timeout(bus: Bus, make_sim, start_adapter):
@@ -82,7 +74,7 @@ async def test_a_prompt_that_finishes_after_its_timeout_fails_without_outputs(
         entry = _history(sim, job.prompt_id)
         assert entry["status"]["status_str"] == "success"  # ComfyUI did finish it
         saved = entry["outputs"]["3"]["images"][0]["filename"]
-        assert not await _stored(storage, f"{job.job_id}/{saved}")
+        assert not await is_stored(storage, f"{job.job_id}/{saved}")
         record = await bus.record(job.job_id)  # the test's balancer applied the end first
         assert record.outputs == []
         assert "history" in bus.types(job.job_id)
