@@ -218,21 +218,48 @@ class WorkflowController(Controller):
         record = await services.cancel(known_job_id(job_id), caller_of(request))
         return to_result(record, services, request)
 
-    @get("/events/{job_id:str}", responses=error_responses(404, 503))
+    @get("/events/{job_id:str}", responses=error_responses(400, 404, 503))
     async def events(
-        self, job_id: FromPath[str], services: ServicesDep, request: Request[Any, Any, Any]
+        self,
+        job_id: FromPath[str],
+        services: ServicesDep,
+        request: Request[Any, Any, Any],
+        last_event_id: FromQuery[str | None] = None,
     ) -> ServerSentEvent:
-        """Every event of the job, from the first, live, as Server-Sent Events; ends with it."""
+        """Every event of the job, live, as Server-Sent Events; ends with it.
+
+        Each event's `id` is its `seq`. A client that reconnects with `Last-Event-ID` (the
+        header, as EventSource sends it, or `?last_event_id=`) gets only the events after it.
+        """
+        after = _seq_after(request.headers.get("last-event-id") or last_event_id)
         # 404 before the stream starts, also for another caller's job.
         await services.record(known_job_id(job_id), caller_of(request))
         slot = take_stream(request)  # 503 when too many are open
-        return ServerSentEvent(hold(slot, _event_stream(services, job_id)))
+        return ServerSentEvent(hold(slot, _event_stream(services, job_id, after)))
 
 
-async def job_events(services: Services, job_id: str) -> AsyncIterator[Event | None]:
-    """The job's events from the first, live, ending with its terminal event.
+def _seq_after(text: str | None) -> int:
+    """The `seq` a resuming client saw last (0: none), from `Last-Event-ID` or `from_seq`."""
+    if text is None or not text.strip():
+        return 0
+    try:
+        seq = int(text.strip())
+    except ValueError:
+        seq = -1
+    if seq < 0:
+        raise ApiError(
+            400, "invalid_request", f"an event id is the event's seq, 0 or more, not {text!r}"
+        )
+    return seq
 
-    None stands for 15 s without an event, so a stream can send a keep-alive.
+
+async def job_events(
+    services: Services, job_id: str, after: int = 0
+) -> AsyncIterator[Event | None]:
+    """The job's events with a `seq` over `after`, live, ending with its terminal event.
+
+    None stands for 15 s without an event, so a stream can send a keep-alive. A client that
+    saw the end already gets nothing more: the stream ends at once.
     """
     sub = await services.js.subscribe(
         services.subjects.events(job_id),
@@ -251,15 +278,19 @@ async def job_events(services: Services, job_id: str) -> AsyncIterator[Event | N
                 # The job's record follows its events by a moment; end the stream only once the
                 # record agrees, so a client reading the result next sees the end too.
                 await services.wait_for_end(job_id, 10.0)
-                yield event
+                if event.seq > after:
+                    yield event
                 return
-            yield event
+            if event.seq > after:
+                yield event
     finally:
         await sub.unsubscribe()
 
 
-async def _event_stream(services: Services, job_id: str) -> AsyncIterator[ServerSentEventMessage]:
-    async for event in job_events(services, job_id):
+async def _event_stream(
+    services: Services, job_id: str, after: int
+) -> AsyncIterator[ServerSentEventMessage]:
+    async for event in job_events(services, job_id, after):
         if event is None:
             yield ServerSentEventMessage(comment="keep-alive")
         else:
@@ -270,11 +301,16 @@ async def _event_stream(services: Services, job_id: str) -> AsyncIterator[Server
 
 @websocket("/workflow/events/{job_id:str}/ws")
 async def job_events_ws(
-    socket: WebSocket[Any, Any, Any], job_id: FromPath[str], services: ServicesDep
+    socket: WebSocket[Any, Any, Any],
+    job_id: FromPath[str],
+    services: ServicesDep,
+    from_seq: FromQuery[str | None] = None,
 ) -> None:
-    """The same events as /workflow/events/{job_id}, one JSON text frame each."""
+    """The same events as /workflow/events/{job_id}, one JSON text frame each;
+    `?from_seq=N` starts at the event whose `seq` is N (a client that saw up to 7 asks for 8)."""
     await socket.accept()
     try:
+        after = max(0, _seq_after(from_seq) - 1)
         await services.record(known_job_id(job_id), caller_of(socket))
         slot = take_stream(socket)
     except ApiError as exc:
@@ -282,7 +318,7 @@ async def job_events_ws(
         await socket.close(code=4000 + exc.status, reason=exc.message[:120])
         return
     with slot:
-        async for event in job_events(services, job_id):
+        async for event in job_events(services, job_id, after):
             if event is not None:
                 await socket.send_text(encode(event).decode())
     await socket.close()
