@@ -9,13 +9,13 @@ import base64
 import json
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import msgspec
 
 from gateway.api.schemas import JobResult, ServerHealth
 from gateway.bus.contract import TERMINAL_STATUSES, ServerRecord
-from sdk.errors import FileUnusable, JobFailed, error_from
+from sdk.errors import FileUnusable, GatewayUnreachable, JobFailed, error_from
 
 Inputs = Mapping[str, "str | Path | bytes"]
 
@@ -154,6 +154,42 @@ class SSEParser:
 
 def is_last_event(event: Mapping[str, Any]) -> bool:
     return event.get("type") in {"succeeded", "failed", "cancelled"}
+
+
+# An event stream that breaks is resumed this many times in a row (after the last event seen,
+# with Last-Event-ID), waiting RESUME_DELAY_S * 2**n between tries; an event resets the count.
+RESUME_TRIES: Final = 5
+RESUME_DELAY_S: Final = 0.5
+
+
+class Resume:
+    """Where a broken event stream picks up: the last event's seq, and the tries left."""
+
+    def __init__(self) -> None:
+        self.last_seq = 0
+        self.failures = 0
+
+    def headers(self) -> dict[str, str]:
+        """The headers of the next connection: none on the first, Last-Event-ID after."""
+        return {"Last-Event-ID": str(self.last_seq)} if self.last_seq else {}
+
+    def saw(self, event: Mapping[str, Any]) -> bool:
+        """Note an event; whether it is new (one seen before a break is not given again)."""
+        seq = event.get("seq")
+        if not isinstance(seq, int) or seq <= self.last_seq:
+            return False
+        self.last_seq = seq
+        self.failures = 0
+        return True
+
+    def broke(self, job_id: str, why: str) -> float:
+        """Seconds to wait before resuming; GatewayUnreachable once the tries are spent."""
+        self.failures += 1
+        if self.failures > RESUME_TRIES:
+            raise GatewayUnreachable(
+                f"event stream of {job_id} broke {RESUME_TRIES + 1} times in a row: {why}"
+            )
+        return float(RESUME_DELAY_S * 2 ** (self.failures - 1))
 
 
 def output_path(directory: Path, key: str) -> Path:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -129,22 +130,30 @@ class AsyncComfyUISDK:
         return p.job_result(await self._call("POST", f"/workflow/cancel/{job_id}"))
 
     async def stream_events(self, job_id: str) -> AsyncIterator[dict[str, Any]]:
-        """Every event of the job, from the first, as it happens; ends with the job."""
-        parser = p.SSEParser()
-        try:
-            async with self._http.stream(
-                "GET", f"/workflow/events/{job_id}", timeout=None
-            ) as reply:
-                if reply.status_code >= 400:
-                    p.check(reply.status_code, await reply.aread())
-                async for line in reply.aiter_lines():
-                    event = parser.feed(line)
-                    if event is not None:
-                        yield event
-                        if p.is_last_event(event):
-                            return
-        except httpx.TransportError as exc:
-            raise GatewayUnreachable(f"event stream of {job_id} broke: {exc}") from exc
+        """Every event of the job, from the first, as it happens; ends with the job.
+
+        A stream that breaks is resumed after the last event seen (each event comes once);
+        GatewayUnreachable after several breaks in a row.
+        """
+        resume = p.Resume()
+        while True:
+            parser = p.SSEParser()
+            try:
+                async with self._http.stream(
+                    "GET", f"/workflow/events/{job_id}", headers=resume.headers(), timeout=None
+                ) as reply:
+                    if reply.status_code >= 400:
+                        p.check(reply.status_code, await reply.aread())
+                    async for line in reply.aiter_lines():
+                        event = parser.feed(line)
+                        if event is not None and resume.saw(event):
+                            yield event
+                            if p.is_last_event(event):
+                                return
+                why = "it ended before the job did"
+            except httpx.TransportError as exc:
+                why = str(exc) or type(exc).__name__
+            await asyncio.sleep(resume.broke(job_id, why))
 
     async def list_jobs(
         self, *, status: str | None = None, server: str | None = None, limit: int = 50

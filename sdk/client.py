@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -139,20 +140,30 @@ class ComfyUISDK:
         return p.job_result(self._call("POST", f"/workflow/cancel/{job_id}"))
 
     def stream_events(self, job_id: str) -> Iterator[dict[str, Any]]:
-        """Every event of the job, from the first, as it happens; ends with the job."""
-        parser = p.SSEParser()
-        try:
-            with self._http.stream("GET", f"/workflow/events/{job_id}", timeout=None) as reply:
-                if reply.status_code >= 400:
-                    p.check(reply.status_code, reply.read())
-                for line in reply.iter_lines():
-                    event = parser.feed(line)
-                    if event is not None:
-                        yield event
-                        if p.is_last_event(event):
-                            return
-        except httpx.TransportError as exc:
-            raise GatewayUnreachable(f"event stream of {job_id} broke: {exc}") from exc
+        """Every event of the job, from the first, as it happens; ends with the job.
+
+        A stream that breaks is resumed after the last event seen (each event comes once);
+        GatewayUnreachable after several breaks in a row.
+        """
+        resume = p.Resume()
+        while True:
+            parser = p.SSEParser()
+            try:
+                with self._http.stream(
+                    "GET", f"/workflow/events/{job_id}", headers=resume.headers(), timeout=None
+                ) as reply:
+                    if reply.status_code >= 400:
+                        p.check(reply.status_code, reply.read())
+                    for line in reply.iter_lines():
+                        event = parser.feed(line)
+                        if event is not None and resume.saw(event):
+                            yield event
+                            if p.is_last_event(event):
+                                return
+                why = "it ended before the job did"
+            except httpx.TransportError as exc:
+                why = str(exc) or type(exc).__name__
+            time.sleep(resume.broke(job_id, why))
 
     # -- logs and outputs ---------------------------------------------------------------------
 

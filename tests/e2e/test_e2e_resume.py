@@ -1,9 +1,11 @@
 """A job's event stream resumes where its client was cut off: SSE by `Last-Event-ID`, the
-event websocket by `from_seq`; every event is seen once, in order, and a client that saw
-the end gets nothing more."""
+event websocket by `from_seq`, and the SDK by itself when the network breaks under it; every
+event is seen once, in order, and a client that saw the end gets nothing more."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 from typing import Any
 
@@ -11,6 +13,7 @@ import httpx
 from websockets.asyncio.client import connect as ws_connect
 
 from plugins.simulator import SimulatorConfig
+from sdk import AsyncComfyUISDK, ComfyUISDK
 from tests.e2e.conftest import System, sse_events, tiny
 
 # Slow enough that the job usually still runs when the first client is cut off.
@@ -80,3 +83,100 @@ async def sse_events_with(
             if line.startswith("data:"):
                 events.append(json.loads(line[5:]))  # noqa: PERF401 - reads clearer
     return events
+
+
+class CuttingProxy:
+    """A loopback TCP proxy to the gateway that drops its first `cuts` connections once each
+    has carried two events: a network that breaks under a client, for real."""
+
+    def __init__(self, target: str, cuts: int) -> None:
+        host, port = target.removeprefix("http://").rsplit(":", 1)
+        self._target = (host, int(port))
+        self._cuts_left = cuts
+        self.cut = 0
+        self.url = ""
+        self._server: asyncio.Server | None = None
+        self._handlers: set[asyncio.Task[None]] = set()
+
+    async def __aenter__(self) -> CuttingProxy:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        port = self._server.sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        await self._server.wait_closed()
+        # Connections still open (a client's idle keep-alive) end with the proxy.
+        for handler in self._handlers:
+            handler.cancel()
+        await asyncio.gather(*self._handlers, return_exceptions=True)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        handler = asyncio.current_task()
+        assert handler is not None
+        self._handlers.add(handler)
+        try:
+            await self._forward(reader, writer)
+        finally:
+            self._handlers.discard(handler)
+
+    async def _forward(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection(*self._target)
+        except BaseException:
+            writer.close()
+            raise
+        cut = self._cuts_left > 0
+        self._cuts_left -= cut
+
+        async def upstream() -> None:
+            while data := await reader.read(65536):
+                up_writer.write(data)
+                await up_writer.drain()
+
+        async def downstream() -> None:
+            events = 0
+            while data := await up_reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+                events += data.count(b"data:")
+                if cut and events >= 2:
+                    self.cut += 1
+                    return
+
+        sending = asyncio.create_task(upstream())
+        try:
+            await downstream()
+        finally:
+            sending.cancel()
+            with contextlib.suppress(asyncio.CancelledError, ConnectionError):
+                await sending
+            for stream in (writer, up_writer):
+                stream.close()
+                with contextlib.suppress(ConnectionError, asyncio.CancelledError):
+                    await stream.wait_closed()
+
+
+async def test_the_sdk_resumes_a_broken_event_stream_by_itself(system: System) -> None:
+    await system.add_server("gpu1", SLOW)
+    async with httpx.AsyncClient(base_url=system.url, timeout=60) as client:
+        first = (await client.post("/workflow/submit", json={"workflow": tiny(5)})).json()
+        second = (await client.post("/workflow/submit", json={"workflow": tiny(6)})).json()
+        async with CuttingProxy(system.url, cuts=2) as proxy:
+            async with AsyncComfyUISDK(gateway_url=proxy.url, timeout=60) as sdk:
+                seen = [event async for event in sdk.stream_events(first["job_id"])]
+            assert proxy.cut == 2  # the stream really broke, twice
+        async with CuttingProxy(system.url, cuts=1) as proxy:
+            seen_sync = await asyncio.to_thread(_stream_sync, proxy.url, second["job_id"])
+            assert proxy.cut == 1
+        for job, events in ((first, seen), (second, seen_sync)):
+            whole = await sse_events(client, job["job_id"])
+            assert [e["seq"] for e in events] == [e["seq"] for e in whole]  # each once, in order
+            assert events[-1]["type"] == "succeeded"
+
+
+def _stream_sync(url: str, job_id: str) -> list[dict[str, Any]]:
+    with ComfyUISDK(gateway_url=url, timeout=60) as sdk:
+        return list(sdk.stream_events(job_id))
