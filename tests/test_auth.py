@@ -6,6 +6,7 @@ import asyncio
 import base64
 import logging
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -15,11 +16,11 @@ import websockets
 from websockets.asyncio.client import connect as ws_connect
 
 from gateway.api.auth import (
+    caller_secret,
     check_exposure,
     check_settings,
     hash_key,
     is_loopback,
-    key_digests,
     key_entries,
 )
 from gateway.settings import Settings, SettingsError, load_settings
@@ -142,7 +143,7 @@ def test_only_loopback_may_run_without_keys() -> None:
         with pytest.raises(SettingsError, match="api_keys"):
             check_exposure(Settings(host=host), [])
     keyed = Settings(host="0.0.0.0", api_keys=["plain:k"])
-    check_exposure(keyed, key_digests(keyed))
+    check_exposure(keyed, key_entries(keyed))
 
 
 def test_keys_are_stored_as_digests() -> None:
@@ -216,3 +217,15 @@ def _empty(tmp_path: Path) -> Path:
     empty = tmp_path / "empty.toml"
     empty.write_text("")
     return empty
+
+
+def test_gateways_starting_together_agree_on_the_caller_secret(tmp_path: Path) -> None:
+    settings = Settings(data_dir=str(tmp_path / "data"))
+    with ThreadPoolExecutor(8) as pool:
+        made = list(pool.map(lambda _: caller_secret(settings), range(8)))
+    assert len(set(made)) == 1 and len(made[0]) >= 32
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["caller-secret"]
+
+
+def key_digests(settings: Settings) -> list[bytes]:
+    return [entry.digest for entry in key_entries(settings)]

@@ -54,7 +54,6 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 PUBLIC_PATHS: Final = frozenset({"/health", "/metrics"})
 PUBLIC_PREFIX: Final = "/schema"
 # Where the guard leaves who the caller is (the connection's state), for handlers and limits.
-CLIENT_ID_STATE: Final = "comfyautomate_client_id"
 CALLER_STATE: Final = "comfyautomate_caller"
 
 
@@ -136,19 +135,15 @@ def _entry(raw: str | ApiKey, position: int) -> KeyEntry:
 def key_entries(settings: Settings) -> list[KeyEntry]:
     """The configured keys; a malformed entry, a repeated key or name is a SettingsError."""
     entries = [_entry(raw, position) for position, raw in enumerate(settings.api_keys, 1)]
-    digests = [entry.digest for entry in entries]
-    if len(set(digests)) != len(digests):
-        position = next(i for i, d in enumerate(digests, 1) if digests.index(d) != i - 1)
-        raise SettingsError(f"api_keys entry {position} repeats the key of an earlier entry")
+    seen: set[bytes] = set()
+    for position, entry in enumerate(entries, 1):
+        if entry.digest in seen:
+            raise SettingsError(f"api_keys entry {position} repeats the key of an earlier entry")
+        seen.add(entry.digest)
     names = [entry.name for entry in entries if entry.name is not None]
     if len(set(names)) != len(names):
         raise SettingsError("api_keys: two entries have the same name; names are caller ids")
     return entries
-
-
-def key_digests(settings: Settings) -> list[bytes]:
-    """The configured keys' digests (SettingsError for a malformed entry)."""
-    return [entry.digest for entry in key_entries(settings)]
 
 
 def caller_secret(settings: Settings) -> bytes:
@@ -168,16 +163,25 @@ def caller_secret(settings: Settings) -> bytes:
 
 def _read_or_make_secret(path: Path) -> bytes:
     path.parent.mkdir(parents=True, exist_ok=True)
+    made = secrets.token_hex(32).encode()
+    # Written whole under a name of its own, then linked into place: a gateway starting beside
+    # this one, or after a crash here, finds the full secret or none, never a part of it.
+    draft = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+    fd = os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as out:
+        out.write(made)
+        out.flush()
+        os.fsync(out.fileno())
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        os.link(draft, path)
     except FileExistsError:
         secret = path.read_bytes().strip()
         if len(secret) < 32:
             raise OSError("the file holds fewer than 32 characters") from None
         return secret
-    with os.fdopen(fd, "wb") as out:
-        out.write(secrets.token_hex(32).encode())
-    return path.read_bytes().strip()
+    finally:
+        draft.unlink()
+    return made
 
 
 def is_loopback(host: str) -> bool:
@@ -192,9 +196,9 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def check_exposure(settings: Settings, digests: list[bytes] | list[KeyEntry]) -> None:
+def check_exposure(settings: Settings, keys: list[KeyEntry]) -> None:
     """Refuse to serve an open API beyond loopback."""
-    if not digests and not is_loopback(settings.host):
+    if not keys and not is_loopback(settings.host):
         raise SettingsError(
             f"the gateway would listen on {settings.host!r}, beyond loopback, with no API key: "
             "set api_keys (COMFYAUTOMATE_API_KEYS) or listen on 127.0.0.1"
@@ -260,7 +264,7 @@ class ApiKeyGuard:
         self, connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler
     ) -> None:
         if not self._entries:
-            # No key names the client: limits fall back to its address (see limits.client_id).
+            # No key names the client: limits go by its address (see limits.client_id).
             connection.state[CALLER_STATE] = OPEN
             return
         if _is_public(connection):
@@ -282,12 +286,7 @@ class ApiKeyGuard:
             client = connection.client.host if connection.client else "?"
             log.warning("refused an unknown API key from %s", client)
             raise PermissionDeniedException("the API key is not valid")
-        _settle(connection, self._callers[matches.index(True)])
-
-
-def _settle(connection: ASGIConnection[Any, Any, Any, Any], caller: Caller) -> None:
-    connection.state[CALLER_STATE] = caller
-    connection.state[CLIENT_ID_STATE] = caller.id
+        connection.state[CALLER_STATE] = self._callers[matches.index(True)]
 
 
 def caller_of(connection: ASGIConnection[Any, Any, Any, Any]) -> Caller:

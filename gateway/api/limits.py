@@ -18,7 +18,7 @@ from litestar.connection import ASGIConnection
 from litestar.exceptions import HTTPException
 from litestar.handlers import BaseRouteHandler
 
-from gateway.api.auth import CLIENT_ID_STATE
+from gateway.api.auth import OPEN, caller_of
 from gateway.api.errors import ApiError
 from gateway.settings import Settings, SettingsError
 
@@ -215,9 +215,9 @@ def limits_of(app: Litestar) -> Limits:
 
 def client_id(connection: ASGIConnection[Any, Any, Any, Any]) -> str:
     """Who a limit applies to: the API key the guard accepted, else the client's address."""
-    accepted = connection.state.get(CLIENT_ID_STATE)
-    if isinstance(accepted, str):
-        return accepted
+    caller = caller_of(connection)
+    if caller.id and caller is not OPEN:
+        return caller.id
     return "addr:" + (connection.client.host if connection.client else "?")
 
 

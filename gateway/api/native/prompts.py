@@ -44,7 +44,7 @@ class Entry:
     run_started: float | None = None
     """When the socket hub relayed this run's start: the record says so a moment later."""
     logged: bool = False
-    """Whether the job's log is known to hold its end (see NativeService.logged)."""
+    """Whether the job's log has been waited for, to hold its end (NativeService.logged)."""
 
     @property
     def prompt_id(self) -> str:

@@ -95,7 +95,10 @@ class NativeService:
 
         async def one(entry: Entry) -> None:
             assert entry.record is not None
-            entry.logged = await self._services.wait_logged(entry.record)
+            await self._services.wait_logged(entry.record)
+            # Once per prompt, whatever the answer: with no log sink, or one far behind, a
+            # client polling /history would otherwise wait again, entry by entry, every poll.
+            entry.logged = True
 
         await asyncio.gather(*(one(entry) for entry in waiting))
 

@@ -81,8 +81,9 @@ def check_subfolder(subfolder: str) -> str:
 
 
 def caller_folder(caller: str) -> str:
-    """The folder under `uploads/` that holds a caller's uploads."""
-    return caller.replace(":", "-")
+    """The folder under `uploads/` that holds a caller's uploads: its id, which is a safe path
+    segment (names, `key-<hex>`, `anonymous`: see gateway/api/auth.py)."""
+    return caller
 
 
 def upload_key(caller: str, folder: str, subfolder: str, name: str) -> str:
