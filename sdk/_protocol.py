@@ -157,7 +157,10 @@ def is_last_event(event: Mapping[str, Any]) -> bool:
 
 
 # An event stream that breaks is resumed this many times in a row (after the last event seen,
-# with Last-Event-ID), waiting RESUME_DELAY_S * 2**n between tries; an event resets the count.
+# with Last-Event-ID), waiting RESUME_DELAY_S * 2**n between tries; a line heard resets the
+# count. A busy or restarting gateway (502, 503, 504) is a break too: its stream slot of the
+# broken connection may be held a moment longer.
+RESUMABLE_STATUS: Final = frozenset({502, 503, 504})
 RESUME_TRIES: Final = 5
 RESUME_DELAY_S: Final = 0.5
 
@@ -173,13 +176,16 @@ class Resume:
         """The headers of the next connection: none on the first, Last-Event-ID after."""
         return {"Last-Event-ID": str(self.last_seq)} if self.last_seq else {}
 
+    def heard(self) -> None:
+        """A line came on the stream (a keep-alive too): the gateway answers, breaks start over."""
+        self.failures = 0
+
     def saw(self, event: Mapping[str, Any]) -> bool:
         """Note an event; whether it is new (one seen before a break is not given again)."""
         seq = event.get("seq")
         if not isinstance(seq, int) or seq <= self.last_seq:
             return False
         self.last_seq = seq
-        self.failures = 0
         return True
 
     def broke(self, job_id: str, why: str) -> float:

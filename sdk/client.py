@@ -152,9 +152,12 @@ class ComfyUISDK:
                 with self._http.stream(
                     "GET", f"/workflow/events/{job_id}", headers=resume.headers(), timeout=None
                 ) as reply:
+                    if reply.status_code in p.RESUMABLE_STATUS:
+                        raise httpx.TransportError(f"the gateway answered {reply.status_code}")
                     if reply.status_code >= 400:
                         p.check(reply.status_code, reply.read())
                     for line in reply.iter_lines():
+                        resume.heard()
                         event = parser.feed(line)
                         if event is not None and resume.saw(event):
                             yield event

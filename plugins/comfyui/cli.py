@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import math
 from typing import Any
 
 from gateway.bus.connection import session
@@ -86,12 +85,15 @@ def parse_labels(items: list[str]) -> dict[str, str]:
     return labels
 
 
+_FLAGS = {
+    "grace_s": "--grace",
+    "ack_wait_s": "--ack-wait",
+    "default_timeout_s": "--job-timeout",
+    "start_wait_s": "--start-wait",
+}
+
+
 def _options(args: argparse.Namespace) -> AdapterOptions:
-    for flag in ("grace", "ack_wait", "job_timeout", "start_wait"):
-        value = getattr(args, flag)
-        # A NaN or a time of 0 or less would end every job at once, or never.
-        if value is not None and not (math.isfinite(value) and value > 0):
-            raise SettingsError(f"--{flag.replace('_', '-')} must be seconds over 0, not {value}")
     changes: dict[str, Any] = {}
     if args.grace is not None:
         changes["grace_s"] = args.grace
@@ -103,7 +105,12 @@ def _options(args: argparse.Namespace) -> AdapterOptions:
         changes["start_wait_s"] = args.start_wait
     if args.comfyui_input_dir is not None:
         changes["comfyui_input_dir"] = args.comfyui_input_dir
-    return AdapterOptions(**changes)
+    try:
+        return AdapterOptions(**changes)
+    except SettingsError as exc:
+        # Named as the flag that set it, which is what the user typed.
+        name = str(exc).split(" ", 1)[0]
+        raise SettingsError(str(exc).replace(name, _FLAGS.get(name, name), 1)) from None
 
 
 def main(args: argparse.Namespace) -> int:

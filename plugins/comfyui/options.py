@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
+
 import msgspec
 
-from gateway.settings import Settings
+from gateway.settings import Settings, SettingsError
 
 
 class AdapterOptions(msgspec.Struct, frozen=True, kw_only=True):
@@ -37,6 +39,16 @@ class AdapterOptions(msgspec.Struct, frozen=True, kw_only=True):
     comfyui_input_dir: str | None = None
     """ComfyUI's input folder as this adapter sees it (the same machine, a shared disk): a job's
     input files are then deleted when it ends, not only emptied (see inputfiles.py)."""
+
+    def __post_init__(self) -> None:
+        # A time of 0 or less, or NaN, would end every job at once, or never.
+        for name in _TIMES:
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise SettingsError(f"{name} must be seconds over 0, not {value}")
+
+
+_TIMES = ("grace_s", "ack_wait_s", "default_timeout_s", "start_wait_s")
 
 
 def with_settings(options: AdapterOptions, settings: Settings) -> AdapterOptions:

@@ -38,9 +38,9 @@ def _last_message(entry: dict[str, Any]) -> tuple[str, dict[str, Any]]:
 
 
 async def test_a_long_sampler_is_interrupted_at_the_timeout(bus: Bus, make_sim, start_adapter):
-    # Steps that take no time of their own: the fake must still answer /interrupt meanwhile,
-    # as ComfyUI does while its worker thread samples.
-    async with make_sim() as sim:
+    # 10,000 steps of 10 ms: the sampler outlasts the timeout however fast the machine is, and
+    # the fake must answer /interrupt meanwhile, as ComfyUI does while its worker samples.
+    async with make_sim(step_seconds=0.01) as sim:
         await start_adapter(sim.address)
         job = await bus.dispatch(_long_sampler(), timeout_s=0.5)
         end = await bus.wait_event(job.job_id)

@@ -143,7 +143,9 @@ class CuttingProxy:
                 await writer.drain()
                 events += data.count(b"data:")
                 if cut and events >= 2:
-                    self.cut += 1
+                    # A cut counts only if the end is still to come: a client that got it all
+                    # has nothing to resume.
+                    self.cut += b"event: succeeded" not in data
                     return
 
         sending = asyncio.create_task(upstream())

@@ -11,10 +11,14 @@ from typing import Any
 import httpx
 
 from gateway.bus.contract import prompt_id_for
-from plugins.simulator import Simulator
+from plugins.simulator import Simulator, SimulatorConfig
 from tests.e2e.conftest import System
 
 WORKFLOWS = Path(__file__).resolve().parents[2] / "workflows"
+
+
+# 10 ms a step: 10,000 steps outlast the timeout however fast the machine is.
+LONG = SimulatorConfig(step_seconds=0.01)
 
 
 def _long_sampler(seed: int) -> dict[str, Any]:
@@ -37,7 +41,7 @@ def _assert_timed_out(result: dict[str, Any], sim: Simulator) -> None:
 async def test_a_submitted_job_past_its_timeout_fails_and_its_prompt_is_interrupted(
     system: System,
 ) -> None:
-    sim = await system.add_server("gpu1")
+    sim = await system.add_server("gpu1", LONG)
     body = {"workflow": _long_sampler(98765), "job_id": "to-3", "timeout": 1}
     async with httpx.AsyncClient(base_url=system.url, timeout=60) as client:
         reply = await client.post("/workflow/submit", json=body)
@@ -52,7 +56,7 @@ async def test_a_submitted_job_past_its_timeout_fails_and_its_prompt_is_interrup
 async def test_an_executed_job_past_its_timeout_fails_too(system: System) -> None:
     # `execute` waits `timeout` seconds from the request, while the job's own time runs on
     # its server: the answer may come just before the job's end (202).
-    sim = await system.add_server("gpu1")
+    sim = await system.add_server("gpu1", LONG)
     body = {"workflow": _long_sampler(4321), "timeout": 1}
     async with httpx.AsyncClient(base_url=system.url, timeout=60) as client:
         reply = await client.post("/workflow/execute", json=body)

@@ -116,6 +116,7 @@ BAD_SUBFOLDERS = {
     "a//b": "'//'",
     ".hidden": "'.'",
     "s" * 300: "too long (max 255",
+    "Comfyautomate-Jobs/x": "jobs' own input files",
 }
 
 

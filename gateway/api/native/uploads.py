@@ -17,6 +17,7 @@ from pathlib import PurePosixPath
 from typing import Any, Final
 
 from gateway.bus.contract import JobInput
+from gateway.comfyui.jobfiles import JOB_FILES, names_job_files
 from gateway.storage import (
     MAX_SEGMENT_BYTES,
     InvalidKey,
@@ -77,6 +78,9 @@ def check_subfolder(subfolder: str) -> str:
             raise BadUpload(f"subfolder {subfolder!r} may not hold '..', '.' or '//'")
         if segment.startswith("."):
             raise BadUpload(f"subfolder {subfolder!r}: folder names may not start with '.'")
+    if names_job_files(sub):
+        # A prompt naming such a file is refused at submit (jobfiles.py): refuse it here first.
+        raise BadUpload(f"subfolder {subfolder!r}: {JOB_FILES}/ holds jobs' own input files")
     return sub
 
 
