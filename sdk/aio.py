@@ -169,10 +169,14 @@ class AsyncComfyUISDK:
     async def get_logs(self, job_id: str) -> dict[str, Any]:
         return p.json_object(await self._call("GET", f"/workflow/logs/{job_id}"))
 
-    async def query_logs(self, sql: str, max_rows: int | None = None) -> dict[str, Any]:
+    async def query_logs(
+        self, sql: str, max_rows: int | None = None, timeout_s: float | None = None
+    ) -> dict[str, Any]:
         body: dict[str, Any] = {"sql": sql}
         if max_rows is not None:
             body["max_rows"] = max_rows
+        if timeout_s is not None:
+            body["timeout_s"] = timeout_s
         return p.json_object(await self._call("POST", "/logs/query", json=body))
 
     async def download_outputs(self, result: JobResult, directory: str | Path) -> list[Path]:

@@ -182,11 +182,15 @@ class ComfyUISDK:
         """The job's log: `entries` (every event), `entry_count`, `log_file_path`."""
         return p.json_object(self._call("GET", f"/workflow/logs/{job_id}"))
 
-    def query_logs(self, sql: str, max_rows: int | None = None) -> dict[str, Any]:
+    def query_logs(
+        self, sql: str, max_rows: int | None = None, timeout_s: float | None = None
+    ) -> dict[str, Any]:
         """Run a SELECT on the log index: `columns`, `rows`, `truncated`."""
         body: dict[str, Any] = {"sql": sql}
         if max_rows is not None:
             body["max_rows"] = max_rows
+        if timeout_s is not None:
+            body["timeout_s"] = timeout_s
         return p.json_object(self._call("POST", "/logs/query", json=body))
 
     def download_outputs(self, result: JobResult, directory: str | Path) -> list[Path]:

@@ -101,8 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     from plugins.simulator import cli as simulator_cli
 
     adapter_cli.add_parser(commands)
-    logsink_cli.add_parsers(commands)
+    logs = logsink_cli.add_parsers(commands)
     clientcli.add_parsers(commands)
+    clientcli.add_log_parsers(logs)
 
     simulator_cli.add_parser(commands)
     commands.choices["simulate"].set_defaults(handler=simulator_cli.run)

@@ -1,21 +1,38 @@
-"""Client commands of the CLI: submit, servers, jobs. They talk to a gateway through the SDK."""
+"""Client commands of the CLI: submit, servers, jobs, logs show|sql. They talk to a gateway
+through the SDK, never to NATS, so a client needs no bus access.
+
+Every command takes `--json` (one JSON document on stdout; JSON lines for a stream). Exit codes:
+0 done; 1 the gateway refused, or the job did not succeed; 2 a bad command line or input file;
+3 no gateway at that address. Errors are one line on stderr.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
-from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
-from rich.table import Table
+import msgspec
+from rich.markup import escape
 
+from gateway.app import render
+from gateway.app.follow import follow
+from gateway.logsink import paths
 from sdk import ComfyAutomateError, ComfyUISDK, JobResult
+from sdk.errors import ApiError, FileUnusable, GatewayUnreachable
 
 GATEWAY_ENV = "COMFYAUTOMATE_GATEWAY_URL"
-_err = Console(stderr=True)
+
+EXIT_REFUSED = 1
+EXIT_USAGE = 2
+EXIT_UNREACHABLE = 3
+
+
+class UsageError(Exception):
+    """A command line that cannot be carried out (exit code 2)."""
 
 
 def _gateway_options() -> argparse.ArgumentParser:
@@ -27,6 +44,7 @@ def _gateway_options() -> argparse.ArgumentParser:
         help=f"gateway URL (default ${GATEWAY_ENV} or http://127.0.0.1:8000)",
     )
     parser.add_argument("--api-key", default=os.environ.get("COMFYAUTOMATE_API_KEY"))
+    parser.add_argument("--json", action="store_true", help="print JSON (lines, for a stream)")
     return parser
 
 
@@ -37,7 +55,8 @@ def add_parsers(commands: Any) -> None:
         "submit",
         parents=[common],
         help="submit a workflow (API format JSON); --wait shows live progress",
-        description="Submit a workflow. Without --wait, prints the job id and returns.",
+        description="Submit a workflow. Without --wait, prints the job id and returns. "
+        "With --wait --json: each event as a JSON line, then the result as the last line.",
     )
     submit.add_argument("workflow", type=Path, help="workflow file in ComfyUI's API format")
     submit.add_argument("--wait", action="store_true", help="follow progress until the end")
@@ -54,7 +73,7 @@ def add_parsers(commands: Any) -> None:
     submit.add_argument("--server", help="run on this server only")
     submit.add_argument("--priority", type=int, default=0)
     submit.add_argument("--out", type=Path, help="with --wait: download the outputs here")
-    submit.set_defaults(handler=_submit)
+    submit.set_defaults(handler=_guarded(_submit))
 
     servers = commands.add_parser("servers", help="list, add or remove ComfyUI servers")
     verbs = servers.add_subparsers(dest="verb", required=True, metavar="VERB")
@@ -67,7 +86,7 @@ def add_parsers(commands: Any) -> None:
     add.add_argument("--label", action="append", default=[], metavar="KEY=VALUE")
     remove = verbs.add_parser("remove", parents=[common], help="unregister a server")
     remove.add_argument("server_id")
-    servers.set_defaults(handler=_servers)
+    servers.set_defaults(handler=_guarded(_servers))
 
     jobs = commands.add_parser("jobs", help="list, show or cancel jobs")
     verbs = jobs.add_subparsers(dest="verb", required=True, metavar="VERB")
@@ -79,7 +98,65 @@ def add_parsers(commands: Any) -> None:
     show.add_argument("job_id")
     cancel = verbs.add_parser("cancel", parents=[common], help="cancel a job")
     cancel.add_argument("job_id")
-    jobs.set_defaults(handler=_jobs)
+    jobs.set_defaults(handler=_guarded(_jobs))
+
+
+def add_log_parsers(logs: Any) -> None:
+    """Add `show` and `sql` to `comfyautomate logs`: both ask the gateway."""
+    common = _gateway_options()
+    show = logs.add_parser(
+        "show",
+        parents=[common],
+        help="a job's timeline",
+        description="A job's events from its log. With --data-dir, the job's JSONL file there "
+        "is read when the gateway has no log sink to ask.",
+    )
+    show.add_argument("job_id", metavar="JOB_ID")
+    show.add_argument("--all", action="store_true", help="every progress event, not the last")
+    show.add_argument("--data-dir", type=Path, help="read the log file here if no sink answers")
+    show.set_defaults(handler=_guarded(_logs_show))
+    sql = logs.add_parser(
+        "sql",
+        parents=[common],
+        help="run a SELECT on the log index",
+        description="Tables: events, jobs. Views: node_runs, slowest_nodes, failure_rates, "
+        "daily_timing.",
+    )
+    sql.add_argument("sql", metavar="SQL", help='e.g. "SELECT * FROM jobs LIMIT 10"')
+    sql.add_argument("--max-rows", type=int, default=1000, help="row cap (default 1000)")
+    sql.add_argument("--timeout", type=float, default=30.0, help="seconds, at most 60 (default 30)")
+    sql.set_defaults(handler=_guarded(_logs_sql))
+
+
+def _guarded(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Run a command; a user's error becomes one line on stderr and an exit code."""
+
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return handler(args)
+        except (UsageError, FileUnusable) as exc:
+            return _fail(args, EXIT_USAGE, "usage", str(exc))
+        except GatewayUnreachable as exc:
+            return _fail(args, EXIT_UNREACHABLE, "gateway_unreachable", str(exc))
+        except ApiError as exc:
+            return _fail(args, EXIT_REFUSED, exc.code, exc.message)
+        except ComfyAutomateError as exc:
+            return _fail(args, EXIT_REFUSED, "error", str(exc))
+
+    return run
+
+
+def _fail(args: argparse.Namespace, code: int, kind: str, message: str) -> int:
+    if getattr(args, "json", False):
+        render.emit_json({"error": {"code": kind, "message": message}})
+    render.err().print(
+        f"[red]comfyautomate: {escape(kind)}:[/red] {escape(message)}", soft_wrap=True
+    )
+    return code
+
+
+def _sdk(args: argparse.Namespace) -> ComfyUISDK:
+    return ComfyUISDK(args.gateway, api_key=args.api_key)
 
 
 def _value(text: str) -> Any:
@@ -94,7 +171,7 @@ def _pairs(items: list[str], what: str) -> dict[str, str]:
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise SystemExit(f"comfyautomate: {what} {item!r} must look like KEY=VALUE")
+            raise UsageError(f"{what} {item!r} must look like KEY=VALUE")
         pairs[key] = value
     return pairs
 
@@ -108,119 +185,153 @@ def _submit(args: argparse.Namespace) -> int:
         "server": args.server,
         "priority": args.priority,
     }
-    with ComfyUISDK(args.gateway, api_key=args.api_key) as sdk:
-        try:
-            job_id = sdk.submit_workflow(args.workflow, **options)
-            if not args.wait:
+    with _sdk(args) as sdk:
+        job_id = sdk.submit_workflow(args.workflow, **options)
+        if not args.wait:
+            if args.json:
+                render.emit_json({"job_id": job_id})
+            else:
                 print(job_id)
-                return 0
-            _follow(sdk, job_id)
-            result = sdk.get_result(job_id)
-            _print_result(result)
-            if result.status == "succeeded" and args.out is not None:
-                for path in sdk.download_outputs(result, args.out):
-                    print(path)
-        except ComfyAutomateError as exc:
-            _err.print(f"[red]error:[/red] {exc}")
-            return 1
-    return 0 if result.status == "succeeded" else 1
-
-
-def _follow(sdk: ComfyUISDK, job_id: str) -> None:
-    """A live bar per node, from the job's events."""
-    columns = (
-        TextColumn("{task.description}"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total}"),
-        TimeElapsedColumn(),
-    )
-    with Progress(*columns, console=_err, transient=False) as progress:
-        status = progress.add_task(f"job {job_id[:8]}: queued", total=None)
-        nodes: dict[str, TaskID] = {}
-        for event in sdk.stream_events(job_id):
-            kind, data = event["type"], event.get("data", {})
-            if kind in {"dispatched", "running", "succeeded", "failed", "cancelled", "retried"}:
-                where = f" on {event.get('server_id')}" if event.get("server_id") else ""
-                progress.update(status, description=f"job {job_id[:8]}: {kind}{where}")
-            if kind == "node_started":
-                label = f"  node {data['node_id']} {data.get('class_type') or ''}"
-                nodes[data["node_id"]] = progress.add_task(label, total=1)
-            elif kind == "node_progress" and data["node_id"] in nodes:
-                progress.update(nodes[data["node_id"]], completed=data["value"], total=data["max"])
-            elif kind in {"node_output", "node_cached"}:
-                for node_id in data.get("node_ids", [data.get("node_id")]):
-                    if node_id in nodes:
-                        task = progress.tasks[nodes[node_id]]
-                        progress.update(nodes[node_id], completed=task.total or 1)
-        progress.update(status, total=1, completed=1)
+            return 0
+        follow(sdk, job_id, server=args.server, as_json=args.json)
+        # The record follows the log's end by a moment: wait for it rather than read it.
+        result = sdk.wait(job_id)
+        saved = []
+        if result.status == "succeeded" and args.out is not None:
+            saved = [str(path) for path in sdk.download_outputs(result, args.out)]
+    if args.json:
+        render.emit_json({**msgspec.to_builtins(result), "downloaded": saved})
+    else:
+        _print_result(result)
+        for path in saved:
+            print(path)
+    return 0 if result.status == "succeeded" else EXIT_REFUSED
 
 
 def _print_result(result: JobResult) -> None:
-    colour = "green" if result.status == "succeeded" else "red"
-    _err.print(f"[{colour}]{result.status}[/{colour}] job {result.job_id} on {result.server_id}")
+    console = render.err()
+    where = f" on {escape(result.server_id)}" if result.server_id else ""
+    console.print(f"{render.styled(result.status)} job {escape(result.job_id)}{where}")
     if result.error is not None:
-        where = f" (node {result.error.node_id})" if result.error.node_id else ""
-        _err.print(f"[red]{result.error.code}{where}: {result.error.message}[/red]")
+        node = f" (node {escape(result.error.node_id)})" if result.error.node_id else ""
+        console.print(
+            f"[red]{escape(result.error.code)}{node}: {escape(result.error.message)}",
+            soft_wrap=True,
+        )
     for url in result.images:
         print(url)
-    _err.print(f"log: {result.log_file_path}")
+    console.print(f"log: {escape(result.log_file_path)}", soft_wrap=True)
 
 
 def _servers(args: argparse.Namespace) -> int:
-    with ComfyUISDK(args.gateway, api_key=args.api_key) as sdk:
-        try:
-            if args.verb == "add":
-                record = sdk.register_server(
-                    args.name,
-                    args.address,
-                    capacity=args.capacity,
-                    weight=args.weight,
-                    labels=_pairs(args.label, "--label"),
-                )
-                print(record.server_id)
-            elif args.verb == "remove":
-                sdk.remove_server(args.server_id)
+    with _sdk(args) as sdk:
+        if args.verb == "add":
+            record = sdk.register_server(
+                args.name,
+                args.address,
+                capacity=args.capacity,
+                weight=args.weight,
+                labels=_pairs(args.label, "--label"),
+            )
+            if args.json:
+                render.emit_json(record)
             else:
-                table = Table("server", "address", "status", "running", "pending", "capacity")
-                for s in sdk.list_servers():
-                    table.add_row(
+                print(record.server_id)
+        elif args.verb == "remove":
+            sdk.remove_server(args.server_id)
+            if args.json:
+                render.emit_json({"removed": args.server_id})
+        else:
+            servers = sdk.list_servers()
+            if args.json:
+                render.emit_json(servers)
+                return 0
+            render.table(
+                ("server", "address", "status", "running", "pending", "capacity", "why"),
+                (
+                    (
                         s.server_id,
                         s.address or "(admins only)",
                         s.status,
-                        str(s.queue_running),
-                        str(s.queue_pending),
-                        str(s.capacity),
+                        s.queue_running,
+                        s.queue_pending,
+                        s.capacity,
+                        s.reason if s.status != "healthy" else "",
                     )
-                Console().print(table)
-        except ComfyAutomateError as exc:
-            _err.print(f"[red]error:[/red] {exc}")
-            return 1
+                    for s in servers
+                ),
+                wrap=[6],
+            )
     return 0
 
 
 def _jobs(args: argparse.Namespace) -> int:
-    with ComfyUISDK(args.gateway, api_key=args.api_key) as sdk:
-        try:
-            if args.verb == "show":
-                _print_result(sdk.get_status(args.job_id))
-            elif args.verb == "cancel":
-                _print_result(sdk.cancel(args.job_id))
+    with _sdk(args) as sdk:
+        if args.verb in {"show", "cancel"}:
+            result = sdk.get_status(args.job_id) if args.verb == "show" else sdk.cancel(args.job_id)
+            if args.json:
+                render.emit_json(result)
             else:
-                params = {"limit": args.limit, "status": args.status, "server": args.server}
-                jobs = sdk.list_jobs(**params)
-                table = Table("job", "status", "server", "submitted", "run s", "error")
-                for job in jobs:
-                    run = job.get("duration_s")
-                    table.add_row(
-                        job["job_id"],
-                        job["status"],
-                        job.get("server_id") or "",
-                        str(job.get("submitted_at") or ""),
-                        f"{run:.2f}" if isinstance(run, float) else "",
-                        job.get("error_message") or "",
-                    )
-                Console().print(table)
-        except ComfyAutomateError as exc:
-            _err.print(f"[red]error:[/red] {exc}")
-            return 1
+                _print_result(result)
+            return 0
+        jobs = sdk.list_jobs(limit=args.limit, status=args.status, server=args.server)
+    if args.json:
+        render.emit_json(jobs)
+        return 0
+    render.table(
+        ("job", "status", "server", "submitted", "run s", "error"),
+        (
+            (
+                job["job_id"],
+                job["status"],
+                job.get("server_id"),
+                job.get("submitted_at"),
+                job.get("duration_s"),
+                job.get("error_message"),
+            )
+            for job in jobs
+        ),
+        wrap=[5],
+    )
+    return 0
+
+
+def _logs_show(args: argparse.Namespace) -> int:
+    try:
+        with _sdk(args) as sdk:
+            log = sdk.get_logs(args.job_id)
+        path, entries = str(log.get("log_file_path") or ""), list(log.get("entries") or [])
+    except (ApiError, GatewayUnreachable) as exc:
+        unanswered = isinstance(exc, GatewayUnreachable) or exc.code == "no_log_sink"
+        local = paths.find_log_file(args.data_dir, args.job_id) if args.data_dir else None
+        if not unanswered or local is None:
+            raise
+        render.err().print(f"[dim]{escape(str(exc))}; reading {escape(str(local))}[/dim]")
+        path = str(local)
+        entries = [json.loads(line) for line in local.read_bytes().splitlines() if line.strip()]
+        entries.sort(key=lambda entry: int(entry.get("seq", 0)))
+    if args.json:
+        render.emit_json({"job_id": args.job_id, "log_file_path": path, "entries": entries})
+    else:
+        render.timeline(args.job_id, path, entries, show_all=args.all)
+    return 0
+
+
+def _logs_sql(args: argparse.Namespace) -> int:
+    with _sdk(args) as sdk:
+        result = sdk.query_logs(args.sql, max_rows=args.max_rows, timeout_s=args.timeout)
+    if args.json:
+        render.emit_json(result)
+        return 0
+    columns = result.get("columns") or []
+    rows = result.get("rows") or []
+    render.table(
+        [str(column["name"]) for column in columns],
+        rows,
+        wrap=[i for i in range(len(columns)) if any(len(render.cell(row[i])) > 60 for row in rows)],
+    )
+    note = f"{len(result.get('rows') or [])} rows in {float(result.get('elapsed_ms') or 0):.1f} ms"
+    if result.get("truncated"):
+        note += " (truncated: raise --max-rows or add LIMIT)"
+    render.err().print(f"[dim]{note}[/dim]")
     return 0

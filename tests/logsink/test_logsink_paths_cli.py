@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 from pathlib import Path
 
+import msgspec
 import pytest
 from nats.aio.client import Client
 
+from gateway.app import render
 from gateway.bus.contract import Subjects
 from gateway.bus.events import EventPublisher
 from gateway.bus.natsserver import NatsServer
@@ -50,7 +51,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-async def test_cli_show_sql_and_rebuild(
+async def test_cli_rebuild_waits_for_the_sink_to_stop(
     nats_server: NatsServer,
     nc: Client,
     subjects: Subjects,
@@ -66,20 +67,6 @@ async def test_cli_show_sql_and_rebuild(
         await sink.wait_caught_up()
     common = ["--nats-url", nats_server.url, "--data-dir", str(data_dir)]
 
-    show = _parse(["logs", "show", "cli-job", *common])
-    assert await asyncio.to_thread(show.handler, show) == 0
-    out = capsys.readouterr().out
-    assert "job cli-job" in out and "CUDA out of memory" in out and "OutOfMemoryError" in out
-    assert f"{len(events)} events" in out
-
-    sql = _parse(["logs", "sql", "SELECT job_id, status FROM jobs", "--json", *common])
-    assert await asyncio.to_thread(sql.handler, sql) == 0
-    assert json.loads(capsys.readouterr().out)["rows"] == [["cli-job", "failed"]]
-
-    refused = _parse(["logs", "sql", "DROP TABLE jobs", *common])
-    assert await asyncio.to_thread(refused.handler, refused) == 1
-    assert "not_select" in capsys.readouterr().err
-
     # With the sink running, a rebuild is refused; once stopped, it works.
     rebuild = _parse(["logs", "rebuild", *common])
     assert await asyncio.to_thread(rebuild.handler, rebuild) == 1
@@ -87,6 +74,13 @@ async def test_cli_show_sql_and_rebuild(
     assert await asyncio.to_thread(rebuild.handler, rebuild) == 0
     assert f"{len(events)} events from 1 files" in capsys.readouterr().out
 
-    # No sink: `logs show` reads the file itself.
-    assert await asyncio.to_thread(show.handler, show) == 0
-    assert "CUDA out of memory" in capsys.readouterr().out
+
+async def test_a_failed_jobs_timeline_shows_its_traceback(
+    publisher: EventPublisher, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COLUMNS", "200")
+    events = await run_job(publisher, "cli-failed", submitted_at=T0, fail=True)
+    render.timeline("cli-failed", "the/log.jsonl", [msgspec.to_builtins(e) for e in events])
+    out = capsys.readouterr().out
+    assert "job cli-failed" in out and "CUDA out of memory" in out and "OutOfMemoryError" in out
+    assert f"{len(events)} events" in out

@@ -1,0 +1,132 @@
+"""Every client command with --json, its exit codes, and what people see, against the running
+system. The commands run in this process (as `comfyautomate` would run them) to keep it quick;
+tests/e2e/test_e2e_cli.py runs the real executable."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.app.cli import build_parser
+from plugins.simulator import SimulatorConfig, run_simulator
+from tests.e2e.conftest import System, tiny
+
+
+async def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    args = build_parser().parse_args(list(argv))
+    code: int = await asyncio.to_thread(args.handler, args)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def _lines(out: str) -> list[Any]:
+    return [json.loads(line) for line in out.splitlines()]
+
+
+async def test_every_client_command_answers_json_and_its_exit_code(
+    system: System, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    await system.add_server("gpu1")
+    at = ("--gateway", system.url, "--json")
+    workflow = tmp_path / "w.json"
+    workflow.write_text(json.dumps(tiny(41)))
+
+    async with run_simulator(SimulatorConfig(base_dir=str(tmp_path / "sim"))) as other:
+        code, out, _ = await _run(capsys, "servers", "add", "gpu1b", other.address, *at)
+    assert code == 0 and _lines(out)[0]["server_id"].startswith("gpu1b")
+    code, out, _ = await _run(capsys, "servers", "list", *at)
+    added = next(s["server_id"] for s in _lines(out)[0] if s["server_id"] != "gpu1")
+    assert code == 0 and len(_lines(out)[0]) == 2
+    # A job pinned to that server, whose ComfyUI is gone, waits: until it is cancelled.
+    code, out, _ = await _run(capsys, "submit", str(workflow), "--server", added, *at)
+    assert code == 0 and set(_lines(out)[0]) == {"job_id"}
+    waiting = _lines(out)[0]["job_id"]
+    code, out, _ = await _run(capsys, "jobs", "cancel", waiting, *at)
+    assert code == 0 and _lines(out)[0]["status"] == "cancelled"
+    code, out, _ = await _run(capsys, "jobs", "cancel", waiting, *at)
+    assert code == 1 and _lines(out)[0]["error"]["code"] == "already_finished"
+    for _ in range(2):  # removing is idempotent
+        code, out, _ = await _run(capsys, "servers", "remove", added, *at)
+        assert (code, _lines(out)) == (0, [{"removed": added}])
+
+    # submit --wait --json: every event as a line, in order, then the result.
+    code, out, _ = await _run(
+        capsys, "submit", str(workflow), "--wait", "--out", str(tmp_path / "out"), *at
+    )
+    lines = _lines(out)
+    *events, result = lines
+    assert code == 0 and result["status"] == "succeeded"
+    assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
+    assert events[0]["type"] == "queued" and events[-1]["type"] == "succeeded"
+    assert [Path(p).is_file() for p in result["downloaded"]] == [True]
+    job_id = result["job_id"]
+
+    code, out, _ = await _run(capsys, "jobs", "show", job_id, *at)
+    assert code == 0 and _lines(out)[0]["outputs"] == result["outputs"]
+    code, out, _ = await _run(capsys, "jobs", "list", *at)
+    assert code == 0 and job_id in {job["job_id"] for job in _lines(out)[0]}
+    code, out, _ = await _run(capsys, "jobs", "show", "no-such-job", *at)
+    assert code == 1 and _lines(out)[0]["error"]["code"] == "unknown_job"
+
+    code, out, _ = await _run(capsys, "logs", "show", job_id, *at)
+    log = _lines(out)[0]
+    assert code == 0 and [e["seq"] for e in log["entries"]] == [e["seq"] for e in events]
+    query = f"SELECT status FROM jobs WHERE job_id = '{job_id}'"
+    code, out, _ = await _run(capsys, "logs", "sql", query, *at)
+    assert code == 0 and _lines(out)[0]["rows"] == [["succeeded"]]
+    code, out, _ = await _run(capsys, "logs", "sql", "DROP TABLE jobs", *at)
+    assert code == 1 and _lines(out)[0]["error"]["code"] == "not_select"
+
+
+async def test_user_errors_are_one_line_and_an_exit_code(
+    system: System, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    at = ("--gateway", system.url)
+    not_json = tmp_path / "notes.txt"
+    not_json.write_text("hello")
+    cases = [
+        (2, ("submit", str(tmp_path / "missing.json"), *at)),
+        (2, ("submit", str(not_json), *at)),
+        (2, ("submit", str(not_json), "--set", "no-equals-sign", *at)),
+        (1, ("jobs", "show", "no-such-job", *at)),
+        (3, ("jobs", "list", "--gateway", "http://127.0.0.1:9")),
+    ]
+    for expected, argv in cases:
+        code, out, err = await _run(capsys, *argv)
+        assert code == expected, (argv, err)
+        assert out == "" and err.count("\n") == 1 and err.startswith("comfyautomate: "), err
+
+
+async def test_a_person_sees_every_node_end_and_whole_job_ids(
+    system: System,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("COLUMNS", "60")
+    await system.add_server("gpu1")
+    workflow = tmp_path / "w.json"
+    workflow.write_text(json.dumps(tiny(42)))
+    code, out, err = await _run(capsys, "submit", str(workflow), "--wait", "--gateway", system.url)
+    assert code == 0, err
+    job_id = out.split("/images/")[1].split("/")[0]
+    rows = [line for line in err.splitlines() if line.startswith("node ")]
+    # The live view's last frame: every node of the workflow, each ended (none left running).
+    assert sorted(row.split()[1] for row in rows) == sorted(tiny(42)), err
+    assert all(" done " in row for row in rows), err
+    assert f"job {job_id}: succeeded on gpu1" in err
+
+    code, out, _ = await _run(capsys, "jobs", "list", "--gateway", system.url)
+    assert code == 0 and job_id in out
+
+    # No gateway, but the log file at hand: `logs show --data-dir` reads it.
+    code, out, err = await _run(
+        capsys, "logs", "show", job_id, "--data-dir", system.settings.data_dir,
+        "--gateway", "http://127.0.0.1:9",
+    )  # fmt: skip
+    assert code == 0, err
+    assert f"job {job_id}" in out and "succeeded" in out
