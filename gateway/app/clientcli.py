@@ -176,6 +176,18 @@ def _pairs(items: list[str], what: str) -> dict[str, str]:
     return pairs
 
 
+def _workflow(path: Path) -> dict[str, Any]:
+    try:
+        graph = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise UsageError(f"workflow file {path}: {exc.strerror or exc}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UsageError(f"workflow file {path} is not JSON: {exc}") from None
+    if not isinstance(graph, dict):
+        raise UsageError(f"workflow file {path} holds a {type(graph).__name__}, not a workflow")
+    return graph
+
+
 def _submit(args: argparse.Namespace) -> int:
     overrides = {k: _value(v) for k, v in _pairs(args.set, "--set").items()}
     inputs = {name: Path(path) for name, path in _pairs(args.input, "--input").items()}
@@ -185,15 +197,16 @@ def _submit(args: argparse.Namespace) -> int:
         "server": args.server,
         "priority": args.priority,
     }
+    graph = _workflow(args.workflow)
     with _sdk(args) as sdk:
-        job_id = sdk.submit_workflow(args.workflow, **options)
+        job_id = sdk.submit_workflow(graph, **options)
         if not args.wait:
             if args.json:
                 render.emit_json({"job_id": job_id})
             else:
                 print(job_id)
             return 0
-        follow(sdk, job_id, server=args.server, as_json=args.json)
+        follow(sdk, job_id, graph, server=args.server, as_json=args.json)
         # The record follows the log's end by a moment: wait for it rather than read it.
         result = sdk.wait(job_id)
         saved = []

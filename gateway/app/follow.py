@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
+from typing import Any
 
 from rich.console import Group, RenderableType
 from rich.live import Live
@@ -11,13 +13,20 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 
 from gateway.app import render
-from gateway.app.jobview import JobView, waiting_reason
+from gateway.app.jobview import JobView, class_types, waiting_reason
 from sdk import ComfyUISDK
 
 
-def follow(sdk: ComfyUISDK, job_id: str, *, server: str | None, as_json: bool) -> JobView:
+def follow(
+    sdk: ComfyUISDK,
+    job_id: str,
+    workflow: Mapping[str, Any],
+    *,
+    server: str | None,
+    as_json: bool,
+) -> JobView:
     """Follow the job's events to its end: JSON lines on stdout, or a live view on stderr."""
-    view = JobView(job_id=job_id)
+    view = JobView(job_id=job_id, class_types=class_types(workflow))
     if as_json:
         for event in sdk.stream_events(job_id):
             render.emit_json(event)
@@ -61,7 +70,8 @@ class _Shown:
         now = time.time()
         for node in view.nodes.values():
             if node.state == "cached":
-                nodes.add_row(f"node {escape(node.node_id)}", "", "[dim]cached[/dim]", "", "")
+                label = f"node {escape(node.node_id)} {escape(node.class_type)}"
+                nodes.add_row(label, "", "", "[dim]cached[/dim]", "")
                 continue
             bar: RenderableType = ""
             steps = ""

@@ -46,6 +46,8 @@ class JobView(msgspec.Struct, kw_only=True):
     reason: str | None = None
     """Why the job is where it is: a retry's or a cancel's reason, a failure's message."""
     nodes: dict[str, NodeView] = msgspec.field(default_factory=dict)
+    class_types: dict[str, str] = msgspec.field(default_factory=dict)
+    """The workflow's node types by id, for nodes whose events do not name theirs (cached)."""
     outputs: list[str] = msgspec.field(default_factory=list)
 
     def apply(self, event: Mapping[str, Any]) -> None:
@@ -73,8 +75,12 @@ class JobView(msgspec.Struct, kw_only=True):
             if node is not None:
                 node.value, node.max = int(data.get("value") or 0), int(data.get("max") or 0)
         elif kind == "node_cached":
-            for node_id in data.get("node_ids") or []:
-                self.nodes.setdefault(str(node_id), NodeView(node_id=str(node_id), state="cached"))
+            for cached in data.get("node_ids") or []:
+                node_id = str(cached)
+                kind_of = self.class_types.get(node_id, "")
+                self.nodes.setdefault(
+                    node_id, NodeView(node_id=node_id, class_type=kind_of, state="cached")
+                )
         elif kind == "node_output":
             node = self.nodes.get(str(data.get("node_id")))
             if node is not None and node.state == "running":
@@ -109,6 +115,15 @@ class JobView(msgspec.Struct, kw_only=True):
         node.state, node.ended = state, ts
         if state == "done" and node.max:
             node.value = node.max
+
+
+def class_types(workflow: Mapping[str, Any]) -> dict[str, str]:
+    """Each node's class_type in an API-format workflow (what is not a node is left out)."""
+    return {
+        str(node_id): str(node.get("class_type") or "")
+        for node_id, node in workflow.items()
+        if isinstance(node, Mapping)
+    }
 
 
 def waiting_reason(servers: list[Any], *, server: str | None = None) -> str:

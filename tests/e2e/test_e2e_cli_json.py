@@ -118,6 +118,7 @@ async def test_a_person_sees_every_node_end_and_whole_job_ids(
     # The live view's last frame: every node of the workflow, each ended (none left running).
     assert sorted(row.split()[1] for row in rows) == sorted(tiny(42)), err
     assert all(" done " in row for row in rows), err
+    assert {row.split()[2] for row in rows} == {node["class_type"] for node in tiny(42).values()}
     assert f"job {job_id}: succeeded on gpu1" in err
 
     code, out, _ = await _run(capsys, "jobs", "list", "--gateway", system.url)
