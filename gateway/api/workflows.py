@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import quote
@@ -159,8 +160,10 @@ class WorkflowController(Controller):
         request: Request[Any, Any, Any],
     ) -> Submitted:
         """Queue a workflow and answer at once with the job id."""
+        began = time.monotonic()
         job = await _checked_request(data, services, request)
         accepted = await services.submit(job)
+        services.metrics.gateway_added("submit", time.monotonic() - began)
         base = f"{base_url(services, request)}/workflow"
         return Submitted(
             job_id=accepted.job_id,
@@ -179,12 +182,18 @@ class WorkflowController(Controller):
         request: Request[Any, Any, Any],
     ) -> Response[JobResult]:
         """Run a workflow and wait for its end (up to `timeout`, then 202 with the job)."""
+        began = time.monotonic()
         job = await _checked_request(data, services, request)
         accepted = await services.submit(job)
         timeout = data.timeout if data.timeout is not None else DEFAULT_EXECUTE_TIMEOUT
         record = await services.wait_for_end(accepted.job_id, timeout)
         status = 200 if record.status.terminal else 202
-        return Response(to_result(record, services, request), status_code=status)
+        result = to_result(record, services, request)
+        if record.status.terminal:
+            # The job's run on ComfyUI is the server's time; the rest is the system's own.
+            ran = result.timings.run_s or 0.0
+            services.metrics.gateway_added("execute", time.monotonic() - began - ran)
+        return Response(result, status_code=status)
 
     @get("/status/{job_id:str}", responses=error_responses(404))
     async def status(
