@@ -23,6 +23,7 @@ from nats.js.kv import KeyValue
 
 from gateway.api.auth import Caller
 from gateway.api.errors import ApiError
+from gateway.api.jobdirectory import JobDirectory
 from gateway.api.metrics.counting import JobCounter
 from gateway.api.metrics.gauges import fleet_gauges, stream_gauges
 from gateway.api.metrics.instruments import Metrics
@@ -105,6 +106,7 @@ class Services:
         self.metrics.add_gauges("fleet", fleet_gauges(fleet, self.open_jobs))
         self.metrics.add_gauges("events", stream_gauges(self.js, self.subjects))
         self.job_counter = JobCounter(self.js, self.subjects, self.metrics)
+        self.directory = JobDirectory(self.js, self.subjects, jobs_kv)  # for fleet event streams
 
     def log_path(self, relpath: str) -> str:
         """A job's log file as this gateway's users see it: under the data folder."""
