@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import AsyncExitStack
 from typing import Any
@@ -237,6 +238,8 @@ async def test_a_client_cut_mid_stream_resumes_and_sees_each_event_once(fleet: S
             await s.enter_async_context(http.stream("GET", "/events", headers=auth("admin")))
         )
         proxy = await s.enter_async_context(CuttingProxy(fleet.url, cuts=1))
+        # The broker's clock is this machine's: the job's first event is stored after this.
+        since = str(time.time())
         async with httpx.AsyncClient(base_url=proxy.url, timeout=60) as cut_http:
             cut = _items(
                 await s.enter_async_context(
@@ -264,6 +267,9 @@ async def test_a_client_cut_mid_stream_resumes_and_sees_each_event_once(fleet: S
         reference = await _until(whole, job, "succeeded")
         assert [e["id"] for e in before + after] == [e["id"] for e in reference]
         assert _of(reference, job) == ["queued", "dispatched", "running", "succeeded"]
+        from_then = http.stream("GET", "/events", params={"since": since}, headers=auth("admin"))
+        then = await _until(_items(await s.enter_async_context(from_then)), job, "succeeded")
+        assert [e["id"] for e in then] == [e["id"] for e in reference]
 
         # The SDK does the same by itself, async and sync, from an id it was given.
         start = reference[0]["id"] - 1
@@ -315,25 +321,6 @@ async def test_refusals_and_the_stream_limit(fleet: System) -> None:
             assert refused.json()["code"] == "too_many_streams"
 
 
-async def test_events_no_longer_kept_are_said_not_skipped(fleet: System) -> None:
-    assert fleet.nc is not None
-    js = fleet.nc.jetstream()
-    stream = Subjects(fleet.settings.subject_prefix).events_stream
-    last = (await js.stream_info(stream)).state.last_seq
-    # The stream's retention has dropped all but its last three events (the end of the last
-    # job among them); a client resumes from long before.
-    await js.purge_stream(stream, seq=last - 2)
-    async with httpx.AsyncClient(base_url=fleet.url, timeout=60) as http:
-        resumed = http.stream("GET", "/events", headers={**auth("admin"), "Last-Event-ID": "1"})
-        async with resumed as response, asyncio.timeout(30):
-            items = _items(response)
-            what, missed = await anext(items)
-            assert what == "event" and missed["type"] == "missed"
-            assert (missed["from_id"], missed["to_id"], missed["id"]) == (2, last - 3, last - 3)
-            what, end = await anext(items)
-            assert what == "event" and end["id"] == last and end["type"] in ENDS
-
-
 # --------------------------------------------------------------------------------------------
 # /metrics
 
@@ -368,7 +355,7 @@ async def _status(client: httpx.AsyncClient, job_id: str) -> str:
 
 
 async def test_jobs_move_the_counters_and_histograms_by_what_happened(fleet: System) -> None:
-    """Last in the module: it stops the log sink."""
+    """It stops the log sink: only a test that needs none follows it."""
     system = fleet
     async with httpx.AsyncClient(base_url=system.url, timeout=60, headers=auth("admin")) as client:
         before = await _scrape(client)
@@ -478,3 +465,30 @@ async def _has_status(client: httpx.AsyncClient, job_id: str, status: str) -> bo
 
 async def _lag_is(client: httpx.AsyncClient, events: int) -> bool:
     return (await _scrape(client)).get(("comfyautomate_logsink_lag_events", frozenset())) == events
+
+
+async def test_events_no_longer_kept_are_said_not_skipped(fleet: System) -> None:
+    """After the metrics test: the last job's events were never read by a fleet stream."""
+    assert fleet.nc is not None
+    js = fleet.nc.jetstream()
+    stream = Subjects(fleet.settings.subject_prefix).events_stream
+    last = (await js.stream_info(stream)).state.last_seq
+    async with httpx.AsyncClient(base_url=fleet.url, timeout=60, headers=auth("admin")) as http:
+        # A stream that meets a job midway reads who submitted it from its first event.
+        resumed = http.stream("GET", "/events", headers={"Last-Event-ID": str(last - 1)})
+        async with resumed as response, asyncio.timeout(30):
+            what, end = await anext(_items(response))
+        assert end["id"] == last and end["type"] in ENDS
+        assert end["caller"].startswith("key-") and end["server_id"] == "gpu1"
+
+        # The stream's retention has dropped all but its last three events (the end of the
+        # last job among them); a client resumes from long before.
+        await js.purge_stream(stream, seq=last - 2)
+        resumed = http.stream("GET", "/events", headers={"Last-Event-ID": "1"})
+        async with resumed as response, asyncio.timeout(30):
+            items = _items(response)
+            what, missed = await anext(items)
+            assert what == "event" and missed["type"] == "missed"
+            assert (missed["from_id"], missed["to_id"], missed["id"]) == (2, last - 3, last - 3)
+            what, again = await anext(items)
+            assert what == "event" and again == end
