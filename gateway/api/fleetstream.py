@@ -179,9 +179,10 @@ async def fleet_events(
                 continue
             seq = msg.metadata.sequence.stream
             if expected is not None and seq > expected:
-                # Deleted while we read (retention reached our place): said, not skipped.
-                yield _missed(expected, seq - 1)
-                quiet_until = loop.time() + keepalive_s
+                gone = await _dropped(js, subjects, expected, seq)
+                if gone is not None:
+                    yield gone
+                    quiet_until = loop.time() + keepalive_s
             expected = seq + 1
             try:
                 event = decode_event(msg.data)
@@ -260,6 +261,16 @@ def whole(seq: int, event: Event, step: Step, facts: JobFacts, output_url: Outpu
         case NodeProgress(data=data):
             told.progress = FleetProgress(node_id=data.node_id, value=data.value, max=data.max)
     return told
+
+
+async def _dropped(
+    js: JetStreamContext, subjects: Subjects, expected: int, seq: int
+) -> Missed | None:
+    """What a jump from `expected` to `seq` lost: the events retention dropped while we read
+    (said, not skipped); None when the stream still begins before them (they were messages
+    of no event subject)."""
+    first = (await js.stream_info(subjects.events_stream)).state.first_seq
+    return _missed(expected, min(seq, first) - 1) if first > expected else None
 
 
 def _missed(first: int, last: int) -> Missed:
