@@ -16,6 +16,7 @@ import logging
 import re
 from typing import Final
 
+from nats.errors import Error as NatsError
 from nats.js import JetStreamContext, api
 
 from gateway.api.jobtrail import WORK_EVENTS, Trails
@@ -95,7 +96,11 @@ class JobCounter:
         So a scrape right after a job's end counts it. A counter far behind (a burst of
         events) gives up after `within` seconds: the scrape then shows it a little behind.
         """
-        info = await self._js.stream_info(self._subjects.events_stream)
+        try:
+            info = await self._js.stream_info(self._subjects.events_stream)
+        except (NatsError, TimeoutError) as exc:
+            log.warning("metrics: the counts are shown as they stand (no stream info: %s)", exc)
+            return False
         target = info.state.last_seq
         try:
             async with asyncio.timeout(within), self._moved:
