@@ -70,6 +70,8 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     max_event_streams: int = 256
     # ... and per API key (per address without keys): one client cannot take them all.
     max_event_streams_per_key: int = 64
+    # An event stream (SSE) quiet this long sends a keep-alive comment, so proxies keep it open.
+    event_keepalive_s: float = 15.0
     # Networks (CIDR) or host names that servers may be registered at, and only those. Empty:
     # public addresses, and loopback and private ones only while `host` is loopback. Link-local,
     # cloud metadata, multicast and this system's own ports never (gateway/api/serveraddress.py).

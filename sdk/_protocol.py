@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Final
 
@@ -147,8 +147,10 @@ class SSEParser:
             return None
         if line.strip() or not self._data:
             return None  # event:, id:, comments, or a blank line with nothing pending
-        event: dict[str, Any] = json.loads("\n".join(self._data))
-        self._data = []
+        data, self._data = "\n".join(self._data), []
+        if not data:
+            return None  # an empty data buffer is no event (a keep-alive: `: comment`, `data:`)
+        event: dict[str, Any] = json.loads(data)
         return event
 
 
@@ -166,10 +168,12 @@ RESUME_DELAY_S: Final = 0.5
 
 
 class Resume:
-    """Where a broken event stream picks up: the last event's seq, and the tries left."""
+    """Where a broken event stream picks up: the last event's `key` (a job's events: `seq`;
+    the fleet's: `id`), and the tries left."""
 
-    def __init__(self) -> None:
-        self.last_seq = 0
+    def __init__(self, key: str = "seq", after: int = 0) -> None:
+        self.key = key
+        self.last_seq = after
         self.failures = 0
 
     def headers(self) -> dict[str, str]:
@@ -182,20 +186,46 @@ class Resume:
 
     def saw(self, event: Mapping[str, Any]) -> bool:
         """Note an event; whether it is new (one seen before a break is not given again)."""
-        seq = event.get("seq")
+        seq = event.get(self.key)
         if not isinstance(seq, int) or seq <= self.last_seq:
             return False
         self.last_seq = seq
         return True
 
-    def broke(self, job_id: str, why: str) -> float:
-        """Seconds to wait before resuming; GatewayUnreachable once the tries are spent."""
+    def broke(self, what: str, why: str) -> float:
+        """Seconds to wait before resuming `what` (a job id, or the fleet); GatewayUnreachable
+        once the tries are spent."""
         self.failures += 1
         if self.failures > RESUME_TRIES:
             raise GatewayUnreachable(
-                f"event stream of {job_id} broke {RESUME_TRIES + 1} times in a row: {why}"
+                f"event stream of {what} broke {RESUME_TRIES + 1} times in a row: {why}"
             )
         return float(RESUME_DELAY_S * 2 ** (self.failures - 1))
+
+
+FLEET: Final = "the fleet"
+Query = tuple[tuple[str, str], ...]
+
+
+def fleet_query(
+    *,
+    status: Iterable[str] = (),
+    server: Iterable[str] = (),
+    labels: Mapping[str, str] | None = None,
+    caller: str | None = None,
+    progress: bool = False,
+    since: float | None = None,
+) -> Query:
+    """The query of GET /events: its filters and start."""
+    query = [("status", s) for s in status] + [("server", s) for s in server]
+    query += [("label", f"{k}={v}") for k, v in (labels or {}).items()]
+    if caller is not None:
+        query.append(("caller", caller))
+    if progress:
+        query.append(("progress", "true"))
+    if since is not None:
+        query.append(("since", repr(since)))
+    return tuple(query)
 
 
 def output_path(directory: Path, key: str) -> Path:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -135,12 +135,50 @@ class AsyncComfyUISDK:
         A stream that breaks is resumed after the last event seen (each event comes once);
         GatewayUnreachable after several breaks in a row.
         """
-        resume = p.Resume()
+        async for event in self._resumed(
+            f"/workflow/events/{job_id}", (), p.Resume(), job_id, ends=True
+        ):
+            yield event
+
+    async def stream_fleet_events(
+        self,
+        *,
+        status: Iterable[str] = (),
+        server: Iterable[str] = (),
+        labels: Mapping[str, str] | None = None,
+        caller: str | None = None,
+        progress: bool = False,
+        since: float | None = None,
+        last_event_id: int = 0,
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Every job's state changes, fleet-wide, as they happen; never ends. As
+        ComfyUISDK.stream_fleet_events."""
+        query = p.fleet_query(
+            status=status,
+            server=server,
+            labels=labels,
+            caller=caller,
+            progress=progress,
+            since=since,
+        )
+        resume = p.Resume("id", last_event_id)
+        async for event in self._resumed("/events", query, resume, p.FLEET):
+            yield event
+
+    async def _resumed(
+        self, path: str, query: p.Query, resume: p.Resume, what: str, *, ends: bool = False
+    ) -> AsyncIterator[dict[str, Any]]:
+        """An event stream, resumed after the last event seen whenever it breaks; `ends`: it
+        ends with the job's last event."""
         while True:
             parser = p.SSEParser()
             try:
                 async with self._http.stream(
-                    "GET", f"/workflow/events/{job_id}", headers=resume.headers(), timeout=None
+                    "GET",
+                    path,
+                    params=query,
+                    headers=resume.headers(),
+                    timeout=None,
                 ) as reply:
                     if reply.status_code in p.RESUMABLE_STATUS:
                         raise httpx.TransportError(f"the gateway answered {reply.status_code}")
@@ -151,12 +189,12 @@ class AsyncComfyUISDK:
                         event = parser.feed(line)
                         if event is not None and resume.saw(event):
                             yield event
-                            if p.is_last_event(event):
+                            if ends and p.is_last_event(event):
                                 return
-                why = "it ended before the job did"
+                why = "it ended before the job did" if ends else "it ended"
             except httpx.TransportError as exc:
                 why = str(exc) or type(exc).__name__
-            await asyncio.sleep(resume.broke(job_id, why))
+            await asyncio.sleep(resume.broke(what, why))
 
     async def list_jobs(
         self, *, status: str | None = None, server: str | None = None, limit: int = 50

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -145,12 +145,51 @@ class ComfyUISDK:
         A stream that breaks is resumed after the last event seen (each event comes once);
         GatewayUnreachable after several breaks in a row.
         """
-        resume = p.Resume()
+        return self._resumed(f"/workflow/events/{job_id}", (), p.Resume(), job_id, ends=True)
+
+    def stream_fleet_events(
+        self,
+        *,
+        status: Iterable[str] = (),
+        server: Iterable[str] = (),
+        labels: Mapping[str, str] | None = None,
+        caller: str | None = None,
+        progress: bool = False,
+        since: float | None = None,
+        last_event_id: int = 0,
+    ) -> Iterator[dict[str, Any]]:
+        """Every job's state changes, fleet-wide, as they happen (GET /events); never ends.
+
+        Filters: `status` (queued, dispatched, running, retried, succeeded, failed,
+        cancelled), `server`, `labels`, `caller` (admin keys; a user key gets its own jobs);
+        `progress=True` adds node_progress. It starts now, at `since` (epoch seconds), or after
+        `last_event_id` (an event's `id`). A stream that breaks is resumed after the last
+        event seen (each event comes once); GatewayUnreachable after several breaks in a row.
+        """
+        query = p.fleet_query(
+            status=status,
+            server=server,
+            labels=labels,
+            caller=caller,
+            progress=progress,
+            since=since,
+        )
+        return self._resumed("/events", query, p.Resume("id", last_event_id), p.FLEET)
+
+    def _resumed(
+        self, path: str, query: p.Query, resume: p.Resume, what: str, *, ends: bool = False
+    ) -> Iterator[dict[str, Any]]:
+        """An event stream, resumed after the last event seen whenever it breaks; `ends`: it
+        ends with the job's last event."""
         while True:
             parser = p.SSEParser()
             try:
                 with self._http.stream(
-                    "GET", f"/workflow/events/{job_id}", headers=resume.headers(), timeout=None
+                    "GET",
+                    path,
+                    params=query,
+                    headers=resume.headers(),
+                    timeout=None,
                 ) as reply:
                     if reply.status_code in p.RESUMABLE_STATUS:
                         raise httpx.TransportError(f"the gateway answered {reply.status_code}")
@@ -161,12 +200,12 @@ class ComfyUISDK:
                         event = parser.feed(line)
                         if event is not None and resume.saw(event):
                             yield event
-                            if p.is_last_event(event):
+                            if ends and p.is_last_event(event):
                                 return
-                why = "it ended before the job did"
+                why = "it ended before the job did" if ends else "it ended"
             except httpx.TransportError as exc:
                 why = str(exc) or type(exc).__name__
-            time.sleep(resume.broke(job_id, why))
+            time.sleep(resume.broke(what, why))
 
     # -- logs and outputs ---------------------------------------------------------------------
 

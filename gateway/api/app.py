@@ -13,6 +13,7 @@ from litestar.types import BeforeMessageSendHookHandler, Message, Scope
 from gateway.api.auth import ApiKeyGuard, check_settings, openapi_security
 from gateway.api.bodies import reject_deep_json
 from gateway.api.errors import EXCEPTION_HANDLERS, refuse_websockets_over_http
+from gateway.api.fleetevents import fleet_event_stream
 from gateway.api.images import image
 from gateway.api.limits import STATE_KEY, Limits, RateLimited, rate_limited, too_large
 from gateway.api.logs import job_logs, logs_query, recent_jobs
@@ -38,6 +39,7 @@ def create_app(services: Services) -> Litestar:
         route_handlers=[
             WorkflowController,
             job_events_ws,
+            fleet_event_stream,
             ServerController,
             image,
             job_logs,

@@ -173,6 +173,8 @@ class Limits:
             raise SettingsError("submit_rate_per_s must be >= 0 and submit_burst >= 1")
         if settings.max_event_streams < 1 or settings.max_event_streams_per_key < 1:
             raise SettingsError("max_event_streams and max_event_streams_per_key must be >= 1")
+        if not 0 < settings.event_keepalive_s <= 3600:
+            raise SettingsError("event_keepalive_s must be over 0 and at most 3600 seconds")
         if not settings.register_rate_per_min > 0 or settings.register_burst < 1:
             raise SettingsError("register_rate_per_min must be > 0 and register_burst >= 1")
         self.max_body_bytes = settings.max_body_bytes

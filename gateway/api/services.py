@@ -23,6 +23,10 @@ from nats.js.kv import KeyValue
 
 from gateway.api.auth import Caller
 from gateway.api.errors import ApiError
+from gateway.api.jobdirectory import JobDirectory
+from gateway.api.metrics.counting import JobCounter
+from gateway.api.metrics.gauges import fleet_gauges, stream_gauges
+from gateway.api.metrics.instruments import Metrics
 from gateway.api.native.service import NativeService
 from gateway.balancer.fleet import FleetView
 from gateway.balancer.role import Balancer
@@ -98,6 +102,11 @@ class Services:
         self._records_prefix = ""
         self.system_id = ""  # set by start(); the same for every gateway of this system
         self.registering = asyncio.Lock()  # one server registration at a time (api/servers.py)
+        self.metrics = Metrics()
+        self.metrics.add_gauges("fleet", fleet_gauges(fleet, self.open_jobs))
+        self.metrics.add_gauges("events", stream_gauges(self.js, self.subjects))
+        self.job_counter = JobCounter(self.js, self.subjects, self.metrics)
+        self.directory = JobDirectory(self.js, self.subjects, jobs_kv)  # for fleet event streams
 
     def log_path(self, relpath: str) -> str:
         """A job's log file as this gateway's users see it: under the data folder."""
@@ -166,6 +175,7 @@ class Services:
         hit the server's consumer limit.
         """
         self.system_id = await system_id(self.js, self.subjects)
+        await self.job_counter.start()
         prefix = f"$KV.{self.subjects.jobs_bucket}."
         self._records_sub = await self.nc.subscribe(prefix + ">", cb=self._on_record)
         self._records_prefix = prefix
@@ -174,6 +184,7 @@ class Services:
         self._native_task.add_done_callback(_report_end)
 
     async def close(self) -> None:
+        await self.job_counter.close()
         if self.native is not None:
             await self.native.close()
         if self._native_task is not None:

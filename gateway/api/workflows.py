@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import quote
@@ -159,8 +160,10 @@ class WorkflowController(Controller):
         request: Request[Any, Any, Any],
     ) -> Submitted:
         """Queue a workflow and answer at once with the job id."""
+        began = time.monotonic()
         job = await _checked_request(data, services, request)
         accepted = await services.submit(job)
+        services.metrics.gateway_added("submit", time.monotonic() - began)
         base = f"{base_url(services, request)}/workflow"
         return Submitted(
             job_id=accepted.job_id,
@@ -179,12 +182,18 @@ class WorkflowController(Controller):
         request: Request[Any, Any, Any],
     ) -> Response[JobResult]:
         """Run a workflow and wait for its end (up to `timeout`, then 202 with the job)."""
+        began = time.monotonic()
         job = await _checked_request(data, services, request)
         accepted = await services.submit(job)
         timeout = data.timeout if data.timeout is not None else DEFAULT_EXECUTE_TIMEOUT
         record = await services.wait_for_end(accepted.job_id, timeout)
         status = 200 if record.status.terminal else 202
-        return Response(to_result(record, services, request), status_code=status)
+        result = to_result(record, services, request)
+        if record.status.terminal:
+            # The job's run on ComfyUI is the server's time; the rest is the system's own.
+            ran = result.timings.run_s or 0.0
+            services.metrics.gateway_added("execute", time.monotonic() - began - ran)
+        return Response(result, status_code=status)
 
     @get("/status/{job_id:str}", responses=error_responses(404))
     async def status(
@@ -231,15 +240,16 @@ class WorkflowController(Controller):
         Each event's `id` is its `seq`. A client that reconnects with `Last-Event-ID` (the
         header, as EventSource sends it, or `?last_event_id=`) gets only the events after it.
         """
-        after = _seq_after(request.headers.get("last-event-id") or last_event_id)
+        after = seq_after(request.headers.get("last-event-id") or last_event_id)
         # 404 before the stream starts, also for another caller's job.
         await services.record(known_job_id(job_id), caller_of(request))
         slot = take_stream(request)  # 503 when too many are open
         return ServerSentEvent(hold(slot, _event_stream(services, job_id, after)))
 
 
-def _seq_after(text: str | None) -> int:
-    """The `seq` a resuming client saw last (0: none), from `Last-Event-ID` or `from_seq`."""
+def seq_after(text: str | None) -> int:
+    """The `seq` (or fleet event id) a resuming client saw last (0: none), from
+    `Last-Event-ID` or `from_seq`; a 400 for what no event id can be."""
     if text is None or not text.strip():
         return 0
     try:
@@ -258,8 +268,8 @@ async def job_events(
 ) -> AsyncIterator[Event | None]:
     """The job's events with a `seq` over `after`, live, ending with its terminal event.
 
-    None stands for 15 s without an event, so a stream can send a keep-alive. A client that
-    saw the end already gets nothing more: the stream ends at once.
+    None stands for `event_keepalive_s` (15 s) without an event, so a stream can send a
+    keep-alive. A client that saw the end already gets nothing more: the stream ends at once.
     """
     sub = await services.js.subscribe(
         services.subjects.events(job_id),
@@ -269,7 +279,7 @@ async def job_events(
     try:
         while True:
             try:
-                msg = await sub.next_msg(timeout=15.0)
+                msg = await sub.next_msg(timeout=services.settings.event_keepalive_s)
             except NatsTimeoutError:
                 yield None
                 continue
@@ -310,7 +320,7 @@ async def job_events_ws(
     `?from_seq=N` starts at the event whose `seq` is N (a client that saw up to 7 asks for 8)."""
     await socket.accept()
     try:
-        after = max(0, _seq_after(from_seq) - 1)
+        after = max(0, seq_after(from_seq) - 1)
         await services.record(known_job_id(job_id), caller_of(socket))
         slot = take_stream(socket)
     except ApiError as exc:

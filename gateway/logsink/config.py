@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import msgspec
 
+from gateway.logsink.messages import SINK_DURABLE
+
 
 class SinkConfig(msgspec.Struct, frozen=True, kw_only=True):
     """How the sink consumes, batches, and sandboxes queries."""
 
     # JetStream consumer
-    durable: str = "logsink"
+    durable: str = SINK_DURABLE
     # Bigger batches amortise the commit, the job merge and the sync: 10,000 measured ~1.4x
     # the rate of 5,000 here. At low rates batches stay small (see linger_s).
     batch_size: int = 10_000

@@ -29,6 +29,9 @@ def query_cancel_subject(subjects: Subjects) -> str:
     return f"{subjects.prefix}.logs.cancel"
 
 
+# The name of the sink's durable consumer of EVENTS: what it has not acked is its lag.
+SINK_DURABLE: Final = "logsink"
+
 # A header of a `<prefix>.logs.query` request: the id a QueryCancel names the query by. A query
 # without one runs to its end or its time limit.
 QUERY_ID_HEADER: Final = "Comfy-Query-Id"

@@ -38,6 +38,8 @@ def _fuzz(
     for result in schema.get_all_operations():
         operation = result.ok()
         operations += 1
+        if operation.path == "/events":
+            continue  # a stream that never ends by design (tests/e2e/test_e2e_watching.py)
         modes = [GenerationMode.POSITIVE]
         # Only a body or a query string can be invalid: any text is a valid path segment, and
         # searching for an invalid one costs seconds before it gives up.

@@ -1,0 +1,97 @@
+"""The gauges read at each scrape: the fleet as this gateway sees it, the open jobs, the EVENTS
+stream and how far the log sink is behind it.
+
+Each function makes a gauge source for `Metrics.add_gauges`; another gauge (replication, say)
+is one more such function, added where the gateway's services start.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Iterable
+
+from nats.js import JetStreamContext
+from nats.js.errors import NotFoundError
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.metrics_core import Metric
+
+from gateway.api.metrics.instruments import GaugeSource
+from gateway.balancer.fleet import FleetView
+from gateway.bus.contract import Subjects
+from gateway.logsink.messages import SINK_DURABLE
+
+OPEN_STATUSES = ("queued", "dispatched", "running")
+
+
+def fleet_gauges(fleet: FleetView, open_jobs: Callable[[], list[str] | None]) -> GaugeSource:
+    """Each server's liveness, ComfyUI queue and capacity; the open jobs, where this leads."""
+
+    async def read() -> Iterable[Metric]:
+        table = fleet.table
+        clock = table.now()
+        states = sorted(table, key=lambda s: s.server_id)
+        up = GaugeMetricFamily(
+            "comfyautomate_server_up",
+            "1 when the server heartbeats and is healthy.",
+            labels=["server"],
+        )
+        queue = GaugeMetricFamily(
+            "comfyautomate_server_queue",
+            "Prompts in the server's ComfyUI queue.",
+            labels=["server", "state"],
+        )
+        capacity = GaugeMetricFamily(
+            "comfyautomate_server_capacity",
+            "Jobs the balancer may bind to the server.",
+            labels=["server"],
+        )
+        for s in states:
+            beat = s.heartbeat
+            up.add_metric([s.server_id], int(s.is_live(clock)))
+            queue.add_metric([s.server_id, "running"], beat.queue_running if beat else 0)
+            queue.add_metric([s.server_id, "pending"], beat.queue_pending if beat else 0)
+            capacity.add_metric([s.server_id], s.capacity)
+        families: list[Metric] = [up, queue, capacity]
+        statuses = open_jobs()
+        if statuses is not None:
+            by_status = Counter(statuses)
+            jobs = GaugeMetricFamily(
+                "comfyautomate_jobs_open",
+                "Jobs not yet finished, by status (shown by the leading balancer's gateway only).",
+                labels=["status"],
+            )
+            for status in OPEN_STATUSES:
+                jobs.add_metric([status], by_status.get(status, 0))
+            families.append(jobs)
+        return families
+
+    return read
+
+
+def stream_gauges(js: JetStreamContext, subjects: Subjects) -> GaugeSource:
+    """Events held in the EVENTS stream, and those the log sink has not acknowledged yet."""
+
+    async def read() -> Iterable[Metric]:
+        info = await js.stream_info(subjects.events_stream)
+        families: list[Metric] = [
+            GaugeMetricFamily(
+                "comfyautomate_events_stored",
+                "Events held in the EVENTS stream.",
+                value=info.state.messages,
+            )
+        ]
+        try:
+            sink = await js.consumer_info(subjects.events_stream, SINK_DURABLE)
+        except NotFoundError:
+            return families  # no log sink has ever run: there is no lag to tell
+        families.append(
+            GaugeMetricFamily(
+                "comfyautomate_logsink_lag_events",
+                "Events in the EVENTS stream the log sink has not acknowledged yet (not yet "
+                "delivered to it, or delivered and not yet written).",
+                value=(sink.num_pending or 0) + (sink.num_ack_pending or 0),
+            )
+        )
+        return families
+
+    return read
