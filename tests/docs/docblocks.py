@@ -1,7 +1,8 @@
 """The code blocks of the project's Markdown files, and what running one means.
 
 A block is run according to its language: `python` and `bash` blocks as a reader would paste
-them, `sql` through the gateway's log query, `toml` and `json` parsed. A block without a
+them, `sql` through the gateway's log query, `toml` and `json` parsed, `promql` checked to name
+only metrics the gateway's /metrics has. A block without a
 language (a diagram, a sample of output) is shown, not run. An HTML comment on the line before
 a fence can say otherwise, with its reason: `<!-- docs: not run (starts a server for good) -->`.
 
@@ -21,7 +22,7 @@ DOCUMENTS = (
     "README.md",
     *sorted(path.relative_to(ROOT).as_posix() for path in (ROOT / "docs").glob("*.md")),
 )
-RUN_LANGUAGES = frozenset({"python", "bash", "sql", "toml", "json"})
+RUN_LANGUAGES = frozenset({"python", "bash", "sql", "toml", "json", "promql"})
 
 _FENCE = re.compile(r"^```(\S*)\s*$")
 _DIRECTIVE = re.compile(r"^<!--\s*docs:\s*not run\s*\((?P<why>[^)]+)\)\s*-->\s*$")
@@ -78,10 +79,28 @@ def commands(text: str) -> Iterator[str]:
         if line.endswith("\\"):
             pending = line[:-1].rstrip()
             continue
-        if line.strip() and not line.lstrip().startswith("#"):
+        line = _without_comment(line)
+        if line.strip():
             yield line
     if pending:
-        yield pending
+        yield _without_comment(pending)
+
+
+def _without_comment(line: str) -> str:
+    """The line up to a `#` that starts a shell comment (outside quotes, after a blank)."""
+    quote, escaped = "", False
+    for index, char in enumerate(line):
+        if escaped:
+            escaped = False
+        elif char == "\\" and quote != "'":
+            escaped = True
+        elif quote:
+            quote = "" if char == quote else quote
+        elif char in "'\"":
+            quote = char
+        elif char == "#" and (index == 0 or line[index - 1].isspace()):
+            return line[:index].rstrip()
+    return line
 
 
 def substitute(text: str, places: Mapping[str, str]) -> str:

@@ -88,6 +88,12 @@ async def _run(
         except tomllib.TOMLDecodeError as exc:
             return f"not TOML: {exc}"
         return None
+    if block.language == "promql":
+        exposed = (await client.get("/metrics")).text
+        for name in set(re.findall(r"\bcomfyautomate_[a-z0-9_]+", text)):
+            if not re.search(rf"^{name}[{{ ]", exposed, re.M):
+                return f"/metrics has no {name}"
+        return None
     if block.language == "sql":
         # A block may show several statements, each ending its line with `;`.
         for statement in filter(None, (s.strip() for s in re.split(r";\s*\n", text))):
@@ -119,6 +125,10 @@ def _shell(command: str) -> str:
         if command.startswith(written + " "):
             command = f"{python} -m gateway.app.cli" + command[len(written) :]
     command = command.replace("uv run python ", f"{python} ")
+    if command.startswith("curl -N "):
+        # A live stream: it must answer and stream; one that never ends is cut after a while.
+        cut = "rc=$?; [ $rc = 28 ] && rc=0; exit $rc"
+        return f"curl -sS --fail-with-body --max-time 5 {command[5:]}; {cut}"
     return command.replace("curl ", "curl -sS --fail-with-body --max-time 60 ")
 
 
