@@ -12,6 +12,7 @@ from nats.aio.client import Client
 from gateway.bus.contract import Subjects
 from gateway.settings import ApiKey, Settings
 from gateway.webhooks.worker import CONSUMER
+from tests.conftest import running_gateway
 from tests.e2e.conftest import running_system, tiny
 from tests.e2e.receiver import Received, receiving
 from tests.helpers import poll_until
@@ -83,8 +84,9 @@ async def test_webhooks_are_signed_retried_through_a_restart_sent_once_and_logge
         await receiver.wait_for(lambda got: len(got) > before)
         receiver.failing = False
         await receiver.wait_for(lambda got: len(_delivered(got)) >= 2)
-        assert system.nc is not None
-        await poll_until(lambda: _all_settled(system.nc), "every delivery settled")  # type: ignore[arg-type]
+        nc = system.nc
+        assert nc is not None
+        await poll_until(lambda: _all_settled(nc), "every delivery settled")
 
         requests = list(receiver.requests)
         assert all(r.signed_by(ALICE_SECRET) for r in requests), "a signature did not verify"
@@ -152,8 +154,6 @@ async def test_a_webhook_that_may_not_be_sent_is_refused_at_submission(
     settings: Settings,
 ) -> None:
     settings = msgspec.structs.replace(settings, webhook_secret=GLOBAL_SECRET)
-    from tests.conftest import running_gateway
-
     async with (
         running_gateway(settings) as url,
         httpx.AsyncClient(base_url=url, timeout=30) as client,
