@@ -6,6 +6,7 @@ import base64
 import hashlib
 import hmac
 
+import msgspec
 import pytest
 
 from gateway.bus.contract import JobRequest
@@ -77,3 +78,20 @@ async def test_the_settings_defaults_fill_a_request_and_an_empty_url_opts_out() 
         await without_secret.resolved(JobRequest(workflow={}, webhook_url="http://93.184.215.14/"))
     with pytest.raises(SettingsError, match="webhook_events"):
         WebhookPolicy(Settings(webhook_events=["history"]))
+
+
+@pytest.mark.parametrize(
+    "setting",
+    [
+        {"webhook_timeout_s": 0},
+        {"webhook_retry_base_s": -1},
+        {"webhook_retry_window_s": -5},
+        {"webhook_concurrency": 0},
+        {"webhook_events": []},
+        {"webhook_url": "ftp://example.com/"},
+    ],
+)
+def test_webhook_settings_that_cannot_work_are_refused(setting: dict[str, object]) -> None:
+    name = next(iter(setting))
+    with pytest.raises(SettingsError, match=name):
+        WebhookPolicy(msgspec.convert(setting, Settings))

@@ -96,6 +96,7 @@ async def _serve(
         js = nc.jetstream()
         fleet = FleetView(nc, await js.key_value(subjects.servers_bucket), subjects)
         balancer = Balancer(nc, fleet, settings) if with_balancer else None
+        webhooks = WebhookWorker(nc, settings)
         storage = storage_for(settings, js)
         services = Services(
             nc,
@@ -116,7 +117,7 @@ async def _serve(
             fleet_task = tasks.create_task(fleet.run())
             balancer_task = tasks.create_task(balancer.run(stop)) if balancer else None
             http_task = tasks.create_task(server.serve(sockets=[sock]))
-            webhooks_task = tasks.create_task(WebhookWorker(nc, settings).run(stop))
+            webhooks_task = tasks.create_task(webhooks.run(stop))
             # The socket already listens: connections made now wait in its backlog until
             # uvicorn accepts them. Ready means jobs can be submitted, so wait for the balancer.
             if balancer is not None:

@@ -33,6 +33,21 @@ def event_problems(events: list[str]) -> list[str]:
     return []
 
 
+def check_settings(settings: Settings) -> None:
+    """Refuse webhook settings that could not work (SettingsError naming the setting)."""
+    for name in ("webhook_timeout_s", "webhook_retry_base_s", "webhook_retry_max_s"):
+        value = getattr(settings, name)
+        if not 0 < value <= 24 * 3600:
+            raise SettingsError(f"{name} must be over 0 and at most a day, not {value!r}")
+    if not 0 <= settings.webhook_retry_window_s <= 30 * 24 * 3600:
+        raise SettingsError("webhook_retry_window_s must be between 0 and 30 days")
+    if settings.webhook_concurrency < 1:
+        raise SettingsError("webhook_concurrency must be 1 or more")
+    problems = event_problems(list(settings.webhook_events))
+    if problems:
+        raise SettingsError(problems[0])
+
+
 class WebhookPolicy:
     """Fills in a request's webhook from the settings' defaults, and checks it."""
 
@@ -41,9 +56,7 @@ class WebhookPolicy:
         self._default_events = list(settings.webhook_events)
         self._allowlist = Allowlist(settings.webhook_allowlist)
         self.keys = SigningKeys(settings)
-        problems = event_problems(self._default_events)
-        if problems:
-            raise SettingsError(problems[0])
+        check_settings(settings)
         if self._default_url is not None:
             try:
                 parse_url(self._default_url)

@@ -38,6 +38,7 @@ from gateway.bus.contract import (
 from gateway.comfyui.addresses import Allowlist
 from gateway.settings import Settings
 from gateway.webhooks.keys import SigningKeys
+from gateway.webhooks.policy import check_settings
 from gateway.webhooks.retry import retry_delay
 from gateway.webhooks.sending import Result, body_of, post
 
@@ -69,6 +70,7 @@ class WebhookWorker:
     """Takes work items and makes one attempt of each; `run` until told to stop."""
 
     def __init__(self, nc: Client, settings: Settings) -> None:
+        check_settings(settings)
         self._nc = nc
         self._js = nc.jetstream()
         self._settings = settings
