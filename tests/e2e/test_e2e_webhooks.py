@@ -9,7 +9,15 @@ import httpx
 import msgspec
 from nats.aio.client import Client
 
-from gateway.bus.contract import Subjects
+from gateway.bus.connection import connect
+from gateway.bus.contract import (
+    Subjects,
+    WebhookAttempt,
+    WebhookSend,
+    decode,
+    encode,
+    now,
+)
 from gateway.settings import ApiKey, Settings
 from gateway.webhooks.worker import CONSUMER
 from tests.conftest import running_gateway
@@ -150,16 +158,16 @@ async def test_webhooks_are_signed_retried_through_a_restart_sent_once_and_logge
             await poll_until(redelivery_logged, "the redelivery in webhook_deliveries")
 
 
-async def test_a_webhook_that_may_not_be_sent_is_refused_at_submission(
-    settings: Settings,
-) -> None:
+async def test_a_target_is_checked_at_submission_and_again_when_sent(settings: Settings) -> None:
     settings = msgspec.structs.replace(settings, webhook_secret=GLOBAL_SECRET)
+    subjects = Subjects()
     async with (
+        receiving() as receiver,
         running_gateway(settings) as url,
         httpx.AsyncClient(base_url=url, timeout=30) as client,
     ):
         cases = {
-            "http://127.0.0.1:9/hook": "webhook_allowlist",
+            receiver.url: "webhook_allowlist",
             "http://10.1.2.3/hook": "private",
             "http://169.254.169.254/latest/meta-data": "never allowed",
             "ftp://example.com/hook": "http:// or https://",
@@ -180,3 +188,33 @@ async def test_a_webhook_that_may_not_be_sent_is_refused_at_submission(
             },
         )
         assert reply.status_code == 400 and "'queued' cannot be sent" in reply.text
+
+        # A delivery whose target is no longer allowed when its turn comes (its name resolves
+        # elsewhere now, the allowlist changed) is not sent, and not tried again.
+        job_id = (await client.post("/workflow/submit", json={"workflow": tiny(1)})).json()[
+            "job_id"
+        ]
+        nc = await connect(settings.nats_url, "test")
+        try:
+            attempts = await nc.subscribe(subjects.all_webhook_attempts)
+            js = nc.jetstream()
+            queued = await js.get_last_msg(subjects.events_stream, subjects.events(job_id))
+            assert queued.seq is not None
+            # As the balancer queues one, for a target that was allowed when it was accepted.
+            send = WebhookSend(
+                delivery_id="msg_resolvedelsewhere",
+                job_id=job_id,
+                seq=1,
+                event_type="succeeded",
+                stream_seq=queued.seq,
+                url=receiver.url,
+                created_at=now(),
+            )
+            await js.publish(subjects.webhook_sends(job_id), encode(send))
+            attempt = decode((await attempts.next_msg(timeout=20)).data, WebhookAttempt)
+            assert (attempt.delivery_id, attempt.outcome) == (send.delivery_id, "failed")
+            assert attempt.error is not None and "loopback" in attempt.error
+            await poll_until(lambda: _all_settled(nc), "the delivery settled")
+        finally:
+            await nc.close()
+        assert receiver.requests == []
