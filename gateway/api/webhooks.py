@@ -6,6 +6,7 @@ import re
 from typing import Any, Final
 
 import msgspec
+import nats.errors
 from litestar import Request, post
 from litestar.params import FromPath
 
@@ -66,11 +67,14 @@ async def redeliver(
         created_at=now(),
         redelivery=token,
     )
-    await services.js.publish(
-        services.subjects.webhook_sends(job_id),
-        encode(send),
-        headers={"Nats-Msg-Id": f"{delivery_id}.{token}"},
-    )
+    try:
+        await services.js.publish(
+            services.subjects.webhook_sends(job_id),
+            encode(send),
+            headers={"Nats-Msg-Id": f"{delivery_id}.{token}"},
+        )
+    except nats.errors.Error as exc:
+        raise ApiError(503, "unavailable", f"the redelivery could not be queued: {exc}") from None
     return Redelivery(delivery_id=delivery_id, job_id=job_id, redelivery=token)
 
 

@@ -19,6 +19,7 @@ from types import TracebackType
 from typing import TypeVar
 
 import duckdb
+import nats.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import api
@@ -26,6 +27,7 @@ from nats.js import api
 from gateway.bus.connection import connect, ensure_resources
 from gateway.bus.contract import Subjects, new_id
 from gateway.bus.lease import hold_lease, lease_held
+from gateway.lifecycle import wait_event
 from gateway.logsink.attempts import write_attempts
 from gateway.logsink.config import SinkConfig
 from gateway.logsink.consumer import EventPuller
@@ -260,6 +262,10 @@ class LogSink:
                 try:
                     batch = await sub.fetch(self.config.batch_size, timeout=1.0)
                 except TimeoutError:  # nats-py's or asyncio's: nothing came
+                    continue
+                except nats.errors.Error as exc:  # the broker restarting, say
+                    log.warning("fetching webhook attempts failed (%s); trying again", exc)
+                    await wait_event(self._stopping, 1.0)
                     continue
                 raws = [msg.data for msg in batch]
                 try:

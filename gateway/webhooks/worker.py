@@ -19,6 +19,7 @@ import logging
 from typing import Final
 
 import httpx
+import nats.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import api
@@ -36,6 +37,7 @@ from gateway.bus.contract import (
     now,
 )
 from gateway.comfyui.addresses import Allowlist
+from gateway.lifecycle import wait_event
 from gateway.settings import Settings
 from gateway.webhooks.keys import SigningKeys
 from gateway.webhooks.policy import check_settings
@@ -82,8 +84,15 @@ class WebhookWorker:
     async def run(self, stop: asyncio.Event) -> None:
         """Deliver until `stop` is set; then finish the attempts under way and return."""
         stream = self._subjects.webhooks_stream
-        # Created or updated here (pull_subscribe would keep an older definition).
-        await self._js.add_consumer(stream, consumer_config(self._subjects, self._settings))
+        while True:
+            try:
+                # Created or updated here (pull_subscribe would keep an older definition).
+                await self._js.add_consumer(stream, consumer_config(self._subjects, self._settings))
+                break
+            except nats.errors.Error as exc:
+                log.warning("webhooks: cannot create the consumer now (%s); trying again", exc)
+                if await wait_event(stop, _FETCH_WAIT_S):
+                    return
         sub = await self._js.pull_subscribe_bind(durable=CONSUMER, stream=stream)
         running: set[asyncio.Task[None]] = set()
         try:
@@ -96,6 +105,10 @@ class WebhookWorker:
                     try:
                         messages = await sub.fetch(free, timeout=_FETCH_WAIT_S)
                     except TimeoutError:  # nats-py's or asyncio's: nothing to do
+                        continue
+                    except nats.errors.Error as exc:  # the broker restarting, say
+                        log.warning("webhooks: fetching work failed (%s); trying again", exc)
+                        await wait_event(stop, _FETCH_WAIT_S)
                         continue
                     for msg in messages:
                         task = asyncio.create_task(self._attempt(http, msg))
@@ -131,7 +144,10 @@ class WebhookWorker:
             return Result(final=True, error="the event is no longer kept")
         if raw.subject != self._subjects.events(send.job_id) or raw.data is None:
             return Result(final=True, error="the event is no longer kept")
-        event = decode_event(raw.data)
+        try:
+            event = decode_event(raw.data)
+        except ContractError as exc:
+            return Result(final=True, error=f"the event cannot be read: {exc}"[:300])
         return await post(
             http,
             send.url,
