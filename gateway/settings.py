@@ -31,6 +31,8 @@ class ApiKey(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     key: str
     role: Literal["admin", "user"] = "admin"
     name: str | None = None
+    # Signs the webhooks of this key's jobs instead of `webhook_secret` (needs a `name`).
+    webhook_secret: str | None = None
 
 
 class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -85,6 +87,25 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     default_max_attempts: int = 2
     # Storage
     storage: str = "local"
+    # Webhooks (gateway/webhooks): a URL every job's events go to unless the job names its own,
+    # which event types by default, and the Standard Webhooks secret (`whsec_<base64>`) that
+    # signs them unless the job's API key has a `webhook_secret` of its own.
+    webhook_url: str | None = None
+    webhook_events: list[str] = msgspec.field(
+        default_factory=lambda: ["succeeded", "failed", "cancelled"]
+    )
+    webhook_secret: str | None = None
+    # Networks (CIDR) or host names webhooks may be sent to besides public addresses, as for
+    # URL inputs; cloud metadata addresses never.
+    webhook_allowlist: list[str] = msgspec.field(default_factory=list)
+    # One attempt's time limit; retries back off from `base` doubling up to `max`, jittered,
+    # for `window` seconds after the event, then the delivery is given up.
+    webhook_timeout_s: float = 10.0
+    webhook_retry_base_s: float = 5.0
+    webhook_retry_max_s: float = 3600.0
+    webhook_retry_window_s: float = 24 * 3600.0
+    # Deliveries one gateway makes at once.
+    webhook_concurrency: int = 16
 
     @property
     def data_path(self) -> Path:

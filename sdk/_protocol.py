@@ -31,6 +31,8 @@ def submission(
     max_attempts: int | None = None,
     timeout: float | None = None,
     job_id: str | None = None,
+    webhook_url: str | None = None,
+    webhook_events: list[str] | None = None,
 ) -> dict[str, Any]:
     """The JSON body of /workflow/submit and /workflow/execute.
 
@@ -54,6 +56,10 @@ def submission(
         body["timeout"] = timeout
     if job_id is not None:
         body["job_id"] = job_id
+    if webhook_url is not None:
+        body["webhook_url"] = webhook_url
+    if webhook_events is not None:
+        body["webhook_events"] = list(webhook_events)
     return body
 
 

@@ -103,7 +103,8 @@ class ComfyUISDK:
     ) -> JobResult:
         """Run a workflow and return its result once it ends.
 
-        Options: overrides, inputs, server, labels, priority, max_attempts, timeout, job_id.
+        Options: overrides, inputs, server, labels, priority, max_attempts, timeout, job_id,
+        webhook_url, webhook_events.
         `on_progress` is called with every event of the job as it happens. A failed or
         cancelled job raises JobFailed unless `raise_on_failure=False`.
         """

@@ -21,6 +21,7 @@ from gateway.api.native.routes import NATIVE_ROUTES
 from gateway.api.servers import SYSTEM_HEADER, ServerController
 from gateway.api.services import Services
 from gateway.api.system import health, metrics
+from gateway.api.webhooks import redeliver
 from gateway.api.workflows import WorkflowController, job_events_ws
 
 
@@ -45,6 +46,7 @@ def create_app(services: Services) -> Litestar:
             job_logs,
             logs_query,
             recent_jobs,
+            redeliver,
             health,
             metrics,
             *NATIVE_ROUTES,

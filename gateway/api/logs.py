@@ -62,7 +62,8 @@ class JobLogBody(msgspec.Struct, kw_only=True):
     """False while the log is behind the job's record: read it again for the rest."""
 
 
-async def _ask_sink(call: Any) -> Any:
+async def ask_sink(call: Any) -> Any:
+    """The log sink's answer to `call`, its refusals turned into the API's errors."""
     try:
         return await call
     except LogQueryError as exc:
@@ -92,10 +93,10 @@ async def job_logs(
     if not caller.owns(None if record is None else record.caller):
         raise ApiError(404, "unknown_job", f"no job {job_id!r}")
     if record is None:
-        log = await _ask_sink(job_log(services.nc, services.subjects, job_id))
+        log = await ask_sink(job_log(services.nc, services.subjects, job_id))
     else:
         try:
-            log = await _ask_sink(
+            log = await ask_sink(
                 job_log(
                     services.nc,
                     services.subjects,
@@ -172,9 +173,9 @@ async def logs_query(
         data.sql,
         max_rows=data.max_rows,
         timeout_s=data.timeout_s,
-        caller=_scope(request),
+        caller=scope_of(request),
     )
-    result: LogQueryResult = await _while_connected(request, _ask_sink(call))
+    result: LogQueryResult = await _while_connected(request, ask_sink(call))
     return result
 
 
@@ -191,11 +192,11 @@ async def recent_jobs(
     A user key lists only its own jobs.
     """
     return await list_jobs(
-        services, status=status, server=server, limit=limit, caller=_scope(request)
+        services, status=status, server=server, limit=limit, caller=scope_of(request)
     )
 
 
-def _scope(request: Request[Any, Any, Any]) -> str | None:
+def scope_of(request: Request[Any, Any, Any]) -> str | None:
     """Whose rows the request may see in the index: None for an admin (every row)."""
     caller = caller_of(request)
     return None if caller.admin else caller.id
@@ -216,7 +217,7 @@ async def list_jobs(
             raise ApiError(400, "invalid_request", str(exc)) from None
         if "'" in server or "\\" in server:
             raise ApiError(400, "invalid_request", "server ids have no quotes")
-    rows: list[dict[str, Any]] = await _ask_sink(
+    rows: list[dict[str, Any]] = await ask_sink(
         sink_recent_jobs(
             services.nc,
             services.subjects,

@@ -53,6 +53,10 @@ class WorkflowSubmission(msgspec.Struct, kw_only=True, forbid_unknown_fields=Tru
     timeout: Timeout | None = None  # execute: seconds to wait before answering 202
     job_id: str | None = None
     metadata: dict[str, str] = msgspec.field(default_factory=dict)
+    webhook_url: str | None = None
+    """Where to POST the job's events, signed (Standard Webhooks); "" for none."""
+    webhook_events: list[str] | None = None
+    """Which event types; the gateway's default (the job's end) without it."""
 
 
 class Timings(_ReadsLikeADict, msgspec.Struct, kw_only=True):

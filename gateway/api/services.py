@@ -65,6 +65,7 @@ SUBMIT_STATUS = {
     "invalid_request": 400,
     "invalid_workflow": 400,
     "invalid_overrides": 400,
+    "invalid_webhook": 400,
     "duplicate_job": 409,
     "unknown_server": 404,
     "unschedulable": 422,

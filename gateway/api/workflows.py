@@ -71,6 +71,8 @@ def to_request(body: WorkflowSubmission, services: Services, caller: Caller) -> 
         job_id=body.job_id,
         metadata=body.metadata,
         caller=caller.id,
+        webhook_url=body.webhook_url,
+        webhook_events=body.webhook_events,
     )
     # Checked here as well as by the balancer: a request over NATS's message limit could not
     # even be sent to it.

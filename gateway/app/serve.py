@@ -18,6 +18,7 @@ from gateway.bus.connection import session
 from gateway.bus.contract import Subjects
 from gateway.settings import Settings, SettingsError
 from gateway.storage import Storage
+from gateway.webhooks.worker import WebhookWorker
 from plugins.storage.registry import create_storage
 
 log = logging.getLogger(__name__)
@@ -106,6 +107,7 @@ async def _serve(
             balancer=balancer,
         )
         await services.start()
+        webhooks = WebhookWorker(nc, settings, on_attempt=services.metrics.webhook_attempted)
         server = _Server(
             uvicorn.Config(
                 create_app(services), log_level="warning", lifespan="on", access_log=False
@@ -115,6 +117,7 @@ async def _serve(
             fleet_task = tasks.create_task(fleet.run())
             balancer_task = tasks.create_task(balancer.run(stop)) if balancer else None
             http_task = tasks.create_task(server.serve(sockets=[sock]))
+            webhooks_task = tasks.create_task(webhooks.run(stop))
             # The socket already listens: connections made now wait in its backlog until
             # uvicorn accepts them. Ready means jobs can be submitted, so wait for the balancer.
             if balancer is not None:
@@ -127,6 +130,7 @@ async def _serve(
             await stop.wait()
             server.should_exit = True
             await http_task
+            await webhooks_task
             if balancer_task is not None:
                 await balancer_task
             fleet_task.cancel()

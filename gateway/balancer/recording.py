@@ -33,10 +33,15 @@ from gateway.bus.contract import (
     encode,
 )
 from gateway.bus.jobstate import BOUND, apply_event, attempts_left, record_from_queued
+from gateway.webhooks.feed import feed, wanted
 
 log = logging.getLogger(__name__)
 
 _BATCH = 256
+
+
+def _stream_seq(message: Msg) -> int:
+    return int(message.metadata.sequence.stream)
 
 
 class Recorder:
@@ -139,6 +144,10 @@ class Recorder:
                 return
             if record is None:
                 return  # a job that ended before this leader started, or unknown
+            if message is not None and wanted(record, event) and not record.status.terminal:
+                # Before the record moves on: an event replayed after this is queued again
+                # (and kept once), never skipped.
+                await feed(self._lead.js, self._lead.subjects, record, event, _stream_seq(message))
             updated = apply_event(record, event)
             if updated is None:
                 return

@@ -20,6 +20,7 @@ from gateway.bus.contract import Subjects, new_id
 from gateway.bus.events import EventPublisher
 from gateway.bus.lease import hold_lease
 from gateway.settings import Settings
+from gateway.webhooks.policy import WebhookPolicy
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,7 @@ class Balancer:
         self.submitter: Submitter | None = None
         self.leads = False
         self.ready = asyncio.Event()  # set once comfy.submit is answered
+        self._webhooks = WebhookPolicy(settings)  # SettingsError now, not once running
 
     async def run(self, stop: asyncio.Event) -> None:
         """Serve until `stop` is set; then stop taking submissions and give up the lease."""
@@ -49,6 +51,7 @@ class Balancer:
             self._subjects,
             self._fleet.table,
             publisher,
+            webhooks=self._webhooks,
         )
         dispatcher = self.dispatcher = Dispatcher(
             self._nc, js, jobs_kv, self._subjects, self._fleet.table, publisher

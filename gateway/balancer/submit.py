@@ -38,6 +38,7 @@ from gateway.bus.contract import (
     encode,
     new_id,
     now,
+    webhook_of,
 )
 from gateway.bus.events import EventPublisher
 from gateway.comfyui.jobfiles import job_file_problems
@@ -49,6 +50,7 @@ from gateway.comfyui.workflow import (
 )
 from gateway.logsink.paths import log_file_relpath
 from gateway.storage import MAX_SEGMENT_BYTES, InvalidKey, validate_key
+from gateway.webhooks.policy import WebhookPolicy, WebhookRefused
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +119,9 @@ class Submitter:
         publisher: EventPublisher,
         *,
         max_concurrent: int = 256,
+        webhooks: WebhookPolicy | None = None,
     ) -> None:
+        self._webhooks = webhooks
         self._kv = jobs_kv
         self._subjects = subjects
         self._servers = servers
@@ -128,6 +132,7 @@ class Submitter:
     async def submit(self, request: JobRequest) -> JobAccepted:
         """Accept `request` or raise Refused saying why."""
         self._check(request)
+        request = await self._with_webhook(request)
         job_id = request.job_id or new_id()
         submitted_at = now()
         path = log_file_relpath(job_id, submitted_at)
@@ -141,6 +146,7 @@ class Submitter:
             max_attempts=request.max_attempts,
             last_seq=1,
             caller=request.caller,
+            webhook=webhook_of(request),
         )
         try:
             await self._kv.create(job_id, encode(record))
@@ -154,6 +160,15 @@ class Submitter:
             job_id, QueuedData(request=request, log_file_path=path), ts=submitted_at
         )
         return JobAccepted(job_id=job_id, submitted_at=submitted_at, log_file_path=path)
+
+    async def _with_webhook(self, request: JobRequest) -> JobRequest:
+        """The request with its webhook resolved (defaults, checks); without one, as it is."""
+        if self._webhooks is None:
+            return request
+        try:
+            return await self._webhooks.resolved(request)
+        except WebhookRefused as exc:
+            raise Refused("invalid_webhook", str(exc)) from None
 
     async def _finish_half_done(self, job_id: str, request: JobRequest) -> JobAccepted | None:
         """Finish a submission that stopped between its record and its `queued` event.

@@ -150,6 +150,18 @@ def _stream_configs(subjects: Subjects, sizing: BusResources) -> list[api.Stream
             # Lets a publisher read the last event of a job cheaply (direct get).
             allow_direct=True,
         ),
+        api.StreamConfig(
+            name=subjects.webhooks_stream,
+            description="Webhook deliveries to make, and what each attempt came to (work queue)",
+            subjects=[subjects.all_webhook_sends, subjects.all_webhook_attempts],
+            retention=api.RetentionPolicy.WORK_QUEUE,
+            storage=api.StorageType.FILE,
+            num_replicas=sizing.replicas,
+            duplicate_window=DUPLICATE_WINDOW_S,
+            # Longer than any retry window: a delivery waiting out its backoff stays here.
+            max_age=sizing.events_max_age_s,
+            max_msg_size=_MAX_MESSAGE,
+        ),
     ]
 
 
@@ -168,7 +180,7 @@ async def ensure_resources(
     subjects: Subjects,
     sizing: BusResources | None = None,
 ) -> None:
-    """Create (or find) the streams JOBS and EVENTS, the KV buckets and the object store."""
+    """Create (or find) the streams JOBS, EVENTS and WEBHOOKS, the buckets and the object store."""
     sizing = sizing or BusResources()
     for config in _stream_configs(subjects, sizing):
         await _ensure_stream(js, config)

@@ -74,6 +74,22 @@ class Subjects(msgspec.Struct, frozen=True):
     def logs_query(self) -> str:
         return f"{self.prefix}.logs.query"
 
+    def webhook_sends(self, job_id: str) -> str:
+        """Webhook deliveries to make for one job's events (stream WEBHOOKS, a work queue)."""
+        return f"{self.prefix}.webhooks.send.{check_token(job_id, 'job id')}"
+
+    @property
+    def all_webhook_sends(self) -> str:
+        return f"{self.prefix}.webhooks.send.>"
+
+    def webhook_attempts(self, job_id: str) -> str:
+        """What each delivery attempt of a job's webhooks came to, for the log sink."""
+        return f"{self.prefix}.webhooks.attempts.{check_token(job_id, 'job id')}"
+
+    @property
+    def all_webhook_attempts(self) -> str:
+        return f"{self.prefix}.webhooks.attempts.>"
+
     @property
     def all_jobs(self) -> str:
         return f"{self.prefix}.jobs.>"
@@ -100,6 +116,10 @@ class Subjects(msgspec.Struct, frozen=True):
     @property
     def events_stream(self) -> str:
         return self._resource("EVENTS", "_")
+
+    @property
+    def webhooks_stream(self) -> str:
+        return self._resource("WEBHOOKS", "_")
 
     @property
     def servers_bucket(self) -> str:
@@ -206,6 +226,10 @@ class JobRequest(_Message, kw_only=True):
     # gateway/api/auth.py), or None for a job published on the bus directly. A user key sees
     # only jobs with its own caller; the gateway sets it and never takes it from a client.
     caller: str | None = None
+    # Where to POST the job's events (signed, see gateway/webhooks), and which of them; None
+    # takes the settings' defaults, "" no webhook even when the settings name one.
+    webhook_url: str | None = None
+    webhook_events: list[str] | None = None
 
 
 class JobAccepted(_Message, kw_only=True):
@@ -641,6 +665,87 @@ class JobRecord(_Message, kw_only=True):
     outputs: list[OutputFile] = msgspec.field(default_factory=list)
     error: FailedData | None = None
     caller: str | None = None  # the request's caller, for ownership checks
+    webhook: Webhook | None = None  # where the job's events are delivered, fixed at submission
+
+
+class Webhook(msgspec.Struct, kw_only=True):
+    """A job's webhook: the URL its events are POSTed to, and which event types."""
+
+    url: str
+    events: list[str]
+
+
+# Event types a webhook may ask for: every one but `queued` (the submission itself, with the
+# whole workflow) and `history` (ComfyUI's raw account, which may be as large as a message).
+WEBHOOK_EVENT_TYPES: Final = frozenset(
+    {
+        "dispatched",
+        "running",
+        "node_started",
+        "node_progress",
+        "node_cached",
+        "node_output",
+        "retried",
+        "succeeded",
+        "failed",
+        "cancelled",
+    }
+)
+TERMINAL_EVENT_TYPES: Final = ("succeeded", "failed", "cancelled")
+
+
+def webhook_of(request: JobRequest) -> Webhook | None:
+    """The webhook a request asks for once its defaults are filled in; None for none."""
+    if not request.webhook_url:
+        return None
+    return Webhook(url=request.webhook_url, events=list(request.webhook_events or ()))
+
+
+def delivery_id_for(event_id: str) -> str:
+    """The delivery id (`webhook-id`) of an event's webhook: one per event, kept on retries."""
+    return f"msg_{event_id}"
+
+
+class WebhookSend(_Message, kw_only=True):
+    """One event to deliver to a job's webhook: a work item of stream WEBHOOKS.
+
+    It names the event (its stream sequence in EVENTS) rather than carrying it: the body is
+    built from the event as stored at each attempt, and the item stays small.
+    """
+
+    delivery_id: str
+    job_id: str
+    seq: int
+    event_type: str
+    stream_seq: int
+    url: str
+    caller: str | None = None
+    created_at: float
+    # Set for a delivery asked for again (POST /webhooks/{id}/redeliver): its own token.
+    redelivery: str | None = None
+
+
+WebhookOutcome = Literal["delivered", "retrying", "failed", "gave_up"]
+
+
+class WebhookAttempt(_Message, kw_only=True, tag="webhook_attempt", tag_field="type"):
+    """One attempt to deliver an event to a webhook, as the job's log and index keep it."""
+
+    attempt_id: str
+    delivery_id: str
+    job_id: str
+    event_type: str
+    event_seq: int
+    stream_seq: int
+    attempt: int
+    redelivery: str | None = None
+    url: str
+    outcome: WebhookOutcome
+    status_code: int | None = None
+    latency_ms: float | None = None
+    error: str | None = None
+    ts: float
+    next_attempt_at: float | None = None
 
 
 # --------------------------------------------------------------------------------------------

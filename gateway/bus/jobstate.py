@@ -31,6 +31,7 @@ from gateway.bus.contract import (
     Retried,
     Running,
     Succeeded,
+    webhook_of,
 )
 
 BOUND: Final = frozenset({JobStatus.DISPATCHED, JobStatus.RUNNING})
@@ -54,6 +55,7 @@ def record_from_queued(event: Queued) -> JobRecord:
         max_attempts=request.max_attempts,
         last_seq=event.seq,
         caller=request.caller,
+        webhook=webhook_of(request),
     )
 
 

@@ -15,8 +15,9 @@ from pathlib import Path
 import duckdb
 import msgspec
 
-from gateway.bus.contract import ContractError
+from gateway.bus.contract import ContractError, WebhookAttempt
 from gateway.logsink import paths
+from gateway.logsink.attempts import index_attempt_lines, parse_attempt
 from gateway.logsink.config import SinkConfig
 from gateway.logsink.index import open_database
 from gateway.logsink.jsonl import read_lines
@@ -41,6 +42,7 @@ def reconcile(store: LogStore) -> RecoveryStats:
     stats = RecoveryStats()
     indexed = store.index.indexed_files()
     pending: list[tuple[str, EventRecord]] = []
+    attempts: list[tuple[str, WebhookAttempt, int]] = []
     pending_bytes = 0
     # Sorted by name, that is by submission time: a rebuild reads jobs in the order they came.
     for entry in sorted(os.scandir(store.files.folder), key=lambda e: e.name):
@@ -65,15 +67,21 @@ def reconcile(store: LogStore) -> RecoveryStats:
             try:
                 record = parse_event(line, end)
             except ContractError as exc:
-                stats.lines_rejected += 1
-                log.error("%s: a line at byte %d is not an event: %s", entry.path, end, exc)
+                try:
+                    # A webhook attempt's line; its job's events come before it in the file.
+                    attempts.append((rel, parse_attempt(line), end))
+                except ContractError:
+                    stats.lines_rejected += 1
+                    log.error("%s: a line at byte %d is not an event: %s", entry.path, end, exc)
                 continue
             pending.append((rel, record))
             pending_bytes += len(line)
             if len(pending) >= _BATCH_EVENTS or pending_bytes >= _BATCH_BYTES:
                 stats.events_indexed += store.index_lines(pending)
-                pending, pending_bytes = [], 0
+                index_attempt_lines(store, attempts)
+                pending, attempts, pending_bytes = [], [], 0
     stats.events_indexed += store.index_lines(pending)
+    index_attempt_lines(store, attempts)
     if stats.files_read:
         log.info(
             "indexed %d events from %d of %d log files",

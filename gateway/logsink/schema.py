@@ -47,6 +47,26 @@ TABLES: Final = (
         caller VARCHAR
     )
     """,
+    # One row per attempt to deliver an event to a job's webhook (gateway/webhooks).
+    """
+    CREATE TABLE IF NOT EXISTS webhook_deliveries (
+        attempt_id VARCHAR PRIMARY KEY,
+        delivery_id VARCHAR NOT NULL,
+        job_id VARCHAR NOT NULL,
+        event_type VARCHAR NOT NULL,
+        event_seq BIGINT NOT NULL,
+        stream_seq BIGINT NOT NULL,
+        attempt INTEGER NOT NULL,
+        redelivery VARCHAR,
+        url VARCHAR NOT NULL,
+        outcome VARCHAR NOT NULL,
+        status_code INTEGER,
+        latency_ms DOUBLE,
+        error VARCHAR,
+        ts TIMESTAMP NOT NULL,
+        next_attempt_at TIMESTAMP
+    )
+    """,
 )
 
 # An index made before a column existed gains it at start (see index.IndexDB).
@@ -131,7 +151,8 @@ VIEWS: Final = tuple(
     f"CREATE OR REPLACE VIEW {name} AS {body}" for name, body in VIEW_BODIES.items()
 )
 # What a query scoped to one caller may name (tenancy shadows each with that caller's rows).
-SCOPED_NAMES: Final = ("events", "jobs", *VIEW_NAMES)
+SCOPED_NAMES: Final = ("events", "jobs", "webhook_deliveries", *VIEW_NAMES)
+
 
 # Epoch seconds (DOUBLE) to a UTC TIMESTAMP without depending on the session's time zone.
 _TS = "make_timestamp(CAST(round({0} * 1e6) AS BIGINT))"
@@ -206,4 +227,18 @@ UPSERT_JOBS: Final = f"""
         last_seq = greatest(jobs.last_seq, excluded.last_seq),
         last_event_at = greatest(jobs.last_event_at, excluded.last_event_at),
         caller = coalesce(jobs.caller, excluded.caller)
+"""
+
+# A batch of webhook attempts (contract.WebhookAttempt) as one JSON array; each is stored once.
+INSERT_ATTEMPTS: Final = f"""
+    INSERT INTO webhook_deliveries
+    SELECT a->>'$.attempt_id', a->>'$.delivery_id', a->>'$.job_id', a->>'$.event_type',
+           CAST(a->>'$.event_seq' AS BIGINT), CAST(a->>'$.stream_seq' AS BIGINT),
+           CAST(a->>'$.attempt' AS INTEGER), a->>'$.redelivery', a->>'$.url', a->>'$.outcome',
+           CAST(a->>'$.status_code' AS INTEGER), CAST(a->>'$.latency_ms' AS DOUBLE),
+           a->>'$.error', {_TS.format("CAST(a->>'$.ts' AS DOUBLE)")},
+           {_TS.format("CAST(a->>'$.next_attempt_at' AS DOUBLE)")}
+    FROM (SELECT unnest(from_json($1, '["JSON"]')) AS a)
+    ON CONFLICT DO NOTHING
+    RETURNING attempt_id
 """

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import socket
@@ -18,12 +19,16 @@ from types import TracebackType
 from typing import TypeVar
 
 import duckdb
+import nats.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
+from nats.js import api
 
 from gateway.bus.connection import connect, ensure_resources
 from gateway.bus.contract import Subjects, new_id
 from gateway.bus.lease import hold_lease, lease_held
+from gateway.lifecycle import wait_event
+from gateway.logsink.attempts import write_attempts
 from gateway.logsink.config import SinkConfig
 from gateway.logsink.consumer import EventPuller
 from gateway.logsink.jsonl import JsonlError
@@ -134,6 +139,7 @@ class LogSink:
         assert self._service is not None
         async with asyncio.TaskGroup() as tasks:
             tasks.create_task(self._consume())
+            tasks.create_task(self._consume_attempts())
             tasks.create_task(self._service.run(self._stopping))
 
     async def wait(self, stop: asyncio.Event) -> None:
@@ -239,6 +245,41 @@ class LogSink:
                     await self._stopping.wait()
             delay = min(delay * 2, self.config.retry_max_s)
 
+    async def _consume_attempts(self) -> None:
+        """Webhook attempts into the job logs and `webhook_deliveries` (attempts.py)."""
+        store = self._store
+        assert store is not None
+        sub = await self._js.pull_subscribe(
+            self._subjects.all_webhook_attempts,
+            durable=ATTEMPTS_CONSUMER,
+            stream=self._subjects.webhooks_stream,
+            config=api.ConsumerConfig(
+                ack_policy=api.AckPolicy.EXPLICIT, ack_wait=self.config.ack_wait_s, max_deliver=-1
+            ),
+        )
+        try:
+            while not self._stopping.is_set():
+                try:
+                    batch = await sub.fetch(self.config.batch_size, timeout=1.0)
+                except TimeoutError:  # nats-py's or asyncio's: nothing came
+                    continue
+                except nats.errors.Error as exc:  # the broker restarting, say
+                    log.warning("fetching webhook attempts failed (%s); trying again", exc)
+                    await wait_event(self._stopping, 1.0)
+                    continue
+                raws = [msg.data for msg in batch]
+                try:
+                    held = await self._in_writer(functools.partial(write_attempts, store, raws))
+                except (JsonlError, duckdb.FatalException):
+                    raise
+                except Exception:
+                    log.exception("storing %d webhook attempts failed; they come again", len(raws))
+                    held = set(range(len(batch)))
+                for position, msg in enumerate(batch):
+                    await (msg.nak(delay=1.0) if position in held else msg.ack())
+        finally:
+            await sub.unsubscribe()
+
     async def _ack(self, batch: list[Msg], stats: BatchStats) -> None:
         for msg in batch:
             await msg.ack()
@@ -258,6 +299,8 @@ def _catalog(store: LogStore) -> str:
         cursor.close()
 
 
+# The durable consumer of webhook attempts (stream WEBHOOKS).
+ATTEMPTS_CONSUMER = "logsink-webhooks"
 # The log sink's lease, in the bucket of leases that the balancer's is in.
 LEASE_KEY = "logsink"
 

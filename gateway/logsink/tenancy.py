@@ -31,6 +31,8 @@ def scoped_views(catalog: str, caller: str) -> list[str]:
     statements = [
         f"CREATE TEMP VIEW jobs AS SELECT * FROM {base}.jobs WHERE caller = {_literal(caller)}",
         f"CREATE TEMP VIEW events AS SELECT * FROM {base}.events WHERE job_id IN ({mine})",
+        f"CREATE TEMP VIEW webhook_deliveries AS SELECT * FROM {base}.webhook_deliveries "
+        f"WHERE job_id IN ({mine})",
     ]
     # The same definitions as the index's own views; their `events` and `jobs` are the above.
     statements += [f"CREATE TEMP VIEW {name} AS {body}" for name, body in VIEW_BODIES.items()]

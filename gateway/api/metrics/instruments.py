@@ -10,17 +10,18 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Iterable
-from typing import Final, Literal
+from typing import Final, Literal, get_args
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
+from gateway.bus.contract import WebhookOutcome
+
 log = logging.getLogger(__name__)
 
 # What a gauge source gives at each scrape: metric families (GaugeMetricFamily, ...).
 GaugeSource = Callable[[], Awaitable[Iterable[Metric]]]
-WebhookOutcome = Literal["delivered", "failed", "abandoned"]
 AddedRoute = Literal["submit", "execute"]
 
 # From a dispatch round to an hour on a GPU: seconds a job waits, runs, or shows its first node.
@@ -31,7 +32,7 @@ JOB_BUCKETS: Final = (
 ADDED_BUCKETS: Final = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 )  # fmt: skip
-WEBHOOK_OUTCOMES: Final[tuple[WebhookOutcome, ...]] = ("delivered", "failed", "abandoned")
+WEBHOOK_OUTCOMES: Final[tuple[WebhookOutcome, ...]] = get_args(WebhookOutcome)
 
 
 class _Gauges(Collector):
@@ -119,8 +120,8 @@ class Metrics:
         """Read `source` at every scrape; `name` says which in the log when it fails."""
         self._sources.append((name, source))
 
-    def webhook_delivered(self, outcome: WebhookOutcome) -> None:
-        """Count one webhook delivery attempt."""
+    def webhook_attempted(self, outcome: WebhookOutcome) -> None:
+        """Count one webhook delivery attempt by what it came to."""
         self.webhook_deliveries.labels(outcome=outcome).inc()
 
     def gateway_added(self, route: AddedRoute, seconds: float) -> None:
