@@ -8,6 +8,7 @@ from typing import Any
 import httpx
 import msgspec
 from nats.aio.client import Client
+from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.bus.connection import connect
 from gateway.bus.contract import (
@@ -156,6 +157,18 @@ async def test_webhooks_are_signed_retried_through_a_restart_sent_once_and_logge
                 return any(row[5] == token for row in await _sql(alice, query))
 
             await poll_until(redelivery_logged, "the redelivery in webhook_deliveries")
+
+            # The gateway that took over counted each of its attempts by what it came to.
+            scraped = (await alice.get("/metrics", headers=ADMIN)).text
+            counted = {
+                sample.labels["outcome"]: sample.value
+                for family in text_string_to_metric_families(scraped)
+                if family.name == "comfyautomate_webhook_deliveries"
+                for sample in family.samples
+                if sample.name.endswith("_total")
+            }
+            ours = len(receiver.requests) - before
+            assert counted == {"delivered": 3, "retrying": ours - 3, "failed": 0, "gave_up": 0}
 
 
 async def test_a_target_is_checked_at_submission_and_again_when_sent(settings: Settings) -> None:
