@@ -11,29 +11,11 @@ which is what keeps the makespan close to ideal on a fleet of uneven GPUs.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Final
 
 import msgspec
 
 from gateway.bus.contract import Capabilities, JobRequest
-
-# Inputs that name a model file, and the model folders ComfyUI looks for them in.
-MODEL_INPUTS: Final[dict[str, tuple[str, ...]]] = {
-    "ckpt_name": ("checkpoints",),
-    "vae_name": ("vae",),
-    "lora_name": ("loras",),
-    "control_net_name": ("controlnet",),
-    "clip_name": ("text_encoders", "clip"),
-    "clip_name1": ("text_encoders", "clip"),
-    "clip_name2": ("text_encoders", "clip"),
-    "unet_name": ("diffusion_models", "unet"),
-    "model_name": ("upscale_models",),
-    "style_model_name": ("style_models",),
-    "clip_vision_name": ("clip_vision",),
-    "gligen_name": ("gligen",),
-    "hypernetwork_name": ("hypernetworks",),
-    "embedding_name": ("embeddings",),
-}
+from gateway.comfyui.shape import MODEL_INPUTS
 
 
 class Requirements(msgspec.Struct, frozen=True, kw_only=True):
