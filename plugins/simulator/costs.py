@@ -56,7 +56,7 @@ def sampling_step_seconds(config: SimulatorConfig, inputs: Mapping[str, Any]) ->
 class HeldModels:
     """The loaders whose outputs the server keeps across prompts, least recently used first."""
 
-    def __init__(self, capacity: int, on_evict: Callable[[Hashable], None]) -> None:
+    def __init__(self, capacity: int, on_evict: Callable[[Hashable], object]) -> None:
         self._capacity = capacity  # model files; 0: nothing beyond the classic cache
         self._on_evict = on_evict  # the cache drops the loader's output: its model is gone
         self._held: OrderedDict[Hashable, tuple[str, ...]] = OrderedDict()
