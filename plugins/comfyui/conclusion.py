@@ -154,6 +154,7 @@ async def _succeeded(attempt: Attempt, raw: dict[str, Any], entry: HistoryEntry)
         history.cancel()
         raise
     await history
+    attempt.ctx.residency.observe_history(entry)
     data = SucceededData(
         attempt=attempt.job.attempt,
         outputs=outputs,
