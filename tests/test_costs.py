@@ -110,7 +110,7 @@ def test_jobs_go_where_their_model_is_held_while_waiting_beats_loading() -> None
     bindings = schedule(_pending(jobs, {"a", "b"}), servers, costs)
     assert [(b.job_id, b.server_id) for b in bindings] == [("m1", "a"), ("m2", "a"), ("n1", "b")]
     first = bindings[0].reason
-    assert first.resident_models == ["m"] and first.loads == [] and first.load_s == 0
+    assert first.held == ["m"] and first.loads == [] and first.load_s == 0
     assert first.next_best == "b" and first.next_best_finish_s == 6.0
     assert bindings[1].reason.queued_s == 1.0 and bindings[1].reason.finish_s == 2.0
 
@@ -136,5 +136,7 @@ def test_held_models_follow_the_jobs_planned_and_the_oldest_leaves() -> None:
     )
     jobs = [("1", "n"), ("2", "o"), ("3", "m")]
     reasons = [b.reason for b in schedule(_pending(jobs, {"a"}), [a], costs)]
-    assert [r.resident_models for r in reasons] == [["m"], ["n", "m"], ["o", "n"]]
-    assert [r.loads for r in reasons] == [["n"], ["o"], ["m"]]
+    assert [r.loads for r in reasons] == [["n"], ["o"], ["m"]]  # m left when o came
+    assert [r.held for r in reasons] == [[], [], []]
+    again = schedule(_pending([("4", "m")], {"a"}), [a], costs)[0].reason
+    assert again.held == ["m"] and again.loads == []

@@ -43,6 +43,9 @@ log = logging.getLogger(__name__)
 # A server with no speed estimate yet is assumed to be as fast as the fleet's typical measured
 # server (per unit of weight); with none measured, to take this long per job, divided by weight.
 _DEFAULT_SECONDS_PER_JOB: Final = 1.0
+# Before any run is measured, a sampler step of a 512 x 512 image is taken to last this long
+# (a 20-step SD 1.5 image in 2 s): of the order of a model load, so that loads count at once.
+_DEFAULT_SECONDS_PER_UNIT: Final = 0.1
 # A server left idle this long (or ten of its estimated jobs, if longer) while jobs it could run
 # waited is measured afresh: were its estimate wrong, nothing would ever correct it.
 _REMEASURE_PASSED_OVER_S: Final = 30.0
@@ -83,7 +86,7 @@ class Binder:
 
     async def round(self) -> None:
         """Bind what the plan says of the queue's head to the servers with room."""
-        costs = RoundCosts(self._lead.servers, _DEFAULT_SECONDS_PER_JOB)
+        costs = RoundCosts(self._lead.servers, _DEFAULT_SECONDS_PER_UNIT)
         candidates = self._candidates(costs)
         queue = self._lead.book.queue
         if not candidates or not len(queue):

@@ -26,8 +26,9 @@ from gateway.comfyui.shape import JobShape
 _RUNS_REMEMBERED: Final = 5
 _RATES_REMEMBERED: Final = 20
 _SHAPES_REMEMBERED: Final = 10_000  # per server; beyond it the oldest shape is dropped
-# A model never seen loading is assumed to take this long until one load is seen anywhere.
-DEFAULT_LOAD_S: Final = 1.0
+# A model never seen loading is assumed to take this long until one load is seen anywhere
+# (a checkpoint read from a fast disk).
+DEFAULT_LOAD_S: Final = 5.0
 
 Source = Literal["learnt", "scaled", "by_size", "fallback"]
 

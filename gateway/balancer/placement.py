@@ -210,7 +210,7 @@ def _option(
         queued_s=busy,
         finish_s=finish,
         bound=server.bound,
-        resident_models=list(held),
+        held=[m for m in job.shape.models if m in held] if job.shape is not None else [],
     )
     return finish, load_s, server.server_id, reason
 

@@ -335,8 +335,9 @@ class PlacementReason(msgspec.Struct, kw_only=True):
     """queued_s + load_s + estimate_s: when the job should be done there."""
     bound: int = 0
     """Jobs bound to the server when this one was."""
-    resident_models: list[str] = msgspec.field(default_factory=list)
-    """The models the server was expected to hold before this job, most recent first."""
+    held: list[str] = msgspec.field(default_factory=list)
+    """The job's models the server was expected to hold (only the job's own: which others
+    it held would tell what other callers ran)."""
     next_best: str | None = None
     next_best_finish_s: float | None = None
 

@@ -67,7 +67,7 @@ async def test_jobs_of_a_model_follow_the_server_holding_it_and_say_why(system: 
             assert result["server_id"] == "b"
             dispatched = await _dispatched(client, result["job_id"])
             reason = dispatched["data"]["reason"]
-            assert reason["resident_models"] == ["m.ckpt"]
+            assert reason["held"] == ["m.ckpt"]
             assert reason["loads"] == [] and reason["load_s"] == 0
             assert reason["next_best"] == "a"
             assert reason["next_best_finish_s"] > reason["finish_s"]
