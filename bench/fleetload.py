@@ -37,13 +37,13 @@ from sdk import AsyncComfyUISDK
 from sdk.nats import NatsClient
 
 SPEEDS = {"s1": 1.0, "s2": 2.0, "s4a": 4.0, "s4b": 4.0}
-LOAD_SCALE = 0.5
+LOAD_SCALE = 0.8
 CHECKPOINTS = {"a.safetensors": 2.0, "b.safetensors": 5.0, "c.safetensors": 15.0}
 SHARES = {"a.safetensors": 0.5, "b.safetensors": 0.3, "c.safetensors": 0.2}
 SLOTS = 2
 # Few steps of a long time each: a step is a progress event through the whole system, and the
 # machine's time per event is not what is measured here.
-SAMPLE_SECONDS = 0.1  # one step of a 512 x 512 latent at 1x
+SAMPLE_SECONDS = 0.2  # one step of a 512 x 512 latent at 1x
 STEPS = (2, 4, 6, 8, 10)
 SIZES = (512, 768, 1024)  # steps x size spans 2 x 1 to 10 x 4 units of work: 20x
 
@@ -256,7 +256,8 @@ async def live(jobs: list[FleetJob], *, blind: bool = False) -> dict[str, Any]:
 
 async def _live(jobs: list[FleetJob]) -> dict[str, Any]:
     async with running_system() as system:
-        await asyncio.gather(*(system.add_server(s, server_config(v)) for s, v in SPEEDS.items()))
+        for server_id, speed in SPEEDS.items():
+            await system.add_server(server_id, server_config(speed))
         nc = await connect(system.settings.nats_url, "bench-fleet")
         done: dict[str, float] = {}
         all_done = asyncio.Event()

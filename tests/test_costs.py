@@ -6,9 +6,11 @@ from typing import Any
 
 import pytest
 
-from gateway.balancer.costs import DEFAULT_LOAD_S, CostModel, Estimate
+from gateway.api.servers import health_of
+from gateway.balancer.costs import DEFAULT_LOAD_S, CostModel, Estimate, ServerCosts
 from gateway.balancer.loadclock import LoadClock
 from gateway.balancer.placement import Candidate, Pending, hold, schedule
+from gateway.balancer.servers import ServerState
 from gateway.comfyui.shape import JobShape, shape_of
 
 
@@ -140,3 +142,13 @@ def test_held_models_follow_the_jobs_planned_and_the_oldest_leaves() -> None:
     assert [r.held for r in reasons] == [[], [], []]
     again = schedule(_pending([("4", "m")], {"a"}), [a], costs)[0].reason
     assert again.held == ["m"] and again.loads == []
+
+
+def test_health_shows_what_others_loaded_to_admin_keys_only() -> None:
+    state = ServerState(server_id="a", resident=["m"], model_slots=2)
+    learnt = ServerCosts(seconds_per_unit=0.1, shapes=1, load_seconds={"m": 2.0})
+    admin = health_of(state, 0.0, admin=True, costs=learnt)
+    assert (admin.resident_models, admin.load_seconds) == (["m"], {"m": 2.0})
+    user = health_of(state, 0.0, admin=False, costs=learnt)
+    assert (user.resident_models, user.load_seconds) == ([], {})
+    assert (user.seconds_per_unit, user.shapes_learnt, user.model_slots) == (0.1, 1, 2)

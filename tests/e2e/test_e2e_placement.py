@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 import httpx
@@ -58,7 +57,8 @@ async def _dispatched(client: httpx.AsyncClient, job_id: str) -> dict[str, Any]:
 async def test_jobs_of_a_model_follow_the_server_holding_it_and_say_why(system: System) -> None:
     # Loading takes far longer than the job: sticking to the holder is right on an idle fleet.
     config = SimulatorConfig(models=MODELS, resident_models=1, load_seconds={"m.ckpt": 0.3})
-    await asyncio.gather(system.add_server("a", config), system.add_server("b", config))
+    await system.add_server("a", config)
+    await system.add_server("b", config)
     async with httpx.AsyncClient(base_url=system.url, timeout=90) as client:
         # "a" is first in every tie; the model goes to "b" first, pinned.
         await _run(client, {"workflow": sd("m.ckpt", 1), "server": "b"})
