@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 
 from gateway.api.servers import health_of
@@ -12,6 +15,8 @@ from gateway.balancer.loadclock import LoadClock
 from gateway.balancer.placement import Candidate, Pending, hold, schedule
 from gateway.balancer.servers import ServerState
 from gateway.comfyui.shape import JobShape, shape_of
+
+RECORDINGS = Path(__file__).resolve().parent / "data" / "comfyui-protocol"
 
 
 def sd(checkpoint: str, steps: int = 20, size: int = 512, batch: int = 1) -> dict[str, Any]:
@@ -152,3 +157,27 @@ def test_health_shows_what_others_loaded_to_admin_keys_only() -> None:
     user = health_of(state, 0.0, admin=False, costs=learnt)
     assert (user.resident_models, user.load_seconds) == ([], {})
     assert (user.seconds_per_unit, user.shapes_learnt, user.model_slots) == (0.1, 1, 2)
+
+
+def test_node_times_read_from_a_real_servers_messages_as_they_arrived() -> None:
+    # The recording of a real ComfyUI holds no model loader (it ran on a CPU, model-free), so
+    # its slowest node stands for one: the clock times a node from its `executing` to the
+    # next, stamped on arrival as the adapter stamps `node_started`.
+    recording = RECORDINGS / "ws_heavy.jsonl"
+    started = [
+        (str(item["msg"]["data"]["node"]), float(item["t"]))
+        for item in map(json.loads, recording.read_text().splitlines())
+        if isinstance(item.get("msg"), dict)
+        and item["msg"]["type"] == "executing"
+        and item["msg"]["data"].get("node") is not None
+    ]
+    workflow = json.loads((RECORDINGS / "workflows" / "heavy.json").read_text())
+    blur = next(n for n, node in workflow.items() if node["class_type"] == "ImageBlur")
+    shape = msgspec.structs.replace(shape_of(workflow), loaders=((blur, ("blur",)),))
+    clock = LoadClock()
+    for node_id, t in started:
+        clock.node_started("heavy", shape, node_id, t)
+    loads = clock.ended("heavy", started[-1][1])
+    after = next(t for n, t in started if int(n) == int(blur) + 1)
+    assert loads == {"blur": pytest.approx(after - dict(started)[blur])}
+    assert loads["blur"] > 1.0  # ImageBlur(15) on 2048 x 2048 took seconds on that CPU
