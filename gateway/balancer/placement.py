@@ -166,53 +166,75 @@ def schedule(
     limit = lookahead or 2 * sum(s.capacity for s in servers.values()) + 1
     bindings: list[Binding] = []
     for job in pending[:limit] if len(pending) > limit else pending:
-        options = sorted(
-            (
-                _option(job, servers[s], busy_until[s], held[s], costs)
-                for s in job.eligible
-                if s in servers
-            ),
-            key=lambda o: o[:3],
-        )
-        if not options:
+        # Only the best two options matter, and a reason is written only for a binding:
+        # most jobs of the window are planned, not bound, and a round runs many times a second.
+        best: _Option | None = None
+        second: _Option | None = None
+        for server_id in job.eligible:
+            server = servers.get(server_id)
+            if server is None:
+                continue
+            option = _option(job, server, busy_until[server_id], held[server_id], costs)
+            if best is None or option.key < best.key:
+                best, second = option, best
+            elif second is None or option.key < second.key:
+                second = option
+        if best is None:
             continue
-        finish, _, server_id, reason = options[0]
-        best = servers[server_id]
-        busy_until[server_id] = finish
+        chosen = servers[best.server_id]
+        busy_until[chosen.server_id] = best.finish
+        reason = best.reason(chosen.bound, job, held[chosen.server_id])
         if job.shape is not None:
-            hold(held[server_id], job.shape.models, best.model_slots)
-        if best.has_room:
-            best.bound += 1
-            if len(options) > 1:
-                reason.next_best, reason.next_best_finish_s = options[1][2], options[1][0]
-            bindings.append(Binding(job.job_id, server_id, reason))
+            hold(held[chosen.server_id], job.shape.models, chosen.model_slots)
+        if chosen.has_room:
+            chosen.bound += 1
+            if second is not None:
+                reason.next_best, reason.next_best_finish_s = second.server_id, second.finish
+            bindings.append(Binding(job.job_id, chosen.server_id, reason))
     return bindings
+
+
+class _Option(msgspec.Struct, frozen=True):
+    """A job on one server: when it would finish there, and why."""
+
+    finish: float
+    load_s: float
+    server_id: str
+    queued_s: float
+    estimate: Estimate
+    loads: tuple[str, ...]
+
+    @property
+    def key(self) -> tuple[float, float, str]:
+        """The least is best: soonest finish, then the least loading, then the id."""
+        return (self.finish, self.load_s, self.server_id)
+
+    def reason(self, bound: int, job: Pending, held: list[str]) -> PlacementReason:
+        return PlacementReason(
+            estimate_s=self.estimate.seconds,
+            estimate_from=self.estimate.source,
+            load_s=self.load_s,
+            loads=list(self.loads),
+            queued_s=self.queued_s,
+            finish_s=self.finish,
+            bound=bound,
+            held=[m for m in job.shape.models if m in held] if job.shape is not None else [],
+        )
 
 
 def _option(
     job: Pending, server: Candidate, busy: float, held: list[str], costs: Estimator | None
-) -> tuple[float, float, str, PlacementReason]:
-    """(finish, load time, server id, why) of the job on one server: the least is best."""
+) -> _Option:
     if costs is None or job.shape is None:
         estimate = Estimate(server.seconds_per_job, "fallback")
-        loads: list[str] = []
+        loads: tuple[str, ...] = ()
         load_s = 0.0
     else:
         estimate = costs.run_seconds(server.server_id, job.shape)
-        loads = [m for m in job.shape.models if m not in held]
+        loads = tuple(m for m in job.shape.models if m not in held)
         load_s = sum(costs.load_seconds(server.server_id, m) for m in loads)
     finish = busy + load_s + estimate.seconds
-    reason = PlacementReason(
-        estimate_s=estimate.seconds,
-        estimate_from=estimate.source,
-        load_s=load_s,
-        loads=loads,
-        queued_s=busy,
-        finish_s=finish,
-        bound=server.bound,
-        held=[m for m in job.shape.models if m in held] if job.shape is not None else [],
-    )
-    return finish, load_s, server.server_id, reason
+    return _Option(finish, load_s, server.server_id, busy, estimate, loads)
 
 
 def plan(
