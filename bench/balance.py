@@ -11,6 +11,9 @@
    as a strong reference, speed-aware earliest-finish list scheduling.
 2. The same jobs with the fastest server crashed (sim.crash()) at half the ideal makespan.
 3. The e2e test's case: speeds 1x, 2x, 4x, 70 equal 3-node jobs at node_seconds 0.05/0.1/0.2.
+4. A fleet's workload (bench/fleetload.py): model loads, two models held per server, jobs 20x
+   apart in size, bursts; against round-robin, fewest queued, model-blind earliest finish,
+   SwarmUI-like model-aware least queued, and a lower bound. `--fleet-only` runs only this.
 
 Wait = started_at - submitted_at per job, from the log index (`jobs` table).
 """
@@ -27,6 +30,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench import fleetload
 from bench.common import (
     goal,
     print_goals,
@@ -211,7 +215,13 @@ async def live_run(
     }
 
 
-async def main(quick: bool) -> dict[str, Any]:
+async def main(quick: bool, fleet_only: bool = False) -> dict[str, Any]:
+    if fleet_only:
+        fleet = await fleetload.run(quick)
+        goals = fleet_goals(fleet)
+        say("")
+        print_goals(goals)
+        return {"mode": "quick" if quick else "full", "fleet": fleet, "goals": goals}
     rng = random.Random(7)
     n_jobs = 60 if quick else 200
     scale = 0.5 if quick else 1.0
@@ -359,6 +369,8 @@ async def main(quick: bool) -> dict[str, Any]:
         goal(f"e2e case node_seconds={k}: makespan / ideal", v["ratio"], "x", 1.05, False)
         for k, v in e2e.items()
     ]
+    fleet = await fleetload.run(quick)
+    goals += fleet_goals(fleet)
     say("")
     print_goals(goals)
     return {
@@ -374,13 +386,46 @@ async def main(quick: bool) -> dict[str, Any]:
         },
         "crash": {**crashed, "crash_at_s": crash_at, "ideal_s": ideal_crash},
         "e2e_case": e2e,
+        "fleet": fleet,
         "note": "2-core machine shared with other tests; offline strategies have no overhead.",
         "goals": goals,
     }
 
 
+def fleet_goals(fleet: dict[str, Any]) -> list[dict[str, Any]]:
+    live = fleet["live"]
+    return [
+        goal(
+            "fleet: makespan / lower bound", live["makespan_s"] / fleet["bound_s"], "x", 1.15, False
+        ),
+        goal(
+            "fleet: best model-blind (offline, no overhead) / gateway makespan",
+            fleet["best_blind_s"] / live["makespan_s"],
+            "x",
+            1.5,
+            True,
+        ),
+        goal(
+            "fleet: gateway model-blind (live) / gateway makespan",
+            fleet["live_blind"]["makespan_s"] / live["makespan_s"],
+            "x",
+            1.5,
+            True,
+        ),
+        goal(
+            "fleet: model loads, gateway / fewest of the baselines (offline)",
+            live["loads"] / max(1, fleet["fewest_baseline_loads"]),
+            "x",
+            1.0,
+            False,
+        ),
+    ]
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="60 smaller jobs, one e2e case")
+    parser.add_argument("--fleet-only", action="store_true", help="only the fleet workload")
     args = parser.parse_args()
-    write_results("balance", asyncio.run(main(args.quick)))
+    name = "balance_fleet" if args.fleet_only else "balance"
+    write_results(name, asyncio.run(main(args.quick, args.fleet_only)))

@@ -120,6 +120,16 @@ class ServerHealth(_ReadsLikeADict, msgspec.Struct, kw_only=True):
     models: dict[str, int]
     device: str | None
     seconds_per_job: float | None
+    seconds_per_unit: float | None = None
+    """Learnt by the leading balancer: run time per 512 x 512 sampler step, loads excluded."""
+    shapes_learnt: int = 0
+    """Job shapes whose run time here the balancer has measured."""
+    load_seconds: dict[str, float] = msgspec.field(default_factory=dict)
+    """Learnt load time of each model it loaded (admin keys only)."""
+    resident_models: list[str] = msgspec.field(default_factory=list)
+    """Models it holds, most recently used first (admin keys only)."""
+    model_slots: int | None = None
+    """How many models it keeps at once, once learnt."""
 
 
 class HealthReport(_ReadsLikeADict, msgspec.Struct, kw_only=True):

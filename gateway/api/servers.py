@@ -24,6 +24,7 @@ from gateway.api.probe import probe
 from gateway.api.schemas import ServerHealth, ServerRegistration
 from gateway.api.serveraddress import ServerAddress, check_reach, parse_address
 from gateway.api.services import ServicesDep
+from gateway.balancer.costs import ServerCosts
 from gateway.balancer.servers import ServerState
 from gateway.bus.contract import ContractError, ServerRecord, check_token, decode, encode, now
 from gateway.bus.kvsnapshot import kv_snapshot
@@ -69,7 +70,13 @@ async def _same_place(place: tuple[frozenset[str], str], address: str) -> bool:
     return port == place[1] and bool(ips & place[0])
 
 
-def health_of(state: ServerState, now_monotonic: float, *, admin: bool = True) -> ServerHealth:
+def health_of(
+    state: ServerState,
+    now_monotonic: float,
+    *,
+    admin: bool = True,
+    costs: ServerCosts | None = None,
+) -> ServerHealth:
     beat = state.heartbeat
     caps = state.capabilities
     age = state.age(now_monotonic)
@@ -90,6 +97,12 @@ def health_of(state: ServerState, now_monotonic: float, *, admin: bool = True) -
         models={folder: len(files) for folder, files in caps.models.items()} if caps else {},
         device=caps.device if caps else None,
         seconds_per_job=state.seconds_per_job,
+        seconds_per_unit=costs.seconds_per_unit if costs else None,
+        shapes_learnt=costs.shapes if costs else 0,
+        # Which models were loaded tells what other callers ran: admins only, as addresses.
+        load_seconds=costs.load_seconds if costs and admin else {},
+        resident_models=list(state.resident) if admin else [],
+        model_slots=state.model_slots,
     )
 
 
@@ -98,7 +111,10 @@ def fleet_health(services: ServicesDep, caller: Caller = OPEN) -> list[ServerHea
     table = services.fleet.table
     clock = table.now()
     servers = sorted(table, key=lambda s: s.server_id)
-    return [health_of(s, clock, admin=caller.admin) for s in servers]
+    return [
+        health_of(s, clock, admin=caller.admin, costs=table.costs.describe(s.server_id))
+        for s in servers
+    ]
 
 
 class ServerController(Controller):

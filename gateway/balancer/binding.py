@@ -14,6 +14,7 @@ from typing import Final
 
 import msgspec
 
+from gateway.balancer.estimates import RoundCosts, bound_work
 from gateway.balancer.joblog import Unreadable
 from gateway.balancer.lead import Lead
 from gateway.balancer.placement import (
@@ -22,7 +23,7 @@ from gateway.balancer.placement import (
     Requirements,
     left_idle,
     missing,
-    plan,
+    schedule,
 )
 from gateway.bus.contract import (
     Capabilities,
@@ -31,6 +32,7 @@ from gateway.bus.contract import (
     JobRecord,
     JobRequest,
     JobStatus,
+    PlacementReason,
     encode,
     now,
 )
@@ -41,6 +43,9 @@ log = logging.getLogger(__name__)
 # A server with no speed estimate yet is assumed to be as fast as the fleet's typical measured
 # server (per unit of weight); with none measured, to take this long per job, divided by weight.
 _DEFAULT_SECONDS_PER_JOB: Final = 1.0
+# Before any run is measured, a sampler step of a 512 x 512 image is taken to last this long
+# (a 20-step SD 1.5 image in 2 s): of the order of a model load, so that loads count at once.
+_DEFAULT_SECONDS_PER_UNIT: Final = 0.1
 # A server left idle this long (or ten of its estimated jobs, if longer) while jobs it could run
 # waited is measured afresh: were its estimate wrong, nothing would ever correct it.
 _REMEASURE_PASSED_OVER_S: Final = 30.0
@@ -58,22 +63,31 @@ class Binder:
         self._fits: dict[tuple[Requirements, str], bool] = {}
         self._fits_of: dict[str, tuple[Capabilities, dict[str, str]]] = {}
 
-    def _candidates(self) -> list[Candidate]:
+    def _candidates(self, costs: RoundCosts) -> list[Candidate]:
         typical = self._lead.servers.typical_seconds_per_job() or _DEFAULT_SECONDS_PER_JOB
-        return [
-            Candidate(
-                server_id=s.server_id,
-                capacity=s.capacity,
-                bound=self._lead.book.bound.count(s.server_id),
-                seconds_per_job=s.seconds_per_job or typical / max(s.weight, 0.01),
+        candidates = []
+        for s in self._lead.servers.live():
+            if s.capabilities is None:
+                continue
+            seconds_per_job = s.seconds_per_job or typical / max(s.weight, 0.01)
+            busy, resident = bound_work(self._lead.book, s, costs, seconds_per_job)
+            candidates.append(
+                Candidate(
+                    server_id=s.server_id,
+                    capacity=s.capacity,
+                    bound=self._lead.book.bound.count(s.server_id),
+                    seconds_per_job=seconds_per_job,
+                    busy_s=busy,
+                    resident=tuple(resident),
+                    model_slots=s.model_slots,
+                )
             )
-            for s in self._lead.servers.live()
-            if s.capabilities is not None
-        ]
+        return candidates
 
     async def round(self) -> None:
         """Bind what the plan says of the queue's head to the servers with room."""
-        candidates = self._candidates()
+        costs = RoundCosts(self._lead.servers, _DEFAULT_SECONDS_PER_UNIT)
+        candidates = self._candidates(costs)
         queue = self._lead.book.queue
         if not candidates or not len(queue):
             return
@@ -103,14 +117,15 @@ class Binder:
             avoid = self._lead.book.avoid.get(job_id)
             if avoid in eligible and len(eligible) > 1:
                 eligible = eligible - {avoid}  # it just failed this job: another one, please
-            pending.append(Pending(job_id=job_id, eligible=eligible))
-        bindings = plan(pending, candidates)
-        self._note_passed_over(candidates, pending, bindings)
-        for job_id, server_id in bindings:
-            record = self._lead.book.records.get(job_id)
+            shape = self._lead.book.shapes.get(job_id)
+            pending.append(Pending(job_id=job_id, eligible=eligible, shape=shape))
+        bindings = schedule(pending, candidates, costs)
+        self._note_passed_over(candidates, pending, [(b.job_id, b.server_id) for b in bindings])
+        for binding in bindings:
+            record = self._lead.book.records.get(binding.job_id)
             # An earlier binding's awaits let events in: this job may have ended or moved on.
             if record is not None and record.status is JobStatus.QUEUED:
-                await self._bind(record, server_id)
+                await self._bind(record, binding.server_id, binding.reason)
 
     def _note_passed_over(
         self,
@@ -155,7 +170,7 @@ class Binder:
             fit = self._fits[key] = not missing(need, capabilities, labels)
         return fit
 
-    async def _bind(self, record: JobRecord, server_id: str) -> None:
+    async def _bind(self, record: JobRecord, server_id: str, reason: PlacementReason) -> None:
         request = self._lead.book.requests.get(record.job_id)
         if request is None:
             try:
@@ -171,10 +186,12 @@ class Binder:
             return
         # Shielded: a leader stopped half-way would leave a record that says "dispatched" for
         # a job never sent.
-        await asyncio.shield(self._bind_to(record, request, server_id))
+        await asyncio.shield(self._bind_to(record, request, server_id, reason))
         self._lead.book.requests.pop(record.job_id, None)
 
-    async def _bind_to(self, record: JobRecord, request: JobRequest, server_id: str) -> None:
+    async def _bind_to(
+        self, record: JobRecord, request: JobRequest, server_id: str, reason: PlacementReason
+    ) -> None:
         attempt = record.attempt + 1
         at = now()
         bound = msgspec.structs.replace(
@@ -192,7 +209,7 @@ class Binder:
         try:
             await self._lead.publisher.emit(
                 record.job_id,
-                DispatchedData(server_id=server_id, attempt=attempt),
+                DispatchedData(server_id=server_id, attempt=attempt, reason=reason),
                 server_id=server_id,
             )
         except JobEnded:

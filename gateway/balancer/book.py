@@ -19,10 +19,12 @@ from typing import Final
 
 from nats.js.kv import KeyValue
 
+from gateway.balancer.loadclock import LoadClock
 from gateway.balancer.placement import Requirements, requirements
 from gateway.balancer.queue import BoundJobs, PendingQueue
 from gateway.bus.contract import FailedData, JobRecord, JobRequest, JobStatus, encode
 from gateway.bus.events import EventPublisher, JobEnded
+from gateway.comfyui.shape import JobShape, shape_of
 
 # How long a record may wait for its queued event before the submission is declared lost.
 UNCONFIRMED_GRACE_S: Final = 30.0
@@ -49,6 +51,8 @@ class JobBook:
         self.bound = BoundJobs()  # kept by keep and forget
         self.queue = PendingQueue()
         self.needs: dict[str, Requirements] = {}
+        self.shapes: dict[str, JobShape] = {}  # what sizes each job, for its cost estimates
+        self.clock = LoadClock()  # running jobs' loader times
         self.requests: dict[str, JobRequest] = {}  # of queued jobs seen arriving
         self.started_at: dict[str, float] = {}
         self.handed_back: dict[str, int] = {}  # job id -> attempt already handed back
@@ -84,6 +88,7 @@ class JobBook:
         """Hold an open job: its record, its requirements, and a queued job in the queue."""
         self.keep(record)
         self.needs[record.job_id] = requirements(request)
+        self.shapes[record.job_id] = shape_of(request.workflow)
         if record.status is JobStatus.QUEUED:
             self.queue.push(record)
 
@@ -98,6 +103,8 @@ class JobBook:
         self._publisher.forget(job_id)
         self.requests.pop(job_id, None)
         self.needs.pop(job_id, None)
+        self.shapes.pop(job_id, None)
+        self.clock.forget(job_id)
         self.queue.discard(job_id)
         self.handed_back.pop(job_id, None)
         self.avoid.pop(job_id, None)

@@ -11,29 +11,13 @@ which is what keeps the makespan close to ideal on a fleet of uneven GPUs.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Final
+from typing import Protocol
 
 import msgspec
 
-from gateway.bus.contract import Capabilities, JobRequest
-
-# Inputs that name a model file, and the model folders ComfyUI looks for them in.
-MODEL_INPUTS: Final[dict[str, tuple[str, ...]]] = {
-    "ckpt_name": ("checkpoints",),
-    "vae_name": ("vae",),
-    "lora_name": ("loras",),
-    "control_net_name": ("controlnet",),
-    "clip_name": ("text_encoders", "clip"),
-    "clip_name1": ("text_encoders", "clip"),
-    "clip_name2": ("text_encoders", "clip"),
-    "unet_name": ("diffusion_models", "unet"),
-    "model_name": ("upscale_models",),
-    "style_model_name": ("style_models",),
-    "clip_vision_name": ("clip_vision",),
-    "gligen_name": ("gligen",),
-    "hypernetwork_name": ("hypernetworks",),
-    "embedding_name": ("embeddings",),
-}
+from gateway.balancer.costs import Estimate
+from gateway.bus.contract import Capabilities, JobRequest, PlacementReason
+from gateway.comfyui.shape import MODEL_INPUTS, JobShape
 
 
 class Requirements(msgspec.Struct, frozen=True, kw_only=True):
@@ -114,6 +98,13 @@ class Candidate(msgspec.Struct, kw_only=True):
     bound: int
     seconds_per_job: float
 
+    busy_s: float | None = None
+    """The work bound to it, estimated job by job; None: bound x seconds_per_job."""
+    resident: tuple[str, ...] = ()
+    """The models it will hold once its bound jobs ran, most recently used first."""
+    model_slots: int | None = None
+    """How many models it keeps at once; None: unknown, nothing is taken to leave."""
+
     @property
     def has_room(self) -> bool:
         return self.bound < self.capacity
@@ -122,37 +113,135 @@ class Candidate(msgspec.Struct, kw_only=True):
 class Pending(msgspec.Struct, frozen=True, kw_only=True):
     job_id: str
     eligible: frozenset[str]  # servers that may run it now
+    shape: JobShape | None = None  # None: every job costs its server's seconds_per_job
+
+
+class Estimator(Protocol):
+    """What a job of a shape costs on a server (see costs.py)."""
+
+    def run_seconds(self, server_id: str, shape: JobShape) -> Estimate: ...
+
+    def load_seconds(self, server_id: str, model: str) -> float: ...
+
+
+class Binding(msgspec.Struct, frozen=True):
+    job_id: str
+    server_id: str
+    reason: PlacementReason
+
+
+def hold(resident: list[str], models: Iterable[str], slots: int | None) -> None:
+    """The server ran a job of these models: they are its most recent, the oldest may leave."""
+    used = [m for m in models if m]
+    resident[:] = [*used, *(m for m in resident if m not in used)]
+    if slots is not None:
+        del resident[max(slots, len(used)) :]
+
+
+def schedule(
+    pending: Sequence[Pending],
+    candidates: Iterable[Candidate],
+    costs: Estimator | None = None,
+    *,
+    lookahead: int = 0,
+) -> list[Binding]:
+    """Bindings to make now, in queue order, each with why.
+
+    Each job goes, in turn, to the eligible server with the earliest expected finish: the work
+    already bound there and planned for it this round, plus the job's run time there, plus the
+    loading of the models it needs that the server will not hold by then. So jobs of one model
+    go where it is held as long as waiting for that server beats loading it elsewhere, and a
+    server's held models follow the jobs planned for it. Only jobs whose chosen server has room
+    are bound; the rest wait. `lookahead` limits how many queued jobs the plan considers (0:
+    twice the fleet's total capacity, enough to fill every slot).
+    """
+    servers = {c.server_id: msgspec.structs.replace(c) for c in candidates}
+    if not servers:
+        return []
+    busy_until = {
+        s.server_id: s.busy_s if s.busy_s is not None else s.bound * s.seconds_per_job
+        for s in servers.values()
+    }
+    held = {s.server_id: list(s.resident) for s in servers.values()}
+    limit = lookahead or 2 * sum(s.capacity for s in servers.values()) + 1
+    bindings: list[Binding] = []
+    for job in pending[:limit] if len(pending) > limit else pending:
+        # Only the best two options matter, and a reason is written only for a binding:
+        # most jobs of the window are planned, not bound, and a round runs many times a second.
+        best: _Option | None = None
+        second: _Option | None = None
+        for server_id in job.eligible:
+            server = servers.get(server_id)
+            if server is None:
+                continue
+            option = _option(job, server, busy_until[server_id], held[server_id], costs)
+            if best is None or option.key < best.key:
+                best, second = option, best
+            elif second is None or option.key < second.key:
+                second = option
+        if best is None:
+            continue
+        chosen = servers[best.server_id]
+        busy_until[chosen.server_id] = best.finish
+        reason = best.reason(chosen.bound, job, held[chosen.server_id])
+        if job.shape is not None:
+            hold(held[chosen.server_id], job.shape.models, chosen.model_slots)
+        if chosen.has_room:
+            chosen.bound += 1
+            if second is not None:
+                reason.next_best, reason.next_best_finish_s = second.server_id, second.finish
+            bindings.append(Binding(job.job_id, chosen.server_id, reason))
+    return bindings
+
+
+class _Option(msgspec.Struct, frozen=True):
+    """A job on one server: when it would finish there, and why."""
+
+    finish: float
+    load_s: float
+    server_id: str
+    queued_s: float
+    estimate: Estimate
+    loads: tuple[str, ...]
+
+    @property
+    def key(self) -> tuple[float, float, str]:
+        """The least is best: soonest finish, then the least loading, then the id."""
+        return (self.finish, self.load_s, self.server_id)
+
+    def reason(self, bound: int, job: Pending, held: list[str]) -> PlacementReason:
+        return PlacementReason(
+            estimate_s=self.estimate.seconds,
+            estimate_from=self.estimate.source,
+            load_s=self.load_s,
+            loads=list(self.loads),
+            queued_s=self.queued_s,
+            finish_s=self.finish,
+            bound=bound,
+            held=[m for m in job.shape.models if m in held] if job.shape is not None else [],
+        )
+
+
+def _option(
+    job: Pending, server: Candidate, busy: float, held: list[str], costs: Estimator | None
+) -> _Option:
+    if costs is None or job.shape is None:
+        estimate = Estimate(server.seconds_per_job, "fallback")
+        loads: tuple[str, ...] = ()
+        load_s = 0.0
+    else:
+        estimate = costs.run_seconds(server.server_id, job.shape)
+        loads = tuple(m for m in job.shape.models if m not in held)
+        load_s = sum(costs.load_seconds(server.server_id, m) for m in loads)
+    finish = busy + load_s + estimate.seconds
+    return _Option(finish, load_s, server.server_id, busy, estimate, loads)
 
 
 def plan(
     pending: Sequence[Pending], candidates: Iterable[Candidate], *, lookahead: int = 0
 ) -> list[tuple[str, str]]:
-    """Bindings (job id, server id) to make now, in queue order.
-
-    Each job goes, in turn, to the eligible server with the earliest expected finish, counting
-    the work already bound there and the work this round has planned for it. Only jobs whose
-    chosen server has room are bound; the rest wait. `lookahead` limits how many queued jobs the
-    plan considers (0: twice the fleet's total capacity, enough to fill every slot).
-    """
-    servers = {c.server_id: msgspec.structs.replace(c) for c in candidates}
-    if not servers:
-        return []
-    busy_until = {s.server_id: s.bound * s.seconds_per_job for s in servers.values()}
-    limit = lookahead or 2 * sum(s.capacity for s in servers.values()) + 1
-    bindings: list[tuple[str, str]] = []
-    for job in pending[:limit] if len(pending) > limit else pending:
-        choices = [servers[s] for s in job.eligible if s in servers]
-        if not choices:
-            continue
-        best = min(
-            choices,
-            key=lambda s: (busy_until[s.server_id] + s.seconds_per_job, s.server_id),
-        )
-        busy_until[best.server_id] += best.seconds_per_job
-        if best.has_room:
-            best.bound += 1
-            bindings.append((job.job_id, best.server_id))
-    return bindings
+    """Bindings (job id, server id) to make now, in queue order: `schedule` without costs."""
+    return [(b.job_id, b.server_id) for b in schedule(pending, candidates, lookahead=lookahead)]
 
 
 def left_idle(

@@ -80,6 +80,10 @@ class BoundJobs:
     def count(self, server_id: str) -> int:
         return len(self._jobs.get(server_id, ()))
 
+    def of(self, server_id: str) -> list[str]:
+        """The ids of the jobs the server holds."""
+        return list(self._jobs.get(server_id, ()))
+
     def pairs(self) -> list[tuple[str, str]]:
         """(server id, job id) of every bound job, as a list: callers change records."""
         return [(server_id, job_id) for server_id, jobs in self._jobs.items() for job_id in jobs]

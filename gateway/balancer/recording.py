@@ -24,6 +24,7 @@ from gateway.bus.contract import (
     Event,
     JobRecord,
     JobStatus,
+    NodeStarted,
     Queued,
     Retried,
     Running,
@@ -148,6 +149,9 @@ class Recorder:
                 # Before the record moves on: an event replayed after this is queued again
                 # (and kept once), never skipped.
                 await feed(self._lead.js, self._lead.subjects, record, event, _stream_seq(message))
+            if isinstance(event, NodeStarted):
+                shape = book.shapes.get(event.job_id)
+                book.clock.node_started(event.job_id, shape, event.data.node_id, event.ts)
             updated = apply_event(record, event)
             if updated is None:
                 return
@@ -198,12 +202,19 @@ class Recorder:
         return meta.num_delivered == 1 and meta.sequence.stream > self.replayed_upto
 
     def _finish(self, before: JobRecord, after: JobRecord, event: Event) -> None:
-        self._lead.book.forget(after.job_id)
-        started = self._lead.book.started_at.pop(after.job_id, None)
+        book = self._lead.book
+        shape = book.shapes.get(after.job_id)
+        loads = book.clock.ended(after.job_id, event.ts)
+        book.forget(after.job_id)
+        started = book.started_at.pop(after.job_id, None)
         # Only a success tells how fast a server is: a failure or a cancel may come at once or
         # after a crash and a restart, and one such outlier would starve a good server.
         if started is not None and before.server_id is not None and isinstance(event, Succeeded):
-            self._lead.servers.observe_run(before.server_id, event.ts - started)
+            servers = self._lead.servers
+            servers.observe_run(before.server_id, event.ts - started)
+            if shape is not None:
+                servers.costs.observe_run(before.server_id, shape, event.ts - started, loads)
+                servers.note_resident(before.server_id, shape.models)
         if isinstance(event, Cancelled) and before.status in BOUND and before.server_id:
             # Cancelled while bound: make sure the adapter stops it too.
             asyncio.get_running_loop().create_task(self._forward_cancel(before))
@@ -221,6 +232,7 @@ class Recorder:
 
     async def _requeue(self, record: JobRecord, event: Retried) -> None:
         self._lead.book.started_at.pop(record.job_id, None)
+        self._lead.book.clock.forget(record.job_id)
         self._lead.book.handed_back.pop(record.job_id, None)
         need = self._lead.book.needs.get(record.job_id)
         if (

@@ -15,6 +15,8 @@ from typing import Final
 
 import msgspec
 
+from gateway.balancer.costs import CostModel
+from gateway.balancer.placement import hold
 from gateway.bus.contract import Capabilities, Heartbeat, ServerRecord
 
 STALE_AFTER_INTERVALS: Final = 3
@@ -33,6 +35,9 @@ class ServerState(msgspec.Struct, kw_only=True):
     capabilities: Capabilities | None = None
     capabilities_hash: str = ""
     recent_runs: list[float] = msgspec.field(default_factory=list)  # seconds, newest last
+    resident: list[str] = msgspec.field(default_factory=list)
+    """Models it holds, most recently used first: its heartbeat's, and the jobs since."""
+    model_slots: int | None = None
 
     @property
     def seconds_per_job(self) -> float | None:
@@ -102,6 +107,7 @@ class ServerTable:
         # on a box nobody told) are ignored until the id is registered again.
         self._removed: set[str] = set()
         self.removals = 0  # counts removals, so that a reader can tell when one happened
+        self.costs = CostModel()  # learnt by the leading balancer from the jobs it sees end
         # Removed id -> (monotonic time, interval) of its last heartbeat: its adapter is still
         # finishing the jobs it runs (it stops gracefully), and they are not handed back.
         self._draining: dict[str, tuple[float, float]] = {}
@@ -132,6 +138,8 @@ class ServerTable:
         state = self._state(beat.server_id)
         state.heartbeat = beat
         state.seen_at = self.now()
+        state.resident = list(beat.resident_models)
+        state.model_slots = beat.model_slots
         if beat.capabilities is not None:
             state.capabilities = beat.capabilities
             state.capabilities_hash = beat.capabilities_hash
@@ -180,6 +188,13 @@ class ServerTable:
         state = self._servers.get(server_id)
         if state is not None:
             state.recent_runs = []
+        self.costs.forget(server_id)
+
+    def note_resident(self, server_id: str, models: tuple[str, ...]) -> None:
+        """A job of these models ended well there: the server holds them (until its next beat)."""
+        state = self._servers.get(server_id)
+        if state is not None and models:
+            hold(state.resident, models, state.model_slots)
 
     def typical_seconds_per_job(self) -> float | None:
         """Median estimate over the live measured servers, per unit of weight; None if none."""

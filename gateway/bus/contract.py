@@ -297,6 +297,10 @@ class Heartbeat(_Message, kw_only=True):
     capabilities_hash: str = ""
     capabilities: Capabilities | None = None
     interval_s: float = 1.0
+    resident_models: list[str] = msgspec.field(default_factory=list)
+    """Model files the server holds, most recently used first, as its prompts told."""
+    model_slots: int | None = None
+    """How many model files it keeps at once, once the adapter has seen one evicted."""
 
 
 class ServerRecord(_Message, kw_only=True):
@@ -334,9 +338,39 @@ class QueuedData(msgspec.Struct, kw_only=True):
     log_file_path: str
 
 
+class PlacementReason(msgspec.Struct, kw_only=True):
+    """Why the balancer chose a server for a job: what it expected there, against the next best.
+
+    Times are estimates in seconds, learnt from the fleet's runs (see docs/ARCHITECTURE.md,
+    "Placement"); `finish_s` counts from the moment of choosing.
+    """
+
+    estimate_s: float
+    """The job's run time there, model loads not counted."""
+    estimate_from: str
+    """learnt (this shape ran there), scaled (it ran elsewhere), by_size, or fallback."""
+    load_s: float = 0.0
+    """Time to load the models it needs that the server was not expected to hold."""
+    loads: list[str] = msgspec.field(default_factory=list)
+    """Those models."""
+    queued_s: float = 0.0
+    """The work already bound to the server, or planned for it ahead of this job."""
+    finish_s: float = 0.0
+    """queued_s + load_s + estimate_s: when the job should be done there."""
+    bound: int = 0
+    """Jobs bound to the server when this one was."""
+    held: list[str] = msgspec.field(default_factory=list)
+    """The job's models the server was expected to hold (only the job's own: which others
+    it held would tell what other callers ran)."""
+    next_best: str | None = None
+    next_best_finish_s: float | None = None
+
+
 class DispatchedData(msgspec.Struct, kw_only=True):
     server_id: str
     attempt: int
+    reason: PlacementReason | None = None
+    """Why this server (absent in events written before placement explained itself)."""
 
 
 class RunningData(msgspec.Struct, kw_only=True):

@@ -45,6 +45,7 @@ from plugins.comfyui.control import ControlServer
 from plugins.comfyui.heartbeat import Monitor
 from plugins.comfyui.options import AdapterOptions, with_settings
 from plugins.comfyui.progress import Follower
+from plugins.comfyui.residency import Residency
 from plugins.comfyui.runner import JobRun
 from plugins.storage.registry import create_storage
 
@@ -106,6 +107,7 @@ class Adapter:
         self._storage = storage
         self._client = ComfyClient(address)
         self._breaker = Breaker()
+        self._residency = Residency()
         self._monitor = Monitor(
             self._client,
             server_id=server_id,
@@ -118,6 +120,7 @@ class Adapter:
             resend_s=options.capabilities_resend_s,
             on_unhealthy=self._on_unhealthy,
             taken_out=self._breaker.reason,
+            residency=self._residency,
         )
         self._follower = Follower(
             address,
@@ -153,6 +156,7 @@ class Adapter:
         return await self._monitor.refresh_capabilities()
 
     def _on_unhealthy(self, reason: str) -> None:
+        self._residency.forget()  # a ComfyUI that restarted holds no models
         # Jobs not yet on ComfyUI go back at once; submitted ones find out for themselves
         # (their prompt comes back, or ComfyUI stays unreachable and they hand back).
         for run in list(self._runs.values()):
@@ -176,6 +180,7 @@ class Adapter:
             jobs_kv=kv,
             options=self._options,
             unhealthy=self._monitor.unhealthy,
+            residency=self._residency,
         )
         control = ControlServer(self._nc, self._subjects.control(self.server_id), self)
         sub = await self._subscribe()

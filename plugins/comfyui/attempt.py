@@ -28,6 +28,7 @@ from plugins.comfyui.inputfiles import JobFiles
 from plugins.comfyui.options import AdapterOptions
 from plugins.comfyui.outputs import OutputSaver
 from plugins.comfyui.progress import NUDGE, Follower, Watch
+from plugins.comfyui.residency import Residency
 from plugins.comfyui.sending import JobEvents
 
 Outcome = SucceededData | FailedData | CancelledData | RetriedData
@@ -47,6 +48,8 @@ class RunContext:
     options: AdapterOptions
     unhealthy: Callable[[], str | None]
     """Why ComfyUI is unhealthy right now, or None when it answers."""
+    residency: Residency = field(default_factory=Residency)
+    """The models the server holds, as its prompts told (for the heartbeat)."""
 
 
 @dataclass

@@ -154,11 +154,12 @@ async def _succeeded(attempt: Attempt, raw: dict[str, Any], entry: HistoryEntry)
         history.cancel()
         raise
     await history
+    attempt.ctx.residency.observe_history(entry)
     data = SucceededData(
         attempt=attempt.job.attempt,
         outputs=outputs,
         node_errors=attempt.node_errors,
-        duration_s=_duration(entry),
+        duration_s=run_seconds(entry),
     )
     return Result(data, raw)
 
@@ -220,7 +221,8 @@ async def drop_outputs(attempt: Attempt) -> None:
         await attempt.outputs.abandon()
 
 
-def _duration(entry: HistoryEntry) -> float | None:
+def run_seconds(entry: HistoryEntry) -> float | None:
+    """How long ComfyUI ran the prompt, from its history's timestamps; None if it does not say."""
     if entry.status is None:
         return None
     start = entry.status.message("execution_start")

@@ -20,6 +20,7 @@ from nats.aio.client import Client
 
 from gateway.bus.contract import Capabilities, Heartbeat, encode, now
 from plugins.comfyui.client import ComfyClient, ComfyError
+from plugins.comfyui.residency import Residency
 
 log = logging.getLogger(__name__)
 
@@ -96,8 +97,10 @@ class Monitor:
         resend_s: float = 30.0,
         on_unhealthy: Callable[[str], None] | None = None,
         taken_out: Callable[[], str | None] = lambda: None,
+        residency: Residency | None = None,
     ) -> None:
         self._client = client
+        self.residency = residency or Residency()
         self._taken_out = taken_out  # why the server must get no work for now (breaker.py)
         self.server_id = server_id
         self.address = address
@@ -210,6 +213,8 @@ class Monitor:
             capabilities_hash=self.capabilities_digest,
             capabilities=include,
             interval_s=self.interval_s,
+            resident_models=list(self.residency.models),
+            model_slots=self.residency.slots,
         )
 
     async def run(self, nc: Client, subject: str, in_flight: Callable[[], list[str]]) -> None:

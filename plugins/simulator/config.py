@@ -85,6 +85,17 @@ class SimulatorConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     speed: float = 1.0
     """Factor applied to every duration: 2.0 runs twice as fast."""
 
+    # What costs time on a GPU server (costs.py says what is modelled); off by default.
+    load_seconds: dict[str, float] = msgspec.field(default_factory=dict)
+    """Per model file, the time its loader node takes when the model is not held."""
+    default_load_seconds: float = 0.0
+    """Load time of a model file not in `load_seconds`."""
+    resident_models: int = 0
+    """How many model files the server holds across prompts (what fits in VRAM), least
+    recently used out first; 0 keeps only the last prompt's, as ComfyUI's classic cache."""
+    sample_seconds: float = 0.0
+    """Time of one sampler step on a 512 x 512 latent, scaled by its pixels and batch."""
+
     # What the server claims to have.
     node_types: list[str] = msgspec.field(default_factory=lambda: list(DEFAULT_NODE_TYPES))
     models: dict[str, list[str]] = msgspec.field(default_factory=_default_models)

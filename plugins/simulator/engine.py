@@ -19,9 +19,11 @@ from typing import Any
 
 from gateway.comfyui.graph import ExecutionList, is_link, signatures
 from gateway.comfyui.nodedef import NodeDef
+from gateway.comfyui.shape import node_models
 from gateway.comfyui.validation import Validator
 
 from .config import SimulatorConfig
+from .costs import HeldModels, load_seconds, sampling_step_seconds
 from .history import History, QueueItem
 from .hub import Hub
 from .images import format_value
@@ -109,6 +111,8 @@ class Engine:
         self._number = 0
         self._seq = itertools.count()
         self._cache: dict[Hashable, _CacheEntry] = {}
+        # Loader outputs kept beyond the last prompt: the models the server holds.
+        self.held = HeldModels(config.resident_models, lambda key: self._cache.pop(key, None))
         self._interrupt = False
         self._wake = asyncio.Event()
         self._started = 0
@@ -213,6 +217,12 @@ class Engine:
         else:
             self._interrupt = True
 
+    def free_models(self, *, free_memory: bool) -> None:
+        """`POST /free`: the held models leave; with `free_memory`, the whole cache too."""
+        self.held.clear()
+        if free_memory:
+            self._cache.clear()
+
     def set_hang(self, hang: bool) -> None:
         self.hang = hang
         self._wake.set()
@@ -257,9 +267,11 @@ class Engine:
         if self.config.setup_duration() > 0:
             await asyncio.sleep(self.config.setup_duration())
         await self.setup_gate.wait()
-        live = set(run.signatures.values())
+        live = set(run.signatures.values()) | self.held.signatures()
         self._cache = {key: entry for key, entry in self._cache.items() if key in live}
         cached = [node_id for node_id in prompt if run.signatures[node_id] in self._cache]
+        for node_id in cached:  # a held model served again is the most recently used
+            self.held.used(run.signatures[node_id], node_models(prompt[node_id]))
         self._message(
             run, "execution_cached", {"nodes": cached, "prompt_id": item.prompt_id}, False
         )
@@ -364,16 +376,18 @@ class Engine:
             self.last_node_id = node_id
             data = {"node": node_id, "display_node": node_id, "prompt_id": prompt_id}
             self.hub.send("executing", data, run.client_id)
+        sampling = [0.0]  # the sampler's time per step on its latent, once inputs are known
         context = NodeContext(
             run.progress,
             node_id,
             lambda: self._interrupt,
             folder=self.folders.get,
-            step_seconds=self.config.step_duration,
+            step_seconds=lambda: self.config.step_duration() + sampling[0],
         )
         inputs: dict[str, Any] = {}
         try:
             inputs = self._gather(run, node_id, definition)
+            sampling[0] = sampling_step_seconds(self.config, inputs)
             # ComfyUI's worker is a thread: between two nodes its server has answered what
             # came meanwhile, an /interrupt among them, however quick the nodes are.
             await asyncio.sleep(0)
@@ -381,7 +395,8 @@ class Engine:
                 raise Interrupted
             if self._matches(self.config.crash_on_node, node_id, class_type):
                 self._crash()
-            duration = self.config.seconds_for(class_type)
+            node = run.item.prompt[node_id]
+            duration = self.config.seconds_for(class_type) + load_seconds(self.config, node)
             if duration > 0:
                 await asyncio.sleep(duration)
             if any(self._matches(s, node_id, class_type) for s in self.config.fail_nodes):
@@ -428,6 +443,7 @@ class Engine:
                 data = {"node": node_id, "display_node": node_id, "output": result.ui}
                 self.hub.send("executed", {**data, "prompt_id": prompt_id}, run.client_id)
         self._cache[run.signatures[node_id]] = _CacheEntry(result.outputs, ui)
+        self.held.used(run.signatures[node_id], node_models(run.item.prompt[node_id]))
         run.values[node_id] = result.outputs
         run.executed.append(node_id)
         run.progress.finish(node_id)

@@ -308,7 +308,9 @@ class App:
         return empty()
 
     async def _free(self, request: Request, param: str) -> Response:
-        request.json()
+        body = request.json()
+        if isinstance(body, dict) and (body.get("unload_models") or body.get("free_memory")):
+            self.engine.free_models(free_memory=bool(body.get("free_memory")))
         return empty()
 
     async def _jobs(self, request: Request, param: str) -> Response:
