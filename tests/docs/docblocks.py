@@ -69,25 +69,38 @@ def blocks(document: str) -> Iterator[Block]:
 
 
 def commands(text: str) -> Iterator[str]:
-    """The commands of a bash block: continuation lines joined, comments and blanks left out."""
+    """The commands of a bash block, as bash reads them: a line ending in `\\` or inside an
+    open quote goes on on the next; comments and blank lines are left out."""
     pending = ""
     for raw in text.splitlines():
-        line = raw.rstrip()
-        if pending:
-            line = pending + " " + line.lstrip()
-            pending = ""
+        line = pending + raw.rstrip() if pending else raw.rstrip()
+        pending = ""
+        if _open_quote(line):
+            pending = line + "\n"
+            continue
         if line.endswith("\\"):
-            pending = line[:-1].rstrip()
+            pending = line[:-1].rstrip() + " "
             continue
         line = _without_comment(line)
         if line.strip():
             yield line
-    if pending:
-        yield _without_comment(pending)
+    if pending.strip():
+        yield _without_comment(pending.rstrip())
+
+
+def _open_quote(line: str) -> bool:
+    """Whether `line` ends inside a quote (bash reads on into the next line)."""
+    return _scan(line)[1]
 
 
 def _without_comment(line: str) -> str:
     """The line up to a `#` that starts a shell comment (outside quotes, after a blank)."""
+    return line[: _scan(line)[0]].rstrip()
+
+
+def _scan(line: str) -> tuple[int, bool]:
+    """Where a shell comment starts in `line` (its length if none), and whether the line ends
+    inside a quote."""
     quote, escaped = "", False
     for index, char in enumerate(line):
         if escaped:
@@ -99,8 +112,8 @@ def _without_comment(line: str) -> str:
         elif char in "'\"":
             quote = char
         elif char == "#" and (index == 0 or line[index - 1].isspace()):
-            return line[:index].rstrip()
-    return line
+            return index, False
+    return len(line), bool(quote)
 
 
 def substitute(text: str, places: Mapping[str, str]) -> str:

@@ -4,6 +4,7 @@ so the docs cannot drift from the code. How a block is run: tests/docs/docblocks
 from __future__ import annotations
 
 import asyncio
+import base64
 import inspect
 import json
 import os
@@ -12,14 +13,18 @@ import shutil
 import sys
 import tomllib
 from pathlib import Path
+from typing import Any
 
 import httpx
+import msgspec
 import pytest
 
 from gateway.settings import Settings
 from sdk import AsyncComfyUISDK, ComfyUISDK
 from tests.docs.docblocks import DOCUMENTS, ROOT, RUN_LANGUAGES, Block, blocks, commands, substitute
 from tests.e2e.conftest import running_system
+from tests.e2e.receiver import Received, receiving
+from tests.helpers import poll_until
 
 BLOCK_TIMEOUT_S = 90
 
@@ -36,16 +41,28 @@ def test_every_block_is_run_or_says_why_not() -> None:
                 assert block.language in RUN_LANGUAGES, f"{block.where}: shown only anyway"
 
 
+WEBHOOK_SECRET = "whsec_" + base64.b64encode(b"docs" * 8).decode()
+
+
 @pytest.mark.timeout(600)
 async def test_the_docs_code_runs_against_the_system(settings: Settings, tmp_path: Path) -> None:
     assert shutil.which("curl"), "the docs' examples use curl"
+    # The docs' webhooks go to a receiver here, never out of this machine.
+    settings = msgspec.structs.replace(
+        settings, webhook_secret=WEBHOOK_SECRET, webhook_allowlist=["127.0.0.1"]
+    )
     failures: list[str] = []
-    async with running_system(settings) as system:
+    async with receiving() as receiver, running_system(settings) as system:
         comfyui = await system.add_server("docs-gpu")
         async with httpx.AsyncClient(base_url=system.url, timeout=60) as client:
             tiny = json.loads((ROOT / "workflows/model_free/tiny.json").read_text())
-            reply = await client.post("/workflow/execute", json={"workflow": tiny})
+            body = {"workflow": tiny, "webhook_url": receiver.url}
+            reply = await client.post("/workflow/execute", json=body)
             assert reply.status_code == 200, reply.text
+            job_id = reply.json()["job_id"]
+            await receiver.wait_for(lambda got: len(got) > 0)
+            delivery = receiver.requests[0]
+            await poll_until(lambda: _logged(client, delivery.delivery_id), "attempt indexed")
             gateway = system.url.removeprefix("http://")
             places = {
                 "http://localhost:8000": system.url,
@@ -55,7 +72,9 @@ async def test_the_docs_code_runs_against_the_system(settings: Settings, tmp_pat
                 "nats://127.0.0.1:4222": settings.nats_url,
                 # A second registration of the docs' ComfyUI under another name: the same fake.
                 "127.0.0.1:8188": comfyui.address,
-                "JOB_ID": reply.json()["job_id"],
+                "https://example.com/hook": receiver.url,
+                "JOB_ID": job_id,
+                "DELIVERY_ID": delivery.delivery_id,
             }
             for document in DOCUMENTS:
                 for block in blocks(document):
@@ -64,7 +83,34 @@ async def test_the_docs_code_runs_against_the_system(settings: Settings, tmp_pat
                     why = await _run(block, places, client, settings, tmp_path)
                     if why:
                         failures.append(f"{block.where} ({block.language}): {why}")
+                    if block.language == "python" and "def verify(" in block.text:
+                        why = _verifies(block, delivery)
+                        if why:
+                            failures.append(f"{block.where} (webhook check): {why}")
     assert not failures, "\n\n".join(failures)
+
+
+async def _logged(client: httpx.AsyncClient, delivery_id: str) -> bool:
+    sql = f"SELECT count(*) FROM webhook_deliveries WHERE delivery_id = '{delivery_id}'"
+    reply = await client.post("/logs/query", json={"sql": sql})
+    return reply.status_code == 200 and reply.json()["rows"] == [[1]]
+
+
+def _verifies(block: Block, delivery: Received) -> str | None:
+    """The docs' signature check, on a request the gateway really sent: it must accept it, and
+    refuse it with another body or secret."""
+    space: dict[str, Any] = {}
+    exec(compile(block.text, block.where, "exec"), space)
+    verify = space["verify"]
+    headers = dict(delivery.headers)
+    if not verify(WEBHOOK_SECRET, headers, delivery.body):
+        return "refuses a request the gateway signed"
+    if verify(WEBHOOK_SECRET, headers, delivery.body + b" "):
+        return "accepts a changed body"
+    other = "whsec_" + base64.b64encode(b"else" * 8).decode()
+    if verify(other, headers, delivery.body):
+        return "accepts another secret"
+    return None
 
 
 async def _run(
