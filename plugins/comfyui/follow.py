@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 from gateway.bus.contract import (
     NodeCachedData,
+    NodeImageData,
     NodeOutputData,
     NodeProgressData,
     NodeStartedData,
@@ -34,7 +35,7 @@ from plugins.comfyui.messages import (
     Progress,
     WsMessage,
 )
-from plugins.comfyui.progress import Item, Lost, Nudge, Watch
+from plugins.comfyui.progress import Item, Lost, Nudge, StoredImage, Watch
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +143,12 @@ async def follow(attempt: Attempt, watch: Watch) -> End:
             wait = options.poll_s
         item = await _next(watch, max(0.0, min(wait, _next_limit(attempt, give_up_at) - now)))
         if isinstance(item, Lost | Nudge):
+            continue
+        if isinstance(item, StoredImage):
+            output = item.output
+            attempt.events.soon(
+                NodeImageData(node_id=output.node_id, index=output.index or 0, output=output)
+            )
             continue
         if item is not None:
             said = _on_message(attempt, item)

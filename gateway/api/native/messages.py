@@ -23,6 +23,7 @@ from gateway.bus.contract import (
     Failed,
     FailedData,
     NodeCached,
+    NodeImage,
     NodeOutput,
     NodeProgress,
     NodeStarted,
@@ -83,6 +84,18 @@ class Outgoing:
         return self.type in BROADCAST_TYPES
 
 
+@dataclass(frozen=True)
+class OutgoingImage:
+    """An image a node sent over the websocket, for the prompt's sockets that negotiated
+    preview metadata (`flagged`, binary type 4) or for those that did not (type 1)."""
+
+    output: OutputFile
+    flagged: bool
+
+
+Said = Outgoing | OutgoingImage
+
+
 @dataclass
 class PromptRelay:
     """The translation state of one prompt's run."""
@@ -97,13 +110,27 @@ class PromptRelay:
     """Nodes that finished, in order (what ComfyUI's error and interruption name)."""
     classes: dict[str, str] = field(default_factory=dict)
     nodes: dict[str, dict[str, Any]] = field(default_factory=dict)
+    held: OutgoingImage | None = None
+    """An image for sockets without preview metadata, held for the `progress` of its step."""
 
-    def translate(self, event: Event) -> list[Outgoing]:
+    def translate(self, event: Event) -> list[Said]:
         """The ComfyUI messages `event` stands for (none for our own bookkeeping events)."""
         if event.seq <= self.last_seq:
             return []  # seen already (a redelivery)
         self.last_seq = event.seq
-        out: list[Outgoing] = []
+        held, self.held = self.held, None
+        said = self._translate(event)
+        if held is None:
+            return said
+        # ComfyUI sends a client with preview metadata an image before the `progress` of its
+        # step, and one without it after: the second comes after that progress, if it is next.
+        step = held.output.node_id, held.output.index
+        if isinstance(event, NodeProgress) and (event.data.node_id, event.data.value) == step:
+            return [*said, held]
+        return [held, *said]
+
+    def _translate(self, event: Event) -> list[Said]:
+        out: list[Said] = []
         match event:
             case Running():
                 self._restart()
@@ -137,6 +164,9 @@ class PromptRelay:
                         },
                     )
                 )
+            case NodeImage(data=data):
+                out.append(OutgoingImage(data.output, flagged=True))
+                self.held = OutgoingImage(data.output, flagged=False)
             case NodeOutput(data=data):
                 out += self._opening(event.ts)
                 output = rename_output(self.prompt_id, data.output)
@@ -266,7 +296,11 @@ def history_messages(prompt_id: str, events: list[Event]) -> list[list[Any]]:
     for event in events:
         if isinstance(event, Running | Retried):
             kept.clear()  # one server's history holds only the run it made
-        kept += [[m.type, m.data] for m in relay.translate(event) if m.type in HISTORY_TYPES]
+        kept += [
+            [m.type, m.data]
+            for m in relay.translate(event)
+            if isinstance(m, Outgoing) and m.type in HISTORY_TYPES
+        ]
     return kept
 
 
