@@ -173,6 +173,7 @@ async def follow(attempt: Attempt, watch: Watch) -> End:
         if found.kind == "done":
             if watch.live and not ending:
                 # Open, yet it missed the end of our prompt: that socket is deaf.
+                watch.missed = True
                 attempt.ctx.follower.reconnect(f"it missed the end of prompt {attempt.prompt_id}")
             return End("done", found)
         if found.kind == "running":

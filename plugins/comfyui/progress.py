@@ -89,10 +89,23 @@ class Watch:
 
     def __init__(self, prompt_id: str, live: bool) -> None:
         self.prompt_id = prompt_id
+        self.on_image: ImageTaker | None = None
+        self.missed = False
+        """Whether some of the prompt's messages (and images) may have gone unheard."""
+        self._live = False
         # False when no socket was open at registration: nothing will arrive, poll from the start.
         self.live = live
-        self.on_image: ImageTaker | None = None
         self._queue: asyncio.Queue[Item] = asyncio.Queue()
+
+    @property
+    def live(self) -> bool:
+        """Whether the prompt's messages arrive on the socket (else it is polled)."""
+        return self._live
+
+    @live.setter
+    def live(self, live: bool) -> None:
+        self._live = live
+        self.missed = self.missed or not live
 
     def put(self, item: Item) -> None:
         if isinstance(item, Lost):

@@ -370,6 +370,7 @@ class Engine:
             lambda: self._interrupt,
             folder=self.folders.get,
             step_seconds=self.config.step_duration,
+            sampler_previews=self.config.sampler_previews,
         )
         inputs: dict[str, Any] = {}
         try:
