@@ -460,12 +460,16 @@ async def test_a_status_counting_a_prompt_whose_end_was_late_is_corrected(
 
 
 def _said(relay: PromptRelay, *payloads: EventData) -> list[tuple[str, Any]]:
-    """What the relay says, a websocket image as ("image", (index, flagged))."""
+    """What the relay says of node 11: a websocket image as ("image", (index, flagged)),
+    `progress_state` as its value and state, `progress` as its value."""
     said: list[tuple[str, Any]] = []
     for event in events(*payloads):
         for m in relay.translate(event):
             if isinstance(m, OutgoingImage):
                 said.append(("image", (m.output.index, m.flagged)))
+            elif m.type == "progress_state":
+                node = m.data["nodes"]["11"]
+                said.append((m.type, (node["value"], node["max"], node["state"])))
             else:
                 said.append((m.type, m.data.get("value")))
     return said
@@ -486,10 +490,11 @@ def _image(index: int) -> NodeImageData:
 
 
 def test_a_websocket_image_comes_where_comfyui_sends_it_to_each_kind_of_client() -> None:
-    """With preview metadata the image precedes its step's `progress`, without it follows it
-    (ws_heavy_feature_flags.jsonl, ws_heavy.jsonl), whichever order the server sent them in."""
+    """Each step is `progress_state` then `progress`, with the image between them for a client
+    with preview metadata and after them for one without (ws_heavy_feature_flags.jsonl,
+    ws_heavy.jsonl), whichever order the server sent image and progress in."""
     start = [RunningData(attempt=1, prompt_id="r"), NodeStartedData(node_id="11")]
-    after_image = _said(
+    image_first = _said(
         PromptRelay(PROMPT),
         *start,
         _image(0),
@@ -498,7 +503,7 @@ def test_a_websocket_image_comes_where_comfyui_sends_it_to_each_kind_of_client()
         NodeProgressData(node_id="11", value=1, max=2),
         SucceededData(attempt=1),
     )
-    before_image = _said(
+    progress_first = _said(
         PromptRelay(PROMPT),
         *start,
         NodeProgressData(node_id="11", value=0, max=2),
@@ -507,21 +512,26 @@ def test_a_websocket_image_comes_where_comfyui_sends_it_to_each_kind_of_client()
         _image(1),
         SucceededData(attempt=1),
     )
-    for said in (after_image, before_image):
-        steps = [s for s in said if s[0] in ("image", "progress")]
-        flagged = [s for s in steps if s[0] == "progress" or s[1][1]]
-        plain = [s for s in steps if s[0] == "progress" or not s[1][1]]
-        if said is after_image:
-            assert flagged == [
-                ("image", (0, True)),
-                ("progress", 0),
-                ("image", (1, True)),
-                ("progress", 1),
-            ]
+    running = ("progress_state", (0, 1, "running"))
+    for said in (image_first, progress_first):
+        assert said[:3] == [("execution_start", None), ("execution_cached", None), running]
+        assert said[3] == ("executing", None)
+        assert said[-2:] == [("progress_state", (2, 2, "finished")), ("execution_success", None)]
+        plain = [s for s in said[4:-2] if s[0] != "image" or not s[1][1]]
         assert plain == [
+            ("progress_state", (0, 2, "running")),
             ("progress", 0),
             ("image", (0, False)),
+            ("progress_state", (1, 2, "running")),
             ("progress", 1),
             ("image", (1, False)),
         ]
-        assert said[-1] == ("execution_success", None)
+    flagged = [s for s in image_first[4:-2] if s[0] != "image" or s[1][1]]
+    assert flagged == [
+        ("progress_state", (0, 2, "running")),
+        ("image", (0, True)),
+        ("progress", 0),
+        ("progress_state", (1, 2, "running")),
+        ("image", (1, True)),
+        ("progress", 1),
+    ]

@@ -67,19 +67,21 @@ async def test_the_websocket_image_example_gets_its_images(system: System) -> No
             images.append(frame[8:])  # what the example keeps
             info = png.read_info(frame[8:])
             assert (info.width, info.height) == (128, 128)
-        # As in ws_heavy.jsonl: each image right after the `progress` of its step.
+        # As in ws_heavy.jsonl: each image right after the `progress_state` and `progress` of
+        # its step.
         at = [i for i, f in enumerate(seen) if isinstance(f, bytes) and f[:8] == PNG_FRAME]
         for index, position in enumerate(at):
-            before = seen[position - 1]
-            assert isinstance(before, str)
-            message = json.loads(before)
-            assert message["type"] == "progress", message
-            assert message["data"] == {
+            state, progress = (json.loads(str(f)) for f in seen[position - 2 : position])
+            assert progress["type"] == "progress", progress
+            assert progress["data"] == {
                 "value": index,
                 "max": 4,
                 "prompt_id": prompt_id,
                 "node": SAVE_IMAGE_WEBSOCKET,
             }
+            assert state["type"] == "progress_state", state
+            node = state["data"]["nodes"][SAVE_IMAGE_WEBSOCKET]
+            assert (node["value"], node["max"], node["state"]) == (index, 4, "running")
 
         # The same images are the job's outputs, with their node and index.
         result = await http.get(f"/workflow/result/{prompt_id}", params={"wait": 30})

@@ -110,24 +110,28 @@ class PromptRelay:
     """Nodes that finished, in order (what ComfyUI's error and interruption name)."""
     classes: dict[str, str] = field(default_factory=dict)
     nodes: dict[str, dict[str, Any]] = field(default_factory=dict)
-    held: OutgoingImage | None = None
-    """An image for sockets without preview metadata, held for the `progress` of its step."""
+    held: list[OutgoingImage] = field(default_factory=list)
+    """An image, held for the `progress` of its step (see `translate`)."""
 
     def translate(self, event: Event) -> list[Said]:
         """The ComfyUI messages `event` stands for (none for our own bookkeeping events)."""
         if event.seq <= self.last_seq:
             return []  # seen already (a redelivery)
         self.last_seq = event.seq
-        held, self.held = self.held, None
+        held, self.held = self.held, []
         said = self._translate(event)
-        if held is None:
+        if not held:
             return said
-        # ComfyUI sends a client with preview metadata an image before the `progress` of its
-        # step, and one without it after: the second comes after that progress, if it is next.
-        step = held.output.node_id, held.output.index
+        # ComfyUI sends a step with an image as `progress_state`, then `progress`, with the
+        # image between them for a client with preview metadata and after them for one
+        # without; whatever else comes next, the image goes first.
+        output = held[0].output
+        step = output.node_id, output.index
         if isinstance(event, NodeProgress) and (event.data.node_id, event.data.value) == step:
-            return [*said, held]
-        return [held, *said]
+            flagged = [image for image in held if image.flagged]
+            plain = [image for image in held if not image.flagged]
+            return [*said[:-1], *flagged, said[-1], *plain]
+        return [*held, *said]
 
     def _translate(self, event: Event) -> list[Said]:
         out: list[Said] = []
@@ -150,9 +154,7 @@ class PromptRelay:
                 out.append(self._progress_state())
                 out.append(self._message("executing", node=data.node_id, display_node=data.node_id))
             case NodeProgress(data=data):
-                state = self.nodes.get(data.node_id)
-                if state is not None:
-                    state["value"], state["max"] = data.value, data.max
+                out += self._step(data.node_id, data.value, data.max)
                 out.append(
                     Outgoing(
                         "progress",
@@ -165,8 +167,10 @@ class PromptRelay:
                     )
                 )
             case NodeImage(data=data):
-                out.append(OutgoingImage(data.output, flagged=True))
-                self.held = OutgoingImage(data.output, flagged=False)
+                self.held = [
+                    OutgoingImage(data.output, flagged=True),
+                    OutgoingImage(data.output, flagged=False),
+                ]
             case NodeOutput(data=data):
                 out += self._opening(event.ts)
                 output = rename_output(self.prompt_id, data.output)
@@ -225,6 +229,15 @@ class PromptRelay:
             "execution_cached",
             {"nodes": list(nodes), "prompt_id": self.prompt_id, "timestamp": ms(ts)},
         )
+
+    def _step(self, node_id: str, value: int, total: int) -> list[Said]:
+        """`progress_state` with the node at `value` of `total`, as ComfyUI sends it with
+        each step; none when the step's image has sent it already."""
+        state = self.nodes.get(node_id)
+        if state is None or (state["value"], state["max"]) == (value, total):
+            return []
+        state["value"], state["max"] = value, total
+        return [self._progress_state()]
 
     def _finish_current(self) -> list[Outgoing]:
         if self.current is None:
