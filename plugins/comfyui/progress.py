@@ -188,7 +188,9 @@ class Follower:
                     ping_timeout=10,
                     close_timeout=1,
                     max_size=64 * 1024 * 1024,
-                    max_queue=256,
+                    # An image frame is stored before the next frame is taken; the library
+                    # reads at most one more meanwhile, so a slow storage holds two at most.
+                    max_queue=1,
                 ) as socket:
                     delay = 0.1
                     await self._follow(socket)
