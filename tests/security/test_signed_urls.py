@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 from urllib.parse import parse_qs, urlencode, urlsplit
 
 import httpx
@@ -14,7 +15,7 @@ import pytest
 from gateway.api.auth import caller_secret
 from gateway.api.errors import ApiError
 from gateway.api.signing import UrlSigner
-from gateway.settings import Settings
+from gateway.settings import Settings, SettingsError
 from tests.e2e.conftest import running_system, tiny
 
 KEY = "signed-urls-key-7f3a"
@@ -102,3 +103,10 @@ def test_signing_off_hands_out_plain_urls_and_accepts_no_signature() -> None:
     with pytest.raises(ApiError) as refused:
         plain.check("job1/a.png", query["expires"], query["sig"])
     assert (refused.value.status, refused.value.code) == (403, "invalid_signature")
+
+
+@pytest.mark.parametrize("ttl", [-1.0, math.inf, math.nan])
+def test_a_life_that_is_no_time_is_refused_at_start(ttl: float, tmp_path: Path) -> None:
+    settings = Settings(data_dir=str(tmp_path), output_url_ttl_s=ttl)
+    with pytest.raises(SettingsError, match="output_url_ttl_s"):
+        UrlSigner.from_settings(settings, caller_secret)
