@@ -161,6 +161,7 @@ class OutputSaver:
         self._early: dict[tuple[str, str, str, str], asyncio.Task[OutputFile]] = {}
         self._websocket: list[OutputFile] = []  # images sent over the websocket, stored
         self._websocket_failure: StorageError | None = None
+        self._websocket_sent: dict[str, int] = {}  # images each node sent so far
         self._taken: set[str] = set()
         self._written: set[str] = set()  # keys this prompt's copies may have written
         # A node with many files should not open as many downloads at once.
@@ -189,7 +190,8 @@ class OutputSaver:
         Awaited before the next frame is read, so at most one frame is held. A failure is
         logged and kept for `finish`, which raises it: the job's outputs would be incomplete.
         """
-        index = sum(1 for output in self._websocket if output.node_id == node_id)
+        index = self._websocket_sent.get(node_id, 0)
+        self._websocket_sent[node_id] = index + 1
         key = f"{self._job_id}/{websocket_image_name(node_id, index, content_type)}"
         self._taken.add(key)
         self._written.add(key)
@@ -242,11 +244,6 @@ class OutputSaver:
         # uses is kept, even if an early copy of another file had it first.
         await self._take_back(keep={output.key for output in stored})
         return stored
-
-    @property
-    def websocket_images(self) -> int:
-        """How many images sent over the websocket were stored."""
-        return len(self._websocket)
 
     async def discard(self) -> None:
         """Stop early copies and delete everything stored: the prompt did not succeed."""
