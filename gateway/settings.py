@@ -57,6 +57,9 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     api_keys: list[str | ApiKey] = msgspec.field(default_factory=list)
     # Turns unnamed keys into caller ids (an HMAC under it); made in the data folder when unset.
     caller_secret: str | None = None
+    # How long the signed output URLs of results open without an API key (signed under a key
+    # derived from the caller secret); 0 hands out plain URLs, which need a key.
+    output_url_ttl_s: float = 7 * 24 * 3600.0
     # Workflows are JSON graphs; 10 MB is far above any real one and far below harm.
     max_body_bytes: int = 10 * 1024 * 1024
     # Submissions (submit and execute) per API key, or per address without keys: a token

@@ -12,7 +12,13 @@ import pytest
 
 from gateway.api.native import sockets
 from gateway.api.native.history import recorded_messages
-from gateway.api.native.messages import HISTORY_TYPES, PromptRelay, history_messages, rename_output
+from gateway.api.native.messages import (
+    HISTORY_TYPES,
+    OutgoingImage,
+    PromptRelay,
+    history_messages,
+    rename_output,
+)
 from gateway.api.native.prompts import Entry, PromptIndex
 from gateway.api.native.sockets import NativeSocket, SocketHub
 from gateway.bus.contract import (
@@ -25,8 +31,11 @@ from gateway.bus.contract import (
     JobStatus,
     NativePrompt,
     NodeCachedData,
+    NodeImageData,
     NodeOutputData,
+    NodeProgressData,
     NodeStartedData,
+    OutputFile,
     RetriedData,
     RunningData,
     Subjects,
@@ -448,3 +457,81 @@ async def test_a_status_counting_a_prompt_whose_end_was_late_is_corrected(
 
     assert late[0]["type"] == "status"
     assert late[0]["data"]["status"]["exec_info"]["queue_remaining"] == 0
+
+
+def _said(relay: PromptRelay, *payloads: EventData) -> list[tuple[str, Any]]:
+    """What the relay says of node 11: a websocket image as ("image", (index, flagged)),
+    `progress_state` as its value and state, `progress` as its value."""
+    said: list[tuple[str, Any]] = []
+    for event in events(*payloads):
+        for m in relay.translate(event):
+            if isinstance(m, OutgoingImage):
+                said.append(("image", (m.output.index, m.flagged)))
+            elif m.type == "progress_state":
+                node = m.data["nodes"]["11"]
+                said.append((m.type, (node["value"], node["max"], node["state"])))
+            else:
+                said.append((m.type, m.data.get("value")))
+    return said
+
+
+def _image(index: int) -> NodeImageData:
+    output = OutputFile(
+        node_id="11",
+        filename=f"ws~11_{index:05d}.png",
+        key=f"{PROMPT}/ws~11_{index:05d}.png",
+        size=1,
+        content_type="image/png",
+        url="",
+        index=index,
+        source="websocket",
+    )
+    return NodeImageData(node_id="11", index=index, output=output)
+
+
+def test_a_websocket_image_comes_where_comfyui_sends_it_to_each_kind_of_client() -> None:
+    """Each step is `progress_state` then `progress`, with the image between them for a client
+    with preview metadata and after them for one without (ws_heavy_feature_flags.jsonl,
+    ws_heavy.jsonl), whichever order the server sent image and progress in."""
+    start = [RunningData(attempt=1, prompt_id="r"), NodeStartedData(node_id="11")]
+    image_first = _said(
+        PromptRelay(PROMPT),
+        *start,
+        _image(0),
+        NodeProgressData(node_id="11", value=0, max=2),
+        _image(1),
+        NodeProgressData(node_id="11", value=1, max=2),
+        SucceededData(attempt=1),
+    )
+    progress_first = _said(
+        PromptRelay(PROMPT),
+        *start,
+        NodeProgressData(node_id="11", value=0, max=2),
+        _image(0),
+        NodeProgressData(node_id="11", value=1, max=2),
+        _image(1),
+        SucceededData(attempt=1),
+    )
+    running = ("progress_state", (0, 1, "running"))
+    for said in (image_first, progress_first):
+        assert said[:3] == [("execution_start", None), ("execution_cached", None), running]
+        assert said[3] == ("executing", None)
+        assert said[-2:] == [("progress_state", (2, 2, "finished")), ("execution_success", None)]
+        plain = [s for s in said[4:-2] if s[0] != "image" or not s[1][1]]
+        assert plain == [
+            ("progress_state", (0, 2, "running")),
+            ("progress", 0),
+            ("image", (0, False)),
+            ("progress_state", (1, 2, "running")),
+            ("progress", 1),
+            ("image", (1, False)),
+        ]
+    flagged = [s for s in image_first[4:-2] if s[0] != "image" or s[1][1]]
+    assert flagged == [
+        ("progress_state", (0, 2, "running")),
+        ("image", (0, True)),
+        ("progress", 0),
+        ("progress_state", (1, 2, "running")),
+        ("image", (1, True)),
+        ("progress", 1),
+    ]

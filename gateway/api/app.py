@@ -10,7 +10,7 @@ from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import SwaggerRenderPlugin
 from litestar.types import BeforeMessageSendHookHandler, Message, Scope
 
-from gateway.api.auth import ApiKeyGuard, check_settings, openapi_security
+from gateway.api.auth import ApiKeyGuard, caller_secret, check_settings, openapi_security
 from gateway.api.bodies import reject_deep_json
 from gateway.api.errors import EXCEPTION_HANDLERS, refuse_websockets_over_http
 from gateway.api.fleetevents import fleet_event_stream
@@ -20,6 +20,7 @@ from gateway.api.logs import job_logs, logs_query, recent_jobs
 from gateway.api.native.routes import NATIVE_ROUTES
 from gateway.api.servers import SYSTEM_HEADER, ServerController
 from gateway.api.services import Services
+from gateway.api.signing import SIGNER_STATE, UrlSigner
 from gateway.api.system import health, metrics
 from gateway.api.webhooks import redeliver
 from gateway.api.workflows import WorkflowController, job_events_ws
@@ -33,6 +34,7 @@ def create_app(services: Services) -> Litestar:
     """
     settings = services.settings
     keys = check_settings(settings)
+    signer = UrlSigner.from_settings(settings, caller_secret)
     limits = Limits(settings)
     components, security = openapi_security(keys)
     guards = [ApiKeyGuard(keys)]
@@ -61,7 +63,7 @@ def create_app(services: Services) -> Litestar:
             413: too_large(limits.max_body_bytes),
         },
         request_max_body_size=limits.max_body_bytes,
-        state=State({STATE_KEY: limits}),
+        state=State({STATE_KEY: limits, SIGNER_STATE: signer}),
         openapi_config=OpenAPIConfig(
             title="ComfyAutomate",
             version="0.1.0",

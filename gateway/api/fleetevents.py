@@ -6,7 +6,6 @@ import math
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import quote
 
 from litestar import Request, get
 from litestar.params import FromQuery
@@ -25,6 +24,7 @@ from gateway.api.fleetstream import (
 )
 from gateway.api.limits import hold, take_stream
 from gateway.api.services import Services, ServicesDep
+from gateway.api.signing import signer_of
 from gateway.api.workflows import base_url, seq_after
 from gateway.bus.contract import encode
 
@@ -62,6 +62,7 @@ async def fleet_event_stream(
     start = await _start(services, request.headers.get("last-event-id") or last_event_id, since)
     slot = take_stream(request)  # 503 when too many are open
     base = base_url(services, request)
+    signer = signer_of(request)
     events = fleet_events(
         services.js,
         services.subjects,
@@ -69,7 +70,7 @@ async def fleet_event_stream(
         start,
         wanted,
         keepalive_s=services.settings.event_keepalive_s,
-        output_url=lambda key: f"{base}/images/{quote(key)}",  # as results give them
+        output_url=lambda key: signer.url(base, key),  # as results give them
     )
     return ServerSentEvent(hold(slot, _messages(events)))
 

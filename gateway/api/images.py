@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import time
 from typing import Any
 
 from litestar import Request, Response, get
@@ -15,6 +16,7 @@ from gateway.api.native.uploads import UPLOADS
 from gateway.api.owners import owns_key
 from gateway.api.served import how_to_serve
 from gateway.api.services import ServicesDep
+from gateway.api.signing import IMAGES_TEMPLATE, is_signed, signer_of
 from gateway.storage import InvalidKey, NotFound, Storage, StoredObject
 
 _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
@@ -46,18 +48,29 @@ def parse_range(header: str, size: int) -> tuple[int, int] | None:
     return start, end
 
 
-@get("/images/{key:path}", tags=["images"], responses=error_responses(404, 416, 503))
+@get(IMAGES_TEMPLATE, tags=["images"], responses=error_responses(403, 404, 416, 503))
 async def image(
     key: FromPath[str], services: ServicesDep, request: Request[Any, Any, Any]
 ) -> Response[Any]:
-    """A stored output, with its content type; `Range` requests are answered with 206."""
+    """A stored output, with its content type; `Range` requests are answered with 206.
+
+    With `expires` and `sig` (a result's signed URL) no API key is needed; a wrong, tampered
+    or expired signature is a 403.
+    """
     storage = services.storage
     if storage is None:
         raise ApiError(503, "no_storage", "no storage backend is configured")
     key = key.lstrip("/")
-    # Uploads through ComfyUI's API are served by /view, to their caller alone; an output of
-    # another caller's job answers as if nothing were there.
-    if key.split("/", 1)[0] == UPLOADS or not await owns_key(services, caller_of(request), key):
+    # An output of another caller's job answers as if nothing were there, unless the URL is
+    # signed: then the signature alone decides (403 when it is not valid, or expired).
+    signed = is_signed(request)
+    if signed:
+        params = request.query_params
+        expires = signer_of(request).check(key, params.get("expires"), params.get("sig"))
+    # Uploads through ComfyUI's API are served by /view, to their caller alone.
+    if key.split("/", 1)[0] == UPLOADS or (
+        not signed and not await owns_key(services, caller_of(request), key)
+    ):
         raise ApiError(404, "not_found", f"nothing is stored under {key!r}")
     try:
         stored = await storage.stat(key)
@@ -65,8 +78,10 @@ async def image(
         raise ApiError(400, "invalid_key", str(exc)) from None
     except NotFound:
         raise ApiError(404, "not_found", f"nothing is stored under {key!r}") from None
-    # An output never changes, but it is one caller's: a shared cache must not keep it.
-    headers = {"Cache-Control": "private, max-age=31536000, immutable", "Vary": "Authorization"}
+    # An output never changes, but it is one caller's: a shared cache must not keep it, and
+    # a browser not beyond its URL's expiry.
+    max_age = max(0, expires - int(time.time())) if signed else 31536000
+    headers = {"Cache-Control": f"private, max-age={max_age}, immutable", "Vary": "Authorization"}
     return await stream_stored(storage, stored, request, headers)
 
 

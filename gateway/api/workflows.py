@@ -7,7 +7,6 @@ import math
 import time
 from collections.abc import AsyncIterator
 from typing import Any
-from urllib.parse import quote
 
 import msgspec
 from litestar import Controller, Request, Response, WebSocket, get, post, websocket
@@ -23,6 +22,7 @@ from gateway.api.limits import hold, submit_rate_limit, take_stream
 from gateway.api.owners import check_inputs_owned
 from gateway.api.schemas import JobResult, Submitted, Timings, WorkflowSubmission
 from gateway.api.services import Services, ServicesDep
+from gateway.api.signing import signer_of
 from gateway.balancer.submit import MAX_REQUEST_BYTES, check_job_id
 from gateway.bus.contract import (
     TERMINAL_EVENTS,
@@ -126,9 +126,8 @@ _SUBMIT_ERRORS = error_responses(404, 409, 413, 422, 429, 503, 504)
 
 def to_result(record: JobRecord, services: Services, request: Request[Any, Any, Any]) -> JobResult:
     base = base_url(services, request)
-    outputs = [
-        msgspec.structs.replace(o, url=f"{base}/images/{quote(o.key)}") for o in record.outputs
-    ]
+    signer = signer_of(request)
+    outputs = [msgspec.structs.replace(o, url=signer.url(base, o.key)) for o in record.outputs]
     started, finished = record.started_at, record.finished_at
     return JobResult(
         job_id=record.job_id,

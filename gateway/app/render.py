@@ -189,6 +189,8 @@ def _detail(entry: Mapping[str, Any]) -> str:
         return f"cached: {', '.join(map(str, data.get('node_ids') or []))}"
     if kind == "node_output":
         return ", ".join(sorted((data.get("output") or {}).keys()))
+    if kind == "node_image":
+        return f"image {data.get('index')}: {(data.get('output') or {}).get('key')}"
     if kind == "succeeded":
         took = data.get("duration_s")
         return f"{len(data.get('outputs') or [])} outputs" + (f" in {took:.2f} s" if took else "")

@@ -331,6 +331,11 @@ class OutputFile(msgspec.Struct, kw_only=True):
     kind: str = "images"
     type: str = "output"
     """ComfyUI's folder of the file: "output", or "temp" for previews."""
+    index: int | None = None
+    """Its place among its node's outputs, from 0."""
+    source: Literal["file", "websocket"] = "file"
+    """"websocket": an image the node sent over ComfyUI's websocket (SaveImageWebsocket),
+    which ComfyUI keeps in no folder and lists in no history."""
 
 
 class QueuedData(msgspec.Struct, kw_only=True):
@@ -398,6 +403,14 @@ class NodeCachedData(msgspec.Struct, kw_only=True):
 class NodeOutputData(msgspec.Struct, kw_only=True):
     node_id: str
     output: dict[str, Any]
+
+
+class NodeImageData(msgspec.Struct, kw_only=True):
+    """An image a node sent over ComfyUI's websocket, stored as the job's output."""
+
+    node_id: str
+    index: int
+    output: OutputFile
 
 
 class SucceededData(msgspec.Struct, kw_only=True):
@@ -483,6 +496,10 @@ class NodeOutput(_Event, tag="node_output", kw_only=True):
     data: NodeOutputData
 
 
+class NodeImage(_Event, tag="node_image", kw_only=True):
+    data: NodeImageData
+
+
 class Succeeded(_Event, tag="succeeded", kw_only=True):
     data: SucceededData
 
@@ -511,6 +528,7 @@ Event = (
     | NodeProgress
     | NodeCached
     | NodeOutput
+    | NodeImage
     | Succeeded
     | Failed
     | Cancelled
@@ -525,6 +543,7 @@ EVENT_TYPES: Final[tuple[type[_Event], ...]] = (
     NodeProgress,
     NodeCached,
     NodeOutput,
+    NodeImage,
     Succeeded,
     Failed,
     Cancelled,
@@ -541,6 +560,7 @@ EventData = (
     | NodeProgressData
     | NodeCachedData
     | NodeOutputData
+    | NodeImageData
     | SucceededData
     | FailedData
     | CancelledData
@@ -556,6 +576,7 @@ EVENT_FOR_DATA: Final[dict[type[EventData], type[_Event]]] = {
     NodeProgressData: NodeProgress,
     NodeCachedData: NodeCached,
     NodeOutputData: NodeOutput,
+    NodeImageData: NodeImage,
     SucceededData: Succeeded,
     FailedData: Failed,
     CancelledData: Cancelled,

@@ -15,6 +15,7 @@ from gateway.bus.contract import (
     Event,
     FailedData,
     Job,
+    OutputFile,
     RetriedData,
     RunningData,
     SucceededData,
@@ -22,8 +23,10 @@ from gateway.bus.contract import (
     now,
 )
 from gateway.bus.events import EventPublisher
+from gateway.comfyui.outputs import WEBSOCKET_OUTPUT_CLASSES
 from gateway.storage import Storage
 from plugins.comfyui.client import ComfyClient
+from plugins.comfyui.images import FrameImage
 from plugins.comfyui.inputfiles import JobFiles
 from plugins.comfyui.options import AdapterOptions
 from plugins.comfyui.outputs import OutputSaver
@@ -130,10 +133,20 @@ class Attempt:
     def register_watch(self) -> Watch:
         """Follow the prompt's messages from now on."""
         watch = self.ctx.follower.watch(self.prompt_id)
+        watch.on_image = self._take_image
         self.watch = watch
         if self.stop is not None:
             watch.put(NUDGE)
         return watch
+
+    async def _take_image(self, image: FrameImage, frame: bytes) -> OutputFile | None:
+        """Store an image the prompt sent over the websocket, if it is an output: one sent
+        while a SaveImageWebsocket node executes (latent previews are not)."""
+        if self.class_of(image.node_id) not in WEBSOCKET_OUTPUT_CLASSES:
+            return None
+        return await self.outputs.websocket_image(
+            image.node_id, image.content_type, frame, image.offset
+        )
 
     def mark_started(self) -> None:
         """The prompt reached execution: its time starts; say `running` (once per attempt)."""

@@ -22,6 +22,7 @@ from gateway.bus.contract import (
     SucceededData,
     decode,
 )
+from gateway.comfyui.outputs import WEBSOCKET_OUTPUT_CLASSES
 from gateway.storage import StorageError
 from plugins.comfyui import failures
 from plugins.comfyui.attempt import Attempt, Outcome, Result
@@ -129,7 +130,31 @@ async def from_history(attempt: Attempt, raw: dict[str, Any], entry: HistoryEntr
     )
 
 
+def _unheard_images(attempt: Attempt) -> list[str]:
+    """The nodes whose images came over a socket this attempt was not (always) hearing.
+
+    ComfyUI keeps no copy of them: they went to a socket that is gone, or to whoever
+    submitted an adopted prompt. Only a new run makes them again.
+    """
+    watch = attempt.watch
+    if watch is not None and not watch.missed:
+        return []
+    return [
+        node_id
+        for node_id in attempt.workflow
+        if attempt.class_of(node_id) in WEBSOCKET_OUTPUT_CLASSES
+        and node_id not in attempt.node_errors
+    ]
+
+
 async def _succeeded(attempt: Attempt, raw: dict[str, Any], entry: HistoryEntry) -> Result:
+    unheard = _unheard_images(attempt)
+    if unheard:
+        return attempt.retried(
+            f"the images node(s) {', '.join(unheard)} sent over ComfyUI's websocket were not "
+            "heard (the adapter's socket was lost, or the prompt was adopted)",
+            raw,
+        )
     # The history event goes out while the outputs are stored; the terminal event still
     # waits for both.
     history = asyncio.create_task(_emit_history(attempt, raw), name=f"history-{attempt.job.job_id}")

@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 from gateway.bus.contract import (
     NodeCachedData,
+    NodeImageData,
     NodeOutputData,
     NodeProgressData,
     NodeStartedData,
@@ -34,7 +35,7 @@ from plugins.comfyui.messages import (
     Progress,
     WsMessage,
 )
-from plugins.comfyui.progress import Item, Lost, Nudge, Watch
+from plugins.comfyui.progress import Item, Lost, Nudge, StoredImage, Watch
 
 log = logging.getLogger(__name__)
 
@@ -143,6 +144,12 @@ async def follow(attempt: Attempt, watch: Watch) -> End:
         item = await _next(watch, max(0.0, min(wait, _next_limit(attempt, give_up_at) - now)))
         if isinstance(item, Lost | Nudge):
             continue
+        if isinstance(item, StoredImage):
+            output = item.output
+            attempt.events.soon(
+                NodeImageData(node_id=output.node_id, index=output.index or 0, output=output)
+            )
+            continue
         if item is not None:
             said = _on_message(attempt, item)
             if said is None:
@@ -166,6 +173,7 @@ async def follow(attempt: Attempt, watch: Watch) -> End:
         if found.kind == "done":
             if watch.live and not ending:
                 # Open, yet it missed the end of our prompt: that socket is deaf.
+                watch.missed = True
                 attempt.ctx.follower.reconnect(f"it missed the end of prompt {attempt.prompt_id}")
             return End("done", found)
         if found.kind == "running":

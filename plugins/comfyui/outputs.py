@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
 import msgspec
 
 from gateway.bus.contract import OutputFile
-from gateway.comfyui.outputs import stored_name
+from gateway.comfyui.outputs import stored_name, websocket_image_name
 from gateway.storage import (
     CHUNK_SIZE,
     DEFAULT_CONTENT_TYPE,
@@ -44,6 +45,7 @@ class OutputRef(msgspec.Struct, frozen=True, kw_only=True):
     filename: str
     subfolder: str = ""
     type: str = "output"
+    index: int = 0
 
 
 def _is_file(item: Any) -> bool:
@@ -57,21 +59,28 @@ def _is_file(item: Any) -> bool:
 
 def output_files(outputs: dict[str, dict[str, Any]]) -> list[OutputRef]:
     """Every file named in a history's `outputs`, in node order."""
-    return [
-        OutputRef(
-            node_id=node_id,
-            kind=kind,
-            filename=item["filename"],
-            subfolder=str(item.get("subfolder") or ""),
-            type=str(item.get("type") or "output"),
-        )
-        for node_id, output in outputs.items()
-        if isinstance(output, dict)
-        for kind, items in output.items()
-        if isinstance(items, list)
-        for item in items
-        if _is_file(item)
-    ]
+    refs: list[OutputRef] = []
+    for node_id, output in outputs.items():
+        if not isinstance(output, dict):
+            continue
+        index = 0
+        for kind, items in output.items():
+            if not isinstance(items, list):
+                continue
+            for item in items:
+                if _is_file(item):
+                    refs.append(
+                        OutputRef(
+                            node_id=node_id,
+                            kind=kind,
+                            filename=item["filename"],
+                            subfolder=str(item.get("subfolder") or ""),
+                            type=str(item.get("type") or "output"),
+                            index=index,
+                        )
+                    )
+                    index += 1
+    return refs
 
 
 def output_key(job_id: str, ref: OutputRef, taken: set[str]) -> str:
@@ -130,6 +139,7 @@ async def store_output(
             url=storage.url(stored.key),
             kind=ref.kind,
             type=ref.type,
+            index=ref.index,
         )
     raise AssertionError("unreachable")  # pragma: no cover
 
@@ -149,6 +159,9 @@ class OutputSaver:
         self._storage = storage
         self._job_id = job_id
         self._early: dict[tuple[str, str, str, str], asyncio.Task[OutputFile]] = {}
+        self._websocket: list[OutputFile] = []  # images sent over the websocket, stored
+        self._websocket_failure: StorageError | None = None
+        self._websocket_sent: dict[str, int] = {}  # images each node sent so far
         self._taken: set[str] = set()
         self._written: set[str] = set()  # keys this prompt's copies may have written
         # A node with many files should not open as many downloads at once.
@@ -169,12 +182,49 @@ class OutputSaver:
         async with self._slots:
             return await store_output(self._client, self._storage, ref, key)
 
+    async def websocket_image(
+        self, node_id: str, content_type: str, frame: bytes, offset: int
+    ) -> OutputFile | None:
+        """Store the image in `frame[offset:]` that `node_id` sent over the websocket.
+
+        Awaited before the next frame is read, so at most one frame is held. A failure is
+        logged and kept for `finish`, which raises it: the job's outputs would be incomplete.
+        """
+        index = self._websocket_sent.get(node_id, 0)
+        self._websocket_sent[node_id] = index + 1
+        key = f"{self._job_id}/{websocket_image_name(node_id, index, content_type)}"
+        self._taken.add(key)
+        self._written.add(key)
+        try:
+            stored = await self._storage.put(
+                key, _chunks(memoryview(frame)[offset:]), content_type=content_type
+            )
+        except StorageError as exc:
+            log.error("job %s: could not store an image of node %s: %s", self._job_id, node_id, exc)
+            self._websocket_failure = self._websocket_failure or exc
+            return None
+        output = OutputFile(
+            node_id=node_id,
+            filename=key.rsplit("/", 1)[-1],
+            key=stored.key,
+            size=stored.size,
+            content_type=stored.content_type,
+            url=self._storage.url(stored.key),
+            index=index,
+            source="websocket",
+        )
+        self._websocket.append(output)
+        return output
+
     async def finish(self, outputs: dict[str, dict[str, Any]]) -> list[OutputFile]:
-        """Every file of the history's `outputs`, stored, in node order.
+        """Every file of the history's `outputs`, stored, in node order, then the images
+        sent over the websocket in the order they came.
 
         On failure the caller calls `discard`, which also takes back what this stored.
         """
-        taken: set[str] = set()
+        if self._websocket_failure is not None:
+            raise self._websocket_failure
+        taken: set[str] = {output.key for output in self._websocket}
         stored: list[OutputFile] = []
         for ref in output_files(outputs):
             key = output_key(self._job_id, ref, taken)
@@ -184,7 +234,12 @@ class OutputSaver:
                 stored.append(await store_output(self._client, self._storage, ref, key))
             else:
                 done = await task
-                stored.append(msgspec.structs.replace(done, node_id=ref.node_id, kind=ref.kind))
+                stored.append(
+                    msgspec.structs.replace(
+                        done, node_id=ref.node_id, kind=ref.kind, index=ref.index
+                    )
+                )
+        stored += self._websocket
         # Copied early but not in the history: not an output after all. A key the history
         # uses is kept, even if an early copy of another file had it first.
         await self._take_back(keep={output.key for output in stored})
@@ -229,3 +284,8 @@ class OutputSaver:
                 pass  # the copy never got as far as storing it
             except StorageError as exc:
                 log.warning("could not delete the unused output %s: %s", key, exc)
+
+
+async def _chunks(data: memoryview) -> AsyncIterator[bytes]:
+    for start in range(0, len(data), CHUNK_SIZE):
+        yield bytes(data[start : start + CHUNK_SIZE])

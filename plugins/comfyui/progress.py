@@ -7,9 +7,12 @@ server unregisters the newer one too, which then hears nothing at all. So every 
 a fresh client id; prompts submitted under an earlier id lose their messages, and their runners
 are told (`Lost`) so they follow them by polling /history and /queue instead.
 
-Binary frames go to `on_preview`, to be published for the gateways: previews with metadata
-(type 4) as the server sent them, and TEXT frames (type 3), which name only a node, wrapped
-with the prompt running at the time (`text_with_prompt`).
+An image frame of a watched prompt goes first to the watch's `on_image`, which stores it if it
+is an output (an image of a SaveImageWebsocket node); the read loop waits for that, so no more
+than one frame is held, and the stored image takes its place among the prompt's messages.
+Other binary frames go to `on_preview`, to be published for the gateways: previews with
+metadata (type 4) as the server sent them, and TEXT frames (type 3), which name only a node,
+wrapped with the prompt running at the time (`text_with_prompt`).
 """
 
 from __future__ import annotations
@@ -25,7 +28,9 @@ import msgspec
 import websockets
 from websockets.asyncio.client import ClientConnection, connect
 
+from gateway.bus.contract import OutputFile
 from gateway.comfyui.urls import ws_url
+from plugins.comfyui.images import FrameImage, frame_image
 from plugins.comfyui.messages import (
     Executing,
     ExecutionError,
@@ -65,9 +70,18 @@ class Nudge:
     """Marker: something asked the runner to look at its state again (cancel, hand back)."""
 
 
+class StoredImage(msgspec.Struct, frozen=True):
+    """An image the prompt sent over the websocket, stored as an output."""
+
+    output: OutputFile
+
+
 LOST = Lost()
 NUDGE = Nudge()
-Item = WsMessage | Lost | Nudge
+Item = WsMessage | Lost | Nudge | StoredImage
+# Stores an image frame if it is one of the prompt's outputs; None when it is not one (or
+# could not be stored: the attempt then fails).
+ImageTaker = Callable[[FrameImage, bytes], Awaitable[OutputFile | None]]
 
 
 class Watch:
@@ -75,9 +89,23 @@ class Watch:
 
     def __init__(self, prompt_id: str, live: bool) -> None:
         self.prompt_id = prompt_id
+        self.on_image: ImageTaker | None = None
+        self.missed = False
+        """Whether some of the prompt's messages (and images) may have gone unheard."""
+        self._live = False
         # False when no socket was open at registration: nothing will arrive, poll from the start.
         self.live = live
         self._queue: asyncio.Queue[Item] = asyncio.Queue()
+
+    @property
+    def live(self) -> bool:
+        """Whether the prompt's messages arrive on the socket (else it is polled)."""
+        return self._live
+
+    @live.setter
+    def live(self, live: bool) -> None:
+        self._live = live
+        self.missed = self.missed or not live
 
     def put(self, item: Item) -> None:
         if isinstance(item, Lost):
@@ -109,9 +137,11 @@ class Follower:
         self._backoff_max = backoff_max
         self._open_timeout = open_timeout
         self._watches: dict[str, Watch] = {}
-        # The prompt ComfyUI is running for this client id: a TEXT frame names no prompt, and
-        # the server runs one at a time.
+        # The prompt ComfyUI is running for this client id, and its node executing: a TEXT
+        # frame names no prompt, nor a type 1 image frame its node, and the server runs one
+        # at a time.
         self._running: str | None = None
+        self._executing: str | None = None
         self._socket: ClientConnection | None = None
         self._closing: set[asyncio.Task[None]] = set()
 
@@ -158,7 +188,9 @@ class Follower:
                     ping_timeout=10,
                     close_timeout=1,
                     max_size=64 * 1024 * 1024,
-                    max_queue=256,
+                    # An image frame is stored before the next frame is taken; the library
+                    # reads at most one more meanwhile, so a slow storage holds two at most.
+                    max_queue=1,
                 ) as socket:
                     delay = 0.1
                     await self._follow(socket)
@@ -196,6 +228,8 @@ class Follower:
                 watch.put(message)
 
     async def _binary(self, frame: bytes) -> None:
+        if await self._output(frame):
+            return
         if self._on_preview is None:
             return
         if frame[:4] == PREVIEW_WITH_METADATA:
@@ -205,24 +239,39 @@ class Follower:
             # another client's.
             await self._on_preview(text_with_prompt(self._running, frame))
 
+    async def _output(self, frame: bytes) -> bool:
+        """Store the frame's image if it is an output of a watched prompt; whether it was."""
+        image = frame_image(frame, self._running, self._executing)
+        watch = self._watches.get(image.prompt_id) if image is not None else None
+        if image is None or watch is None or watch.on_image is None:
+            return False
+        output = await watch.on_image(image, frame)
+        if output is None:
+            return False
+        watch.put(StoredImage(output))
+        return True
+
     def _note_running(self, message: WsMessage) -> None:
-        """Follow which of our prompts runs (execution_start ... executing null or an end)."""
+        """Follow which of our prompts runs (execution_start ... executing null or an end),
+        and which of its nodes executes."""
         match message:
             case ExecutionStart(data=data):
                 self._running = data.prompt_id
+                self._executing = None
             case Executing(data=data) if data.prompt_id is not None:
                 if data.node is not None:
                     self._running = data.prompt_id
+                    self._executing = data.node
                 elif data.prompt_id == self._running:
-                    self._running = None
+                    self._running = self._executing = None
             case ExecutionSuccess() | ExecutionError() | ExecutionInterrupted():
                 # Interruptions of prompts without a client id are broadcast: only ours count.
                 if message.data.prompt_id == self._running:
-                    self._running = None
+                    self._running = self._executing = None
 
     def _disconnected(self) -> None:
         was_connected = self.connected.is_set()
-        self._running = None
+        self._running = self._executing = None
         self._socket = None
         self.connected.clear()
         if was_connected:

@@ -79,6 +79,8 @@ class SimulatorConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """Per class_type override of `node_seconds`, e.g. {"ImageBlur": 2.5}."""
     step_seconds: float = 0.0
     """Time per progress step (KSampler steps, SaveImageWebsocket images)."""
+    sampler_previews: bool = False
+    """KSampler sends a preview image with each step, as ComfyUI does with a preview method."""
     setup_seconds: float = 0.0
     """Time between `execution_start` and `execution_cached` (the real server's cache and GC
     work, about 35 ms on the recording machine); requests arriving meanwhile are answered."""

@@ -383,6 +383,7 @@ class Engine:
             lambda: self._interrupt,
             folder=self.folders.get,
             step_seconds=lambda: self.config.step_duration() + sampling[0],
+            sampler_previews=self.config.sampler_previews,
         )
         inputs: dict[str, Any] = {}
         try:

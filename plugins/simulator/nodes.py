@@ -38,6 +38,7 @@ class RunContext(Protocol):
     """What a node may do besides computing outputs."""
 
     node_id: str
+    sampler_previews: bool
 
     def folder(self, kind: str) -> Path:
         """The absolute output, input or temp folder."""
@@ -250,10 +251,11 @@ async def _empty_latent(inputs: dict[str, Any], ctx: RunContext) -> NodeResult:
 async def _ksampler(inputs: dict[str, Any], ctx: RunContext) -> NodeResult:
     latent: Latent = inputs["latent_image"]
     steps = int(inputs["steps"])
+    preview = await _encode(Image(8, 8, 1, (0.5, 0.5, 0.5))) if ctx.sampler_previews else None
     for step in range(1, steps + 1):
         if ctx.step_seconds() > 0:
             await asyncio.sleep(ctx.step_seconds())
-        await ctx.progress(step, steps)  # where an interrupt stops the sampler
+        await ctx.progress(step, steps, preview)  # where an interrupt stops the sampler
     return NodeResult((Latent(latent.width, latent.height, latent.batch, int(inputs["seed"])),))
 
 

@@ -67,8 +67,10 @@ class NodeContext:
         *,
         folder: Callable[[str], Path],
         step_seconds: Callable[[], float],
+        sampler_previews: bool = False,
     ) -> None:
         self.node_id = node_id
+        self.sampler_previews = sampler_previews
         self._progress = progress
         self._interrupted = interrupted
         self._folder = folder

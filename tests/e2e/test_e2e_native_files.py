@@ -18,6 +18,7 @@ from tests.e2e.conftest import System
 # SaveImageWebsocket sends one preview per image: four here (two batches of two).
 HEAVY = Path(__file__).parents[1] / "data" / "comfyui-protocol" / "workflows" / "heavy.json"
 TEXT = (3).to_bytes(4, "big")
+PLAIN_PNG = (1).to_bytes(4, "big") + (2).to_bytes(4, "big")
 FLAGS = {"type": "feature_flags", "data": {"supports_preview_metadata": True}}
 
 
@@ -36,7 +37,7 @@ async def _until_done(socket: Any, prompt_id: str) -> list[str | bytes]:
                     return frames
 
 
-async def test_previews_go_only_to_sockets_that_negotiated_them(system: System) -> None:
+async def test_each_socket_gets_images_in_the_layout_it_negotiated(system: System) -> None:
     await system.add_server("a", SimulatorConfig())
     await system.add_server("b", SimulatorConfig())
     heavy = json.loads(HEAVY.read_text())
@@ -70,8 +71,11 @@ async def test_previews_go_only_to_sockets_that_negotiated_them(system: System) 
             assert metadata["node_id"] == "11"
             assert image.startswith(b"\x89PNG")
         plain_frames = await _until_done(plain, ids["plain"])
-        # GetImageSize's TEXT frames go to every socket; previews only to the flagged one.
-        assert not [f for f in plain_frames if isinstance(f, bytes) and f[:4] != TEXT]
+        # GetImageSize's TEXT frames go to every socket; previews with metadata only to the
+        # flagged one, and SaveImageWebsocket's images to the other as to a client without
+        # feature flags: type 1, PNG.
+        images = [f for f in plain_frames if isinstance(f, bytes) and f[:4] != TEXT]
+        assert [f[:8] for f in images] == [PLAIN_PNG] * 4
 
 
 async def test_outputs_are_served_whole_or_by_range(system: System) -> None:

@@ -4,16 +4,26 @@ An adapter publishes preview frames with metadata (type 4) as its server sent th
 frames (type 3) wrapped in the same layout, since ComfyUI's own TEXT frame names no prompt (see
 `plugins.comfyui.progress.text_with_prompt`): event type, 4-byte JSON length, JSON naming the
 prompt, then the image or the server's TEXT frame.
+
+Images that nodes sent over the websocket are outputs, in storage: a socket gets them as a
+`StoredFrame`, a header read with its image only when the socket's writer sends it.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Final
 
 import msgspec
 
+from gateway.bus.contract import OutputFile
+from gateway.storage import Storage
+
+PREVIEW_IMAGE: Final = 1
 TEXT: Final = 3
 PREVIEW_WITH_METADATA: Final = 4
+# Type 1's image format codes.
+_FORMATS: Final = {"image/jpeg": 1, "image/png": 2}
 
 _encoder = msgspec.json.Encoder()
 
@@ -51,3 +61,41 @@ def preview_frame(metadata: dict[str, Any], image: bytes) -> bytes:
     encoded = _encoder.encode(metadata)
     header = PREVIEW_WITH_METADATA.to_bytes(4, "big") + len(encoded).to_bytes(4, "big")
     return header + encoded + image
+
+
+@dataclass(frozen=True)
+class StoredFrame:
+    """A binary frame whose image is in storage: `header`, then the stored object's bytes."""
+
+    header: bytes
+    key: str
+    storage: Storage
+
+    def __len__(self) -> int:
+        # What waits in a socket's backlog: the image is read only when it is sent.
+        return len(self.header)
+
+    async def read(self) -> bytes:
+        """The whole frame (one image in memory, as a websocket frame must be)."""
+        return self.header + b"".join([chunk async for chunk in self.storage.open(self.key)])
+
+
+def image_header(prompt_id: str, output: OutputFile, *, flagged: bool) -> bytes | None:
+    """The header of a stored image's frame, as ComfyUI would send it to a client that
+    negotiated preview metadata (`flagged`: type 4) or not (type 1); None if type 1 has no
+    code for the image's format."""
+    if flagged:
+        node = output.node_id
+        metadata = {
+            "node_id": node,
+            "prompt_id": prompt_id,
+            "display_node_id": node,
+            "parent_node_id": None,
+            "real_node_id": node,
+            "image_type": output.content_type,
+        }
+        return preview_frame(metadata, b"")
+    code = _FORMATS.get(output.content_type)
+    if code is None:
+        return None
+    return PREVIEW_IMAGE.to_bytes(4, "big") + code.to_bytes(4, "big")

@@ -165,6 +165,8 @@ def history_entry(entry: Entry, messages: list[list[Any]]) -> dict[str, Any]:
     succeeded = record.status == JobStatus.SUCCEEDED
     if succeeded:
         for output in record.outputs:
+            if output.source == "websocket":
+                continue  # ComfyUI keeps no file of them, and lists none in history
             files = outputs.setdefault(output.node_id, {}).setdefault(output.kind, [])
             files.append(stored_file(entry.prompt_id, output))
     return {

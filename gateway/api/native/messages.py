@@ -23,6 +23,7 @@ from gateway.bus.contract import (
     Failed,
     FailedData,
     NodeCached,
+    NodeImage,
     NodeOutput,
     NodeProgress,
     NodeStarted,
@@ -83,6 +84,18 @@ class Outgoing:
         return self.type in BROADCAST_TYPES
 
 
+@dataclass(frozen=True)
+class OutgoingImage:
+    """An image a node sent over the websocket, for the prompt's sockets that negotiated
+    preview metadata (`flagged`, binary type 4) or for those that did not (type 1)."""
+
+    output: OutputFile
+    flagged: bool
+
+
+Said = Outgoing | OutgoingImage
+
+
 @dataclass
 class PromptRelay:
     """The translation state of one prompt's run."""
@@ -97,13 +110,31 @@ class PromptRelay:
     """Nodes that finished, in order (what ComfyUI's error and interruption name)."""
     classes: dict[str, str] = field(default_factory=dict)
     nodes: dict[str, dict[str, Any]] = field(default_factory=dict)
+    held: list[OutgoingImage] = field(default_factory=list)
+    """An image, held for the `progress` of its step (see `translate`)."""
 
-    def translate(self, event: Event) -> list[Outgoing]:
+    def translate(self, event: Event) -> list[Said]:
         """The ComfyUI messages `event` stands for (none for our own bookkeeping events)."""
         if event.seq <= self.last_seq:
             return []  # seen already (a redelivery)
         self.last_seq = event.seq
-        out: list[Outgoing] = []
+        held, self.held = self.held, []
+        said = self._translate(event)
+        if not held:
+            return said
+        # ComfyUI sends a step with an image as `progress_state`, then `progress`, with the
+        # image between them for a client with preview metadata and after them for one
+        # without; whatever else comes next, the image goes first.
+        output = held[0].output
+        step = output.node_id, output.index
+        if isinstance(event, NodeProgress) and (event.data.node_id, event.data.value) == step:
+            flagged = [image for image in held if image.flagged]
+            plain = [image for image in held if not image.flagged]
+            return [*said[:-1], *flagged, said[-1], *plain]
+        return [*held, *said]
+
+    def _translate(self, event: Event) -> list[Said]:
+        out: list[Said] = []
         match event:
             case Running():
                 self._restart()
@@ -123,9 +154,7 @@ class PromptRelay:
                 out.append(self._progress_state())
                 out.append(self._message("executing", node=data.node_id, display_node=data.node_id))
             case NodeProgress(data=data):
-                state = self.nodes.get(data.node_id)
-                if state is not None:
-                    state["value"], state["max"] = data.value, data.max
+                out += self._step(data.node_id, data.value, data.max)
                 out.append(
                     Outgoing(
                         "progress",
@@ -137,6 +166,11 @@ class PromptRelay:
                         },
                     )
                 )
+            case NodeImage(data=data):
+                self.held = [
+                    OutgoingImage(data.output, flagged=True),
+                    OutgoingImage(data.output, flagged=False),
+                ]
             case NodeOutput(data=data):
                 out += self._opening(event.ts)
                 output = rename_output(self.prompt_id, data.output)
@@ -195,6 +229,15 @@ class PromptRelay:
             "execution_cached",
             {"nodes": list(nodes), "prompt_id": self.prompt_id, "timestamp": ms(ts)},
         )
+
+    def _step(self, node_id: str, value: int, total: int) -> list[Said]:
+        """`progress_state` with the node at `value` of `total`, as ComfyUI sends it with
+        each step; none when the step's image has sent it already."""
+        state = self.nodes.get(node_id)
+        if state is None or (state["value"], state["max"]) == (value, total):
+            return []
+        state["value"], state["max"] = value, total
+        return [self._progress_state()]
 
     def _finish_current(self) -> list[Outgoing]:
         if self.current is None:
@@ -266,7 +309,11 @@ def history_messages(prompt_id: str, events: list[Event]) -> list[list[Any]]:
     for event in events:
         if isinstance(event, Running | Retried):
             kept.clear()  # one server's history holds only the run it made
-        kept += [[m.type, m.data] for m in relay.translate(event) if m.type in HISTORY_TYPES]
+        kept += [
+            [m.type, m.data]
+            for m in relay.translate(event)
+            if isinstance(m, Outgoing) and m.type in HISTORY_TYPES
+        ]
     return kept
 
 

@@ -36,10 +36,12 @@ from gateway.api.native.answers import (
 )
 from gateway.api.native.files import FILE_ROUTES
 from gateway.api.native.fleetinfo import features_of
+from gateway.api.native.frames import StoredFrame
 from gateway.api.native.messages import queue_item
 from gateway.api.native.service import NativeService
 from gateway.api.native.sockets import NativeSocket, frame
 from gateway.api.services import ServicesDep
+from gateway.storage import StorageError
 
 log = logging.getLogger(__name__)
 
@@ -250,7 +252,9 @@ async def _write(socket: WebSocket[Any, Any, Any], conn: NativeSocket) -> None:
         while (item := await conn.frames.get()) is not None:
             # A client that stops reading must not hold its slot and backlog for ever.
             async with asyncio.timeout(SEND_TIMEOUT_S):
-                if isinstance(item, bytes):
+                if isinstance(item, StoredFrame):
+                    await _send_stored(socket, item)
+                elif isinstance(item, bytes):
                     await socket.send_bytes(item)
                 else:
                     await socket.send_text(item)
@@ -267,6 +271,16 @@ async def _write(socket: WebSocket[Any, Any, Any], conn: NativeSocket) -> None:
         with contextlib.suppress(Exception):
             async with asyncio.timeout(SEND_TIMEOUT_S):
                 await socket.close()
+
+
+async def _send_stored(socket: WebSocket[Any, Any, Any], item: StoredFrame) -> None:
+    try:
+        data = await item.read()
+    except StorageError as exc:
+        # Gone with its job's outputs (a failed or cancelled run), or storage is down.
+        log.warning("an image for a socket could not be read (%s): %s", item.key, exc)
+        return
+    await socket.send_bytes(data)
 
 
 # One router, so that ComfyUI's routes answer a body they cannot read in ComfyUI's shape.

@@ -85,7 +85,9 @@ class NativeService:
         self._kv = prompts_kv
         self.index = PromptIndex(prompts_kv, services.jobs_kv)
         self.reader = HistoryReader(services.js, services.subjects)
-        self.hub = SocketHub(services.nc, services.subjects, self.index, self.reader)
+        self.hub = SocketHub(
+            services.nc, services.subjects, self.index, self.reader, services.storage
+        )
         self.fleet = FleetInfo(services.fleet.table)
 
     async def logged(self, entries: list[Entry]) -> None:

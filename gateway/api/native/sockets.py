@@ -6,7 +6,9 @@ socket of the same caller (API key), so no caller hears of another's work. Event
 process on one subscription to all job events, held while a socket is open or a prompt's relay
 state is kept for a socket that may rejoin it (relays.py); those of a prompt this gateway does
 not know yet wait for it a moment (early.py). The adapters' binary frames come on a second
-subscription, held while a socket is open.
+subscription, held while a socket is open. Images that nodes sent over ComfyUI's websocket are
+outputs: they come as events, and each socket gets them from storage in the layout it
+negotiated, type 4 with metadata or type 1 without, as ComfyUI would send them.
 """
 
 from __future__ import annotations
@@ -22,9 +24,15 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from gateway.api.native.early import EarlyEvents
-from gateway.api.native.frames import TEXT, preview_frame, split_frame
+from gateway.api.native.frames import (
+    TEXT,
+    StoredFrame,
+    image_header,
+    preview_frame,
+    split_frame,
+)
 from gateway.api.native.history import HistoryReader
-from gateway.api.native.messages import Outgoing, PromptRelay
+from gateway.api.native.messages import Outgoing, OutgoingImage, PromptRelay, Said
 from gateway.api.native.prompts import Entry, PromptIndex
 from gateway.api.native.relays import RelayBook
 from gateway.bus.contract import (
@@ -37,6 +45,7 @@ from gateway.bus.contract import (
     Subjects,
     decode_event,
 )
+from gateway.storage import Storage
 
 log = logging.getLogger(__name__)
 
@@ -73,12 +82,12 @@ class NativeSocket:
     def __init__(self, caller: str, client_id: str) -> None:
         self.caller = caller
         self.client_id = client_id
-        self.frames: asyncio.Queue[str | bytes | None] = asyncio.Queue(MAX_BACKLOG)
+        self.frames: asyncio.Queue[str | bytes | StoredFrame | None] = asyncio.Queue(MAX_BACKLOG)
         self.waiting_bytes = 0
         self.previews = False  # asked for preview metadata with feature_flags
         self.closed = False
 
-    def send(self, text: str | bytes) -> None:
+    def send(self, text: str | bytes | StoredFrame) -> None:
         if self.closed:
             return
         size = len(text)
@@ -89,7 +98,7 @@ class NativeSocket:
         self.waiting_bytes += size
         self.frames.put_nowait(text)
 
-    def sent(self, item: str | bytes) -> None:
+    def sent(self, item: str | bytes | StoredFrame) -> None:
         self.waiting_bytes -= len(item)
 
     def close(self) -> None:
@@ -107,9 +116,15 @@ class SocketHub:
     """Routes prompt messages and queue status to the sockets that may see them."""
 
     def __init__(
-        self, nc: Client, subjects: Subjects, index: PromptIndex, history: HistoryReader
+        self,
+        nc: Client,
+        subjects: Subjects,
+        index: PromptIndex,
+        history: HistoryReader,
+        storage: Storage | None = None,
     ) -> None:
         self._nc = nc
+        self._storage = storage
         self._subjects = subjects
         self._index = index
         self._history = history
@@ -230,7 +245,10 @@ class SocketHub:
             for socket in sockets:
                 socket.send(text)
 
-    def _deliver(self, entry: Entry, message: Outgoing) -> None:
+    def _deliver(self, entry: Entry, message: Said) -> None:
+        if isinstance(message, OutgoingImage):
+            self._deliver_image(entry, message)
+            return
         client_id = entry.prompt.client_id
         if client_id is not None:
             socket = self._by_client.get((entry.prompt.caller, client_id))
@@ -240,6 +258,23 @@ class SocketHub:
             text = frame(message.type, message.data)
             for socket in self._sockets.get(entry.prompt.caller, ()):
                 socket.send(text)
+
+    def _deliver_image(self, entry: Entry, image: OutgoingImage) -> None:
+        """To the prompt's client, or to every socket of its caller if it has no client id
+        (ComfyUI broadcasts binary frames then), in the layout each socket negotiated."""
+        header = image_header(entry.prompt_id, image.output, flagged=image.flagged)
+        if header is None or self._storage is None:
+            return
+        client_id = entry.prompt.client_id
+        if client_id is None:
+            sockets = set(self._sockets.get(entry.prompt.caller, ()))
+        else:
+            owner = self._by_client.get((entry.prompt.caller, client_id))
+            sockets = {owner} if owner is not None else set()
+        stored = StoredFrame(header, image.output.key, self._storage)
+        for socket in sockets:
+            if socket.previews == image.flagged:
+                socket.send(stored)
 
     async def _on_event(self, msg: Msg) -> None:
         job_id = msg.subject[len(self._events_prefix) :]
