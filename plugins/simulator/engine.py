@@ -396,8 +396,8 @@ class Engine:
                 raise Interrupted
             if self._matches(self.config.crash_on_node, node_id, class_type):
                 self._crash()
-            node = run.item.prompt[node_id]
-            duration = self.config.seconds_for(class_type) + load_seconds(self.config, node)
+            loads = load_seconds(self.config, run.item.prompt[node_id])
+            duration = self.config.seconds_for(class_type) + loads
             if duration > 0:
                 await asyncio.sleep(duration)
             if any(self._matches(s, node_id, class_type) for s in self.config.fail_nodes):
