@@ -57,6 +57,11 @@ def submission(
     return body
 
 
+def key_headers(idempotency_key: str | None) -> dict[str, str]:
+    """The headers that carry an idempotency key (none without one)."""
+    return {} if idempotency_key is None else {"Idempotency-Key": idempotency_key}
+
+
 def _workflow_file(path: str | Path) -> dict[str, Any]:
     try:
         graph = json.loads(Path(path).read_text(encoding="utf-8"))

@@ -82,10 +82,14 @@ class AsyncComfyUISDK:
     async def remove_server(self, server_id: str) -> None:
         await self._call("DELETE", f"/servers/{server_id}")
 
-    async def submit_workflow(self, workflow: Any, **options: Any) -> str:
-        """Queue a workflow; returns its job id at once."""
+    async def submit_workflow(
+        self, workflow: Any, *, idempotency_key: str | None = None, **options: Any
+    ) -> str:
+        """Queue a workflow; returns its job id at once (see ComfyUISDK.submit_workflow)."""
         body = p.submission(workflow, **options)
-        return p.job_result_id(await self._call("POST", "/workflow/submit", json=body))
+        headers = p.key_headers(idempotency_key)
+        content = await self._call("POST", "/workflow/submit", json=body, headers=headers)
+        return p.job_result_id(content)
 
     async def execute_workflow(
         self,
@@ -93,18 +97,27 @@ class AsyncComfyUISDK:
         *,
         on_progress: AsyncProgressCallback | None = None,
         raise_on_failure: bool = True,
+        idempotency_key: str | None = None,
         **options: Any,
     ) -> JobResult:
         """Run a workflow and return its result once it ends (see ComfyUISDK.execute_workflow)."""
         timeout = options.get("timeout") or self.timeout
         if on_progress is None:
             body = p.submission(workflow, **options)
-            content = await self._call("POST", "/workflow/execute", json=body, timeout=timeout + 10)
+            content = await self._call(
+                "POST",
+                "/workflow/execute",
+                json=body,
+                headers=p.key_headers(idempotency_key),
+                timeout=timeout + 10,
+            )
             result = p.job_result(content)
             if not p.finished(result):
                 result = await self.wait(result.job_id, timeout=timeout)
         else:
-            job_id = await self.submit_workflow(workflow, **options)
+            job_id = await self.submit_workflow(
+                workflow, idempotency_key=idempotency_key, **options
+            )
             async for event in self.stream_events(job_id):
                 outcome = on_progress(event)
                 if outcome is not None:

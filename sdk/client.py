@@ -88,10 +88,20 @@ class ComfyUISDK:
 
     # -- jobs ---------------------------------------------------------------------------------
 
-    def submit_workflow(self, workflow: Any, **options: Any) -> str:
-        """Queue a workflow; returns its job id at once. Options as for execute_workflow."""
+    def submit_workflow(
+        self, workflow: Any, *, idempotency_key: str | None = None, **options: Any
+    ) -> str:
+        """Queue a workflow; returns its job id at once. Options as for execute_workflow.
+
+        With `idempotency_key`, submitting the same workflow and options again (a retry after
+        a lost answer) returns the same job instead of making another, for 24 h; the same key
+        with anything else raises ApiError `idempotency_mismatch`.
+        """
         body = p.submission(workflow, **options)
-        return str(p.job_result_id(self._call("POST", "/workflow/submit", json=body)))
+        headers = p.key_headers(idempotency_key)
+        return str(
+            p.job_result_id(self._call("POST", "/workflow/submit", json=body, headers=headers))
+        )
 
     def execute_workflow(
         self,
@@ -99,23 +109,31 @@ class ComfyUISDK:
         *,
         on_progress: ProgressCallback | None = None,
         raise_on_failure: bool = True,
+        idempotency_key: str | None = None,
         **options: Any,
     ) -> JobResult:
         """Run a workflow and return its result once it ends.
 
         Options: overrides, inputs, server, labels, priority, max_attempts, timeout, job_id.
         `on_progress` is called with every event of the job as it happens. A failed or
-        cancelled job raises JobFailed unless `raise_on_failure=False`.
+        cancelled job raises JobFailed unless `raise_on_failure=False`. `idempotency_key`: as
+        for submit_workflow; a repeat waits for the job the key made.
         """
         timeout = options.get("timeout") or self.timeout
         if on_progress is None:
             body = p.submission(workflow, **options)
-            content = self._call("POST", "/workflow/execute", json=body, timeout=timeout + 10)
+            content = self._call(
+                "POST",
+                "/workflow/execute",
+                json=body,
+                headers=p.key_headers(idempotency_key),
+                timeout=timeout + 10,
+            )
             result = p.job_result(content)
             if not p.finished(result):
                 result = self.wait(result.job_id, timeout=timeout)
         else:
-            job_id = self.submit_workflow(workflow, **options)
+            job_id = self.submit_workflow(workflow, idempotency_key=idempotency_key, **options)
             for event in self.stream_events(job_id):
                 on_progress(event)
             # The job's record follows its events by a moment: wait for it, don't just read it.

@@ -38,6 +38,9 @@ from gateway.comfyui.overrides import override_problems
 log = logging.getLogger(__name__)
 
 DEFAULT_EXECUTE_TIMEOUT = 300.0
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+# On an answer about a job that the same key or job id had made already.
+REPLAYED_HEADER = "Idempotent-Replayed"
 
 
 def base_url(services: Services, request: Request[Any, Any, Any]) -> str:
@@ -113,6 +116,7 @@ async def _checked_request(
     """The bus request for a submission, after every check the gateway can make itself."""
     caller = caller_of(request)
     job = to_request(body, services, caller)
+    job.idempotency_key = request.headers.get(IDEMPOTENCY_HEADER)
     await check_inputs_owned(services, caller, job.inputs)
     await check_overrides(services, job)
     return job
@@ -157,12 +161,16 @@ class WorkflowController(Controller):
         data: JSONBody[WorkflowSubmission],
         services: ServicesDep,
         request: Request[Any, Any, Any],
-    ) -> Submitted:
-        """Queue a workflow and answer at once with the job id."""
+    ) -> Response[Submitted]:
+        """Queue a workflow and answer at once with the job id (202).
+
+        With an `Idempotency-Key` (or a `job_id`) that made a job already, with the same
+        request: 200 with that job as it is now.
+        """
         job = await _checked_request(data, services, request)
         accepted = await services.submit(job)
         base = f"{base_url(services, request)}/workflow"
-        return Submitted(
+        submitted = Submitted(
             job_id=accepted.job_id,
             status=accepted.status,
             log_file_path=services.log_path(accepted.log_file_path),
@@ -170,6 +178,9 @@ class WorkflowController(Controller):
             result_url=f"{base}/result/{accepted.job_id}",
             events_url=f"{base}/events/{accepted.job_id}",
         )
+        if accepted.replayed:
+            return Response(submitted, status_code=200, headers={REPLAYED_HEADER: "true"})
+        return Response(submitted, status_code=202)
 
     @post("/execute", status_code=200, guards=[submit_rate_limit], responses=_SUBMIT_ERRORS)
     async def execute(
@@ -178,9 +189,19 @@ class WorkflowController(Controller):
         services: ServicesDep,
         request: Request[Any, Any, Any],
     ) -> Response[JobResult]:
-        """Run a workflow and wait for its end (up to `timeout`, then 202 with the job)."""
+        """Run a workflow and wait for its end (up to `timeout`, then 202 with the job).
+
+        With an `Idempotency-Key` (or a `job_id`) that made a job already, with the same
+        request: 200 at once with that job as it is now, ended or not.
+        """
         job = await _checked_request(data, services, request)
         accepted = await services.submit(job)
+        if accepted.replayed:
+            record = await services.record(accepted.job_id)
+            if record.status.terminal:
+                await services.wait_logged(record)
+            result = to_result(record, services, request)
+            return Response(result, status_code=200, headers={REPLAYED_HEADER: "true"})
         timeout = data.timeout if data.timeout is not None else DEFAULT_EXECUTE_TIMEOUT
         record = await services.wait_for_end(accepted.job_id, timeout)
         status = 200 if record.status.terminal else 202
