@@ -132,6 +132,72 @@ class Refused(Exception):
         self.error = Error(code=code, message=message, details=details)
 
 
+def check_request(request: JobRequest, servers: ServerTable) -> None:
+    """Raise Refused if `request` cannot be accepted: every check of the submit path.
+
+    Also for a gateway that checks each job of a batch before it submits any.
+    """
+    size = len(encode(request))
+    if size > MAX_REQUEST_BYTES:
+        raise Refused(
+            "too_large",
+            f"the request is {size} bytes; a job carries at most {MAX_REQUEST_BYTES}: "
+            "pass large files as inputs (source 'key' or 'url')",
+            {"size": size, "max_request_bytes": MAX_REQUEST_BYTES},
+        )
+    problems = workflow_problems(request.workflow)
+    if problems:
+        raise Refused("invalid_workflow", "; ".join(problems), {"problems": problems})
+    try:
+        workflow = apply_overrides(request.workflow, request.overrides)
+    except WorkflowError as exc:
+        raise Refused("invalid_overrides", str(exc)) from None
+    problems = graph_problems(workflow) or job_file_problems(workflow)
+    if problems:
+        raise Refused("invalid_workflow", "; ".join(problems), {"problems": problems})
+    problems = input_problems(request.inputs)
+    if problems:
+        raise Refused("invalid_request", "; ".join(problems), {"problems": problems})
+    if request.job_id is not None:
+        try:
+            check_job_id(request.job_id)
+        except ContractError as exc:
+            raise Refused("invalid_request", str(exc)) from None
+    if not 1 <= request.max_attempts <= MAX_ATTEMPTS_LIMIT:
+        raise Refused("invalid_request", f"max_attempts must be between 1 and {MAX_ATTEMPTS_LIMIT}")
+    if request.timeout_s is not None and not 0 < request.timeout_s <= MAX_TIMEOUT_S:
+        raise Refused(
+            "invalid_request", f"timeout_s must be over 0 and at most {MAX_TIMEOUT_S:g} s"
+        )
+    if not PRIORITY_MIN <= request.priority <= PRIORITY_MAX:
+        raise Refused(
+            "invalid_request", f"priority must be between {PRIORITY_MIN} and {PRIORITY_MAX}"
+        )
+    _check_runnable(request, servers)
+
+
+def _check_runnable(request: JobRequest, servers: ServerTable) -> None:
+    """Refuse a job that no known server could ever run; wait if none is known yet."""
+    need = requirements(request)
+    if need.server is not None:
+        state = servers.get(need.server)
+        if state is None:
+            raise Refused("unknown_server", f"no server {need.server!r} is registered")
+        states = [state]
+    else:
+        states = list(servers)
+    judged = [(s, missing(need, s.capabilities, s.labels)) for s in states if s.capabilities]
+    if not judged or any(not lack for _, lack in judged):
+        return
+    closest, lack = min(judged, key=lambda pair: len(pair[1].describe()))
+    raise Refused(
+        "unschedulable",
+        f"no server can run this workflow; the closest, {closest.server_id}, lacks "
+        + lack.describe(),
+        {state.server_id: lack.describe() for state, lack in judged},
+    )
+
+
 class Submitter:
     """Checks and accepts job requests."""
 
@@ -175,7 +241,7 @@ class Submitter:
                 if replay is not None:
                     return replay
                 # The key stands for a job that was never made: its submission was cut short.
-        self._check(request)
+        check_request(request, self._servers)
         if key is not None and job_id is None:
             try:
                 job_id = await self._keys.claim(
@@ -292,68 +358,6 @@ class Submitter:
         except KeyNotFoundError:
             return None
         return None if entry.value is None else decode(entry.value, JobRecord)
-
-    def _check(self, request: JobRequest) -> None:
-        size = len(encode(request))
-        if size > MAX_REQUEST_BYTES:
-            raise Refused(
-                "too_large",
-                f"the request is {size} bytes; a job carries at most {MAX_REQUEST_BYTES}: "
-                "pass large files as inputs (source 'key' or 'url')",
-                {"size": size, "max_request_bytes": MAX_REQUEST_BYTES},
-            )
-        problems = workflow_problems(request.workflow)
-        if problems:
-            raise Refused("invalid_workflow", "; ".join(problems), {"problems": problems})
-        try:
-            workflow = apply_overrides(request.workflow, request.overrides)
-        except WorkflowError as exc:
-            raise Refused("invalid_overrides", str(exc)) from None
-        problems = graph_problems(workflow) or job_file_problems(workflow)
-        if problems:
-            raise Refused("invalid_workflow", "; ".join(problems), {"problems": problems})
-        problems = input_problems(request.inputs)
-        if problems:
-            raise Refused("invalid_request", "; ".join(problems), {"problems": problems})
-        if request.job_id is not None:
-            try:
-                check_job_id(request.job_id)
-            except ContractError as exc:
-                raise Refused("invalid_request", str(exc)) from None
-        if not 1 <= request.max_attempts <= MAX_ATTEMPTS_LIMIT:
-            raise Refused(
-                "invalid_request", f"max_attempts must be between 1 and {MAX_ATTEMPTS_LIMIT}"
-            )
-        if request.timeout_s is not None and not 0 < request.timeout_s <= MAX_TIMEOUT_S:
-            raise Refused(
-                "invalid_request", f"timeout_s must be over 0 and at most {MAX_TIMEOUT_S:g} s"
-            )
-        if not PRIORITY_MIN <= request.priority <= PRIORITY_MAX:
-            raise Refused(
-                "invalid_request", f"priority must be between {PRIORITY_MIN} and {PRIORITY_MAX}"
-            )
-        self._check_runnable(request)
-
-    def _check_runnable(self, request: JobRequest) -> None:
-        """Refuse a job that no known server could ever run; wait if none is known yet."""
-        need = requirements(request)
-        if need.server is not None:
-            state = self._servers.get(need.server)
-            if state is None:
-                raise Refused("unknown_server", f"no server {need.server!r} is registered")
-            states = [state]
-        else:
-            states = list(self._servers)
-        judged = [(s, missing(need, s.capabilities, s.labels)) for s in states if s.capabilities]
-        if not judged or any(not lack for _, lack in judged):
-            return
-        closest, lack = min(judged, key=lambda pair: len(pair[1].describe()))
-        raise Refused(
-            "unschedulable",
-            f"no server can run this workflow; the closest, {closest.server_id}, lacks "
-            + lack.describe(),
-            {state.server_id: lack.describe() for state, lack in judged},
-        )
 
     # -- the NATS face of the same path ------------------------------------------------------
 
