@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from gateway.api.schemas import JobResult, ServerHealth
+from gateway.api.schemas import BatchStatus, JobResult, ServerHealth
 from gateway.bus.contract import ServerRecord
 from sdk import _protocol as p
 from sdk.errors import GatewayUnreachable
@@ -170,6 +171,33 @@ class AsyncComfyUISDK:
             except httpx.TransportError as exc:
                 why = str(exc) or type(exc).__name__
             await asyncio.sleep(resume.broke(job_id, why))
+
+    async def submit_batch(
+        self,
+        workflows: Any,
+        *,
+        overrides: Sequence[Mapping[str, Any]] | None = None,
+        batch_id: str | None = None,
+        **options: Any,
+    ) -> BatchStatus:
+        """Submit many jobs under one batch id (see ComfyUISDK.submit_batch)."""
+        body = p.batch_submission(workflows, overrides=overrides, batch_id=batch_id, **options)
+        return p.batch_status(await self._call("POST", "/workflow/batch", json=body))
+
+    async def get_batch(self, batch_id: str) -> BatchStatus:
+        return p.batch_status(await self._call("GET", f"/workflow/batch/{batch_id}"))
+
+    async def wait_batch(self, batch_id: str, timeout: float | None = None) -> BatchStatus:
+        """The batch once every job of it has ended (or as it stands after `timeout` s)."""
+        deadline = time.monotonic() + (timeout or self.timeout)
+        batch = await self.get_batch(batch_id)
+        while not batch.done and time.monotonic() < deadline:
+            await asyncio.sleep(p.BATCH_POLL_S)
+            batch = await self.get_batch(batch_id)
+        return batch
+
+    async def cancel_batch(self, batch_id: str) -> BatchStatus:
+        return p.batch_status(await self._call("POST", f"/workflow/batch/{batch_id}/cancel"))
 
     async def list_jobs(
         self, *, status: str | None = None, server: str | None = None, limit: int = 50

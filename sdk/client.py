@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from gateway.api.schemas import JobResult, ServerHealth
+from gateway.api.schemas import BatchStatus, JobResult, ServerHealth
 from gateway.bus.contract import ServerRecord
 from sdk import _protocol as p
 from sdk.errors import GatewayUnreachable
@@ -185,6 +185,43 @@ class ComfyUISDK:
             except httpx.TransportError as exc:
                 why = str(exc) or type(exc).__name__
             time.sleep(resume.broke(job_id, why))
+
+    # -- batches ------------------------------------------------------------------------------
+
+    def submit_batch(
+        self,
+        workflows: Any,
+        *,
+        overrides: Sequence[Mapping[str, Any]] | None = None,
+        batch_id: str | None = None,
+        **options: Any,
+    ) -> BatchStatus:
+        """Submit many jobs under one batch id; the batch as it stands then.
+
+        Either one workflow with `overrides`, a list of override sets (a job each), or a list
+        of workflows. Options (inputs, server, labels, priority, max_attempts, timeout) are
+        shared by every job. Choose `batch_id` to make a retry safe: the same batch sent again
+        makes only the jobs not made yet.
+        """
+        body = p.batch_submission(workflows, overrides=overrides, batch_id=batch_id, **options)
+        return p.batch_status(self._call("POST", "/workflow/batch", json=body))
+
+    def get_batch(self, batch_id: str) -> BatchStatus:
+        """The batch now: each job (status, outputs), `counts` by status, `done`."""
+        return p.batch_status(self._call("GET", f"/workflow/batch/{batch_id}"))
+
+    def wait_batch(self, batch_id: str, timeout: float | None = None) -> BatchStatus:
+        """The batch once every job of it has ended (or as it stands after `timeout` s)."""
+        deadline = time.monotonic() + (timeout or self.timeout)
+        batch = self.get_batch(batch_id)
+        while not batch.done and time.monotonic() < deadline:
+            time.sleep(p.BATCH_POLL_S)
+            batch = self.get_batch(batch_id)
+        return batch
+
+    def cancel_batch(self, batch_id: str) -> BatchStatus:
+        """Cancel every job of the batch not ended (and those not made yet)."""
+        return p.batch_status(self._call("POST", f"/workflow/batch/{batch_id}/cancel"))
 
     # -- logs and outputs ---------------------------------------------------------------------
 
