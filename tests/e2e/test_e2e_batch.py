@@ -7,17 +7,13 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
-import msgspec
 import pytest
 from nats.aio.client import Client
 from nats.js.errors import NoKeysError
 
-from gateway.api.auth import hash_key
 from gateway.api.batches import batch_hash, job_id_of
 from gateway.bus.contract import BatchRecord, JobAccepted, JobRequest, Subjects, decode, encode
-from gateway.settings import Settings
 from plugins.simulator import SimulatorConfig
-from tests.conftest import running_gateway
 from tests.e2e.conftest import System, tiny
 from tests.helpers import poll_until
 
@@ -46,12 +42,26 @@ async def _until_done(client: httpx.AsyncClient, batch_id: str) -> dict[str, Any
     return seen
 
 
-async def test_a_batch_with_one_failing_override_set(system: System) -> None:
-    await system.add_server("b1")
-    await system.add_server("b2")
+async def test_batches_run_and_cancel(system: System) -> None:
+    """One system for both (a system per case would cost more than the case)."""
+    run, hang = {"pool": "run"}, {"pool": "hang"}
+    await system.add_server("b1", labels=run)
+    await system.add_server("b2", labels=run)
+    await system.add_server("hang", SimulatorConfig(hang_queue=True), labels=hang)
+    await _one_failing_override_set(system)
+    await _cancelling(system)
+
+
+async def _one_failing_override_set(system: System) -> None:
     sets = [{"Save.filename_prefix": f"batch-{i}"} for i in range(20)]
     sets[7] = ESCAPE
-    body = {"workflow": tiny(1), "overrides": sets, "batch_id": "twenty", "max_attempts": 1}
+    body = {
+        "workflow": tiny(1),
+        "overrides": sets,
+        "batch_id": "twenty",
+        "max_attempts": 1,
+        "labels": {"pool": "run"},
+    }
     async with httpx.AsyncClient(base_url=system.url, timeout=60) as client:
         reply = await client.post("/workflow/batch", json=body)
         assert reply.status_code == 202, reply.text
@@ -76,9 +86,9 @@ async def test_a_batch_with_one_failing_override_set(system: System) -> None:
         await poll_until(indexed, "the batch's jobs in the log index", within=30)
 
 
-async def test_cancelling_a_batch_cancels_every_job_not_ended(system: System) -> None:
-    await system.add_server("hang", SimulatorConfig(hang_queue=True))
-    body = {"workflow": tiny(2), "overrides": [{"1.color": i} for i in range(6)]}
+async def _cancelling(system: System) -> None:
+    sets = [{"1.color": i} for i in range(6)]
+    body = {"workflow": tiny(2), "overrides": sets, "labels": {"pool": "hang"}}
     async with httpx.AsyncClient(base_url=system.url, timeout=60) as client:
         reply = await client.post("/workflow/batch", json=body)
         assert reply.status_code == 202, reply.text
@@ -113,7 +123,7 @@ def _requests(body: dict[str, Any], batch_id: str) -> list[JobRequest]:
     ]
 
 
-async def test_a_batch_cut_short_is_completed_by_sending_it_again(
+async def _a_batch_cut_short_is_completed_by_sending_it_again(
     client: httpx.AsyncClient, nc: Client, subjects: Subjects
 ) -> None:
     """What a gateway that died after the batch's record and five of its jobs leaves."""
@@ -138,8 +148,8 @@ async def test_a_batch_cut_short_is_completed_by_sending_it_again(
     assert (other.status_code, other.json()["code"]) == (409, "duplicate_batch"), other.text
 
 
-async def test_a_cancel_racing_the_submission_leaves_no_job_to_run(
-    client: httpx.AsyncClient,
+async def _a_cancel_racing_the_submission_leaves_no_job_to_run(
+    client: httpx.AsyncClient, nc: Client, subjects: Subjects
 ) -> None:
     body = {"workflow": tiny(4), "overrides": [{"1.color": i} for i in range(150)]}
     submitting = asyncio.create_task(client.post("/workflow/batch", json={**body, "batch_id": "r"}))
@@ -156,7 +166,9 @@ async def test_a_cancel_racing_the_submission_leaves_no_job_to_run(
     assert batch["done"] and batch["cancelled"]
 
 
-async def test_batch_shapes_and_limits(client: httpx.AsyncClient) -> None:
+async def _batch_shapes_and_limits(
+    client: httpx.AsyncClient, nc: Client, subjects: Subjects
+) -> None:
     too_many = {"workflow": tiny(5), "overrides": [{}] * 1001}
     reply = await client.post("/workflow/batch", json=too_many)
     assert (reply.status_code, reply.json()["code"]) == (400, "batch_size"), reply.text
@@ -171,27 +183,10 @@ async def test_batch_shapes_and_limits(client: httpx.AsyncClient) -> None:
     assert made.status_code == 202 and made.json()["counts"] == {"queued": 2}, made.text
 
 
-async def test_a_batch_is_its_callers_alone(
-    settings: Settings, nc: Client, subjects: Subjects
+async def test_batches_without_servers(
+    client: httpx.AsyncClient, nc: Client, subjects: Subjects
 ) -> None:
-    keys = {"alice": "alice-batch-key", "bob": "bob-batch-key"}
-    entries = [f"user/alice@plain:{keys['alice']}", f"user@{hash_key(keys['bob'])}"]
-    async with running_gateway(msgspec.structs.replace(settings, api_keys=entries)) as url:
-        alice, bob = (
-            httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {keys[who]}"})
-            for who in ("alice", "bob")
-        )
-        async with alice, bob:
-            body = {"workflow": tiny(7), "overrides": [{}, {"1.color": 1}], "batch_id": "hers"}
-            made = await alice.post("/workflow/batch", json=body)
-            assert made.status_code == 202, made.text
-            for reply in (
-                await bob.get("/workflow/batch/hers"),
-                await bob.post("/workflow/batch/hers/cancel"),
-            ):
-                assert (reply.status_code, reply.json()["code"]) == (404, "unknown_batch")
-            taken = await bob.post("/workflow/batch", json=body)
-            assert (taken.status_code, taken.json()["code"]) == (409, "duplicate_batch")
-            assert (await bob.get(f"/workflow/status/{job_id_of('hers', 0)}")).status_code == 404
-            mine = await alice.get("/workflow/batch/hers")
-            assert mine.json()["counts"] == {"queued": 2}
+    """Cases that need no job to run, on one gateway whose jobs wait in the queue."""
+    await _a_batch_cut_short_is_completed_by_sending_it_again(client, nc, subjects)
+    await _a_cancel_racing_the_submission_leaves_no_job_to_run(client, nc, subjects)
+    await _batch_shapes_and_limits(client, nc, subjects)

@@ -34,7 +34,7 @@ from tests.chaos.ledger import read_events
 from tests.conftest import running_gateway
 from tests.e2e.conftest import tiny
 
-STEPS = int(os.environ.get("DELIVERY_STEPS", "30"))
+STEPS = int(os.environ.get("DELIVERY_STEPS", "20"))
 CALLERS = {"alice": "alice-delivery-key", "bob": "bob-delivery-key"}
 KEYS = ("k1", "k2", "k3")
 BODIES = tuple({"workflow": tiny(seed)} for seed in range(3))

@@ -47,14 +47,29 @@ async def _job_ids(nc: Client, subjects: Subjects) -> set[str]:
         return set()
 
 
+class Jobs:
+    """The jobs made since a mark: each case of one gateway counts only its own."""
+
+    def __init__(self, nc: Client, subjects: Subjects) -> None:
+        self._nc = nc
+        self._subjects = subjects
+        self._before: set[str] = set()
+
+    async def mark(self) -> None:
+        self._before = await _job_ids(self._nc, self._subjects)
+
+    async def new(self) -> set[str]:
+        return await _job_ids(self._nc, self._subjects) - self._before
+
+
 @pytest.fixture
 async def client(gateway: str) -> AsyncIterator[httpx.AsyncClient]:
     async with httpx.AsyncClient(base_url=gateway, timeout=30) as http:
         yield http
 
 
-async def test_the_same_key_from_concurrent_clients_makes_one_job(
-    client: httpx.AsyncClient, nc: Client, subjects: Subjects
+async def _the_same_key_from_concurrent_clients_makes_one_job(
+    client: httpx.AsyncClient, nc: Client, subjects: Subjects, jobs: Jobs
 ) -> None:
     body = {"workflow": tiny(1), "overrides": {"Save.filename_prefix": "once"}}
     replies = await asyncio.gather(
@@ -65,15 +80,15 @@ async def test_the_same_key_from_concurrent_clients_makes_one_job(
     job_ids = {r.json()["job_id"] for r in replies}
     assert len(job_ids) == 1
     (job_id,) = job_ids
-    assert await _job_ids(nc, subjects) == {job_id}
+    assert await jobs.new() == {job_id}
     replayed = [r for r in replies if r.status_code == 200]
     assert all(r.headers["Idempotent-Replayed"] == "true" for r in replayed)
     events = (await read_events(nc, subjects))[job_id]
     assert [type(e) for e in events] == [Queued]
 
 
-async def test_the_same_key_with_another_body_is_refused(
-    client: httpx.AsyncClient, nc: Client, subjects: Subjects
+async def _the_same_key_with_another_body_is_refused(
+    client: httpx.AsyncClient, nc: Client, subjects: Subjects, jobs: Jobs
 ) -> None:
     first = await client.post("/workflow/submit", json={"workflow": tiny(1)}, headers=_key("k1"))
     assert first.status_code == 202, first.text
@@ -82,7 +97,7 @@ async def test_the_same_key_with_another_body_is_refused(
     error = other.json()
     assert error["code"] == "idempotency_mismatch"
     assert "another request" in error["message"] and error["details"]["job_id"] in error["message"]
-    assert await _job_ids(nc, subjects) == {first.json()["job_id"]}
+    assert await jobs.new() == {first.json()["job_id"]}
     # The defaults written out are the same request as the defaults left out.
     spelt = {"workflow": tiny(1), "priority": 0, "max_attempts": 2, "overrides": {}, "labels": {}}
     same = await client.post("/workflow/submit", json=spelt, headers=_key("k1"))
@@ -90,8 +105,8 @@ async def test_the_same_key_with_another_body_is_refused(
     assert same.json()["job_id"] == first.json()["job_id"]
 
 
-async def test_a_replay_answers_with_the_job_as_it_is_now(
-    client: httpx.AsyncClient, nc: Client, subjects: Subjects
+async def _a_replay_answers_with_the_job_as_it_is_now(
+    client: httpx.AsyncClient, nc: Client, subjects: Subjects, jobs: Jobs
 ) -> None:
     body = {"workflow": tiny(3)}
     first = await client.post("/workflow/submit", json=body, headers=_key("k-now"))
@@ -106,18 +121,18 @@ async def test_a_replay_answers_with_the_job_as_it_is_now(
     assert executed.status_code == 200, executed.text
     assert executed.headers["Idempotent-Replayed"] == "true"
     assert (executed.json()["job_id"], executed.json()["status"]) == (job_id, "cancelled")
-    assert await _job_ids(nc, subjects) == {job_id}
+    assert await jobs.new() == {job_id}
 
 
-async def test_an_unusable_key_is_refused(client: httpx.AsyncClient) -> None:
+async def _an_unusable_key_is_refused(client: httpx.AsyncClient) -> None:
     reply = await client.post(
         "/workflow/submit", json={"workflow": tiny(1)}, headers=_key("k" * 256)
     )
     assert reply.status_code == 400 and "idempotency key" in reply.json()["message"], reply.text
 
 
-async def test_a_key_written_before_its_job_was_cut_is_completed_by_the_retry(
-    client: httpx.AsyncClient, nc: Client, subjects: Subjects
+async def _a_key_written_before_its_job_was_cut_is_completed_by_the_retry(
+    client: httpx.AsyncClient, nc: Client, subjects: Subjects, jobs: Jobs
 ) -> None:
     """A gateway that died between the key and the job leaves a key pointing at nothing."""
     body = {"workflow": tiny(4)}
@@ -127,14 +142,14 @@ async def test_a_key_written_before_its_job_was_cut_is_completed_by_the_retry(
     await keys.create(scoped_key("anonymous", "k-cut"), encode(entry))
     reply = await client.post("/workflow/submit", json=body, headers=_key("k-cut"))
     assert (reply.status_code, reply.json()["job_id"]) == (202, "cut-job"), reply.text
-    assert await _job_ids(nc, subjects) == {"cut-job"}
+    assert await jobs.new() == {"cut-job"}
     assert [type(e) for e in (await read_events(nc, subjects))["cut-job"]] == [Queued]
     again = await client.post("/workflow/submit", json=body, headers=_key("k-cut"))
     assert (again.status_code, again.json()["job_id"]) == (200, "cut-job"), again.text
 
 
-async def test_a_repeated_job_id_is_that_job_with_the_same_body_only(
-    client: httpx.AsyncClient, nc: Client, subjects: Subjects
+async def _a_repeated_job_id_is_that_job_with_the_same_body_only(
+    client: httpx.AsyncClient, nc: Client, subjects: Subjects, jobs: Jobs
 ) -> None:
     body: dict[str, Any] = {"workflow": tiny(5), "job_id": "mine-1"}
     first = await client.post("/workflow/submit", json=body)
@@ -143,10 +158,10 @@ async def test_a_repeated_job_id_is_that_job_with_the_same_body_only(
     assert (again.status_code, again.json()["job_id"]) == (200, "mine-1"), again.text
     other = await client.post("/workflow/submit", json={**body, "priority": 5})
     assert (other.status_code, other.json()["code"]) == (409, "duplicate_job"), other.text
-    assert await _job_ids(nc, subjects) == {"mine-1"}
+    assert await jobs.new() == {"mine-1"}
 
 
-async def test_the_key_on_the_bus(gateway: str, nats_url: str) -> None:
+async def _the_key_on_the_bus(nats_url: str) -> None:
     async with await NatsClient.connect(nats_url) as bus:
         first = await bus.submit(tiny(6), idempotency_key="bus-key")
         again = await bus.submit(tiny(6), idempotency_key="bus-key")
@@ -155,38 +170,68 @@ async def test_the_key_on_the_bus(gateway: str, nats_url: str) -> None:
         assert other.job_id != first.job_id
 
 
-@pytest.fixture
-def nats_url(settings: Settings) -> str:
-    return settings.nats_url
+async def test_idempotent_submissions_over_rest_and_the_bus(
+    client: httpx.AsyncClient, nc: Client, subjects: Subjects, settings: Settings
+) -> None:
+    """Every case on one gateway (starting one per case would cost more than the cases)."""
+    cases = [
+        _the_same_key_from_concurrent_clients_makes_one_job,
+        _the_same_key_with_another_body_is_refused,
+        _a_replay_answers_with_the_job_as_it_is_now,
+        _a_key_written_before_its_job_was_cut_is_completed_by_the_retry,
+        _a_repeated_job_id_is_that_job_with_the_same_body_only,
+    ]
+    jobs = Jobs(nc, subjects)
+    for case in cases:
+        await jobs.mark()
+        await case(client, nc, subjects, jobs)
+    await _an_unusable_key_is_refused(client)
+    await _the_key_on_the_bus(settings.nats_url)
 
 
-async def test_another_caller_with_the_same_key_gets_its_own_job(
+async def test_callers_keep_their_keys_and_batches_apart(
     settings: Settings, nc: Client, subjects: Subjects
 ) -> None:
     entries = [f"user/alice@plain:{KEYS['alice']}", f"user@{hash_key(KEYS['bob'])}"]
     keyed = msgspec.structs.replace(settings, api_keys=entries)
     async with running_gateway(keyed) as url:
-        clients = {
-            who: httpx.AsyncClient(
-                base_url=url, headers={"Authorization": f"Bearer {key}", **_key("shared")}
-            )
-            for who, key in KEYS.items()
-        }
-        try:
-            body = {"workflow": tiny(7)}
-            alice = await clients["alice"].post("/workflow/submit", json=body)
-            bob = await clients["bob"].post("/workflow/submit", json=body)
-            assert (alice.status_code, bob.status_code) == (202, 202), (alice.text, bob.text)
-            alices, bobs = alice.json()["job_id"], bob.json()["job_id"]
-            assert alices != bobs
-            # Another body under the same key is bob's own business: no word of alice's job.
-            mismatch = await clients["bob"].post("/workflow/submit", json={"workflow": tiny(8)})
-            assert mismatch.status_code == 422 and alices not in mismatch.text
-            again = await clients["bob"].post("/workflow/submit", json=body)
-            assert (again.status_code, again.json()["job_id"]) == (200, bobs)
-            seen = await clients["bob"].get(f"/workflow/status/{alices}")
-            assert seen.status_code == 404
-        finally:
-            for http in clients.values():
-                await http.aclose()
-    assert await _job_ids(nc, subjects) == {alices, bobs}
+        alice, bob = (
+            httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {KEYS[who]}"})
+            for who in ("alice", "bob")
+        )
+        async with alice, bob:
+            jobs = await _same_key_two_callers(alice, bob)
+            await _batches_two_callers(alice, bob)
+    assert jobs <= await _job_ids(nc, subjects)
+
+
+async def _same_key_two_callers(alice: httpx.AsyncClient, bob: httpx.AsyncClient) -> set[str]:
+    body = {"workflow": tiny(7)}
+    mine = await alice.post("/workflow/submit", json=body, headers=_key("shared"))
+    theirs = await bob.post("/workflow/submit", json=body, headers=_key("shared"))
+    assert (mine.status_code, theirs.status_code) == (202, 202), (mine.text, theirs.text)
+    alices, bobs = mine.json()["job_id"], theirs.json()["job_id"]
+    assert alices != bobs
+    # Another body under the same key is bob's own business: no word of alice's job.
+    other = {"workflow": tiny(8)}
+    mismatch = await bob.post("/workflow/submit", json=other, headers=_key("shared"))
+    assert mismatch.status_code == 422 and alices not in mismatch.text
+    again = await bob.post("/workflow/submit", json=body, headers=_key("shared"))
+    assert (again.status_code, again.json()["job_id"]) == (200, bobs)
+    assert (await bob.get(f"/workflow/status/{alices}")).status_code == 404
+    return {alices, bobs}
+
+
+async def _batches_two_callers(alice: httpx.AsyncClient, bob: httpx.AsyncClient) -> None:
+    body = {"workflow": tiny(9), "overrides": [{}, {"1.color": 1}], "batch_id": "hers"}
+    made = await alice.post("/workflow/batch", json=body)
+    assert made.status_code == 202, made.text
+    for reply in (
+        await bob.get("/workflow/batch/hers"),
+        await bob.post("/workflow/batch/hers/cancel"),
+    ):
+        assert (reply.status_code, reply.json()["code"]) == (404, "unknown_batch")
+    taken = await bob.post("/workflow/batch", json=body)
+    assert (taken.status_code, taken.json()["code"]) == (409, "duplicate_batch")
+    assert (await bob.get("/workflow/status/hers-0")).status_code == 404
+    assert (await alice.get("/workflow/batch/hers")).json()["counts"] == {"queued": 2}

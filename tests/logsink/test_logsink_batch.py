@@ -9,7 +9,7 @@ from nats.aio.client import Client
 
 from gateway.bus.contract import Subjects
 from gateway.bus.events import EventPublisher
-from gateway.logsink import LogSink, index_path, query_logs, rebuild_index
+from gateway.logsink import LogSink, index_path, query_logs
 from gateway.logsink.index import IndexDB, open_database
 from tests.logsink.jobs import FAST, run_job
 
@@ -36,12 +36,6 @@ async def test_jobs_are_counted_by_batch_and_an_older_index_gains_the_column(
     finally:
         con.close()
     expected = [("alone", None), ("b1-0", "b1"), ("b1-1", "b1")]
-    index = IndexDB(index_path(data_dir))
-    try:
-        assert index.execute("SELECT job_id, batch_id FROM jobs ORDER BY job_id") == expected
-    finally:
-        index.close()
-    rebuild_index(data_dir, FAST)
     index = IndexDB(index_path(data_dir))
     try:
         assert index.execute("SELECT job_id, batch_id FROM jobs ORDER BY job_id") == expected
