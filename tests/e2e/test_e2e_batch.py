@@ -45,8 +45,7 @@ async def _until_done(client: httpx.AsyncClient, batch_id: str) -> dict[str, Any
 async def test_batches_run_and_cancel(system: System) -> None:
     """One system for both (a system per case would cost more than the case)."""
     run, hang = {"pool": "run"}, {"pool": "hang"}
-    await system.add_server("b1", labels=run)
-    await system.add_server("b2", labels=run)
+    await system.add_server("b1", labels=run, capacity=4)
     await system.add_server("hang", SimulatorConfig(hang_queue=True), labels=hang)
     await _one_failing_override_set(system)
     await _cancelling(system)
