@@ -161,6 +161,25 @@ async def _a_repeated_job_id_is_that_job_with_the_same_body_only(
     assert await jobs.new() == {"mine-1"}
 
 
+async def _a_prompt_sent_again_after_its_deletion_gets_a_new_id(
+    client: httpx.AsyncClient, nc: Client, subjects: Subjects, jobs: Jobs
+) -> None:
+    """ComfyUI's API runs a prompt sent again: the job of its id is not this prompt, even with
+    the same graph from the same caller (a repeated job id otherwise answers with that job)."""
+    body = {"prompt": tiny(1), "prompt_id": "again-1", "client_id": "me"}
+    first = await client.post("/prompt", json=body)
+    assert first.json()["prompt_id"] == "again-1", first.text
+    deleted = await client.post("/queue", json={"delete": ["again-1"]})
+    assert deleted.status_code == 200, deleted.text
+    second = await client.post("/prompt", json=body)
+    assert second.status_code == 200, second.text
+    prompt_id = second.json()["prompt_id"]
+    assert prompt_id != "again-1"
+    queue = (await client.get("/queue")).json()
+    assert [item[1] for item in queue["queue_pending"]] == [prompt_id]
+    assert await jobs.new() == {"again-1", prompt_id}
+
+
 async def _the_key_on_the_bus(nats_url: str) -> None:
     async with await NatsClient.connect(nats_url) as bus:
         first = await bus.submit(tiny(6), idempotency_key="bus-key")
@@ -180,6 +199,7 @@ async def test_idempotent_submissions_over_rest_and_the_bus(
         _a_replay_answers_with_the_job_as_it_is_now,
         _a_key_written_before_its_job_was_cut_is_completed_by_the_retry,
         _a_repeated_job_id_is_that_job_with_the_same_body_only,
+        _a_prompt_sent_again_after_its_deletion_gets_a_new_id,
     ]
     jobs = Jobs(nc, subjects)
     for case in cases:
