@@ -5,12 +5,12 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Annotated, Any
 from urllib.parse import quote
 
 import msgspec
 from litestar import Controller, Request, Response, WebSocket, get, post, websocket
-from litestar.params import FromPath, FromQuery, JSONBody
+from litestar.params import FromPath, FromQuery, HeaderParameter, JSONBody
 from litestar.response import ServerSentEvent
 from litestar.response.sse import ServerSentEventMessage
 from nats.errors import TimeoutError as NatsTimeoutError
@@ -41,6 +41,13 @@ DEFAULT_EXECUTE_TIMEOUT = 300.0
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 # On an answer about a job that the same key or job id had made already.
 REPLAYED_HEADER = "Idempotent-Replayed"
+IdempotencyKey = Annotated[
+    str | None,
+    HeaderParameter(
+        name=IDEMPOTENCY_HEADER,
+        description="The same key and request again (within 24 h) answer with the same job",
+    ),
+]
 
 
 def base_url(services: Services, request: Request[Any, Any, Any]) -> str:
@@ -111,12 +118,15 @@ def known_job_id(job_id: str) -> str:
 
 
 async def _checked_request(
-    body: WorkflowSubmission, services: Services, request: Request[Any, Any, Any]
+    body: WorkflowSubmission,
+    services: Services,
+    request: Request[Any, Any, Any],
+    idempotency_key: str | None,
 ) -> JobRequest:
     """The bus request for a submission, after every check the gateway can make itself."""
     caller = caller_of(request)
     job = to_request(body, services, caller)
-    job.idempotency_key = request.headers.get(IDEMPOTENCY_HEADER)
+    job.idempotency_key = idempotency_key
     await check_inputs_owned(services, caller, job.inputs)
     await check_overrides(services, job)
     return job
@@ -161,13 +171,14 @@ class WorkflowController(Controller):
         data: JSONBody[WorkflowSubmission],
         services: ServicesDep,
         request: Request[Any, Any, Any],
+        idempotency_key: IdempotencyKey = None,
     ) -> Response[Submitted]:
         """Queue a workflow and answer at once with the job id (202).
 
         With an `Idempotency-Key` (or a `job_id`) that made a job already, with the same
         request: 200 with that job as it is now.
         """
-        job = await _checked_request(data, services, request)
+        job = await _checked_request(data, services, request, idempotency_key)
         accepted = await services.submit(job)
         base = f"{base_url(services, request)}/workflow"
         submitted = Submitted(
@@ -188,13 +199,14 @@ class WorkflowController(Controller):
         data: JSONBody[WorkflowSubmission],
         services: ServicesDep,
         request: Request[Any, Any, Any],
+        idempotency_key: IdempotencyKey = None,
     ) -> Response[JobResult]:
         """Run a workflow and wait for its end (up to `timeout`, then 202 with the job).
 
         With an `Idempotency-Key` (or a `job_id`) that made a job already, with the same
         request: 200 at once with that job as it is now, ended or not.
         """
-        job = await _checked_request(data, services, request)
+        job = await _checked_request(data, services, request, idempotency_key)
         accepted = await services.submit(job)
         if accepted.replayed:
             record = await services.record(accepted.job_id)
