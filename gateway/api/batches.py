@@ -290,9 +290,10 @@ def _unknown(batch_id: str) -> ApiError:
 
 
 def _of_job(exc: ApiError, index: int, *, made: bool = False) -> ApiError:
-    """A job's refusal as the batch's, naming the job; `made`: the jobs before it were made."""
+    """A job's refusal as the batch's, naming the job; `made`: others may have been made."""
     then = (
-        "; the jobs before it were made: send the same batch again to make the rest"
+        "; other jobs of the batch may have been made: send the same batch again, once this "
+        "is fixed, to make the rest"
         if made
         else "; no job of the batch was made"
     )
