@@ -166,9 +166,12 @@ class Batches:
         """Every check of the submit path, on every job, before any is made."""
         await check_inputs_owned(self._services, caller, requests[0].inputs)
         servers = self._services.fleet.table
+        native = self._services.native
+        # Merged once: the fleet's node definitions are large, and the same for every job.
+        registry = await native.fleet.registry() if native is not None else None
         for index, request in enumerate(requests):
             try:
-                await check_overrides(self._services, request)
+                await check_overrides(self._services, request, registry)
                 check_request(request, servers)
             except Refused as exc:
                 error = exc.error

@@ -19,6 +19,7 @@ from nats.js import api
 from gateway.api.auth import Caller, caller_of
 from gateway.api.errors import ApiError, error_responses
 from gateway.api.limits import hold, submit_rate_limit, take_stream
+from gateway.api.native.fleetinfo import FleetRegistry
 from gateway.api.owners import check_inputs_owned
 from gateway.api.schemas import JobResult, Submitted, Timings, WorkflowSubmission
 from gateway.api.services import Services, ServicesDep
@@ -95,15 +96,18 @@ def to_request(body: WorkflowSubmission, services: Services, caller: Caller) -> 
     return request
 
 
-async def check_overrides(services: Services, request: JobRequest) -> None:
+async def check_overrides(
+    services: Services, request: JobRequest, registry: FleetRegistry | None = None
+) -> None:
     """A 422 for overrides that name an input their node does not have, or a wrong value.
 
-    Judged by the live servers' node definitions; with none known, the job waits as usual.
+    Judged by the live servers' node definitions (`registry`, when the caller has them at
+    hand); with none known, the job waits as usual.
     """
     native = services.native
     if not request.overrides or native is None or not isinstance(request.workflow, dict):
         return
-    registry = await native.fleet.registry()
+    registry = registry or await native.fleet.registry()
     problems = override_problems(request.workflow, request.overrides, registry.get)
     if problems:
         raise ApiError(422, "invalid_override", "; ".join(problems), {"problems": problems})
