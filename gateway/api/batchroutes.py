@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from litestar import Controller, Request, Response, get, post
+from litestar.openapi import ResponseSpec
 from litestar.params import FromPath, JSONBody
 
 from gateway.api.auth import caller_of
@@ -35,7 +36,14 @@ class BatchController(Controller):
         "/",
         status_code=202,
         guards=[submit_rate_limit],
-        responses=error_responses(400, 404, 409, 413, 422, 429, 503, 504),
+        responses={
+            200: ResponseSpec(
+                data_container=BatchStatus,
+                description="The same batch sent again: the jobs it lacked are made",
+                generate_examples=False,
+            ),
+            **error_responses(400, 404, 409, 413, 422, 429, 503, 504),
+        },
     )
     async def submit(
         self,

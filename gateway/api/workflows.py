@@ -10,6 +10,7 @@ from urllib.parse import quote
 
 import msgspec
 from litestar import Controller, Request, Response, WebSocket, get, post, websocket
+from litestar.openapi import ResponseSpec
 from litestar.params import FromPath, FromQuery, HeaderParameter, JSONBody
 from litestar.response import ServerSentEvent
 from litestar.response.sse import ServerSentEventMessage
@@ -169,7 +170,19 @@ class WorkflowController(Controller):
     path = "/workflow"
     tags = ("workflows",)
 
-    @post("/submit", status_code=202, guards=[submit_rate_limit], responses=_SUBMIT_ERRORS)
+    @post(
+        "/submit",
+        status_code=202,
+        guards=[submit_rate_limit],
+        responses={
+            200: ResponseSpec(
+                data_container=Submitted,
+                description="The job that the same Idempotency-Key (or job_id) made before",
+                generate_examples=False,
+            ),
+            **_SUBMIT_ERRORS,
+        },
+    )
     async def submit(
         self,
         data: JSONBody[WorkflowSubmission],
