@@ -178,11 +178,15 @@ class AsyncComfyUISDK:
         *,
         overrides: Sequence[Mapping[str, Any]] | None = None,
         batch_id: str | None = None,
+        idempotency_key: str | None = None,
         **options: Any,
     ) -> BatchStatus:
         """Submit many jobs under one batch id (see ComfyUISDK.submit_batch)."""
         body = p.batch_submission(workflows, overrides=overrides, batch_id=batch_id, **options)
-        return p.batch_status(await self._call("POST", "/workflow/batch", json=body))
+        headers = p.key_headers(idempotency_key)
+        return p.batch_status(
+            await self._call("POST", "/workflow/batch", json=body, headers=headers)
+        )
 
     async def get_batch(self, batch_id: str) -> BatchStatus:
         return p.batch_status(await self._call("GET", f"/workflow/batch/{batch_id}"))

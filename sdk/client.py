@@ -194,17 +194,19 @@ class ComfyUISDK:
         *,
         overrides: Sequence[Mapping[str, Any]] | None = None,
         batch_id: str | None = None,
+        idempotency_key: str | None = None,
         **options: Any,
     ) -> BatchStatus:
         """Submit many jobs under one batch id; the batch as it stands then.
 
         Either one workflow with `overrides`, a list of override sets (a job each), or a list
         of workflows. Options (inputs, server, labels, priority, max_attempts, timeout) are
-        shared by every job. Choose `batch_id` to make a retry safe: the same batch sent again
-        makes only the jobs not made yet.
+        shared by every job. A `batch_id`, or an `idempotency_key`, makes a retry safe: the
+        same batch sent again makes only the jobs not made yet.
         """
         body = p.batch_submission(workflows, overrides=overrides, batch_id=batch_id, **options)
-        return p.batch_status(self._call("POST", "/workflow/batch", json=body))
+        headers = p.key_headers(idempotency_key)
+        return p.batch_status(self._call("POST", "/workflow/batch", json=body, headers=headers))
 
     def get_batch(self, batch_id: str) -> BatchStatus:
         """The batch now: each job (status, outputs), `counts` by status, `done`."""

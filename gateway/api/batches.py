@@ -33,6 +33,7 @@ from gateway.api.owners import check_inputs_owned
 from gateway.api.schemas import BatchStatus, BatchSubmission, JobResult, WorkflowSubmission
 from gateway.api.services import SUBMIT_STATUS, Services
 from gateway.api.workflows import check_overrides, to_request
+from gateway.balancer.idempotency import key_problem, scoped_key
 from gateway.balancer.submit import Refused, check_request
 from gateway.bus.contract import BatchRecord, JobRecord, JobRequest, decode, encode, new_id, now
 from gateway.bus.jobstate import request_hash
@@ -44,6 +45,8 @@ _BATCH_ID: Final = re.compile(r"[A-Za-z0-9_=-]{1,100}")
 # Jobs made, read or cancelled at once; the cancel flag is read between rounds of making.
 ROUND: Final = 32
 UNSUBMITTED: Final = "unsubmitted"
+# Ids of batches named by an idempotency key; no caller may choose one (and so take it first).
+_KEYED: Final = "key-"
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -132,10 +135,15 @@ class Batches:
         self._services = services
         self._kv = kv
 
-    async def submit(self, body: BatchSubmission, caller: Caller) -> tuple[BatchRecord, bool]:
-        """Make the batch's jobs; the batch, and whether it was made before (a replay)."""
-        batch_id = body.batch_id if body.batch_id is not None else new_id()
-        if _BATCH_ID.fullmatch(batch_id) is None:
+    async def submit(
+        self, body: BatchSubmission, caller: Caller, key: str | None = None
+    ) -> tuple[BatchRecord, bool]:
+        """Make the batch's jobs; the batch, and whether it was made before (a replay).
+
+        An idempotency `key` names the batch (per caller) when the body does not.
+        """
+        batch_id = _batch_id(body, caller, key)
+        if _BATCH_ID.fullmatch(batch_id) is None or (key is None and batch_id.startswith(_KEYED)):
             raise ApiError(
                 400,
                 "invalid_request",
@@ -154,7 +162,7 @@ class Batches:
         try:
             await self._kv.create(batch_id, encode(record))
         except KeyWrongLastSequenceError:
-            record, replayed = await self._again(record), True
+            record, replayed = await self._again(record, key), True
         try:
             await self._make(record, requests)
         finally:
@@ -181,9 +189,22 @@ class Batches:
             except ApiError as exc:
                 raise _of_job(exc, index) from None
 
-    async def _again(self, record: BatchRecord) -> BatchRecord:
-        """The batch sent again: the same one goes on; another under its id is a 409."""
+    async def _again(self, record: BatchRecord, key: str | None) -> BatchRecord:
+        """The batch sent again: the same one goes on; another under its id is a 409 (a 422
+        under an idempotency key, as for a job)."""
         found, _ = await self._read(record.batch_id)
+        if (
+            key is not None
+            and found.caller == record.caller
+            and found.request_hash != record.request_hash
+        ):
+            raise ApiError(
+                422,
+                "idempotency_mismatch",
+                f"the idempotency key {key!r} was used for another batch ({record.batch_id}): "
+                "send that batch again, or use a new key for this one",
+                {"batch_id": record.batch_id},
+            )
         if found.caller != record.caller or found.request_hash != record.request_hash:
             # Another caller's batch answers the same: it tells only that the id is taken.
             raise ApiError(
@@ -286,6 +307,23 @@ class Batches:
             raise _unknown(batch_id) from None
         assert entry.value is not None and entry.revision is not None
         return decode(entry.value, BatchRecord), entry.revision
+
+
+def _batch_id(body: BatchSubmission, caller: Caller, key: str | None) -> str:
+    """The batch's id: the body's, else one named by the caller's idempotency key, else new."""
+    if key is None:
+        return body.batch_id if body.batch_id is not None else new_id()
+    if body.batch_id is not None:
+        raise ApiError(
+            400,
+            "invalid_request",
+            "give a batch_id or an Idempotency-Key, not both: either makes sending it again safe",
+        )
+    problem = key_problem(key)
+    if problem is not None:
+        raise ApiError(400, "invalid_request", problem)
+    # Per caller, as a job's key: another caller's same key names another batch.
+    return _KEYED + scoped_key(caller.id, key)[:48]
 
 
 def _unknown(batch_id: str) -> ApiError:

@@ -14,7 +14,7 @@ from gateway.api.errors import error_responses
 from gateway.api.limits import submit_rate_limit
 from gateway.api.schemas import BatchStatus, BatchSubmission
 from gateway.api.services import Services, ServicesDep
-from gateway.api.workflows import REPLAYED_HEADER, to_result
+from gateway.api.workflows import REPLAYED_HEADER, IdempotencyKey, to_result
 from gateway.bus.contract import BatchRecord
 
 
@@ -50,14 +50,15 @@ class BatchController(Controller):
         data: JSONBody[BatchSubmission],
         services: ServicesDep,
         request: Request[Any, Any, Any],
+        idempotency_key: IdempotencyKey = None,
     ) -> Response[BatchStatus]:
         """Submit a batch: one job per override set (or per workflow), under one batch id.
 
-        202 with the batch; the same batch again (same id, same jobs) makes only the jobs a
-        cut-short submission had not made, and answers 200.
+        202 with the batch; the same batch again (same id, or same Idempotency-Key, and the
+        same jobs) makes only the jobs a cut-short submission had not made, and answers 200.
         """
         batches = await _batches(services)
-        record, replayed = await batches.submit(data, caller_of(request))
+        record, replayed = await batches.submit(data, caller_of(request), idempotency_key)
         status = await _status(batches, record, services, request)
         if replayed:
             return Response(status, status_code=200, headers={REPLAYED_HEADER: "true"})

@@ -182,6 +182,25 @@ async def _batch_shapes_and_limits(
     assert made.status_code == 202 and made.json()["counts"] == {"queued": 2}, made.text
 
 
+async def _a_batch_named_by_an_idempotency_key(
+    client: httpx.AsyncClient, nc: Client, subjects: Subjects
+) -> None:
+    body = {"workflow": tiny(8), "overrides": [{"1.color": i} for i in range(3)]}
+    key = {"Idempotency-Key": "nightly-7"}
+    first = await client.post("/workflow/batch", json=body, headers=key)
+    assert first.status_code == 202, first.text
+    again = await client.post("/workflow/batch", json=body, headers=key)
+    assert again.status_code == 200 and again.headers["Idempotent-Replayed"] == "true"
+    assert again.json()["batch_id"] == first.json()["batch_id"]
+    assert again.json()["counts"] == {"queued": 3}
+    other = await client.post("/workflow/batch", json={**body, "priority": 1}, headers=key)
+    assert (other.status_code, other.json()["code"]) == (422, "idempotency_mismatch"), other.text
+    both = await client.post("/workflow/batch", json={**body, "batch_id": "x"}, headers=key)
+    assert both.status_code == 400, both.text
+    taken = await client.post("/workflow/batch", json={**body, "batch_id": "key-mine"})
+    assert taken.status_code == 400, taken.text
+
+
 async def test_batches_without_servers(
     client: httpx.AsyncClient, nc: Client, subjects: Subjects
 ) -> None:
@@ -189,3 +208,4 @@ async def test_batches_without_servers(
     await _a_batch_cut_short_is_completed_by_sending_it_again(client, nc, subjects)
     await _a_cancel_racing_the_submission_leaves_no_job_to_run(client, nc, subjects)
     await _batch_shapes_and_limits(client, nc, subjects)
+    await _a_batch_named_by_an_idempotency_key(client, nc, subjects)

@@ -21,8 +21,11 @@ def _drive_sync(url: str) -> None:
         assert refused.value.details["job_id"] == first
         assert sdk.submit_workflow(tiny(1), idempotency_key="sdk-key-2") != first
 
-        batch = sdk.submit_batch(tiny(3), overrides=[{"1.color": i} for i in range(3)])
+        sets = [{"1.color": i} for i in range(3)]
+        batch = sdk.submit_batch(tiny(3), overrides=sets, idempotency_key="sdk-batch")
         assert (batch.size, batch.counts) == (3, {"queued": 3})
+        again = sdk.submit_batch(tiny(3), overrides=sets, idempotency_key="sdk-batch")
+        assert again.batch_id == batch.batch_id
         assert sdk.get_batch(batch.batch_id).jobs[2].job_id == f"{batch.batch_id}-2"
         ended = sdk.cancel_batch(batch.batch_id)
         assert ended.counts == {"cancelled": 3} and ended.done
