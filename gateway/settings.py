@@ -88,6 +88,10 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     url_input_allowlist: list[str] = msgspec.field(default_factory=list)
     default_capacity: int = 2
     default_max_attempts: int = 2
+    # How long an Idempotency-Key stands for its job (the same on every balancer of a system).
+    idempotency_ttl_s: float = 24 * 3600.0
+    # Jobs in one POST /workflow/batch.
+    max_batch_jobs: int = 1000
     # Storage
     storage: str = "local"
     # Webhooks (gateway/webhooks): a URL every job's events go to unless the job names its own,

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final
 
 import msgspec
 
-from gateway.api.schemas import JobResult, ServerHealth
+from gateway.api.schemas import BatchStatus, JobResult, ServerHealth
 from gateway.bus.contract import TERMINAL_STATUSES, ServerRecord
 from sdk.errors import FileUnusable, GatewayUnreachable, JobFailed, error_from
 
@@ -61,6 +61,45 @@ def submission(
     if webhook_events is not None:
         body["webhook_events"] = list(webhook_events)
     return body
+
+
+Workflow = Mapping[str, Any] | str | Path
+
+
+def batch_submission(
+    workflows: Workflow | Sequence[Workflow],
+    *,
+    overrides: Sequence[Mapping[str, Any]] | None = None,
+    batch_id: str | None = None,
+    **options: Any,
+) -> dict[str, Any]:
+    """The JSON body of /workflow/batch.
+
+    One workflow (the graph or its file) with `overrides`, a list of override sets (a job
+    each), or a list of workflows (with `overrides` at the same indexes, or none); `options`
+    (inputs, server, labels, priority, max_attempts, timeout) are shared by every job.
+    """
+    if isinstance(workflows, Mapping | str | Path):
+        body = submission(workflows, **options)
+    else:
+        graphs = [submission(one)["workflow"] for one in workflows]
+        body = submission({}, **options)
+        del body["workflow"]
+        body["workflows"] = graphs
+    if overrides is not None:
+        body["overrides"] = [dict(chosen) for chosen in overrides]
+    if batch_id is not None:
+        body["batch_id"] = batch_id
+    return body
+
+
+def batch_status(content: bytes) -> BatchStatus:
+    return msgspec.json.decode(content, type=BatchStatus)
+
+
+def key_headers(idempotency_key: str | None) -> dict[str, str]:
+    """The headers that carry an idempotency key (none without one)."""
+    return {} if idempotency_key is None else {"Idempotency-Key": idempotency_key}
 
 
 def _workflow_file(path: str | Path) -> dict[str, Any]:
@@ -168,6 +207,8 @@ def is_last_event(event: Mapping[str, Any]) -> bool:
 # with Last-Event-ID), waiting RESUME_DELAY_S * 2**n between tries; a line heard resets the
 # count. A busy or restarting gateway (502, 503, 504) is a break too: its stream slot of the
 # broken connection may be held a moment longer.
+# How often wait_batch asks for a batch that has not ended.
+BATCH_POLL_S: Final = 0.5
 RESUMABLE_STATUS: Final = frozenset({502, 503, 504})
 RESUME_TRIES: Final = 5
 RESUME_DELAY_S: Final = 0.5

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from gateway.api.schemas import JobResult, ServerHealth
+from gateway.api.schemas import BatchStatus, JobResult, ServerHealth
 from gateway.bus.contract import ServerRecord
 from sdk import _protocol as p
 from sdk.errors import GatewayUnreachable
@@ -82,10 +83,14 @@ class AsyncComfyUISDK:
     async def remove_server(self, server_id: str) -> None:
         await self._call("DELETE", f"/servers/{server_id}")
 
-    async def submit_workflow(self, workflow: Any, **options: Any) -> str:
-        """Queue a workflow; returns its job id at once."""
+    async def submit_workflow(
+        self, workflow: Any, *, idempotency_key: str | None = None, **options: Any
+    ) -> str:
+        """Queue a workflow; returns its job id at once (see ComfyUISDK.submit_workflow)."""
         body = p.submission(workflow, **options)
-        return p.job_result_id(await self._call("POST", "/workflow/submit", json=body))
+        headers = p.key_headers(idempotency_key)
+        content = await self._call("POST", "/workflow/submit", json=body, headers=headers)
+        return p.job_result_id(content)
 
     async def execute_workflow(
         self,
@@ -93,18 +98,27 @@ class AsyncComfyUISDK:
         *,
         on_progress: AsyncProgressCallback | None = None,
         raise_on_failure: bool = True,
+        idempotency_key: str | None = None,
         **options: Any,
     ) -> JobResult:
         """Run a workflow and return its result once it ends (see ComfyUISDK.execute_workflow)."""
         timeout = options.get("timeout") or self.timeout
         if on_progress is None:
             body = p.submission(workflow, **options)
-            content = await self._call("POST", "/workflow/execute", json=body, timeout=timeout + 10)
+            content = await self._call(
+                "POST",
+                "/workflow/execute",
+                json=body,
+                headers=p.key_headers(idempotency_key),
+                timeout=timeout + 10,
+            )
             result = p.job_result(content)
             if not p.finished(result):
                 result = await self.wait(result.job_id, timeout=timeout)
         else:
-            job_id = await self.submit_workflow(workflow, **options)
+            job_id = await self.submit_workflow(
+                workflow, idempotency_key=idempotency_key, **options
+            )
             async for event in self.stream_events(job_id):
                 outcome = on_progress(event)
                 if outcome is not None:
@@ -195,6 +209,37 @@ class AsyncComfyUISDK:
             except httpx.TransportError as exc:
                 why = str(exc) or type(exc).__name__
             await asyncio.sleep(resume.broke(what, why))
+
+    async def submit_batch(
+        self,
+        workflows: Any,
+        *,
+        overrides: Sequence[Mapping[str, Any]] | None = None,
+        batch_id: str | None = None,
+        idempotency_key: str | None = None,
+        **options: Any,
+    ) -> BatchStatus:
+        """Submit many jobs under one batch id (see ComfyUISDK.submit_batch)."""
+        body = p.batch_submission(workflows, overrides=overrides, batch_id=batch_id, **options)
+        headers = p.key_headers(idempotency_key)
+        return p.batch_status(
+            await self._call("POST", "/workflow/batch", json=body, headers=headers)
+        )
+
+    async def get_batch(self, batch_id: str) -> BatchStatus:
+        return p.batch_status(await self._call("GET", f"/workflow/batch/{batch_id}"))
+
+    async def wait_batch(self, batch_id: str, timeout: float | None = None) -> BatchStatus:
+        """The batch once every job of it has ended (or as it stands after `timeout` s)."""
+        deadline = time.monotonic() + (timeout or self.timeout)
+        batch = await self.get_batch(batch_id)
+        while not batch.done and time.monotonic() < deadline:
+            await asyncio.sleep(p.BATCH_POLL_S)
+            batch = await self.get_batch(batch_id)
+        return batch
+
+    async def cancel_batch(self, batch_id: str) -> BatchStatus:
+        return p.batch_status(await self._call("POST", f"/workflow/batch/{batch_id}/cancel"))
 
     async def list_jobs(
         self, *, status: str | None = None, server: str | None = None, limit: int = 50

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from gateway.api.schemas import JobResult, ServerHealth
+from gateway.api.schemas import BatchStatus, JobResult, ServerHealth
 from gateway.bus.contract import ServerRecord
 from sdk import _protocol as p
 from sdk.errors import GatewayUnreachable
@@ -88,10 +88,20 @@ class ComfyUISDK:
 
     # -- jobs ---------------------------------------------------------------------------------
 
-    def submit_workflow(self, workflow: Any, **options: Any) -> str:
-        """Queue a workflow; returns its job id at once. Options as for execute_workflow."""
+    def submit_workflow(
+        self, workflow: Any, *, idempotency_key: str | None = None, **options: Any
+    ) -> str:
+        """Queue a workflow; returns its job id at once. Options as for execute_workflow.
+
+        With `idempotency_key`, submitting the same workflow and options again (a retry after
+        a lost answer) returns the same job instead of making another, for 24 h; the same key
+        with anything else raises ApiError `idempotency_mismatch`.
+        """
         body = p.submission(workflow, **options)
-        return str(p.job_result_id(self._call("POST", "/workflow/submit", json=body)))
+        headers = p.key_headers(idempotency_key)
+        return str(
+            p.job_result_id(self._call("POST", "/workflow/submit", json=body, headers=headers))
+        )
 
     def execute_workflow(
         self,
@@ -99,6 +109,7 @@ class ComfyUISDK:
         *,
         on_progress: ProgressCallback | None = None,
         raise_on_failure: bool = True,
+        idempotency_key: str | None = None,
         **options: Any,
     ) -> JobResult:
         """Run a workflow and return its result once it ends.
@@ -106,17 +117,24 @@ class ComfyUISDK:
         Options: overrides, inputs, server, labels, priority, max_attempts, timeout, job_id,
         webhook_url, webhook_events.
         `on_progress` is called with every event of the job as it happens. A failed or
-        cancelled job raises JobFailed unless `raise_on_failure=False`.
+        cancelled job raises JobFailed unless `raise_on_failure=False`. `idempotency_key`: as
+        for submit_workflow; a repeat waits for the job the key made.
         """
         timeout = options.get("timeout") or self.timeout
         if on_progress is None:
             body = p.submission(workflow, **options)
-            content = self._call("POST", "/workflow/execute", json=body, timeout=timeout + 10)
+            content = self._call(
+                "POST",
+                "/workflow/execute",
+                json=body,
+                headers=p.key_headers(idempotency_key),
+                timeout=timeout + 10,
+            )
             result = p.job_result(content)
             if not p.finished(result):
                 result = self.wait(result.job_id, timeout=timeout)
         else:
-            job_id = self.submit_workflow(workflow, **options)
+            job_id = self.submit_workflow(workflow, idempotency_key=idempotency_key, **options)
             for event in self.stream_events(job_id):
                 on_progress(event)
             # The job's record follows its events by a moment: wait for it, don't just read it.
@@ -207,6 +225,45 @@ class ComfyUISDK:
             except httpx.TransportError as exc:
                 why = str(exc) or type(exc).__name__
             time.sleep(resume.broke(what, why))
+
+    # -- batches ------------------------------------------------------------------------------
+
+    def submit_batch(
+        self,
+        workflows: Any,
+        *,
+        overrides: Sequence[Mapping[str, Any]] | None = None,
+        batch_id: str | None = None,
+        idempotency_key: str | None = None,
+        **options: Any,
+    ) -> BatchStatus:
+        """Submit many jobs under one batch id; the batch as it stands then.
+
+        Either one workflow with `overrides`, a list of override sets (a job each), or a list
+        of workflows. Options (inputs, server, labels, priority, max_attempts, timeout) are
+        shared by every job. A `batch_id`, or an `idempotency_key`, makes a retry safe: the
+        same batch sent again makes only the jobs not made yet.
+        """
+        body = p.batch_submission(workflows, overrides=overrides, batch_id=batch_id, **options)
+        headers = p.key_headers(idempotency_key)
+        return p.batch_status(self._call("POST", "/workflow/batch", json=body, headers=headers))
+
+    def get_batch(self, batch_id: str) -> BatchStatus:
+        """The batch now: each job (status, outputs), `counts` by status, `done`."""
+        return p.batch_status(self._call("GET", f"/workflow/batch/{batch_id}"))
+
+    def wait_batch(self, batch_id: str, timeout: float | None = None) -> BatchStatus:
+        """The batch once every job of it has ended (or as it stands after `timeout` s)."""
+        deadline = time.monotonic() + (timeout or self.timeout)
+        batch = self.get_batch(batch_id)
+        while not batch.done and time.monotonic() < deadline:
+            time.sleep(p.BATCH_POLL_S)
+            batch = self.get_batch(batch_id)
+        return batch
+
+    def cancel_batch(self, batch_id: str) -> BatchStatus:
+        """Cancel every job of the batch not ended (and those not made yet)."""
+        return p.batch_status(self._call("POST", f"/workflow/batch/{batch_id}/cancel"))
 
     # -- logs and outputs ---------------------------------------------------------------------
 

@@ -5,6 +5,7 @@ ComfyAutomateError
 │   ├── InvalidWorkflow      400: the workflow or request is not valid (lists the problems)
 │   ├── NotFound             404: no such job or server
 │   ├── Unschedulable        422: no server can run it (names what is missing)
+│   ├── IdempotencyMismatch  422: the idempotency key was used for another request
 │   └── Unavailable          503/504: no balancer, or it did not answer
 ├── JobFailed                the job ended failed or cancelled (carries the result)
 └── GatewayUnreachable       no gateway at that URL
@@ -46,6 +47,10 @@ class Unavailable(ApiError):
     pass
 
 
+class IdempotencyMismatch(ApiError):
+    """The idempotency key made a job for another request; `details["job_id"]` is that job."""
+
+
 class JobFailed(ComfyAutomateError):
     """The job ended without success; `result` holds its status, error and log path."""
 
@@ -82,6 +87,7 @@ _BY_CODE: dict[str, type[ApiError]] = {
     "invalid_request": InvalidWorkflow,
     "invalid_workflow": InvalidWorkflow,
     "invalid_overrides": InvalidWorkflow,
+    "idempotency_mismatch": IdempotencyMismatch,
 }
 
 

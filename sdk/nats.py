@@ -55,10 +55,17 @@ class NatsClient:
     async def __aexit__(self, *_: object) -> None:
         await self.close()
 
-    async def submit(self, workflow: Any, **options: Any) -> JobAccepted:
-        """Submit a workflow (options as for ComfyUISDK.submit_workflow); the acceptance."""
+    async def submit(
+        self, workflow: Any, *, idempotency_key: str | None = None, **options: Any
+    ) -> JobAccepted:
+        """Submit a workflow (options as for ComfyUISDK.submit_workflow); the acceptance.
+
+        With `idempotency_key`, the same workflow and options again return the same job
+        (`replayed` set) instead of making another.
+        """
         body = p.submission(workflow, **options)
         body["timeout_s"] = body.pop("timeout", None)
+        body["idempotency_key"] = idempotency_key
         request = msgspec.convert(body, JobRequest)
         reply = await self.nc.request(self.subjects.submit, encode(request), timeout=10.0)
         try:

@@ -188,6 +188,15 @@ async def _run_jobs(broker: NatsServer, http: httpx.AsyncClient, sim: Simulator)
     assert done.status_code == 200 and done.json()["status"] == "succeeded", done.text
     image = await http.get(done.json()["images"][0])
     assert image.status_code == 200 and image.content.startswith(b"\x89PNG")
+    # A keyed submission and a batch: KV comfy_idempotency (balancer) and comfy_batches (gateway).
+    keyed = {"json": {"workflow": tiny_workflow(4)}, "headers": {"Idempotency-Key": "perm"}}
+    assert (await http.post("/workflow/submit", **keyed)).status_code == 202
+    assert (await http.post("/workflow/submit", **keyed)).status_code == 200
+    batch = await http.post(
+        "/workflow/batch", json={"workflow": tiny_workflow(5), "overrides": [{}]}
+    )
+    assert batch.status_code == 202, batch.text
+    assert (await http.get(f"/workflow/batch/{batch.json()['batch_id']}")).status_code == 200
     # ComfyUI's own API: its socket follows every job's events and the adapters' previews.
     await _run_native_prompt(http)
     # A client on the bus: submit, follow the events, ask the log sink.

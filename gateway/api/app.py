@@ -11,6 +11,7 @@ from litestar.openapi.plugins import SwaggerRenderPlugin
 from litestar.types import BeforeMessageSendHookHandler, Message, Scope
 
 from gateway.api.auth import ApiKeyGuard, caller_secret, check_settings, openapi_security
+from gateway.api.batchroutes import BatchController
 from gateway.api.bodies import reject_deep_json
 from gateway.api.errors import EXCEPTION_HANDLERS, refuse_websockets_over_http
 from gateway.api.fleetevents import fleet_event_stream
@@ -41,6 +42,7 @@ def create_app(services: Services) -> Litestar:
     return Litestar(
         route_handlers=[
             WorkflowController,
+            BatchController,
             job_events_ws,
             fleet_event_stream,
             ServerController,

@@ -59,6 +59,24 @@ class WorkflowSubmission(msgspec.Struct, kw_only=True, forbid_unknown_fields=Tru
     """Which event types; the gateway's default (the job's end) without it."""
 
 
+class BatchSubmission(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Many jobs under one batch id: one workflow with a list of override sets (a job each), or
+    a list of workflows (each with the override set at its index, if `overrides` is given);
+    the other fields are shared by every job, as for a submission."""
+
+    workflow: dict[str, Any] | None = None
+    workflows: list[dict[str, Any]] | None = None
+    overrides: list[dict[str, Any]] | None = None
+    batch_id: str | None = None
+    inputs: list[JobInput] = msgspec.field(default_factory=list)
+    server: str | None = None
+    labels: dict[str, str] = msgspec.field(default_factory=dict)
+    priority: Priority = 0
+    max_attempts: int | None = None
+    timeout: Timeout | None = None
+    metadata: dict[str, str] = msgspec.field(default_factory=dict)
+
+
 class Timings(_ReadsLikeADict, msgspec.Struct, kw_only=True):
     submitted_at: float
     started_at: float | None = None
@@ -80,6 +98,22 @@ class JobResult(_ReadsLikeADict, msgspec.Struct, kw_only=True):
     log_file_path: str
     timings: Timings
     error: FailedData | None = None
+
+
+class BatchStatus(_ReadsLikeADict, msgspec.Struct, kw_only=True):
+    """A batch now: its jobs in order, and how many are in each status."""
+
+    batch_id: str
+    size: int
+    counts: dict[str, int]
+    """Jobs per status; `unsubmitted` counts those a cut-short submission did not make."""
+    done: bool
+    """Whether every job of the batch has ended."""
+    cancelled: bool
+    jobs: list[JobResult]
+    """The batch's jobs that exist, in index order (job `<batch_id>-<index>`)."""
+    unsubmitted: list[int] = msgspec.field(default_factory=list)
+    """Indexes of the jobs not made (yet): submit the same batch again to make them."""
 
 
 class Submitted(_ReadsLikeADict, msgspec.Struct, kw_only=True):

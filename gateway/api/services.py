@@ -69,6 +69,7 @@ SUBMIT_STATUS = {
     "duplicate_job": 409,
     "unknown_server": 404,
     "unschedulable": 422,
+    "idempotency_mismatch": 422,
     "too_large": 413,
 }
 

@@ -6,11 +6,12 @@ import logging
 import math
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 from litestar import Controller, Request, Response, WebSocket, get, post, websocket
-from litestar.params import FromPath, FromQuery, JSONBody
+from litestar.openapi import ResponseSpec
+from litestar.params import FromPath, FromQuery, HeaderParameter, JSONBody
 from litestar.response import ServerSentEvent
 from litestar.response.sse import ServerSentEventMessage
 from nats.errors import TimeoutError as NatsTimeoutError
@@ -19,6 +20,7 @@ from nats.js import api
 from gateway.api.auth import Caller, caller_of
 from gateway.api.errors import ApiError, error_responses
 from gateway.api.limits import hold, submit_rate_limit, take_stream
+from gateway.api.native.fleetinfo import FleetRegistry
 from gateway.api.owners import check_inputs_owned
 from gateway.api.schemas import JobResult, Submitted, Timings, WorkflowSubmission
 from gateway.api.services import Services, ServicesDep
@@ -39,6 +41,16 @@ from gateway.comfyui.overrides import override_problems
 log = logging.getLogger(__name__)
 
 DEFAULT_EXECUTE_TIMEOUT = 300.0
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+# On an answer about a job that the same key or job id had made already.
+REPLAYED_HEADER = "Idempotent-Replayed"
+IdempotencyKey = Annotated[
+    str | None,
+    HeaderParameter(
+        name=IDEMPOTENCY_HEADER,
+        description="The same key and request again (within 24 h) answer with the same job",
+    ),
+]
 
 
 def base_url(services: Services, request: Request[Any, Any, Any]) -> str:
@@ -88,15 +100,18 @@ def to_request(body: WorkflowSubmission, services: Services, caller: Caller) -> 
     return request
 
 
-async def check_overrides(services: Services, request: JobRequest) -> None:
+async def check_overrides(
+    services: Services, request: JobRequest, registry: FleetRegistry | None = None
+) -> None:
     """A 422 for overrides that name an input their node does not have, or a wrong value.
 
-    Judged by the live servers' node definitions; with none known, the job waits as usual.
+    Judged by the live servers' node definitions (`registry`, when the caller has them at
+    hand); with none known, the job waits as usual.
     """
     native = services.native
     if not request.overrides or native is None or not isinstance(request.workflow, dict):
         return
-    registry = await native.fleet.registry()
+    registry = registry or await native.fleet.registry()
     problems = override_problems(request.workflow, request.overrides, registry.get)
     if problems:
         raise ApiError(422, "invalid_override", "; ".join(problems), {"problems": problems})
@@ -111,11 +126,15 @@ def known_job_id(job_id: str) -> str:
 
 
 async def _checked_request(
-    body: WorkflowSubmission, services: Services, request: Request[Any, Any, Any]
+    body: WorkflowSubmission,
+    services: Services,
+    request: Request[Any, Any, Any],
+    idempotency_key: str | None,
 ) -> JobRequest:
     """The bus request for a submission, after every check the gateway can make itself."""
     caller = caller_of(request)
     job = to_request(body, services, caller)
+    job.idempotency_key = idempotency_key
     await check_inputs_owned(services, caller, job.inputs)
     await check_overrides(services, job)
     return job
@@ -153,20 +172,37 @@ class WorkflowController(Controller):
     path = "/workflow"
     tags = ("workflows",)
 
-    @post("/submit", status_code=202, guards=[submit_rate_limit], responses=_SUBMIT_ERRORS)
+    @post(
+        "/submit",
+        status_code=202,
+        guards=[submit_rate_limit],
+        responses={
+            200: ResponseSpec(
+                data_container=Submitted,
+                description="The job that the same Idempotency-Key (or job_id) made before",
+                generate_examples=False,
+            ),
+            **_SUBMIT_ERRORS,
+        },
+    )
     async def submit(
         self,
         data: JSONBody[WorkflowSubmission],
         services: ServicesDep,
         request: Request[Any, Any, Any],
-    ) -> Submitted:
-        """Queue a workflow and answer at once with the job id."""
+        idempotency_key: IdempotencyKey = None,
+    ) -> Response[Submitted]:
+        """Queue a workflow and answer at once with the job id (202).
+
+        With an `Idempotency-Key` (or a `job_id`) that made a job already, with the same
+        request: 200 with that job as it is now.
+        """
         began = time.monotonic()
-        job = await _checked_request(data, services, request)
+        job = await _checked_request(data, services, request, idempotency_key)
         accepted = await services.submit(job)
         services.metrics.gateway_added("submit", time.monotonic() - began)
         base = f"{base_url(services, request)}/workflow"
-        return Submitted(
+        submitted = Submitted(
             job_id=accepted.job_id,
             status=accepted.status,
             log_file_path=services.log_path(accepted.log_file_path),
@@ -174,6 +210,9 @@ class WorkflowController(Controller):
             result_url=f"{base}/result/{accepted.job_id}",
             events_url=f"{base}/events/{accepted.job_id}",
         )
+        if accepted.replayed:
+            return Response(submitted, status_code=200, headers={REPLAYED_HEADER: "true"})
+        return Response(submitted, status_code=202)
 
     @post("/execute", status_code=200, guards=[submit_rate_limit], responses=_SUBMIT_ERRORS)
     async def execute(
@@ -181,11 +220,22 @@ class WorkflowController(Controller):
         data: JSONBody[WorkflowSubmission],
         services: ServicesDep,
         request: Request[Any, Any, Any],
+        idempotency_key: IdempotencyKey = None,
     ) -> Response[JobResult]:
-        """Run a workflow and wait for its end (up to `timeout`, then 202 with the job)."""
+        """Run a workflow and wait for its end (up to `timeout`, then 202 with the job).
+
+        With an `Idempotency-Key` (or a `job_id`) that made a job already, with the same
+        request: 200 at once with that job as it is now, ended or not.
+        """
         began = time.monotonic()
-        job = await _checked_request(data, services, request)
+        job = await _checked_request(data, services, request, idempotency_key)
         accepted = await services.submit(job)
+        if accepted.replayed:
+            record = await services.record(accepted.job_id)
+            if record.status.terminal:
+                await services.wait_logged(record)
+            result = to_result(record, services, request)
+            return Response(result, status_code=200, headers={REPLAYED_HEADER: "true"})
         timeout = data.timeout if data.timeout is not None else DEFAULT_EXECUTE_TIMEOUT
         record = await services.wait_for_end(accepted.job_id, timeout)
         status = 200 if record.status.terminal else 202

@@ -15,6 +15,7 @@ from nats.aio.client import Client
 
 from gateway.balancer.dispatcher import Dispatcher
 from gateway.balancer.fleet import FleetView
+from gateway.balancer.idempotency import open_keys
 from gateway.balancer.submit import Submitter
 from gateway.bus.contract import Subjects, new_id
 from gateway.bus.events import EventPublisher
@@ -51,6 +52,8 @@ class Balancer:
             self._subjects,
             self._fleet.table,
             publisher,
+            await open_keys(js, self._subjects, self._settings.idempotency_ttl_s),
+            js,
             webhooks=self._webhooks,
         )
         dispatcher = self.dispatcher = Dispatcher(

@@ -16,31 +16,38 @@ from typing import Final
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
-from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js import JetStreamContext
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
 from nats.js.kv import KeyValue
 
+from gateway.balancer.idempotency import IdempotencyKeys, Mismatch, key_problem
 from gateway.balancer.placement import missing, requirements
 from gateway.balancer.servers import ServerTable
 from gateway.bus.contract import (
     MAX_TIMEOUT_S,
     PRIORITY_MAX,
     PRIORITY_MIN,
+    STATUS_AFTER,
     ContractError,
     Error,
+    Event,
     JobAccepted,
     JobInput,
     JobRecord,
     JobRequest,
     JobStatus,
+    Queued,
     QueuedData,
     Subjects,
     decode,
+    decode_event,
     encode,
     new_id,
     now,
     webhook_of,
 )
 from gateway.bus.events import EventPublisher
+from gateway.bus.jobstate import request_hash
 from gateway.comfyui.jobfiles import job_file_problems
 from gateway.comfyui.workflow import (
     WorkflowError,
@@ -56,7 +63,7 @@ log = logging.getLogger(__name__)
 
 QUEUE_GROUP: Final = "balancer"
 MAX_ATTEMPTS_LIMIT: Final = 20
-# A submission this old with a record and no event stopped half-way (see _finish_half_done).
+# A submission this old with a record and no event stopped half-way (see Submitter._existing).
 HALF_DONE_AFTER_S: Final = 2.0
 # The `queued` event and each Job handed to an adapter carry the whole request, and the streams
 # take messages of at most 1 MiB (gateway/bus/connection.py); what surrounds the request is far
@@ -73,6 +80,25 @@ def check_job_id(job_id: str) -> str:
             f"job id {job_id!r} is not usable: 1-128 letters, digits, '-', '_' or '='"
         )
     return job_id
+
+
+def _mismatch(key: str, job_id: str) -> Refused:
+    return Refused(
+        "idempotency_mismatch",
+        f"the idempotency key {key!r} was used for another request (job {job_id}) within its "
+        "time to live: send that request again, or use a new key for this one",
+        {"job_id": job_id},
+    )
+
+
+def _accepted(record: JobRecord, *, replayed: bool) -> JobAccepted:
+    return JobAccepted(
+        job_id=record.job_id,
+        status=record.status,
+        submitted_at=record.submitted_at,
+        log_file_path=record.log_file_path,
+        replayed=replayed,
+    )
 
 
 def input_problems(inputs: list[JobInput]) -> list[str]:
@@ -108,6 +134,72 @@ class Refused(Exception):
         self.error = Error(code=code, message=message, details=details)
 
 
+def check_request(request: JobRequest, servers: ServerTable) -> None:
+    """Raise Refused if `request` cannot be accepted: every check of the submit path.
+
+    Also for a gateway that checks each job of a batch before it submits any.
+    """
+    size = len(encode(request))
+    if size > MAX_REQUEST_BYTES:
+        raise Refused(
+            "too_large",
+            f"the request is {size} bytes; a job carries at most {MAX_REQUEST_BYTES}: "
+            "pass large files as inputs (source 'key' or 'url')",
+            {"size": size, "max_request_bytes": MAX_REQUEST_BYTES},
+        )
+    problems = workflow_problems(request.workflow)
+    if problems:
+        raise Refused("invalid_workflow", "; ".join(problems), {"problems": problems})
+    try:
+        workflow = apply_overrides(request.workflow, request.overrides)
+    except WorkflowError as exc:
+        raise Refused("invalid_overrides", str(exc)) from None
+    problems = graph_problems(workflow) or job_file_problems(workflow)
+    if problems:
+        raise Refused("invalid_workflow", "; ".join(problems), {"problems": problems})
+    problems = input_problems(request.inputs)
+    if problems:
+        raise Refused("invalid_request", "; ".join(problems), {"problems": problems})
+    if request.job_id is not None:
+        try:
+            check_job_id(request.job_id)
+        except ContractError as exc:
+            raise Refused("invalid_request", str(exc)) from None
+    if not 1 <= request.max_attempts <= MAX_ATTEMPTS_LIMIT:
+        raise Refused("invalid_request", f"max_attempts must be between 1 and {MAX_ATTEMPTS_LIMIT}")
+    if request.timeout_s is not None and not 0 < request.timeout_s <= MAX_TIMEOUT_S:
+        raise Refused(
+            "invalid_request", f"timeout_s must be over 0 and at most {MAX_TIMEOUT_S:g} s"
+        )
+    if not PRIORITY_MIN <= request.priority <= PRIORITY_MAX:
+        raise Refused(
+            "invalid_request", f"priority must be between {PRIORITY_MIN} and {PRIORITY_MAX}"
+        )
+    _check_runnable(request, servers)
+
+
+def _check_runnable(request: JobRequest, servers: ServerTable) -> None:
+    """Refuse a job that no known server could ever run; wait if none is known yet."""
+    need = requirements(request)
+    if need.server is not None:
+        state = servers.get(need.server)
+        if state is None:
+            raise Refused("unknown_server", f"no server {need.server!r} is registered")
+        states = [state]
+    else:
+        states = list(servers)
+    judged = [(s, missing(need, s.capabilities, s.labels)) for s in states if s.capabilities]
+    if not judged or any(not lack for _, lack in judged):
+        return
+    closest, lack = min(judged, key=lambda pair: len(pair[1].describe()))
+    raise Refused(
+        "unschedulable",
+        f"no server can run this workflow; the closest, {closest.server_id}, lacks "
+        + lack.describe(),
+        {state.server_id: lack.describe() for state, lack in judged},
+    )
+
+
 class Submitter:
     """Checks and accepts job requests."""
 
@@ -117,23 +209,65 @@ class Submitter:
         subjects: Subjects,
         servers: ServerTable,
         publisher: EventPublisher,
+        keys: IdempotencyKeys,
+        js: JetStreamContext,
         *,
         max_concurrent: int = 256,
         webhooks: WebhookPolicy | None = None,
     ) -> None:
         self._webhooks = webhooks
+        self._js = js
         self._kv = jobs_kv
         self._subjects = subjects
         self._servers = servers
         self._publisher = publisher
+        self._keys = keys
         self._slots = asyncio.Semaphore(max_concurrent)
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def submit(self, request: JobRequest) -> JobAccepted:
-        """Accept `request` or raise Refused saying why."""
-        self._check(request)
+        """Accept `request` or raise Refused saying why.
+
+        A request that names a job that exists already (by its idempotency key, or its job id)
+        with the same request and caller is answered with that job (`replayed`); with another
+        request, it is refused (`idempotency_mismatch`, `duplicate_job`).
+        """
+        digest = request_hash(request)
+        key = request.idempotency_key
+        job_id: str | None = None
+        if key is not None:
+            problem = key_problem(key)
+            if problem is not None:
+                raise Refused("invalid_request", problem)
+            job_id = await self._follow_key(request, key, digest)
+            if job_id is not None:
+                replay = await self._replay(job_id, request, digest)
+                if replay is not None:
+                    return replay
+                # The key stands for a job that was never made: its submission was cut short.
+        check_request(request, self._servers)
         request = await self._with_webhook(request)
-        job_id = request.job_id or new_id()
+        if key is not None and job_id is None:
+            try:
+                job_id = await self._keys.claim(
+                    request.caller, key, digest, request.job_id or new_id()
+                )
+            except Mismatch as exc:  # another request took the key meanwhile
+                raise _mismatch(key, exc.job_id) from None
+        try:
+            return await self._create(job_id or request.job_id or new_id(), request, digest)
+        except Refused:
+            if key is not None:
+                await self._keys.release(request.caller, key)
+            raise
+
+    async def _follow_key(self, request: JobRequest, key: str, digest: str) -> str | None:
+        try:
+            return await self._keys.find(request.caller, key, digest)
+        except Mismatch as exc:
+            raise _mismatch(key, exc.job_id) from None
+
+    async def _create(self, job_id: str, request: JobRequest, digest: str) -> JobAccepted:
         submitted_at = now()
         path = log_file_relpath(job_id, submitted_at)
         record = JobRecord(
@@ -147,14 +281,13 @@ class Submitter:
             last_seq=1,
             caller=request.caller,
             webhook=webhook_of(request),
+            request_hash=digest,
+            batch_id=request.batch_id,
         )
         try:
             await self._kv.create(job_id, encode(record))
         except KeyWrongLastSequenceError:
-            accepted = await self._finish_half_done(job_id, request)
-            if accepted is None:
-                raise Refused("duplicate_job", f"job id {job_id!r} is already in use") from None
-            return accepted
+            return await self._existing(job_id, request, digest)
         self._publisher.expect_new(job_id)
         await self._publisher.emit(
             job_id, QueuedData(request=request, log_file_path=path), ts=submitted_at
@@ -170,93 +303,76 @@ class Submitter:
         except WebhookRefused as exc:
             raise Refused("invalid_webhook", str(exc)) from None
 
-    async def _finish_half_done(self, job_id: str, request: JobRequest) -> JobAccepted | None:
-        """Finish a submission that stopped between its record and its `queued` event.
+    async def _existing(self, job_id: str, request: JobRequest, digest: str) -> JobAccepted:
+        """The answer to a request whose job id is taken: that job if it is the same, else 409.
 
-        A gateway or broker that went down in between leaves a record and no event; the client,
-        never answered, submits again under the same id. Completing the first attempt keeps the
-        job; refusing it as a duplicate would leave it to be failed as lost. A record younger
-        than HALF_DONE_AFTER_S may still be completed by its own submitter, and is left alone.
+        A gateway or broker that went down between a record and its `queued` event leaves a
+        record and no event; the client, never answered, submits again under the same id.
+        Completing the first attempt keeps the job; refusing it as a duplicate would leave it
+        to be failed as lost. A record younger than HALF_DONE_AFTER_S may still be completed by
+        its own submitter, and is left alone. A record made before requests were hashed is the
+        same job as nothing: only its half-done submission is completed.
         """
+        duplicate = Refused("duplicate_job", f"job id {job_id!r} is already in use")
+        record = await self._record(job_id)
+        if record is None:
+            raise duplicate
+        known = record.request_hash is not None
+        same = known and record.request_hash == digest and record.caller == request.caller
+        if known and not same:
+            raise duplicate
+        stale = now() - record.submitted_at > HALF_DONE_AFTER_S
+        if record.status is JobStatus.QUEUED and record.last_seq == 1 and stale:
+            data = QueuedData(request=request, log_file_path=record.log_file_path)
+            if await self._publisher.emit_first(job_id, data, ts=record.submitted_at):
+                log.warning("job %s: completed a submission that had stopped half-way", job_id)
+                return _accepted(record, replayed=False)
+        if not same:
+            raise duplicate
+        return _accepted(record, replayed=True)
+
+    async def _replay(self, job_id: str, request: JobRequest, digest: str) -> JobAccepted | None:
+        """The job an idempotency key stands for, or None when it was never made."""
+        record = await self._record(job_id)
+        if record is not None:
+            if record.caller != request.caller or record.request_hash != digest:
+                # Not the key's job: a job id the key's request could not have (it was
+                # refused as a duplicate, and the key could not be forgotten then).
+                raise Refused("duplicate_job", f"job id {job_id!r} is already in use")
+            return _accepted(record, replayed=True)
+        first = await self._first_event(job_id)
+        if first is None:
+            return None
+        # Its events outlived its record: the job was made and has ended.
+        last = await self._publisher.last_event(job_id) or first
+        status = next((s for kind, s in STATUS_AFTER.items() if isinstance(last, kind)), None)
+        path = first.data.log_file_path if isinstance(first, Queued) else ""
+        return JobAccepted(
+            job_id=job_id,
+            status=status or JobStatus.QUEUED,
+            submitted_at=first.ts,
+            log_file_path=path,
+            replayed=True,
+        )
+
+    async def _first_event(self, job_id: str) -> Event | None:
+        try:
+            raw = await self._js.get_msg(
+                self._subjects.events_stream,
+                seq=1,
+                subject=self._subjects.events(job_id),
+                next=True,
+            )
+        except NotFoundError:
+            return None
+        return None if raw.data is None else decode_event(raw.data)
+
+    async def _record(self, job_id: str) -> JobRecord | None:
         try:
             entry = await self._kv.get(job_id)
         except KeyNotFoundError:
             return None
-        if entry.value is None:
-            return None
-        record = decode(entry.value, JobRecord)
-        stale = now() - record.submitted_at > HALF_DONE_AFTER_S
-        if record.status is not JobStatus.QUEUED or record.last_seq != 1 or not stale:
-            return None
-        data = QueuedData(request=request, log_file_path=record.log_file_path)
-        if not await self._publisher.emit_first(job_id, data, ts=record.submitted_at):
-            return None  # it has its events: a plain duplicate
-        log.warning("job %s: completed a submission that had stopped half-way", job_id)
-        return JobAccepted(
-            job_id=job_id, submitted_at=record.submitted_at, log_file_path=record.log_file_path
-        )
-
-    def _check(self, request: JobRequest) -> None:
-        size = len(encode(request))
-        if size > MAX_REQUEST_BYTES:
-            raise Refused(
-                "too_large",
-                f"the request is {size} bytes; a job carries at most {MAX_REQUEST_BYTES}: "
-                "pass large files as inputs (source 'key' or 'url')",
-                {"size": size, "max_request_bytes": MAX_REQUEST_BYTES},
-            )
-        problems = workflow_problems(request.workflow)
-        if problems:
-            raise Refused("invalid_workflow", "; ".join(problems), {"problems": problems})
-        try:
-            workflow = apply_overrides(request.workflow, request.overrides)
-        except WorkflowError as exc:
-            raise Refused("invalid_overrides", str(exc)) from None
-        problems = graph_problems(workflow) or job_file_problems(workflow)
-        if problems:
-            raise Refused("invalid_workflow", "; ".join(problems), {"problems": problems})
-        problems = input_problems(request.inputs)
-        if problems:
-            raise Refused("invalid_request", "; ".join(problems), {"problems": problems})
-        if request.job_id is not None:
-            try:
-                check_job_id(request.job_id)
-            except ContractError as exc:
-                raise Refused("invalid_request", str(exc)) from None
-        if not 1 <= request.max_attempts <= MAX_ATTEMPTS_LIMIT:
-            raise Refused(
-                "invalid_request", f"max_attempts must be between 1 and {MAX_ATTEMPTS_LIMIT}"
-            )
-        if request.timeout_s is not None and not 0 < request.timeout_s <= MAX_TIMEOUT_S:
-            raise Refused(
-                "invalid_request", f"timeout_s must be over 0 and at most {MAX_TIMEOUT_S:g} s"
-            )
-        if not PRIORITY_MIN <= request.priority <= PRIORITY_MAX:
-            raise Refused(
-                "invalid_request", f"priority must be between {PRIORITY_MIN} and {PRIORITY_MAX}"
-            )
-        self._check_runnable(request)
-
-    def _check_runnable(self, request: JobRequest) -> None:
-        """Refuse a job that no known server could ever run; wait if none is known yet."""
-        need = requirements(request)
-        if need.server is not None:
-            state = self._servers.get(need.server)
-            if state is None:
-                raise Refused("unknown_server", f"no server {need.server!r} is registered")
-            states = [state]
-        else:
-            states = list(self._servers)
-        judged = [(s, missing(need, s.capabilities, s.labels)) for s in states if s.capabilities]
-        if not judged or any(not lack for _, lack in judged):
-            return
-        closest, lack = min(judged, key=lambda pair: len(pair[1].describe()))
-        raise Refused(
-            "unschedulable",
-            f"no server can run this workflow; the closest, {closest.server_id}, lacks "
-            + lack.describe(),
-            {state.server_id: lack.describe() for state, lack in judged},
-        )
+        return None if entry.value is None else decode(entry.value, JobRecord)
 
     # -- the NATS face of the same path ------------------------------------------------------
 

@@ -30,6 +30,8 @@ DUPLICATE_WINDOW_S = 120.0
 _MAX_MESSAGE = 1024 * 1024
 # A leader that stops renewing its lease is replaced after this long.
 LEADER_LEASE_S = 5.0
+# How long an idempotency key is kept; the balancer applies `idempotency_ttl_s` when it differs.
+IDEMPOTENCY_TTL_S = 24 * 3600.0
 
 
 class BusResources(msgspec.Struct, frozen=True, kw_only=True):
@@ -221,6 +223,20 @@ async def ensure_resources(
             replicas=sizing.replicas,
         )
     )
+    for bucket, description, ttl in (
+        (subjects.idempotency_bucket, "Idempotency keys of submissions", IDEMPOTENCY_TTL_S),
+        (subjects.batches_bucket, "Batches of jobs", 0.0),
+    ):
+        await js.create_key_value(
+            api.KeyValueConfig(
+                bucket=bucket,
+                description=description,
+                history=1,
+                ttl=ttl or None,
+                storage=api.StorageType.FILE,
+                replicas=sizing.replicas,
+            )
+        )
     await js.create_object_store(
         subjects.outputs_bucket,
         api.ObjectStoreConfig(

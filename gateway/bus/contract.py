@@ -141,6 +141,14 @@ class Subjects(msgspec.Struct, frozen=True):
     def prompts_bucket(self) -> str:
         return f"{self.prefix}_prompts"
 
+    @property
+    def idempotency_bucket(self) -> str:
+        return f"{self.prefix}_idempotency"
+
+    @property
+    def batches_bucket(self) -> str:
+        return f"{self.prefix}_batches"
+
 
 def new_id() -> str:
     """A fresh random id (32 hex characters), usable as a subject token."""
@@ -230,6 +238,11 @@ class JobRequest(_Message, kw_only=True):
     # takes the settings' defaults, "" no webhook even when the settings name one.
     webhook_url: str | None = None
     webhook_events: list[str] | None = None
+    # The same key with the same request from the same caller makes one job (see
+    # gateway/balancer/idempotency.py); REST takes it from the `Idempotency-Key` header.
+    idempotency_key: str | None = None
+    # The batch the job belongs to (POST /workflow/batch); its id is `<batch_id>-<index>`.
+    batch_id: str | None = None
 
 
 class JobAccepted(_Message, kw_only=True):
@@ -237,6 +250,9 @@ class JobAccepted(_Message, kw_only=True):
     status: JobStatus = JobStatus.QUEUED
     submitted_at: float
     log_file_path: str
+    # True when the request named a job that already existed (the same idempotency key or
+    # job id with the same request): `status` is then that job's status now.
+    replayed: bool = False
 
 
 class Error(_Message, kw_only=True):
@@ -721,6 +737,11 @@ class JobRecord(_Message, kw_only=True):
     error: FailedData | None = None
     caller: str | None = None  # the request's caller, for ownership checks
     webhook: Webhook | None = None  # where the job's events are delivered, fixed at submission
+    # What defines the job (idempotency.request_hash): a repeated job id with the same request
+    # is the same job, with another request a duplicate.
+    request_hash: str | None = None
+    batch_id: str | None = None
+
 
 
 class Webhook(msgspec.Struct, kw_only=True):
@@ -801,6 +822,34 @@ class WebhookAttempt(_Message, kw_only=True, tag="webhook_attempt", tag_field="t
     error: str | None = None
     ts: float
     next_attempt_at: float | None = None
+
+
+
+class IdempotencyEntry(_Message, kw_only=True):
+    """An idempotency key in KV `comfy_idempotency`: the job it stands for, and its request.
+
+    Written before the job is created, so that a submission cut in between is completed under
+    the same job id by the client's retry; the bucket's entries expire (`idempotency_ttl_s`).
+    """
+
+    job_id: str
+    request_hash: str
+    created_at: float
+
+
+class BatchRecord(_Message, kw_only=True):
+    """A batch of jobs in KV `comfy_batches`, under its id; its jobs are `<batch_id>-<index>`.
+
+    Written before any of its jobs; `cancelled` is set before its jobs are cancelled, so that a
+    submission still under way stops making them (see gateway/api/batches.py).
+    """
+
+    batch_id: str
+    caller: str | None = None
+    size: int
+    request_hash: str
+    created_at: float
+    cancelled: bool = False
 
 
 # --------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ it, is the job's end: the log holds one end, whoever wrote it.
 
 from __future__ import annotations
 
+import hashlib
 from typing import Final
 
 import msgspec
@@ -26,6 +27,7 @@ from gateway.bus.contract import (
     Event,
     Failed,
     JobRecord,
+    JobRequest,
     JobStatus,
     Queued,
     Retried,
@@ -35,11 +37,23 @@ from gateway.bus.contract import (
 )
 
 BOUND: Final = frozenset({JobStatus.DISPATCHED, JobStatus.RUNNING})
+_canonical: Final = msgspec.json.Encoder(order="sorted")
 
 
 def ends_job(event: Event) -> bool:
     """Whether `event` ends the job for good: nothing may follow it in the job's log."""
     return isinstance(event, (Succeeded, Failed, Cancelled))
+
+
+def request_hash(request: JobRequest) -> str:
+    """A digest of what defines the job a request asks for, not of the bytes it came in.
+
+    Fields are taken after the gateway filled its defaults (an omitted `max_attempts` and the
+    default written out are the same request), with sorted keys. Who sent it and under which
+    idempotency key are left out: those choose the scope, not the job.
+    """
+    defining = msgspec.structs.replace(request, v=0, caller=None, idempotency_key=None)
+    return hashlib.sha256(_canonical.encode(defining)).hexdigest()
 
 
 def record_from_queued(event: Queued) -> JobRecord:
@@ -56,6 +70,8 @@ def record_from_queued(event: Queued) -> JobRecord:
         last_seq=event.seq,
         caller=request.caller,
         webhook=webhook_of(request),
+        request_hash=request_hash(request),
+        batch_id=request.batch_id,
     )
 
 

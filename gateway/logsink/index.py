@@ -95,8 +95,9 @@ class IndexDB:
             self._con.execute("BEGIN TRANSACTION")
             try:
                 self._con.execute(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {column} {kind}")
-                if (table, column) == ("jobs", "caller"):
-                    self._con.execute(schema.FILL_CALLER)
+                fill = schema.FILL_COLUMN.get((table, column))
+                if fill is not None:
+                    self._con.execute(fill)
                 self._con.execute("COMMIT")
             except BaseException:
                 self._con.execute("ROLLBACK")

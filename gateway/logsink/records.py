@@ -71,6 +71,7 @@ def parse_event(raw: bytes, end_offset: int = 0) -> EventRecord:
 class _Request(msgspec.Struct):
     workflow: dict[str, Any] = msgspec.field(default_factory=dict)
     caller: str | None = None
+    batch_id: str | None = None
 
 
 class _Queued(msgspec.Struct):
@@ -139,6 +140,7 @@ class JobDelta(msgspec.Struct, kw_only=True):
     last_seq: int = 0
     last_event_at: float | None = None
     caller: str | None = None
+    batch_id: str | None = None
 
     def fold(self, head: EventHead) -> None:
         """Take one new event into account."""
@@ -175,6 +177,7 @@ class JobDelta(msgspec.Struct, kw_only=True):
                 self.workflow_hash = workflow_hash(queued.request.workflow)
                 self.node_count = len(queued.request.workflow)
                 self.caller = queued.request.caller
+                self.batch_id = queued.request.batch_id
         elif kind in ("dispatched", "running", "retried"):
             data = _attempt.decode(head.data)
             self._see_attempt(data.attempt)

@@ -44,7 +44,9 @@ TABLES: Final = (
         status_seq BIGINT NOT NULL DEFAULT 0,
         log_bytes BIGINT NOT NULL DEFAULT 0,
         -- who submitted the job (JobRequest.caller); last, where an older index gains it
-        caller VARCHAR
+        caller VARCHAR,
+        -- the batch it was submitted in (JobRequest.batch_id), likewise
+        batch_id VARCHAR
     )
     """,
     # One row per attempt to deliver an event to a job's webhook (gateway/webhooks).
@@ -70,15 +72,19 @@ TABLES: Final = (
 )
 
 # An index made before a column existed gains it at start (see index.IndexDB).
-ADDED_COLUMNS: Final = (("jobs", "caller", "VARCHAR"),)
+ADDED_COLUMNS: Final = (("jobs", "caller", "VARCHAR"), ("jobs", "batch_id", "VARCHAR"))
 
-# Filling `jobs.caller` of an older index from its `queued` events, once, when it gains the column.
-FILL_CALLER: Final = """
-    UPDATE jobs SET caller = q.caller
-    FROM (SELECT job_id, any_value(data->'request'->>'caller') AS caller
+# Filling a column of `jobs` that an older index gains from the jobs' `queued` events, once.
+_FILL_FROM_REQUEST: Final = """
+    UPDATE jobs SET {0} = q.{0}
+    FROM (SELECT job_id, any_value(data->'request'->>'{0}') AS {0}
           FROM events WHERE type = 'queued' GROUP BY job_id) AS q
-    WHERE jobs.job_id = q.job_id AND jobs.caller IS NULL AND q.caller IS NOT NULL
+    WHERE jobs.job_id = q.job_id AND jobs.{0} IS NULL AND q.{0} IS NOT NULL
 """
+FILL_COLUMN: Final = {
+    ("jobs", "caller"): _FILL_FROM_REQUEST.format("caller"),
+    ("jobs", "batch_id"): _FILL_FROM_REQUEST.format("batch_id"),
+}
 
 VIEW_BODIES: Final = {
     # One row per node execution: from its node_started to the next node_started or the end
@@ -190,6 +196,7 @@ _DELTA_TYPES: Final = {
     "last_seq": "BIGINT",
     "last_event_at": "DOUBLE",
     "caller": "VARCHAR",
+    "batch_id": "VARCHAR",
 }
 _DELTA_SCHEMA: Final = "[{" + ",".join(f'"{k}":"{v}"' for k, v in _DELTA_TYPES.items()) + "}]"
 
@@ -198,12 +205,12 @@ UPSERT_JOBS: Final = f"""
     INSERT INTO jobs (job_id, status, server_id, attempts, submitted_at, started_at,
                       finished_at, error_type, error_message, workflow_hash, node_count,
                       output_count, log_file_path, event_count, last_seq, last_event_at,
-                      status_seq, log_bytes, caller)
+                      status_seq, log_bytes, caller, batch_id)
     SELECT d.job_id, d.status, d.server_id, d.attempts, {_TS.format("d.submitted_at")},
            {_TS.format("d.started_at")}, {_TS.format("d.finished_at")}, d.error_type,
            d.error_message, d.workflow_hash, d.node_count, d.output_count, d.log_file_path,
            d.event_count, d.last_seq, {_TS.format("d.last_event_at")}, d.status_seq,
-           d.log_bytes, d.caller
+           d.log_bytes, d.caller, d.batch_id
     FROM (SELECT unnest(from_json($1, '{_DELTA_SCHEMA}'), recursive := true)) AS d
     ON CONFLICT (job_id) DO UPDATE SET
         status = CASE WHEN excluded.status_seq > jobs.status_seq
@@ -226,7 +233,8 @@ UPSERT_JOBS: Final = f"""
         event_count = jobs.event_count + excluded.event_count,
         last_seq = greatest(jobs.last_seq, excluded.last_seq),
         last_event_at = greatest(jobs.last_event_at, excluded.last_event_at),
-        caller = coalesce(jobs.caller, excluded.caller)
+        caller = coalesce(jobs.caller, excluded.caller),
+        batch_id = coalesce(jobs.batch_id, excluded.batch_id)
 """
 
 # A batch of webhook attempts (contract.WebhookAttempt) as one JSON array; each is stored once.

@@ -42,6 +42,7 @@ async def run_job(
     nodes: int = 3,
     progress: int = 2,
     caller: str | None = None,
+    batch_id: str | None = None,
 ) -> list[Event]:
     """The events of one job as the balancer and an adapter publish them, `ts` 1 s apart."""
     emitted: list[Event] = []
@@ -52,7 +53,9 @@ async def run_job(
         emitted.append(event)
         clock[0] += 1.0
 
-    request = JobRequest(workflow=workflow(nodes), metadata={"user": "test"}, caller=caller)
+    request = JobRequest(
+        workflow=workflow(nodes), metadata={"user": "test"}, caller=caller, batch_id=batch_id
+    )
     await emit(
         QueuedData(request=request, log_file_path=log_file_relpath(job_id, submitted_at)),
         server_id=None,

@@ -206,7 +206,10 @@ class NativeService:
             metadata={"api": "comfyui", **({"client_id": client_id} if client_id else {})},
             caller=entry.prompt.caller,
         )
-        await services.submit(request)
+        accepted = await services.submit(request)
+        if accepted.replayed:
+            # A prompt sent again runs again, as on ComfyUI; its old job is not it.
+            raise ApiError(409, "duplicate_job", f"job id {request.job_id!r} is already in use")
 
     async def _record(self, caller: str, prompt: NativePrompt, wanted: object) -> Entry:
         """Store the prompt under the client's id if it is new and usable, else under a new one."""
