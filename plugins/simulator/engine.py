@@ -397,9 +397,7 @@ class Engine:
             if self._matches(self.config.crash_on_node, node_id, class_type):
                 self._crash()
             loads = load_seconds(self.config, run.item.prompt[node_id])
-            duration = self.config.seconds_for(class_type) + loads
-            if duration > 0:
-                await asyncio.sleep(duration)
+            await asyncio.sleep(max(0.0, self.config.seconds_for(class_type) + loads))
             if any(self._matches(s, node_id, class_type) for s in self.config.fail_nodes):
                 raise NodeError(
                     self.config.fail_exception_type,
