@@ -28,6 +28,7 @@ from gateway.logsink.config import SinkConfig
 from gateway.logsink.consumer import EventPuller
 from gateway.logsink.jsonl import JsonlError
 from gateway.logsink.pools import QueryPool
+from gateway.logsink.position import settle_position, stream_state
 from gateway.logsink.rebuild import reconcile
 from gateway.logsink.service import LogService
 from gateway.logsink.store import BatchStats, LogStore
@@ -65,6 +66,7 @@ class LogSink:
         self._puller: EventPuller | None = None
         self._task: asyncio.Task[None] | None = None
         self._acked_upto = 0
+        self._gave_up = False  # a batch was left unstored while stopping: store no more
         self._progress = asyncio.Condition()
         self.events_written = 0
         self.events_duplicate = 0
@@ -92,7 +94,9 @@ class LogSink:
         config = self.config
         self._store = store = await self._in_writer(lambda: LogStore(self.data_dir, config))
         # Lines a crash left in the files but not in the index go in before any redelivery.
-        await self._in_writer(lambda: reconcile(store))
+        recovered = (await self._in_writer(lambda: reconcile(store))).events_indexed
+        state = await stream_state(self._js, self._subjects, config.durable)
+        upto = await self._in_writer(lambda: settle_position(store, state, recovered=recovered))
         self._service = LogService(
             self._nc,
             self._subjects,
@@ -107,9 +111,8 @@ class LogSink:
             config=config,
         )
         self._puller = EventPuller(self._nc, self._js, self._subjects, config)
-        await self._puller.start()
-        info = await self._js.consumer_info(self._subjects.events_stream, config.durable)
-        self._acked_upto = info.ack_floor.stream_seq or 0
+        await self._puller.start(after=upto)
+        self._acked_upto = upto
         self._task = asyncio.create_task(self._run(), name="logsink")
         log.info("log sink running: data in %s", self.data_dir.resolve())
 
@@ -199,6 +202,11 @@ class LogSink:
                     acking = await self._store_then_ack(batch, acking)
             held = await puller.stop()
             for start in range(0, len(held), self.config.batch_size):
+                if self._gave_up:
+                    # Once a batch is not stored, nothing after it may be, or the index's
+                    # position would pass it; they all come again at the next start.
+                    log.warning("stopping with %d more events not stored", len(held) - start)
+                    break
                 part = held[start : start + self.config.batch_size]
                 acking = await self._store_then_ack(part, acking)
         finally:
@@ -223,16 +231,18 @@ class LogSink:
         store = self._store
         assert store is not None
         raws = [msg.data for msg in batch]
+        seqs = [msg.metadata.sequence.stream for msg in batch]
         delay = self.config.retry_min_s
         while True:
             try:
-                return await self._in_writer(lambda: store.write_batch(raws))
+                return await self._in_writer(lambda: store.write_batch(raws, seqs))
             except (JsonlError, duckdb.FatalException):
                 raise
             except Exception:
                 log.exception("storing %d events failed; trying again in %.1f s", len(raws), delay)
             if self._stopping.is_set():
                 log.warning("stopping with %d events not stored; they come again", len(raws))
+                self._gave_up = True
                 return None
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(delay):
