@@ -15,7 +15,7 @@ from nats.aio.client import Client
 
 from gateway.balancer.dispatcher import Dispatcher
 from gateway.balancer.fleet import FleetView
-from gateway.balancer.submit import Submitter
+from gateway.balancer.submit import Submitter, UsedBefore
 from gateway.bus.contract import Subjects, new_id
 from gateway.bus.events import EventPublisher
 from gateway.bus.lease import hold_lease
@@ -27,8 +27,16 @@ log = logging.getLogger(__name__)
 class Balancer:
     """Submit service plus (when leading) the dispatcher, over one NATS connection."""
 
-    def __init__(self, nc: Client, fleet: FleetView, settings: Settings) -> None:
+    def __init__(
+        self,
+        nc: Client,
+        fleet: FleetView,
+        settings: Settings,
+        *,
+        used_before: UsedBefore | None = None,
+    ) -> None:
         self._nc = nc
+        self._used_before = used_before
         self._fleet = fleet
         self._settings = settings
         self._subjects = Subjects(settings.subject_prefix)
@@ -49,9 +57,16 @@ class Balancer:
             self._subjects,
             self._fleet.table,
             publisher,
+            used_before=self._used_before,
         )
         dispatcher = self.dispatcher = Dispatcher(
-            self._nc, js, jobs_kv, self._subjects, self._fleet.table, publisher
+            self._nc,
+            js,
+            jobs_kv,
+            self._subjects,
+            self._fleet.table,
+            publisher,
+            records_retention_s=self._settings.job_records_retention_s,
         )
         self._fleet.on_change(lambda _server_id: dispatcher.wake())
         subscription = await self.submitter.serve(self._nc)

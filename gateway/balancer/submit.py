@@ -11,6 +11,7 @@ import asyncio
 import logging
 import re
 import unicodedata
+from collections.abc import Awaitable, Callable
 from typing import Final
 
 from nats.aio.client import Client
@@ -106,6 +107,10 @@ class Refused(Exception):
         self.error = Error(code=code, message=message, details=details)
 
 
+# Whether a job id was used by a job whose record has expired (its log still names it).
+UsedBefore = Callable[[str], Awaitable[bool]]
+
+
 class Submitter:
     """Checks and accepts job requests."""
 
@@ -117,8 +122,10 @@ class Submitter:
         publisher: EventPublisher,
         *,
         max_concurrent: int = 256,
+        used_before: UsedBefore | None = None,
     ) -> None:
         self._kv = jobs_kv
+        self._used_before = used_before
         self._subjects = subjects
         self._servers = servers
         self._publisher = publisher
@@ -142,6 +149,10 @@ class Submitter:
             last_seq=1,
             caller=request.caller,
         )
+        # An ended job's record expires from KV; its id stays taken by its log.
+        used_before = self._used_before if request.job_id is not None else None
+        if used_before is not None and await used_before(job_id):
+            raise Refused("duplicate_job", f"job id {job_id!r} is already in use")
         try:
             await self._kv.create(job_id, encode(record))
         except KeyWrongLastSequenceError:
