@@ -10,6 +10,7 @@ query connection cannot turn any of it back on.
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import Any, Final
 
@@ -17,7 +18,7 @@ import duckdb
 import msgspec
 
 from gateway.logsink import schema
-from gateway.logsink.records import JobDelta
+from gateway.logsink.records import TERMINAL, JobDelta
 
 log = logging.getLogger(__name__)
 
@@ -152,24 +153,22 @@ class IndexDB:
         rows = self._con.execute(schema.KNOWN_EVENT_IDS, [event_ids]).fetchall()
         return {row[0] for row in rows}
 
-    def position(self, stream: str, created: str) -> tuple[int, int] | None:
-        """How far into the stream `stream` made at `created` the index holds every event, and
-        up to where it may hold some beyond that; None when it does not know (a new or rebuilt
-        index, or another stream of that name)."""
+    def position(self, stream: str, created: str) -> int | None:
+        """How far into the stream `stream` made at `created` the index holds every event;
+        None when it does not know (a new or rebuilt index, or another stream of that name)."""
         row = self._con.execute(
-            "SELECT upto, check_upto FROM sink_position WHERE stream = $1 AND stream_created = $2",
+            "SELECT upto FROM sink_position WHERE stream = $1 AND stream_created = $2",
             [stream, created],
         ).fetchone()
-        return None if row is None else (int(row[0]), int(row[1]))
+        return None if row is None else int(row[0])
 
-    def set_position(self, stream: str, created: str, upto: int, check_upto: int) -> None:
+    def set_position(self, stream: str, created: str, upto: int) -> None:
         """Record where the index stands in the stream (its own transaction)."""
         self.begin()
         try:
             self._con.execute("DELETE FROM sink_position")
             self._con.execute(
-                "INSERT INTO sink_position VALUES ($1, $2, $3, $4)",
-                [stream, created, upto, check_upto],
+                "INSERT INTO sink_position VALUES ($1, $2, $3)", [stream, created, upto]
             )
             self.commit()
         except BaseException:
@@ -195,6 +194,35 @@ class IndexDB:
             [job_ids],
         ).fetchall()
         return {job_id: (path, int(last_seq)) for job_id, path, last_seq in rows}
+
+    def jobs_before(self, cutoff: float, limit: int) -> list[tuple[str, str | None]]:
+        """Up to `limit` jobs past the retention, oldest first, with their log files: ended
+        ones whose last event is older than `cutoff` (epoch seconds), and any whose last event
+        is older than twice the retention.
+
+        An open job is left alone: its events may still be arriving (a sink catching up on old
+        events), and a log cut in the middle would be started again in a second file.
+        """
+        now_us = round(time.time() * 1e6)
+        cutoff_us = round(cutoff * 1e6)
+        rows = self._con.execute(
+            "SELECT job_id, log_file_path FROM jobs "
+            "WHERE (status IN (SELECT unnest($1)) AND last_event_at < make_timestamp($2)) "
+            "   OR last_event_at < make_timestamp($3) "
+            "ORDER BY last_event_at LIMIT $4",
+            [sorted(TERMINAL), cutoff_us, cutoff_us - (now_us - cutoff_us), limit],
+        ).fetchall()
+        return [(str(job_id), path) for job_id, path in rows]
+
+    def delete_jobs(self, job_ids: list[str]) -> None:
+        """Delete these jobs' events and rows (inside the caller's transaction)."""
+        self._con.execute("DELETE FROM events WHERE job_id IN (SELECT unnest($1))", [job_ids])
+        self._con.execute("DELETE FROM jobs WHERE job_id IN (SELECT unnest($1))", [job_ids])
+
+    def memory_use(self) -> int:
+        """Bytes DuckDB holds in memory for this database (its buffer pool)."""
+        row = self._con.execute("SELECT sum(memory_usage_bytes) FROM duckdb_memory()").fetchone()
+        return int(row[0] or 0) if row is not None else 0
 
     def indexed_files(self) -> dict[str, int]:
         """Each log file the index knows, with how many of its bytes are indexed."""

@@ -1,11 +1,10 @@
-"""Where in the EVENTS stream a starting sink reads from, and which events it looks up by id.
+"""Where in the EVENTS stream a starting sink reads from.
 
-The index records how far into the stream it holds every event (store.py). A sink starts from
-just after that, and looks up by id only what may be in the index without the position saying
-so: the events a crash left in the files (reindexed by `rebuild.reconcile`), up to what the
-consumer had delivered. An index that does not know its position (new, rebuilt, made by an
-older build, or of a stream made anew under the same name) starts where the consumer had
-acknowledged, everything acknowledged being stored, and looks up what came after by id.
+The index records how far into the stream it holds every event (store.py), and the sink starts
+just after that. An index that does not know its position (new, rebuilt, made by an older
+build, or of a stream made anew under the same name) starts where the consumer had
+acknowledged, everything acknowledged being stored; what came after and is in the index
+already is told by its seq (store.py).
 """
 
 from __future__ import annotations
@@ -45,29 +44,21 @@ async def stream_state(js: JetStreamContext, subjects: Subjects, durable: str) -
     return StreamState(stream=name, created=created, acked=acked, delivered=delivered)
 
 
-def settle_position(store: LogStore, state: StreamState, *, recovered: int) -> int:
-    """Set the store's `upto` and `check_upto`, record the position, and return `upto`.
+def settle_position(store: LogStore, state: StreamState) -> int:
+    """Set the store's `upto`, record it as the index's position, and return it.
 
-    `recovered`: how many events reconciliation took from the files into the index. Runs on
-    the sink's writer thread.
+    Runs on the sink's writer thread.
     """
-    recorded = store.index.position(state.stream, state.created)
-    if recorded is None:
-        upto, check_upto = state.acked, max(state.delivered, state.acked)
-        if check_upto > upto:
+    upto = store.index.position(state.stream, state.created)
+    if upto is None:
+        upto = state.acked
+        if state.delivered > upto:
             log.warning(
-                "the index does not know its place in %s: reading from %d, and looking up "
-                "the events up to %d by id",
+                "the index does not know its place in %s: reading from %d, after what the "
+                "sink's consumer had acknowledged",
                 state.stream,
                 upto + 1,
-                check_upto,
             )
-    else:
-        # A check window left by the start before stays open until it is passed.
-        upto, check_upto = recorded
-        if recovered:
-            check_upto = max(check_upto, state.delivered)
-    check_upto = max(check_upto, upto)
-    store.index.set_position(state.stream, state.created, upto, check_upto)
-    store.upto, store.check_upto = upto, check_upto
+    store.index.set_position(state.stream, state.created, upto)
+    store.upto = upto
     return upto

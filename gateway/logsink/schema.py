@@ -22,15 +22,14 @@ EVENTS_TABLE: Final = """
 
 TABLES: Final = (
     EVENTS_TABLE.format(name="events"),
-    # How far into the EVENTS stream the index holds every event (`upto`, committed in the same
-    # transaction as the rows), and up to where events may be in it beyond that: one row, for
-    # the stream of that name made at that time (see store.py).
+    # How far into the EVENTS stream the index holds every event, committed in the same
+    # transaction as the rows: one row, for the stream of that name made at that time (see
+    # store.py).
     """
     CREATE TABLE IF NOT EXISTS sink_position (
         stream VARCHAR NOT NULL,
         stream_created VARCHAR NOT NULL,
-        upto BIGINT NOT NULL,
-        check_upto BIGINT NOT NULL
+        upto BIGINT NOT NULL
     )
     """,
     # duration_s and queue_wait_s are computed, so a merge of the other columns keeps them right.

@@ -18,6 +18,7 @@ from types import TracebackType
 from typing import TypeVar
 
 import duckdb
+import msgspec
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
@@ -33,6 +34,7 @@ from gateway.logsink.rebuild import reconcile
 from gateway.logsink.service import LogService
 from gateway.logsink.store import BatchStats, LogStore
 from gateway.logsink.tenancy import catalog_of
+from gateway.logsink.upkeep import Upkeep
 from gateway.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -63,6 +65,7 @@ class LogSink:
         self._stopping = asyncio.Event()
         self._store: LogStore | None = None
         self._service: LogService | None = None
+        self.upkeep: Upkeep | None = None
         self._puller: EventPuller | None = None
         self._task: asyncio.Task[None] | None = None
         self._acked_upto = 0
@@ -94,9 +97,9 @@ class LogSink:
         config = self.config
         self._store = store = await self._in_writer(lambda: LogStore(self.data_dir, config))
         # Lines a crash left in the files but not in the index go in before any redelivery.
-        recovered = (await self._in_writer(lambda: reconcile(store))).events_indexed
+        await self._in_writer(lambda: reconcile(store))
         state = await stream_state(self._js, self._subjects, config.durable)
-        upto = await self._in_writer(lambda: settle_position(store, state, recovered=recovered))
+        upto = await self._in_writer(lambda: settle_position(store, state))
         self._service = LogService(
             self._nc,
             self._subjects,
@@ -110,6 +113,7 @@ class LogSink:
             data_dir=self.data_dir,
             config=config,
         )
+        self.upkeep = Upkeep(store, config, self.data_dir, self._in_writer)
         self._puller = EventPuller(self._nc, self._js, self._subjects, config)
         await self._puller.start(after=upto)
         self._acked_upto = upto
@@ -134,10 +138,11 @@ class LogSink:
         return self._service.reads
 
     async def _run(self) -> None:
-        assert self._service is not None
+        assert self._service is not None and self.upkeep is not None
         async with asyncio.TaskGroup() as tasks:
             tasks.create_task(self._consume())
             tasks.create_task(self._service.run(self._stopping))
+            tasks.create_task(self.upkeep.run(self._stopping))
 
     async def wait(self, stop: asyncio.Event) -> None:
         """Run until `stop` is set; raise if the sink fails first."""
@@ -287,6 +292,10 @@ async def run_logsink(
     when given (`up` shares its connection), else connects to settings.nats_url.
     """
     subjects = Subjects(settings.subject_prefix)
+    if settings.logs_retention_s > 0:
+        config = msgspec.structs.replace(
+            config or SinkConfig(), retention_s=settings.logs_retention_s
+        )
     own = nc is None
     client = nc if nc is not None else await _connect(settings)
     try:

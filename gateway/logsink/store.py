@@ -4,13 +4,15 @@ Duplicates are told by position in the EVENTS stream, not by a key on `events.ev
 index DuckDB keeps in memory, growing with every event). The index records how far into the
 stream it holds every event (`upto`), in the same transaction as the rows, and the sink reads
 the stream in order from just after it (sink.py); so a redelivery at or below `upto` is one
-already stored. Only events that may have reached the index without moving `upto` (those a
-crash left in the files, indexed again by `rebuild.reconcile`, or any after the position was
-lost) are looked up by id, up to `check_upto`.
+already stored. Beyond it, each job's events come in the order of their `seq` (its writers
+append them so), so an event that may be in the index already is one whose `seq` is not beyond
+the newest its job has there: a crash left it in the files (indexed again at start by
+`rebuild.reconcile`), the position was lost, or it was published again. Only those are looked
+up by id.
 
 The order of work inside one batch is what makes the guarantee:
 
-1. leave out the events at or below `upto`, and those below `check_upto` the index holds;
+1. leave out the events at or below `upto`, and those looked up and found;
 2. begin a DuckDB transaction and insert the new events;
 3. append their lines to their job files, fdatasync'ed;
 4. merge the jobs' rows, record how many bytes of each file are indexed and the batch's
@@ -19,8 +21,8 @@ The order of work inside one batch is what makes the guarantee:
 
 A failure in 3 or 4 rolls back the transaction and cuts the files back, so the retry starts
 clean. A crash between 3 and 4 leaves lines in a file past its indexed size: on start,
-`rebuild.reconcile` indexes those lines first, and the sink looks their events up by id when
-they are delivered again, so no line is written twice.
+`rebuild.reconcile` indexes those lines first, so when their events are delivered again step 1
+finds them and no line is written twice.
 
 Every method runs on the sink's single writer thread.
 """
@@ -71,8 +73,6 @@ class LogStore:
         self._paths: OrderedDict[str, tuple[str, int]] = OrderedDict()
         # Every event at or below this stream sequence is stored (see the module docstring).
         self.upto = 0
-        # Events above `upto` and at or below this may be stored already: looked up by id.
-        self.check_upto = 0
 
     def close(self) -> None:
         self.files.close()
@@ -171,6 +171,28 @@ class LogStore:
         self._remember({job_id: rel for job_id, rel in deltas}, [record for _, record in items])
         return fresh
 
+    def prune(self, cutoff: float, limit: int) -> int:
+        """Delete the logs (index rows, then files) of up to `limit` jobs whose last event is
+        older than `cutoff` (epoch seconds); return how many.
+
+        Rows go first: a crash before the files are gone leaves files the index lacks, which
+        the next start indexes again and a later pass deletes again; never rows without files.
+        """
+        jobs = self.index.jobs_before(cutoff, limit)
+        if not jobs:
+            return 0
+        self.index.begin()
+        try:
+            self.index.delete_jobs([job_id for job_id, _ in jobs])
+            self.index.commit()
+        except BaseException:
+            self._roll_back([])
+            raise
+        for job_id, _ in jobs:
+            self._paths.pop(job_id, None)
+        self.files.delete([rel for _, rel in jobs if rel is not None])
+        return len(jobs)
+
     # ---------------------------------------------------------------------------------------
 
     def _leave_out_stored(
@@ -181,15 +203,15 @@ class LogStore:
     ) -> list[EventRecord]:
         """`records` less the events the index holds already.
 
-        Events come in stream order, and so each job's in the order of its seq: only an event
-        in the window after a crash (`check_upto`), or one whose seq is not beyond what its job
-        has already (a republished event), may be in the index, and only those are looked up.
+        Each job's events come in the order of their seq, so only one whose seq is not beyond
+        the newest its job has may be in the index (see the module docstring); only those are
+        looked up, and every event when stream positions are not given.
         """
         doubtful: list[str] = []
         latest = dict(last_seqs)
         for record, seq in parsed:
             head = record.head
-            if seq is None or seq <= self.check_upto or head.seq <= latest.get(head.job_id, 0):
+            if seq is None or head.seq <= latest.get(head.job_id, 0):
                 doubtful.append(head.event_id)
             latest[head.job_id] = max(latest.get(head.job_id, 0), head.seq)
         if not doubtful:
