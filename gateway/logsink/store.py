@@ -45,7 +45,9 @@ from gateway.logsink.records import EventRecord, JobDelta, parse_event
 
 log = logging.getLogger(__name__)
 
-_REMEMBERED_JOBS = 100_000
+# Jobs are short-lived: ten thousand covers every job in progress on a big fleet, and an entry
+# (~350 bytes) per job more would grow the sink by 35 MB before levelling off.
+_REMEMBERED_JOBS = 10_000
 
 
 class BatchStats(msgspec.Struct, kw_only=True):
