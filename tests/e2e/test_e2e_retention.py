@@ -54,6 +54,11 @@ async def test_an_ended_jobs_record_expires_and_its_log_answers_for_it(settings:
 
             await poll_until(bound, "the open job is bound")
 
+            native = await client.post(
+                "/prompt", json={"prompt": tiny(4), "client_id": "c1"}, headers=_as("alice")
+            )
+            assert native.status_code == 200, native.text
+            prompt_id = native.json()["prompt_id"]
             done = await client.post(
                 "/workflow/execute",
                 json={"workflow": tiny(2), "job_id": "kept-for-a-second"},
@@ -64,13 +69,15 @@ async def test_an_ended_jobs_record_expires_and_its_log_answers_for_it(settings:
             before = await _answers(client, job_id)
 
             async def expired() -> bool:
-                try:
-                    await kv.get(job_id)
-                except KeyNotFoundError:
-                    return True
-                return False
+                for gone in (job_id, prompt_id):
+                    try:
+                        await kv.get(gone)
+                    except KeyNotFoundError:
+                        continue
+                    return False
+                return True
 
-            await poll_until(expired, "the ended job's record expires", within=15)
+            await poll_until(expired, "the ended jobs' records expire", within=15)
 
             # Told from the log: the same answers, to its caller (and an admin) only.
             assert await _answers(client, job_id) == before
@@ -90,6 +97,17 @@ async def test_an_ended_jobs_record_expires_and_its_log_answers_for_it(settings:
             )
             assert again.status_code == 409, again.text
             assert again.json()["code"] == "duplicate_job"
+
+            # A gateway started now finds the prompt ended, from its log: in history, not queued.
+            async with httpx.AsyncClient(
+                base_url=await system.start_gateway(), timeout=60, headers=_as("alice")
+            ) as fresh:
+                assert (await fresh.get("/queue")).json() == {
+                    "queue_running": [],
+                    "queue_pending": [],
+                }
+                entry = (await fresh.get(f"/history/{prompt_id}")).json()[prompt_id]
+                assert entry["status"]["status_str"] == "success"
 
             # The open job's record is still there, and the job can still be cancelled.
             assert await bound()
