@@ -155,8 +155,9 @@ def build_index(total: int, data_dir: Path) -> dict[str, Any]:
     try:
         for start in range(0, jobs, 500):  # 500 jobs = 10,000 events = one sink batch
             batch = interleaved(min(500, jobs - start), t0, start)
+            seqs = range(written + 1, written + 1 + len(batch))  # as the stream numbers them
             began = time.perf_counter()
-            written += store.write_batch(batch).written
+            written += store.write_batch(batch, seqs).written
             spent += time.perf_counter() - began
     finally:
         store.close()

@@ -279,8 +279,19 @@ class Bench:
         return decode((await kv.get(job_id)).value, JobRecord)
 
 
+def folder_mb(folder: Path) -> float:
+    """What the files below `folder` take on disk (allocated blocks), in MB."""
+    total = 0
+    for path in folder.rglob("*"):
+        with contextlib.suppress(OSError):
+            if path.is_file():
+                total += path.stat().st_blocks * 512
+    return total / MB
+
+
 async def idle_point(b: Bench, moment: str, jobs: int) -> dict[str, Any]:
-    """RSS of every role once idle, with DuckDB's memory and the streams' contents."""
+    """RSS of every role once idle, with DuckDB's memory, the streams' contents and the disk
+    taken by NATS's store and by the logs (JSONL files and index)."""
     rss = await settle(b.system.pids)
     return {
         "moment": moment,
@@ -288,6 +299,10 @@ async def idle_point(b: Bench, moment: str, jobs: int) -> dict[str, Any]:
         "rss": rss,
         "duckdb": await duckdb_usage(b.nc),
         "streams": await streams(b.nc),
+        "disk_mb": {
+            "nats": folder_mb(b.system.tmp / "nats"),
+            "logs": folder_mb(Path(b.system.data) / "logs"),
+        },
     }
 
 
@@ -529,7 +544,18 @@ def report_rounds(points: list[dict[str, Any]]) -> dict[str, float]:
         "JetStream messages held after the last round: "
         + ", ".join(f"{k} {v['messages']:,} ({v['bytes'] / MB:.1f} MB)" for k, v in held)
     )
-    return growth
+    jobs = [p["jobs"] for p in later]
+    disk = {
+        where: slope_per_1000(jobs, [p["disk_mb"][where] for p in later])
+        for where in ("nats", "logs")
+    }
+    final = points[-1]["disk_mb"]
+    say(
+        "disk per 1,000 jobs (fit, round 1 on): NATS store "
+        f"{disk['nats']:.2f} MB, logs (JSONL files and index) {disk['logs']:.2f} MB; after the "
+        f"last round {final['nats']:.1f} MB and {final['logs']:.1f} MB"
+    )
+    return growth | {f"disk {where}": value for where, value in disk.items()}
 
 
 def report_big(big: dict[str, Any]) -> None:

@@ -12,7 +12,7 @@ import os
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Final, Literal
+from typing import Annotated, Any, Final, Literal
 
 import msgspec
 
@@ -113,6 +113,13 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     webhook_retry_window_s: float = 24 * 3600.0
     # Deliveries one gateway makes at once.
     webhook_concurrency: int = 16
+    # Retention. An ended job's record leaves KV `comfy_jobs` this long after its end (whole
+    # seconds, at least 1; 0 keeps every record); its status and result are read from its log
+    # from then on. The default is the EVENTS stream's retention.
+    job_records_retention_s: Annotated[float, msgspec.Meta(ge=0)] = 30 * 24 * 3600.0
+    # The log sink deletes a job's log file and index rows once its last event is this old
+    # (0: never, the default).
+    logs_retention_s: Annotated[float, msgspec.Meta(ge=0)] = 0.0
 
     @property
     def data_path(self) -> Path:

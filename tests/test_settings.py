@@ -63,3 +63,15 @@ def _empty(tmp_path: Path) -> Path:
     file = tmp_path / "empty.toml"
     file.write_text("")
     return file
+
+
+def test_retentions_take_seconds_and_refuse_a_negative(tmp_path: Path) -> None:
+    env = {"COMFYAUTOMATE_LOGS_RETENTION_S": "86400"}
+    settings = load_settings(config_file=_empty(tmp_path), environ=env)
+    assert settings.logs_retention_s == 86400.0
+    # An ended record lives as long as the events it came from, by default.
+    assert settings.job_records_retention_s == 30 * 24 * 3600
+    with pytest.raises(SettingsError, match="job_records_retention_s"):
+        load_settings(
+            config_file=_empty(tmp_path), environ={"COMFYAUTOMATE_JOB_RECORDS_RETENTION_S": "-1"}
+        )

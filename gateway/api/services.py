@@ -43,13 +43,14 @@ from gateway.bus.contract import (
     JobStatus,
     Subjects,
     decode,
+    decode_event,
     encode,
     event_type,
 )
 from gateway.bus.events import EventPublisher, JobEnded
-from gateway.bus.jobstate import BOUND
+from gateway.bus.jobstate import BOUND, record_from_log
 from gateway.bus.lease import lease_held
-from gateway.logsink.client import LogQueryError, logged_upto
+from gateway.logsink.client import LogQueryError, job_log_raw, logged_upto
 from gateway.settings import Settings
 from gateway.storage import Storage
 
@@ -160,12 +161,35 @@ class Services:
         try:
             entry = await self.jobs_kv.get(job_id)
         except KeyNotFoundError:
-            raise _unknown_job(job_id) from None
+            record = await self.record_from_log(job_id)
         except (InvalidKeyError, ValueError):  # a key no job id can be
             raise _unknown_job(job_id) from None
-        assert entry.value is not None
-        record = decode(entry.value, JobRecord)
+        else:
+            assert entry.value is not None
+            record = decode(entry.value, JobRecord)
         if caller is not None and not caller.owns(record.caller):
+            raise _unknown_job(job_id)
+        return record
+
+    async def record_from_log(self, job_id: str) -> JobRecord:
+        """The record of a job that KV no longer holds (it ended longer ago than the records'
+        retention), made again from the job's log; a 404 when the log has no such job."""
+        try:
+            page = await job_log_raw(self.nc, self.subjects, job_id)
+        except LogQueryError as exc:
+            if exc.code != "not_found":
+                # Unknown as far as can be told now: only a job ended longer ago than the
+                # retention could be answered for, once a log sink answers again.
+                log.warning("job %s: not in KV, and its log cannot be read: %s", job_id, exc)
+            raise _unknown_job(job_id) from None
+        events = []
+        for raw in page.entries:
+            try:
+                events.append(decode_event(raw))
+            except ValueError as exc:
+                log.warning("job %s: an event of its log does not decode: %s", job_id, exc)
+        record = record_from_log(events)
+        if record is None:
             raise _unknown_job(job_id)
         return record
 

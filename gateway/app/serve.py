@@ -8,14 +8,17 @@ import logging
 import socket
 
 import uvicorn
+from nats.aio.client import Client
 from nats.js import JetStreamContext
 
 from gateway.api.app import create_app
 from gateway.api.services import Services
 from gateway.balancer.fleet import FleetView
 from gateway.balancer.role import Balancer
+from gateway.balancer.submit import UsedBefore
 from gateway.bus.connection import session
 from gateway.bus.contract import Subjects
+from gateway.logsink.client import LogQueryError, has_log
 from gateway.settings import Settings, SettingsError
 from gateway.storage import Storage
 from gateway.webhooks.worker import WebhookWorker
@@ -95,7 +98,11 @@ async def _serve(
     ) as nc:
         js = nc.jetstream()
         fleet = FleetView(nc, await js.key_value(subjects.servers_bucket), subjects)
-        balancer = Balancer(nc, fleet, settings) if with_balancer else None
+        balancer = (
+            Balancer(nc, fleet, settings, used_before=job_ids_used(nc, subjects))
+            if with_balancer
+            else None
+        )
         storage = storage_for(settings, js)
         services = Services(
             nc,
@@ -145,8 +152,23 @@ async def run_balancer(settings: Settings, url: str, stop: asyncio.Event) -> Non
     ) as nc:
         js = nc.jetstream()
         fleet = FleetView(nc, await js.key_value(subjects.servers_bucket), subjects)
-        balancer = Balancer(nc, fleet, settings)
+        balancer = Balancer(nc, fleet, settings, used_before=job_ids_used(nc, subjects))
         async with asyncio.TaskGroup() as tasks:
             fleet_task = tasks.create_task(fleet.run())
             await balancer.run(stop)
             fleet_task.cancel()
+
+
+def job_ids_used(nc: Client, subjects: Subjects) -> UsedBefore:
+    """Whether a job id chosen by a client was used by a job whose record has expired: asked
+    of the log sink, whose index keeps every job's id for the logs' retention."""
+
+    async def used(job_id: str) -> bool:
+        try:
+            return await has_log(nc, subjects, job_id)
+        except LogQueryError as exc:
+            # KV still refuses every id whose record is kept; only an expired one may slip by.
+            log.warning("job id %s: the log sink cannot tell whether it was used: %s", job_id, exc)
+            return False
+
+    return used

@@ -19,6 +19,7 @@ from typing import Final
 
 from nats.js.kv import KeyValue
 
+from gateway.balancer.expiry import EndedRecords
 from gateway.balancer.loadclock import LoadClock
 from gateway.balancer.placement import Requirements, requirements
 from gateway.balancer.queue import BoundJobs, PendingQueue
@@ -44,9 +45,12 @@ def backoff(tries: int) -> float:
 class JobBook:
     """The leader's records of open jobs, their indexes and what it remembers of each."""
 
-    def __init__(self, jobs_kv: KeyValue, publisher: EventPublisher) -> None:
+    def __init__(
+        self, jobs_kv: KeyValue, publisher: EventPublisher, *, ended: EndedRecords | None = None
+    ) -> None:
         self._kv = jobs_kv
         self._publisher = publisher
+        self._ended = ended
         self.records: dict[str, JobRecord] = {}
         self.bound = BoundJobs()  # kept by keep and forget
         self.queue = PendingQueue()
@@ -135,7 +139,11 @@ class JobBook:
         """Write `record` to KV, then keep it."""
         # KV first: a write that fails leaves memory as it was, so that the event, delivered
         # again, is applied again (and not taken for one already seen).
-        await self._kv.put(record.job_id, encode(record))
+        if record.status.terminal and self._ended is not None:
+            # Only an ended record expires: the book never loses an open job's.
+            await self._ended.put(record.job_id, encode(record))
+        else:
+            await self._kv.put(record.job_id, encode(record))
         self.keep(record)
 
     async def fail(self, record: JobRecord, code: str, message: str) -> None:

@@ -22,6 +22,7 @@ from nats.js.kv import KeyValue
 
 from gateway.balancer.binding import Binder
 from gateway.balancer.book import JobBook
+from gateway.balancer.expiry import EndedRecords
 from gateway.balancer.joblog import JobLog
 from gateway.balancer.lead import Lead
 from gateway.balancer.recording import Recorder
@@ -48,12 +49,18 @@ class Dispatcher:
         *,
         tick: float = 0.5,
         stale_grace: float = 3.0,
+        records_retention_s: float = 0.0,
     ) -> None:
         self._js = js
         self._subjects = subjects
         self._tick = tick
         self._wake = asyncio.Event()
-        self._book = JobBook(jobs_kv, publisher)
+        ended = (
+            EndedRecords(js, subjects.jobs_bucket, records_retention_s)
+            if records_retention_s > 0
+            else None
+        )
+        self._book = JobBook(jobs_kv, publisher, ended=ended)
         lead = Lead(
             nc=nc,
             js=js,

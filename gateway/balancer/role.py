@@ -16,7 +16,7 @@ from nats.aio.client import Client
 from gateway.balancer.dispatcher import Dispatcher
 from gateway.balancer.fleet import FleetView
 from gateway.balancer.idempotency import open_keys
-from gateway.balancer.submit import Submitter
+from gateway.balancer.submit import Submitter, UsedBefore
 from gateway.bus.contract import Subjects, new_id
 from gateway.bus.events import EventPublisher
 from gateway.bus.lease import hold_lease
@@ -29,8 +29,16 @@ log = logging.getLogger(__name__)
 class Balancer:
     """Submit service plus (when leading) the dispatcher, over one NATS connection."""
 
-    def __init__(self, nc: Client, fleet: FleetView, settings: Settings) -> None:
+    def __init__(
+        self,
+        nc: Client,
+        fleet: FleetView,
+        settings: Settings,
+        *,
+        used_before: UsedBefore | None = None,
+    ) -> None:
         self._nc = nc
+        self._used_before = used_before
         self._fleet = fleet
         self._settings = settings
         self._subjects = Subjects(settings.subject_prefix)
@@ -55,9 +63,16 @@ class Balancer:
             await open_keys(js, self._subjects, self._settings.idempotency_ttl_s),
             js,
             webhooks=self._webhooks,
+            used_before=self._used_before,
         )
         dispatcher = self.dispatcher = Dispatcher(
-            self._nc, js, jobs_kv, self._subjects, self._fleet.table, publisher
+            self._nc,
+            js,
+            jobs_kv,
+            self._subjects,
+            self._fleet.table,
+            publisher,
+            records_retention_s=self._settings.job_records_retention_s,
         )
         self._fleet.on_change(lambda _server_id: dispatcher.wake())
         subscription = await self.submitter.serve(self._nc)

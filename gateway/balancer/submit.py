@@ -11,6 +11,7 @@ import asyncio
 import logging
 import re
 import unicodedata
+from collections.abc import Awaitable, Callable
 from typing import Final
 
 from nats.aio.client import Client
@@ -134,6 +135,10 @@ class Refused(Exception):
         self.error = Error(code=code, message=message, details=details)
 
 
+# Whether a job id was used by a job whose record has expired (its log still names it).
+UsedBefore = Callable[[str], Awaitable[bool]]
+
+
 def check_request(request: JobRequest, servers: ServerTable) -> None:
     """Raise Refused if `request` cannot be accepted: every check of the submit path.
 
@@ -214,10 +219,12 @@ class Submitter:
         *,
         max_concurrent: int = 256,
         webhooks: WebhookPolicy | None = None,
+        used_before: UsedBefore | None = None,
     ) -> None:
         self._webhooks = webhooks
         self._js = js
         self._kv = jobs_kv
+        self._used_before = used_before
         self._subjects = subjects
         self._servers = servers
         self._publisher = publisher
@@ -284,6 +291,10 @@ class Submitter:
             request_hash=digest,
             batch_id=request.batch_id,
         )
+        # An ended job's record expires from KV; its id stays taken by its log.
+        used_before = self._used_before if request.job_id is not None else None
+        if used_before is not None and await used_before(job_id):
+            raise Refused("duplicate_job", f"job id {job_id!r} is already in use")
         try:
             await self._kv.create(job_id, encode(record))
         except KeyWrongLastSequenceError:

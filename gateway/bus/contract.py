@@ -743,7 +743,6 @@ class JobRecord(_Message, kw_only=True):
     batch_id: str | None = None
 
 
-
 class Webhook(msgspec.Struct, kw_only=True):
     """A job's webhook: the URL its events are POSTed to, and which event types."""
 
@@ -822,7 +821,6 @@ class WebhookAttempt(_Message, kw_only=True, tag="webhook_attempt", tag_field="t
     error: str | None = None
     ts: float
     next_attempt_at: float | None = None
-
 
 
 class IdempotencyEntry(_Message, kw_only=True):

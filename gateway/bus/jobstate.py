@@ -17,6 +17,7 @@ it, is the job's end: the log holds one end, whoever wrote it.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
 from typing import Final
 
 import msgspec
@@ -143,3 +144,14 @@ def ends_attempt(event: Event, attempt: int) -> bool:
     return isinstance(event, (Succeeded, Failed, Cancelled, Retried)) and (
         event.data.attempt == attempt
     )
+
+
+def record_from_log(events: Iterable[Event]) -> JobRecord | None:
+    """The record a job's whole log leads to (its events in any order); None without `queued`.
+
+    What the record in KV was, for a job whose record has expired (it ended long ago).
+    """
+    record: JobRecord | None = None
+    for event in sorted(events, key=lambda item: item.seq):
+        record = apply_event(record, event) or record
+    return record

@@ -45,7 +45,8 @@ def write_attempts(store: LogStore, raws: Sequence[bytes]) -> set[int]:
             parsed.append((position, parse_attempt(raw)))
         except ContractError as exc:
             log.error("dropping a message that is not a webhook attempt (%s): %.300r", exc, raw)
-    paths = store.index.job_paths(sorted({attempt.job_id for _, attempt in parsed}))
+    places = store.index.job_places(sorted({attempt.job_id for _, attempt in parsed}))
+    paths = {job_id: path for job_id, (path, _) in places.items()}
     held: set[int] = set()
     ready: list[WebhookAttempt] = []
     for position, attempt in parsed:

@@ -185,7 +185,27 @@ async def job_log(
     says how far it got). Raises LogQueryError with code `not_found` when the sink has no
     event of that job (after the wait, if any).
     """
-    entries: list[dict[str, Any]] = []
+    raw = await job_log_raw(
+        nc, subjects, job_id, timeout_s=timeout_s, at_least_seq=at_least_seq, wait_s=wait_s
+    )
+    entries: list[dict[str, Any]] = [msgspec.json.decode(entry) for entry in raw.entries]
+    entries.sort(key=lambda entry: int(entry.get("seq", 0)))
+    return JobLog(
+        job_id=job_id, log_file_path=raw.log_file_path, entries=entries, last_seq=raw.last_seq
+    )
+
+
+async def job_log_raw(
+    nc: Client,
+    subjects: Subjects,
+    job_id: str,
+    *,
+    timeout_s: float = 10.0,
+    at_least_seq: int = 0,
+    wait_s: float = 0.0,
+) -> JobLogPage:
+    """As `job_log`, but every page in one, with the events as the file holds them (JSON)."""
+    entries: list[msgspec.Raw] = []
     offset = 0
     while True:
         request = JobLogRequest(
@@ -197,14 +217,11 @@ async def job_log(
         within = timeout_s + (wait_s if offset == 0 else 0.0)
         data = await _request(nc, job_log_subject(subjects), msgspec.json.encode(request), within)
         page = msgspec.json.decode(data, type=JobLogPage)
-        entries.extend(msgspec.json.decode(raw) for raw in page.entries)
+        entries.extend(page.entries)
         if page.complete or page.next_offset <= offset:
             break
         offset = page.next_offset
-    entries.sort(key=lambda entry: int(entry.get("seq", 0)))
-    return JobLog(
-        job_id=job_id, log_file_path=page.log_file_path, entries=entries, last_seq=page.last_seq
-    )
+    return msgspec.structs.replace(page, entries=entries, next_offset=0, complete=True)
 
 
 async def logged_upto(
@@ -228,3 +245,8 @@ async def logged_upto(
             return 0
         raise
     return msgspec.json.decode(data, type=JobLogPage).last_seq
+
+
+async def has_log(nc: Client, subjects: Subjects, job_id: str) -> bool:
+    """Whether the log sink holds events of the job; LogQueryError when it cannot tell."""
+    return await logged_upto(nc, subjects, job_id, 0, wait_s=0.0) > 0

@@ -42,3 +42,15 @@ class SinkConfig(msgspec.Struct, frozen=True, kw_only=True):
     # The system's own reads (a job's log, the job list): a pool of their own, never behind SQL.
     read_workers: int = 2
     read_timeout_s: float = 10.0
+    # Retention: a job whose last event is older than this loses its log file and index rows
+    # (0: never). Looked for every `prune_every_s`, at most `prune_jobs` jobs per pass, so a
+    # pass never holds the writer for long (passes follow each other while there are more).
+    retention_s: float = 0.0
+    prune_every_s: float = 600.0
+    prune_jobs: int = 5_000
+    # Warn when DuckDB uses this share of its memory limit, or the data folder's file system
+    # has less than this share (or `min_free_bytes`) free; looked at every `watch_every_s`.
+    warn_memory_share: float = 0.8
+    warn_free_share: float = 0.05
+    min_free_bytes: int = 1024**3
+    watch_every_s: float = 60.0

@@ -7,12 +7,17 @@ batches of up to `batch_size`, lingering `linger_s` after the first event for mo
 Events are acknowledged one by one (AckExplicit), and only after they are stored: with AckAll
 a restarted sink acknowledging new events would also acknowledge those its predecessor had
 received but not stored.
+
+The consumer is made anew at each start, from just after the position the index records
+(store.py): so events come in stream order from there, none left pending by a sink that died
+and held back until its acknowledgement wait runs out.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import time
 from typing import Any, Final
@@ -22,6 +27,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext, api
+from nats.js.errors import NotFoundError
 
 from gateway.bus.contract import Subjects
 from gateway.logsink.config import SinkConfig
@@ -33,12 +39,14 @@ _HEARTBEAT: Final = "100"
 _encoder: Final = msgspec.json.Encoder()
 
 
-def consumer_config(subjects: Subjects, config: SinkConfig) -> api.ConsumerConfig:
-    """The sink's durable consumer: every event from the start, explicit acks, no expiry."""
+def consumer_config(subjects: Subjects, config: SinkConfig, after: int = 0) -> api.ConsumerConfig:
+    """The sink's durable consumer: every event after stream sequence `after`, explicit acks,
+    no expiry."""
     return api.ConsumerConfig(
         durable_name=config.durable,
         description="ComfyAutomate log sink: every event into JSONL files and the DuckDB index",
-        deliver_policy=api.DeliverPolicy.ALL,
+        deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE if after else api.DeliverPolicy.ALL,
+        opt_start_seq=after + 1 if after else None,
         ack_policy=api.AckPolicy.EXPLICIT,
         ack_wait=config.ack_wait_s,
         max_deliver=-1,
@@ -66,11 +74,13 @@ class EventPuller:
         # Open pull requests, oldest first: [expiry (monotonic), events still to come].
         self._requests: collections.deque[list[float]] = collections.deque()
 
-    async def start(self) -> None:
-        """Create (or update) the durable consumer and start receiving."""
-        await self._js.add_consumer(
-            self._subjects.events_stream, consumer_config(self._subjects, self._config)
-        )
+    async def start(self, after: int) -> None:
+        """Make the durable consumer anew, from just after stream sequence `after`, and start
+        receiving."""
+        stream = self._subjects.events_stream
+        with contextlib.suppress(NotFoundError):
+            await self._js.delete_consumer(stream, self._config.durable)
+        await self._js.add_consumer(stream, consumer_config(self._subjects, self._config, after))
         self._sub = await self._nc.subscribe(
             self._inbox,
             cb=self._on_message,

@@ -162,6 +162,14 @@ class JsonlFiles:
         if created_any:
             fsync_dir(self.folder)
 
+    def delete(self, rels: list[str]) -> None:
+        """Delete these log files (closed first if open)."""
+        for rel in rels:
+            fd = self._fds.pop(rel, None)
+            if fd is not None:
+                os.close(fd)
+            self.absolute(rel).unlink(missing_ok=True)
+
     def undo(self, undo: list[Undo]) -> None:
         """Cut files back to where an append found them; JsonlError if that fails."""
         try:

@@ -54,7 +54,8 @@ def reconcile(store: LogStore) -> RecoveryStats:
         size = entry.stat().st_size
         if size == done:
             continue
-        if size < done:
+        reread = size < done
+        if reread:
             log.warning("%s is shorter than its indexed part; indexing it again", entry.path)
             done = 0
         stats.files_read += 1
@@ -63,9 +64,10 @@ def reconcile(store: LogStore) -> RecoveryStats:
             # Only an unfinished line was there: the job's first event will come again.
             Path(entry.path).unlink()
             continue
+        records: list[tuple[str, EventRecord]] = []
         for line, end in lines:
             try:
-                record = parse_event(line, end)
+                records.append((rel, parse_event(line, end)))
             except ContractError as exc:
                 try:
                     # A webhook attempt's line; its job's events come before it in the file.
@@ -73,13 +75,22 @@ def reconcile(store: LogStore) -> RecoveryStats:
                 except ContractError:
                     stats.lines_rejected += 1
                     log.error("%s: a line at byte %d is not an event: %s", entry.path, end, exc)
-                continue
-            pending.append((rel, record))
-            pending_bytes += len(line)
+        if reread:
+            # Its events are in the index already, as far as it went: looked up by id.
+            stats.events_indexed += store.index_lines(pending)
+            stats.events_indexed += store.index_lines(records, check_ids=True)
+            index_attempt_lines(store, attempts)
+            pending, attempts, pending_bytes = [], [], 0
+            continue
+        for item in records:
+            pending.append(item)
+            pending_bytes += len(item[1].line)
             if len(pending) >= _BATCH_EVENTS or pending_bytes >= _BATCH_BYTES:
                 stats.events_indexed += store.index_lines(pending)
-                index_attempt_lines(store, attempts)
-                pending, attempts, pending_bytes = [], [], 0
+                pending, pending_bytes = [], 0
+        if not pending:
+            index_attempt_lines(store, attempts)  # their jobs' events are indexed
+            attempts = []
     stats.events_indexed += store.index_lines(pending)
     index_attempt_lines(store, attempts)
     if stats.files_read:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from typing import Final
 
-TABLES: Final = (
-    """
-    CREATE TABLE IF NOT EXISTS events (
-        event_id VARCHAR PRIMARY KEY,
+# `events` has no key on purpose: a key is an index DuckDB keeps in memory, ~74 bytes an event,
+# so it would outgrow any memory limit; duplicates are told by stream position instead (see
+# `sink_position` and store.py).
+EVENTS_TABLE: Final = """
+    CREATE TABLE IF NOT EXISTS {name} (
+        event_id VARCHAR NOT NULL,
         job_id VARCHAR NOT NULL,
         seq BIGINT NOT NULL,
         ts TIMESTAMP NOT NULL,
@@ -15,6 +17,19 @@ TABLES: Final = (
         server_id VARCHAR,
         node_id VARCHAR,
         data JSON
+    )
+"""
+
+TABLES: Final = (
+    EVENTS_TABLE.format(name="events"),
+    # How far into the EVENTS stream the index holds every event, committed in the same
+    # transaction as the rows: one row, for the stream of that name made at that time (see
+    # store.py).
+    """
+    CREATE TABLE IF NOT EXISTS sink_position (
+        stream VARCHAR NOT NULL,
+        stream_created VARCHAR NOT NULL,
+        upto BIGINT NOT NULL
     )
     """,
     # duration_s and queue_wait_s are computed, so a merge of the other columns keeps them right.
@@ -163,17 +178,20 @@ SCOPED_NAMES: Final = ("events", "jobs", "webhook_deliveries", *VIEW_NAMES)
 # Epoch seconds (DOUBLE) to a UTC TIMESTAMP without depending on the session's time zone.
 _TS = "make_timestamp(CAST(round({0} * 1e6) AS BIGINT))"
 
-# A batch of events as one JSON array of the events exactly as received; DuckDB parses it in one
-# go (about 100x faster than a row at a time). Duplicates by event_id are skipped, and RETURNING
-# tells the caller which events are new, i.e. which lines the JSONL files still need.
+# A batch of new events as one JSON array of the events exactly as received; DuckDB parses it in
+# one go (about 100x faster than a row at a time). The caller has left out the duplicates.
 INSERT_EVENTS: Final = f"""
     INSERT INTO events
     SELECT e->>'$.event_id', e->>'$.job_id', CAST(e->>'$.seq' AS BIGINT),
            {_TS.format("CAST(e->>'$.ts' AS DOUBLE)")},
            e->>'$.type', e->>'$.server_id', e->>'$.data.node_id', e->'$.data'
     FROM (SELECT unnest(from_json($1, '["JSON"]')) AS e)
-    ON CONFLICT DO NOTHING
-    RETURNING event_id
+"""
+
+# Which of these event ids the index holds: a scan of the whole column, for the few batches after
+# a crash whose events may be in the index already (store.py).
+KNOWN_EVENT_IDS: Final = """
+    SELECT DISTINCT event_id FROM events WHERE event_id IN (SELECT unnest($1::VARCHAR[]))
 """
 
 _DELTA_TYPES: Final = {

@@ -19,6 +19,7 @@ from types import TracebackType
 from typing import TypeVar
 
 import duckdb
+import msgspec
 import nats.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
@@ -33,10 +34,12 @@ from gateway.logsink.config import SinkConfig
 from gateway.logsink.consumer import EventPuller
 from gateway.logsink.jsonl import JsonlError
 from gateway.logsink.pools import QueryPool
+from gateway.logsink.position import settle_position, stream_state
 from gateway.logsink.rebuild import reconcile
 from gateway.logsink.service import LogService
 from gateway.logsink.store import BatchStats, LogStore
 from gateway.logsink.tenancy import catalog_of
+from gateway.logsink.upkeep import Upkeep
 from gateway.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -67,9 +70,11 @@ class LogSink:
         self._stopping = asyncio.Event()
         self._store: LogStore | None = None
         self._service: LogService | None = None
+        self.upkeep: Upkeep | None = None
         self._puller: EventPuller | None = None
         self._task: asyncio.Task[None] | None = None
         self._acked_upto = 0
+        self._gave_up = False  # a batch was left unstored while stopping: store no more
         self._progress = asyncio.Condition()
         self.events_written = 0
         self.events_duplicate = 0
@@ -98,6 +103,8 @@ class LogSink:
         self._store = store = await self._in_writer(lambda: LogStore(self.data_dir, config))
         # Lines a crash left in the files but not in the index go in before any redelivery.
         await self._in_writer(lambda: reconcile(store))
+        state = await stream_state(self._js, self._subjects, config.durable)
+        upto = await self._in_writer(lambda: settle_position(store, state))
         self._service = LogService(
             self._nc,
             self._subjects,
@@ -111,10 +118,10 @@ class LogSink:
             data_dir=self.data_dir,
             config=config,
         )
+        self.upkeep = Upkeep(store, config, self.data_dir, self._in_writer)
         self._puller = EventPuller(self._nc, self._js, self._subjects, config)
-        await self._puller.start()
-        info = await self._js.consumer_info(self._subjects.events_stream, config.durable)
-        self._acked_upto = info.ack_floor.stream_seq or 0
+        await self._puller.start(after=upto)
+        self._acked_upto = upto
         self._task = asyncio.create_task(self._run(), name="logsink")
         log.info("log sink running: data in %s", self.data_dir.resolve())
 
@@ -136,11 +143,12 @@ class LogSink:
         return self._service.reads
 
     async def _run(self) -> None:
-        assert self._service is not None
+        assert self._service is not None and self.upkeep is not None
         async with asyncio.TaskGroup() as tasks:
             tasks.create_task(self._consume())
             tasks.create_task(self._consume_attempts())
             tasks.create_task(self._service.run(self._stopping))
+            tasks.create_task(self.upkeep.run(self._stopping))
 
     async def wait(self, stop: asyncio.Event) -> None:
         """Run until `stop` is set; raise if the sink fails first."""
@@ -205,6 +213,11 @@ class LogSink:
                     acking = await self._store_then_ack(batch, acking)
             held = await puller.stop()
             for start in range(0, len(held), self.config.batch_size):
+                if self._gave_up:
+                    # Once a batch is not stored, nothing after it may be, or the index's
+                    # position would pass it; they all come again at the next start.
+                    log.warning("stopping with %d more events not stored", len(held) - start)
+                    break
                 part = held[start : start + self.config.batch_size]
                 acking = await self._store_then_ack(part, acking)
         finally:
@@ -229,16 +242,18 @@ class LogSink:
         store = self._store
         assert store is not None
         raws = [msg.data for msg in batch]
+        seqs = [msg.metadata.sequence.stream for msg in batch]
         delay = self.config.retry_min_s
         while True:
             try:
-                return await self._in_writer(lambda: store.write_batch(raws))
+                return await self._in_writer(lambda: store.write_batch(raws, seqs))
             except (JsonlError, duckdb.FatalException):
                 raise
             except Exception:
                 log.exception("storing %d events failed; trying again in %.1f s", len(raws), delay)
             if self._stopping.is_set():
                 log.warning("stopping with %d events not stored; they come again", len(raws))
+                self._gave_up = True
                 return None
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(delay):
@@ -320,6 +335,10 @@ async def run_logsink(
     when given (`up` shares its connection), else connects to settings.nats_url.
     """
     subjects = Subjects(settings.subject_prefix)
+    if settings.logs_retention_s > 0:
+        config = msgspec.structs.replace(
+            config or SinkConfig(), retention_s=settings.logs_retention_s
+        )
     own = nc is None
     client = nc if nc is not None else await _connect(settings)
     try:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -79,9 +79,16 @@ class Entry:
 class PromptIndex:
     """The native prompts of every caller, kept current from the two KV buckets."""
 
-    def __init__(self, prompts_kv: KeyValue, jobs_kv: KeyValue) -> None:
+    def __init__(
+        self,
+        prompts_kv: KeyValue,
+        jobs_kv: KeyValue,
+        expired: Callable[[str], Awaitable[JobRecord | None]] | None = None,
+    ) -> None:
         self._prompts_kv = prompts_kv
         self._jobs_kv = jobs_kv
+        # The record of a job that KV no longer holds (ended long ago), from its log.
+        self._expired = expired
         self._entries: dict[str, Entry] = {}
         # Per caller, its ended prompts (a dict for its order and O(1) removal).
         self._finished_by: dict[str, dict[str, None]] = {}
@@ -202,7 +209,11 @@ class PromptIndex:
             async with self._reads:
                 found = await self._jobs_kv.get(prompt_id)
         except KeyNotFoundError:
-            return  # not written yet: the live updates will bring it
+            # Not written yet (the live updates will bring it), or expired: then its log tells.
+            expired = await self._expired(prompt_id) if self._expired is not None else None
+            if expired is not None:
+                self.on_record(expired)
+            return
         except Exception:
             # Transient (a reconnect, a time-out): the next resync reads it again.
             log.warning("cannot read the record of prompt %s now", prompt_id, exc_info=True)

@@ -75,6 +75,8 @@ class Gateway(Protocol):
 
     async def wait_logged(self, record: JobRecord) -> bool: ...
 
+    async def record_from_log(self, job_id: str) -> JobRecord: ...
+
 
 class NativeService:
     """The state behind the ComfyUI-compatible API in one gateway."""
@@ -83,7 +85,7 @@ class NativeService:
         self._services = services
         self.settings = services.settings
         self._kv = prompts_kv
-        self.index = PromptIndex(prompts_kv, services.jobs_kv)
+        self.index = PromptIndex(prompts_kv, services.jobs_kv, self._expired_record)
         self.reader = HistoryReader(services.js, services.subjects)
         self.hub = SocketHub(
             services.nc, services.subjects, self.index, self.reader, services.storage
@@ -278,6 +280,13 @@ class NativeService:
                 await self._kv.delete(entry.prompt_id)
 
     # -- lifecycle ---------------------------------------------------------------------------
+
+    async def _expired_record(self, job_id: str) -> JobRecord | None:
+        """The record of a prompt's job that has left KV, from its log; None if it has none."""
+        try:
+            return await self._services.record_from_log(job_id)
+        except ApiError:
+            return None
 
     async def close(self) -> None:
         await self.hub.close()
