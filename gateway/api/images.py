@@ -46,7 +46,12 @@ def parse_range(header: str, size: int) -> tuple[int, int] | None:
     return start, end
 
 
-@get("/images/{key:path}", tags=["images"], responses=error_responses(404, 416, 503))
+@get(
+    "/images/{key:path}",
+    tags=["images"],
+    media_type="application/octet-stream",
+    responses=error_responses(404, 416, 503),
+)
 async def image(
     key: FromPath[str], services: ServicesDep, request: Request[Any, Any, Any]
 ) -> Response[Any]:
