@@ -80,19 +80,31 @@ async def test_a_job_shows_live_on_the_queue_then_on_its_page_with_its_image(
     await screenshot(page, "job")
 
 
-async def test_cancel_on_the_queue_page_cancels_the_running_job(
+async def test_the_queue_says_why_a_job_waits_and_its_cancel_buttons_cancel(
     dashboard: Dashboard, page: Page
 ) -> None:
     await page.goto(f"{dashboard.url}/#/queue")
-    job_id = await submit(dashboard.url, hold("dash-cancel"), server="gpu1")
-    row = page.locator(f"tr[data-job='{job_id}']")
+    # gpu1 takes two jobs at once (its capacity): the third one pinned to it waits.
+    running, bound, waiting = [
+        await submit(dashboard.url, hold(f"dash-cancel-{n}"), server="gpu1") for n in range(3)
+    ]
+    row = page.locator(f"tr[data-job='{running}']")
     await expect(row).to_have_attribute("data-status", "running", timeout=WAIT_MS)
     # Node by node: the node running now and how many are done, from the job's own events.
     await expect(row.locator("[data-node]")).to_contain_text("ImageBlur", timeout=WAIT_MS)
+    pending = page.locator(f"tr[data-job='{waiting}']")
+    await expect(pending).to_have_attribute("data-status", "queued", timeout=WAIT_MS)
+    await expect(pending.locator(".reason")).to_contain_text(
+        "every healthy server is full (2 of 2 slots busy)", timeout=WAIT_MS
+    )
     await screenshot(page, "queue")
-    await row.locator("button[data-action='cancel']").click()
-    await expect(row).to_have_attribute("data-status", "cancelled", timeout=WAIT_MS)
-    assert (await result(dashboard.url, job_id))["status"] == "cancelled"
+    for job_id in (waiting, running):
+        job_row = page.locator(f"tr[data-job='{job_id}']")
+        await job_row.locator("button[data-action='cancel']").click()
+        await expect(job_row).to_have_attribute("data-status", "cancelled", timeout=WAIT_MS)
+        assert (await result(dashboard.url, job_id))["status"] == "cancelled"
+    async with httpx.AsyncClient(base_url=dashboard.url) as client:
+        assert (await client.post(f"/workflow/cancel/{bound}")).status_code in (200, 409)
 
 
 async def test_the_sql_box_runs_a_saved_query_and_a_typed_one(

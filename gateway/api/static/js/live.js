@@ -2,7 +2,7 @@
 //
 // Every page sees the same shape, a "change":
 //   {job_id, type, status, server_id, ts, attempt, node_id, class_type, value, max,
-//    nodes, error, outputs}
+//    nodes, pinned, error, outputs}
 // where `type` is the event's (queued, dispatched, running, node_started, node_progress,
 // node_cached, retried, succeeded, failed, cancelled, ...) and `status` what it makes the job.
 //
@@ -56,8 +56,9 @@ export function fromJobEvent(event) {
     error: event.type === "failed" ? data : null,
     outputs: event.type === "succeeded" ? data.outputs || [] : null,
   };
-  if (event.type === "queued" && data.request && data.request.workflow) {
-    change.nodes = Object.keys(data.request.workflow).length;
+  if (event.type === "queued" && data.request) {
+    change.nodes = Object.keys(data.request.workflow || {}).length;
+    change.pinned = data.request.server || null;
   }
   if (event.type === "node_cached") change.cached = data.node_ids || [];
   return change;
@@ -80,6 +81,7 @@ export function fromFleetEvent(data) {
     value: data.value ?? node.value ?? null,
     max: data.max ?? node.max ?? null,
     nodes: data.nodes ?? data.node_count ?? null,
+    pinned: data.pinned ?? data.request?.server ?? null,
     error: data.error ?? null,
     outputs: data.outputs ?? null,
     cached: data.node_ids ?? null,

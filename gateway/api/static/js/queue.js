@@ -12,8 +12,12 @@ const RECENT_ENDS = 25;
  * Why a queued job waits, as far as the fleet's health tells: the balancer binds a job only to
  * a healthy server below its capacity (the same rule as `submit --wait`).
  */
-export function waitingReason(servers) {
+export function waitingReason(servers, pinned = null) {
   if (!servers) return "…";
+  if (pinned) {
+    servers = servers.filter((s) => s.server_id === pinned);
+    if (!servers.length) return `server ${pinned} is not registered`;
+  }
   if (!servers.length) return "no server is registered";
   const healthy = servers.filter((s) => s.status === "healthy");
   if (!healthy.length) {
@@ -59,6 +63,7 @@ class Board {
     if (change.status) job.status = change.status;
     if (change.server_id) job.server_id = change.server_id;
     if (change.nodes) job.nodes = change.nodes;
+    if (change.pinned) job.pinned = change.pinned;
     if (change.type === "queued" && change.ts) job.submitted_at = job.submitted_at || change.ts;
     if (change.type === "running" || change.type === "retried") job.done = new Set();
     if (change.type === "running") job.started = change.ts;
@@ -160,7 +165,6 @@ export async function render(root, { signal }) {
     scheduled = true;
     requestAnimationFrame(() => {
       scheduled = false;
-      const reason = waitingReason(servers);
       const byAge = (a, b) => (epoch(b.submitted_at) ?? 0) - (epoch(a.submitted_at) ?? 0);
       show(
         pending,
@@ -168,7 +172,11 @@ export async function render(root, { signal }) {
         table(
           ["Job", "Submitted", "Why it waits", ""],
           board.byStatus(new Set(["queued"])).sort(byAge).map((job) =>
-            rowOf(job, [jobLink(job.job_id), ago(job.submitted_at), reason], button("Cancel", "cancel", job, onCancel)),
+            rowOf(
+              job,
+              [jobLink(job.job_id), ago(job.submitted_at), h("span", { class: "reason" }, waitingReason(servers, job.pinned))],
+              button("Cancel", "cancel", job, onCancel),
+            ),
           ),
           "Nothing waits.",
         ),
