@@ -78,6 +78,12 @@ async def test_a_job_shows_live_on_the_queue_then_on_its_page_with_its_image(
     assert any("succeeded" in label for label in labels), labels
     await expect(page.locator("#log tbody tr").last).to_contain_text("succeeded")
     await screenshot(page, "job")
+    # Retry runs the same request again as a new job, and opens that job's page.
+    await page.locator("button[data-action='retry']").click()
+    await expect(page.locator("#job-id")).not_to_have_text(job_id, timeout=WAIT_MS)
+    again = await page.locator("#job-id").inner_text()
+    assert (await result(dashboard.url, again))["status"] == "succeeded"
+    await expect(page.locator("#outputs img")).to_have_count(1, timeout=WAIT_MS)
 
 
 async def test_the_queue_says_why_a_job_waits_and_its_cancel_buttons_cancel(
