@@ -116,7 +116,13 @@ async def test_the_queue_says_why_a_job_waits_and_its_cancel_buttons_cancel(
 async def test_the_sql_box_runs_a_saved_query_and_a_typed_one(
     dashboard: Dashboard, page: Page
 ) -> None:
-    await result(dashboard.url, await submit(dashboard.url, tiny("dash-sql")))
+    # A newcomer's first job: the sample, submitted from the queue page.
+    await page.goto(f"{dashboard.url}/#/queue")
+    await page.locator("#load-sample").click()
+    await page.locator("#submit-workflow").click()
+    job_link = page.locator("form a.mono")
+    await expect(job_link).to_have_count(1, timeout=WAIT_MS)
+    assert (await result(dashboard.url, await job_link.inner_text()))["status"] == "succeeded"
     await page.goto(f"{dashboard.url}/#/logs")
     await page.get_by_role("button", name="Jobs per hour").click()
     await expect(page.locator("#results th").first).to_have_text("hour", timeout=WAIT_MS)

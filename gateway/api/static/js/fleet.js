@@ -111,7 +111,11 @@ export async function render(root, { signal }) {
     try {
       const servers = await get("/servers", { signal });
       const healthy = servers.filter((s) => s.status === "healthy").length;
-      summary.textContent = `${servers.length} servers, ${healthy} healthy`;
+      show(
+        summary,
+        `${servers.length} servers, ${healthy} healthy · `,
+        h("a", { href: "#/queue" }, "run a workflow and watch it on the Queue page"),
+      );
       show(
         table,
         servers.length

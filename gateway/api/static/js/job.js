@@ -236,6 +236,11 @@ export async function render(root, { signal, params }) {
     return;
   }
   if (ENDS.has(status.status)) return;
+  // The job's record trails its log: the log may hold the end already, and nothing follows it.
+  if (entries.some((event) => ENDS.has(event.type))) {
+    await load(true);
+    return;
+  }
   // Live until it ends: each new event extends the timeline and the log.
   const seen = new Set(entries.map((e) => e.seq));
   const after = entries.length ? Math.max(...seen) : null;

@@ -4,6 +4,7 @@ import { cancelJob, retryJob } from "./actions.js";
 import { get } from "./api.js";
 import { ago, badge, epoch, h, note, seconds, show } from "./dom.js";
 import { ENDS, watchJobs } from "./live.js";
+import { submitCard } from "./submit.js";
 
 const SERVERS_MS = 3000;
 const RECENT_ENDS = 25;
@@ -229,7 +230,11 @@ export async function render(root, { signal }) {
       if (!signal.aborted) say(error.message, "error");
     }
   };
-  show(root, h("h1", {}, "Queue"), message, pending, running, ended);
+  const submitted = (jobId) => {
+    board.apply({ job_id: jobId, type: "queued", status: "queued", ts: Date.now() / 1000 });
+    draw();
+  };
+  show(root, h("h1", {}, "Queue"), message, pending, running, ended, submitCard(submitted));
   draw();
   await refreshServers();
   const timer = setInterval(refreshServers, SERVERS_MS);
