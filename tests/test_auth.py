@@ -97,6 +97,21 @@ async def test_health_metrics_and_schema_need_no_key(keyed_gateway: str) -> None
         assert (await client.get("/schema/openapi.json")).status_code == 200
 
 
+async def test_the_dashboard_and_its_files_need_no_key_and_hold_no_data(
+    keyed_gateway: str,
+) -> None:
+    async with httpx.AsyncClient(base_url=keyed_gateway) as client:
+        page = await client.get("/")
+        assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+        assert "script-src 'self'" in page.headers["content-security-policy"]
+        script = await client.get("/static/js/app.js")
+        assert script.status_code == 200
+        assert script.headers["content-type"].startswith("text/javascript")
+        # What the files lead to still needs the key; a path cannot leave the files' folder.
+        assert (await client.get("/static/../servers")).status_code in (401, 404)
+        assert (await client.get("/static/%2e%2e/auth.py")).status_code == 404
+
+
 async def test_the_event_websocket_needs_a_key(keyed_gateway: str) -> None:
     ws_url = keyed_gateway.replace("http://", "ws://") + "/workflow/events/nosuchjob/ws"
     with pytest.raises(websockets.InvalidStatus):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import httpx
 
 TINY = {
@@ -37,6 +39,38 @@ async def test_health_schema_and_metrics(gateway: str) -> None:
         metrics = await client.get("/metrics")
         assert metrics.status_code == 200
         assert "comfyautomate_events_stored" in metrics.text
+
+
+async def test_the_openapi_document_describes_each_route_and_its_ui_loads_nothing_from_afar(
+    gateway: str,
+) -> None:
+    async with httpx.AsyncClient(base_url=gateway) as client:
+        document = (await client.get("/schema/openapi.json")).json()
+        swagger = await client.get("/schema/swagger")
+        assets = re.findall(r"(?:src|href)=[\"']([^\"']+)", swagger.text)
+        # The docs UI's scripts, styles and icon are the gateway's own (nothing else is asked).
+        assert assets and all(asset.startswith("/static/") for asset in assets), assets
+        loaded = [(await client.get(asset)).status_code for asset in assets]
+    paths = document["paths"]
+    # Summaries and descriptions come from the handlers' docstrings, not their names.
+    submit = paths["/workflow/submit"]["post"]
+    assert submit["summary"] == "Queue a workflow and answer at once with the job id"
+    assert submit["description"].startswith(submit["summary"])
+    # A stream is typed as one, a file as bytes.
+    events = paths["/workflow/events/{job_id}"]["get"]["responses"]["200"]["content"]
+    assert list(events) == ["text/event-stream"]
+    for path in ("/images/{key}", "/view"):
+        content = paths[path]["get"]["responses"]["200"]["content"]
+        binary = {"type": "string", "format": "binary"}
+        assert content == {"application/octet-stream": {"schema": binary}}, path
+    # ComfyUI's own routes, in their own tag, each listed once (not again under /api).
+    assert paths["/prompt"]["post"]["tags"] == ["comfyui"]
+    assert "comfyui" in [tag["name"] for tag in document["tags"]]
+    assert not [path for path in paths if path.startswith("/api/")]
+    # The key schemes are described even on an open gateway; probes need none.
+    assert set(document["components"]["securitySchemes"]) == {"bearer", "apiKey"}
+    assert paths["/health"]["get"]["security"] == []
+    assert set(loaded) == {200}
 
 
 async def test_a_ui_format_workflow_is_refused_with_advice(gateway: str) -> None:

@@ -113,6 +113,12 @@ def test_quick_start_runs_verbatim_and_up_stops_cleanly(
     assert any("nats-server" in _cmdline(pid) for pid in descendants)
     import httpx
 
+    # The line after the address: where a person opens the dashboard.
+    assert process.stdout is not None
+    assert process.stdout.readline().split() == ["dashboard:", f"{url}/"]
+    page = httpx.get(f"{url}/", timeout=10)
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+
     servers = httpx.get(f"{url}/servers", timeout=10).json()
     sim_address = servers[0]["address"]
     run = subprocess.run(

@@ -6,19 +6,19 @@ from litestar import Litestar
 from litestar.config.response_cache import ResponseCacheConfig
 from litestar.datastructures import MutableScopeHeaders, State
 from litestar.di import Provide
-from litestar.openapi import OpenAPIConfig
-from litestar.openapi.plugins import SwaggerRenderPlugin
 from litestar.types import BeforeMessageSendHookHandler, Message, Scope
 
-from gateway.api.auth import ApiKeyGuard, caller_secret, check_settings, openapi_security
+from gateway.api.auth import ApiKeyGuard, caller_secret, check_settings
 from gateway.api.batchroutes import BatchController
 from gateway.api.bodies import reject_deep_json
+from gateway.api.dashboard import dashboard_page, static_files
 from gateway.api.errors import EXCEPTION_HANDLERS, refuse_websockets_over_http
 from gateway.api.fleetevents import fleet_event_stream
 from gateway.api.images import image
 from gateway.api.limits import STATE_KEY, Limits, RateLimited, rate_limited, too_large
 from gateway.api.logs import job_logs, logs_query, recent_jobs
 from gateway.api.native.routes import NATIVE_ROUTES
+from gateway.api.openapi import openapi_config, refine_openapi
 from gateway.api.servers import SYSTEM_HEADER, ServerController
 from gateway.api.services import Services
 from gateway.api.signing import SIGNER_STATE, UrlSigner
@@ -28,7 +28,8 @@ from gateway.api.workflows import WorkflowController, job_events_ws
 
 
 def create_app(services: Services) -> Litestar:
-    """The REST API over `services`; OpenAPI at /schema, a docs UI at /schema/swagger.
+    """The REST API over `services`; the dashboard at /, OpenAPI at /schema, a docs UI at
+    /schema/swagger.
 
     Raises SettingsError when the settings cannot be served safely: an open API (no
     `api_keys`) on a host beyond loopback, a malformed key, a limit out of range.
@@ -37,7 +38,6 @@ def create_app(services: Services) -> Litestar:
     keys = check_settings(settings)
     signer = UrlSigner.from_settings(settings, caller_secret)
     limits = Limits(settings)
-    components, security = openapi_security(keys)
     guards = [ApiKeyGuard(keys)]
     return Litestar(
         route_handlers=[
@@ -54,6 +54,8 @@ def create_app(services: Services) -> Litestar:
             health,
             metrics,
             *NATIVE_ROUTES,
+            dashboard_page,
+            static_files(),
         ],
         dependencies={"services": Provide(lambda: services, sync_to_thread=False)},
         guards=guards,
@@ -66,15 +68,8 @@ def create_app(services: Services) -> Litestar:
         },
         request_max_body_size=limits.max_body_bytes,
         state=State({STATE_KEY: limits, SIGNER_STATE: signer}),
-        openapi_config=OpenAPIConfig(
-            title="ComfyAutomate",
-            version="0.1.0",
-            description="Run ComfyUI workflows across a fleet of GPU servers.",
-            path="/schema",
-            render_plugins=[SwaggerRenderPlugin()],
-            components=components,
-            security=security,
-        ),
+        openapi_config=openapi_config(keys),
+        on_startup=[refine_openapi],
         response_cache_config=ResponseCacheConfig(),
         before_send=[_mark_as_this_system(services)],
         # The process sets up logging once for every role; Litestar must not add its own.

@@ -50,10 +50,11 @@ _DIGEST = re.compile(r"[0-9a-f]{64}")
 _ROLED = re.compile(r"(admin|user)(?:/([^@]*))?@(.+)", re.DOTALL)
 # Names become caller ids, storage key parts and SQL literals: a closed, quote-free alphabet.
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
-# Liveness, Prometheus scraping and the API description answer without a key: probes and
-# scrapers rarely carry credentials, and none of them reveals jobs, servers or outputs.
-PUBLIC_PATHS: Final = frozenset({"/health", "/metrics"})
-PUBLIC_PREFIX: Final = "/schema"
+# Liveness, Prometheus scraping, the API description and the dashboard's files answer without
+# a key: probes and scrapers rarely carry credentials, the dashboard asks for one itself, and
+# none of them reveals jobs, servers or outputs.
+PUBLIC_PATHS: Final = frozenset({"/health", "/metrics", "/"})
+PUBLIC_PREFIXES: Final = ("/schema", "/static")
 # Where the guard leaves who the caller is (the connection's state), for handlers and limits.
 CALLER_STATE: Final = "comfyautomate_caller"
 
@@ -242,10 +243,8 @@ def presented_key(connection: ASGIConnection[Any, Any, Any, Any]) -> str | None:
 def _is_public(connection: ASGIConnection[Any, Any, Any, Any]) -> bool:
     # The matched route's template, not the raw path: `/schema/../workflow/submit` cannot pass.
     template = str(connection.scope.get("path_template", ""))
-    return (
-        template in PUBLIC_PATHS
-        or template == PUBLIC_PREFIX
-        or template.startswith(PUBLIC_PREFIX + "/")
+    return template in PUBLIC_PATHS or any(
+        template == prefix or template.startswith(prefix + "/") for prefix in PUBLIC_PREFIXES
     )
 
 
@@ -305,11 +304,19 @@ async def admin_only(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRout
 
 
 def openapi_security(keys: Keys) -> tuple[Components, list[SecurityRequirement]]:
-    """The key schemes for /schema, so the docs UI can send a key; none when the API is open."""
-    if not keys.entries:
-        return Components(), []
+    """The key schemes for /schema, so the docs UI can send a key; required only with keys."""
     schemes: dict[str, SecurityScheme | Any] = {
-        "bearer": SecurityScheme(type="http", scheme="bearer"),
-        "apiKey": SecurityScheme(type="apiKey", name="X-API-Key", security_scheme_in="header"),
+        "bearer": SecurityScheme(
+            type="http",
+            scheme="bearer",
+            description="`Authorization: Bearer KEY`, needed when the gateway has api_keys",
+        ),
+        "apiKey": SecurityScheme(
+            type="apiKey",
+            name="X-API-Key",
+            security_scheme_in="header",
+            description="`X-API-Key: KEY`, the same keys as bearer",
+        ),
     }
-    return Components(security_schemes=schemes), [{"bearer": []}, {"apiKey": []}]
+    security: list[SecurityRequirement] = [{"bearer": []}, {"apiKey": []}] if keys.entries else []
+    return Components(security_schemes=schemes), security

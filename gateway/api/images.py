@@ -48,7 +48,12 @@ def parse_range(header: str, size: int) -> tuple[int, int] | None:
     return start, end
 
 
-@get(IMAGES_TEMPLATE, tags=["images"], responses=error_responses(403, 404, 416, 503))
+@get(
+    IMAGES_TEMPLATE,
+    tags=["images"],
+    media_type="application/octet-stream",
+    responses=error_responses(403, 404, 416, 503),
+)
 async def image(
     key: FromPath[str], services: ServicesDep, request: Request[Any, Any, Any]
 ) -> Response[Any]:

@@ -278,7 +278,11 @@ class WorkflowController(Controller):
         record = await services.cancel(known_job_id(job_id), caller_of(request))
         return to_result(record, services, request)
 
-    @get("/events/{job_id:str}", responses=error_responses(400, 404, 503))
+    @get(
+        "/events/{job_id:str}",
+        media_type="text/event-stream",
+        responses=error_responses(400, 404, 503),
+    )
     async def events(
         self,
         job_id: FromPath[str],

@@ -123,11 +123,13 @@ def _announce(
     servers: list[tuple[str, str, str]],
 ) -> None:
     lines = [
-        f"ComfyAutomate is up at {base}  (API docs: {base}/schema/swagger)",
-        f"  NATS:    {shown_url(url)}",
-        f"  data:    {settings.data_path.resolve()}",
+        f"ComfyAutomate is up at {base}",
+        f"  dashboard: {base}/",
+        f"  API docs:  {base}/schema/swagger",
+        f"  NATS:      {shown_url(url)}",
+        f"  data:      {settings.data_path.resolve()}",
     ]
-    lines += [f"  server:  {sid} at {address}" for sid, _, address in servers]
+    lines += [f"  server:    {sid} at {address}" for sid, _, address in servers]
     lines.append("Press Ctrl-C to stop.")
     print("\n".join(lines), flush=True)  # noqa: T201 - what a person starting it waits for
 

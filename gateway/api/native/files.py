@@ -89,7 +89,7 @@ async def _viewed(
     return storage, stored
 
 
-@get(paths("/view"), include_in_schema=False)
+@get(paths("/view"), media_type="application/octet-stream")
 async def view(services: ServicesDep, request: Request[Any, Any, Any]) -> Response[Any]:
     """A file by ComfyUI's name: an output of the caller's prompt, or one of its uploads."""
     try:
@@ -101,7 +101,7 @@ async def view(services: ServicesDep, request: Request[Any, Any, Any]) -> Respon
 
 # `route`, not `head`: Litestar's `head` takes only handlers typed to return no content, and
 # the empty body here must go with the Content-Length of the file.
-@route(paths("/view"), http_method=HttpMethod.HEAD, include_in_schema=False)
+@route(paths("/view"), http_method=HttpMethod.HEAD)
 async def view_head(services: ServicesDep, request: Request[Any, Any, Any]) -> Response[bytes]:
     """What GET /view would send, without the body (as ComfyUI answers HEAD)."""
     try:
@@ -113,7 +113,7 @@ async def view_head(services: ServicesDep, request: Request[Any, Any, Any]) -> R
     return Response(b"", headers=headers, media_type=media_type)
 
 
-@post(paths("/upload/image"), status_code=200, include_in_schema=False)
+@post(paths("/upload/image"), status_code=200)
 async def upload_image(services: ServicesDep, request: Request[Any, Any, Any]) -> Response[bytes]:
     """Multipart `image` (+ `type`, `subfolder`, `overwrite`) into the caller's uploads."""
     if services.storage is None:

@@ -40,6 +40,7 @@ from gateway.api.native.frames import StoredFrame
 from gateway.api.native.messages import queue_item
 from gateway.api.native.service import NativeService
 from gateway.api.native.sockets import NativeSocket, frame
+from gateway.api.openapi import COMFYUI_TAG
 from gateway.api.services import ServicesDep
 from gateway.storage import StorageError
 
@@ -51,7 +52,7 @@ SEND_TIMEOUT_S: Final = 30.0
 # -- prompts ---------------------------------------------------------------------------------
 
 
-@post(paths("/prompt"), status_code=200, include_in_schema=False, guards=[submit_rate_limit])
+@post(paths("/prompt"), status_code=200, guards=[submit_rate_limit])
 async def post_prompt(services: ServicesDep, request: Request[Any, Any, Any]) -> Response[bytes]:
     """Queue a prompt on the fleet; ComfyUI's answer (`prompt_id`, `number`, `node_errors`)."""
     body = decoded(await request.body())
@@ -59,14 +60,14 @@ async def post_prompt(services: ServicesDep, request: Request[Any, Any, Any]) ->
     return json_answer(answer, status)
 
 
-@get(paths("/prompt"), include_in_schema=False)
+@get(paths("/prompt"))
 async def get_prompt(services: ServicesDep, request: Request[Any, Any, Any]) -> Response[bytes]:
     """`exec_info.queue_remaining`: the caller's running plus pending prompts."""
     remaining = (await native_of(services)).index.remaining(caller_id(request))
     return json_answer({"exec_info": {"queue_remaining": remaining}})
 
 
-@get(paths("/queue"), include_in_schema=False)
+@get(paths("/queue"))
 async def get_queue(services: ServicesDep, request: Request[Any, Any, Any]) -> Response[bytes]:
     """The caller's queue as one server shows it: at most one running."""
     running, pending = (await native_of(services)).index.queue_of(caller_id(request))
@@ -78,7 +79,7 @@ async def get_queue(services: ServicesDep, request: Request[Any, Any, Any]) -> R
     )
 
 
-@post(paths("/queue"), status_code=200, include_in_schema=False)
+@post(paths("/queue"), status_code=200)
 async def post_queue(services: ServicesDep, request: Request[Any, Any, Any]) -> Response[bytes]:
     """`{"delete": [ids]}` or `{"clear": true}`: the caller's pending prompts only."""
     body = await json_body(request)
@@ -91,7 +92,7 @@ async def post_queue(services: ServicesDep, request: Request[Any, Any, Any]) -> 
     return empty()
 
 
-@post(paths("/interrupt"), status_code=200, include_in_schema=False)
+@post(paths("/interrupt"), status_code=200)
 async def post_interrupt(services: ServicesDep, request: Request[Any, Any, Any]) -> Response[bytes]:
     """Interrupt the caller's running prompt, or only the named one if it is running."""
     body = await json_body(request)
@@ -103,7 +104,7 @@ async def post_interrupt(services: ServicesDep, request: Request[Any, Any, Any])
 # -- history ---------------------------------------------------------------------------------
 
 
-@get(paths("/history"), include_in_schema=False)
+@get(paths("/history"))
 async def get_history(services: ServicesDep, request: Request[Any, Any, Any]) -> Response[bytes]:
     """Every ended prompt of the caller, oldest first; `max_items` keeps the newest N, or N
     from position `offset`."""
@@ -126,7 +127,7 @@ def _int(value: str | None) -> int | None:
         return None
 
 
-@get(paths("/history/{prompt_id:str}"), include_in_schema=False)
+@get(paths("/history/{prompt_id:str}"))
 async def get_history_entry(
     prompt_id: FromPath[str], services: ServicesDep, request: Request[Any, Any, Any]
 ) -> Response[bytes]:
@@ -139,7 +140,7 @@ async def get_history_entry(
     return json_answer({entry.prompt_id: await native.reader.entry(entry)})
 
 
-@post(paths("/history"), status_code=200, include_in_schema=False)
+@post(paths("/history"), status_code=200)
 async def post_history(services: ServicesDep, request: Request[Any, Any, Any]) -> Response[bytes]:
     """`{"delete": [ids]}` or `{"clear": true}` on the caller's history."""
     body = await json_body(request)
@@ -155,45 +156,49 @@ async def post_history(services: ServicesDep, request: Request[Any, Any, Any]) -
 # -- the fleet as one server -----------------------------------------------------------------
 
 
-@get(paths("/system_stats"), include_in_schema=False)
+@get(paths("/system_stats"))
 async def system_stats(services: ServicesDep) -> Response[bytes]:
     """This gateway's system and one device per live server."""
     return json_answer((await native_of(services)).fleet.system_stats())
 
 
-@get(paths("/object_info"), include_in_schema=False)
+@get(paths("/object_info"))
 async def object_info(services: ServicesDep) -> Response[bytes]:
     """Every node class some live server has."""
     return json_answer(await (await native_of(services)).fleet.object_info())
 
 
-@get(paths("/object_info/{node_class:str}"), include_in_schema=False)
+@get(paths("/object_info/{node_class:str}"))
 async def object_info_class(node_class: FromPath[str], services: ServicesDep) -> Response[bytes]:
     """One class's definition, or `{}` when no server has it."""
     info = await (await native_of(services)).fleet.object_info()
     return json_answer({node_class: info[node_class]} if node_class in info else {})
 
 
-@get(paths("/embeddings"), include_in_schema=False)
+@get(paths("/embeddings"))
 async def embeddings(services: ServicesDep) -> Response[bytes]:
+    """The embedding files the live servers have, by name."""
     return json_answer((await native_of(services)).fleet.models().get("embeddings", []))
 
 
-@get(paths("/models"), include_in_schema=False)
+@get(paths("/models"))
 async def model_folders(services: ServicesDep) -> Response[bytes]:
+    """The model folders of the live servers."""
     return json_answer(list((await native_of(services)).fleet.models()))
 
 
-@get(paths("/models/{folder:str}"), include_in_schema=False)
+@get(paths("/models/{folder:str}"))
 async def model_files(folder: FromPath[str], services: ServicesDep) -> Response[bytes]:
+    """The files of one model folder across the live servers; 404 for an unknown folder."""
     models = (await native_of(services)).fleet.models()
     if folder not in models:
         return empty(404)
     return json_answer(models[folder])
 
 
-@get(paths("/features"), include_in_schema=False)
+@get(paths("/features"))
 async def features(services: ServicesDep) -> Response[bytes]:
+    """ComfyUI's feature flags, as this gateway supports them."""
     return json_answer(features_of(services.settings))
 
 
@@ -287,6 +292,7 @@ async def _send_stored(socket: WebSocket[Any, Any, Any], item: StoredFrame) -> N
 NATIVE_ROUTES: Final = [
     Router(
         path="/",
+        tags=[COMFYUI_TAG],
         before_request=reject_deep_json,
         exception_handlers={NotJson: not_json},
         route_handlers=[

@@ -1,0 +1,168 @@
+// Live job changes for the pages: the one module that knows where they come from.
+//
+// Every page sees the same shape, a "change":
+//   {job_id, type, status, server_id, ts, attempt, node_id, class_type, value, max,
+//    nodes, pinned, error, outputs}
+// where `type` is the event's (queued, dispatched, running, node_started, node_progress,
+// node_cached, retried, succeeded, failed, cancelled, ...) and `status` what it makes the job.
+//
+// Two sources give it:
+// 1. The fleet-wide stream `GET /events` (SSE; `id:` a stream sequence, resumed with
+//    Last-Event-ID; node progress only when asked for), mapped by fromFleetEvent().
+// 2. Where a gateway does not serve it (404), the job list is polled and each open job is
+//    followed through its own stream `GET /workflow/events/{id}`, mapped by fromJobEvent().
+
+import { ApiError, followEvents, get } from "./api.js";
+
+const FLEET_STREAM = "/events?nodes=true";
+const POLL_MS = 1500;
+const FLEET_LIST_MS = 15000; // with the fleet stream, the list is only a check now and then
+const MAX_FOLLOWED = 16; // per-job streams at once (the gateway limits streams per key)
+const LIST_LIMIT = 100;
+
+export const OPEN = new Set(["queued", "dispatched", "running"]);
+export const ENDS = new Set(["succeeded", "failed", "cancelled"]);
+
+const STATUS_OF = {
+  queued: "queued",
+  retried: "queued",
+  dispatched: "dispatched",
+  running: "running",
+  succeeded: "succeeded",
+  failed: "failed",
+  cancelled: "cancelled",
+};
+
+function statusOf(type, fallback) {
+  return STATUS_OF[type] || (type && type.startsWith("node_") ? "running" : fallback || null);
+}
+
+/** A change from one event of a job's own stream (the bus's Event as JSON). */
+export function fromJobEvent(event) {
+  const data = event.data || {};
+  const change = {
+    job_id: event.job_id,
+    type: event.type,
+    status: statusOf(event.type),
+    server_id: event.server_id || data.server_id || null,
+    ts: event.ts,
+    seq: event.seq,
+    attempt: data.attempt ?? null,
+    node_id: data.node_id ?? null,
+    class_type: data.class_type ?? null,
+    value: data.value ?? null,
+    max: data.max ?? null,
+    nodes: null,
+    error: event.type === "failed" ? data : null,
+    outputs: event.type === "succeeded" ? data.outputs || [] : null,
+  };
+  if (event.type === "queued" && data.request) {
+    change.nodes = Object.keys(data.request.workflow || {}).length;
+    change.pinned = data.request.server || null;
+  }
+  if (event.type === "node_cached") change.cached = data.node_ids || [];
+  return change;
+}
+
+/** A change from one event of the fleet-wide stream (its field names, in this one place). */
+export function fromFleetEvent(data) {
+  const type = data.type || data.status;
+  const node = data.node || {};
+  return {
+    job_id: data.job_id,
+    type,
+    status: statusOf(type, data.status),
+    server_id: data.server_id ?? data.server ?? null,
+    ts: data.ts ?? data.time ?? null,
+    seq: data.seq ?? null,
+    attempt: data.attempt ?? null,
+    node_id: data.node_id ?? node.node_id ?? null,
+    class_type: data.class_type ?? node.class_type ?? null,
+    value: data.value ?? node.value ?? null,
+    max: data.max ?? node.max ?? null,
+    nodes: data.nodes ?? data.node_count ?? null,
+    pinned: data.pinned ?? data.request?.server ?? null,
+    error: data.error ?? null,
+    outputs: data.outputs ?? null,
+    cached: data.node_ids ?? null,
+  };
+}
+
+/**
+ * Watch every job the key may see until `signal` aborts: `onJobs(rows)` with the newest jobs
+ * (GET /workflow/jobs rows) now and then, `onChange(change)` as each job moves.
+ */
+export async function watchJobs({ onJobs, onChange, onError, signal }) {
+  const refresh = async () => {
+    try {
+      const rows = await get(`/workflow/jobs?limit=${LIST_LIMIT}`, { signal });
+      onJobs(rows);
+      return rows;
+    } catch (error) {
+      if (!signal.aborted) onError(error);
+      return [];
+    }
+  };
+  const first = await refresh();
+  try {
+    await watchFleet({ onChange, signal, refresh });
+  } catch (error) {
+    if (signal.aborted) return;
+    if (!(error instanceof ApiError && error.status === 404)) onError(error);
+    await pollAndFollow({ onChange, signal, refresh, first });
+  }
+}
+
+async function watchFleet({ onChange, signal, refresh }) {
+  const timer = setInterval(refresh, FLEET_LIST_MS);
+  signal.addEventListener("abort", () => clearInterval(timer));
+  try {
+    await followEvents(FLEET_STREAM, {
+      signal,
+      onEvent: (event) => onChange(fromFleetEvent(event.data)),
+    });
+  } finally {
+    clearInterval(timer);
+  }
+}
+
+async function pollAndFollow({ onChange, signal, refresh, first }) {
+  const followed = new Map();
+  const follow = (rows) => {
+    for (const row of rows) {
+      if (!OPEN.has(row.status) || followed.has(row.job_id)) continue;
+      if (followed.size >= MAX_FOLLOWED) break;
+      const done = followJob(row.job_id, { onChange, signal })
+        .catch((error) => console.warn(`following job ${row.job_id} stopped:`, error))
+        .finally(() => followed.delete(row.job_id));
+      followed.set(row.job_id, done);
+    }
+  };
+  follow(first);
+  while (!signal.aborted) {
+    await new Promise((resolve) => setTimeout(resolve, POLL_MS));
+    if (!signal.aborted) follow(await refresh());
+  }
+}
+
+/**
+ * Follow one job's own stream to its end, calling `onChange` for each event; resolves then.
+ * Used by the job page as well, which wants every event of its job.
+ */
+export async function followJob(jobId, { onChange, onEvent, signal, after = null }) {
+  let ended = false;
+  try {
+    await followEvents(`/workflow/events/${encodeURIComponent(jobId)}`, {
+      signal,
+      lastEventId: after,
+      onEvent: ({ data }) => {
+        if (ENDS.has(data.type)) ended = true;
+        if (onEvent) onEvent(data);
+        if (onChange) onChange(fromJobEvent(data));
+      },
+    });
+  } catch (error) {
+    if (!(error instanceof ApiError && error.status === 404)) throw error;
+  }
+  return ended;
+}
