@@ -28,7 +28,9 @@ from gateway.bus.contract import (
     Event,
     Failed,
     JobStatus,
+    NodeCached,
     NodeProgress,
+    NodeStarted,
     Queued,
     Retried,
     Subjects,
@@ -43,7 +45,9 @@ log = logging.getLogger(__name__)
 STATE_CHANGES: Final = frozenset(
     {"queued", "dispatched", "running", "retried", "succeeded", "failed", "cancelled"}
 )
-PROGRESS: Final = "node_progress"
+# Node events, told only to a stream that asks for progress: which node runs, how far it is,
+# which were served from ComfyUI's cache.
+PROGRESS: Final = frozenset({"node_started", "node_progress", "node_cached"})
 # Jobs a stream remembers the server and attempt of; one forgotten is told by its next event.
 TRAILS_PER_STREAM: Final = 1_000
 
@@ -67,15 +71,16 @@ class FleetOutput(msgspec.Struct, kw_only=True):
 
 class FleetProgress(msgspec.Struct, kw_only=True):
     node_id: str
-    value: int
-    max: int
+    value: int = 0
+    max: int = 0
+    class_type: str | None = None  # on node_started
 
 
 class FleetEvent(msgspec.Struct, kw_only=True):
     """One state change (or, when asked for, progress) of one job, whole."""
 
     id: int  # the event's sequence in the EVENTS stream: the SSE id, where a resume starts
-    type: str  # queued, dispatched, running, retried, succeeded, failed, cancelled, node_progress
+    type: str  # a state change, or (when asked for) node_started, node_progress, node_cached
     job_id: str
     seq: int  # the job's own event number
     status: JobStatus  # the job's status after the event
@@ -84,10 +89,12 @@ class FleetEvent(msgspec.Struct, kw_only=True):
     attempt: int | None
     caller: str | None
     labels: dict[str, str]
+    pinned: str | None = None  # the server the job asked for, if it named one
     reason: str | None = None  # why it was retried or cancelled
     error: FleetError | None = None
     outputs: list[FleetOutput] | None = None
     progress: FleetProgress | None = None
+    cached: list[str] | None = None  # on node_cached: the nodes ComfyUI served from its cache
 
 
 class Missed(msgspec.Struct, kw_only=True):
@@ -112,7 +119,7 @@ class FleetFilter(msgspec.Struct, frozen=True, kw_only=True):
 
     def wants_kind(self, event: Event) -> bool:
         kind = event_type(event)
-        if kind == PROGRESS:
+        if kind in PROGRESS:
             return self.progress
         return kind in STATE_CHANGES and (not self.types or kind in self.types)
 
@@ -230,6 +237,7 @@ def whole(seq: int, event: Event, step: Step, facts: JobFacts, output_url: Outpu
         attempt=step.attempt,
         caller=facts.caller,
         labels=facts.labels,
+        pinned=facts.pinned,
     )
     match event:
         case Retried(data=data):
@@ -260,6 +268,10 @@ def whole(seq: int, event: Event, step: Step, facts: JobFacts, output_url: Outpu
             ]
         case NodeProgress(data=data):
             told.progress = FleetProgress(node_id=data.node_id, value=data.value, max=data.max)
+        case NodeStarted(data=data):
+            told.progress = FleetProgress(node_id=data.node_id, class_type=data.class_type)
+        case NodeCached(data=data):
+            told.cached = list(data.node_ids)
     return told
 
 

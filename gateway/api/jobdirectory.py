@@ -38,6 +38,7 @@ class JobFacts(msgspec.Struct, frozen=True, kw_only=True):
 
     caller: str | None = None  # None: published on the bus directly, or not known
     labels: dict[str, str] = msgspec.field(default_factory=dict)
+    pinned: str | None = None  # the server the job asked for, if any
 
 
 UNKNOWN: Final = JobFacts()
@@ -62,7 +63,7 @@ class JobDirectory:
     def learn(self, event: Queued) -> JobFacts:
         """The facts a `queued` event holds, kept for the job's later events."""
         request = event.data.request
-        facts = JobFacts(caller=request.caller, labels=dict(request.labels))
+        facts = JobFacts(caller=request.caller, labels=dict(request.labels), pinned=request.server)
         self._keep(event.job_id, facts)
         return facts
 

@@ -16,7 +16,8 @@ MAX_JOBS: Final = 1000
 # The filters are parameters: a NULL one matches every row.
 _RECENT: Final = """
     SELECT job_id, status, server_id, attempts, submitted_at, started_at, finished_at,
-           duration_s, queue_wait_s, error_type, error_message, output_count, log_file_path
+           duration_s, queue_wait_s, error_type, error_message, output_count, log_file_path,
+           pinned_server
     FROM jobs
     WHERE ($1::VARCHAR IS NULL OR status = $1)
       AND ($2::VARCHAR IS NULL OR server_id = $2)

@@ -72,6 +72,7 @@ class _Request(msgspec.Struct):
     workflow: dict[str, Any] = msgspec.field(default_factory=dict)
     caller: str | None = None
     batch_id: str | None = None
+    server: str | None = None
 
 
 class _Queued(msgspec.Struct):
@@ -141,6 +142,7 @@ class JobDelta(msgspec.Struct, kw_only=True):
     last_event_at: float | None = None
     caller: str | None = None
     batch_id: str | None = None
+    pinned_server: str | None = None
 
     def fold(self, head: EventHead) -> None:
         """Take one new event into account."""
@@ -178,6 +180,7 @@ class JobDelta(msgspec.Struct, kw_only=True):
                 self.node_count = len(queued.request.workflow)
                 self.caller = queued.request.caller
                 self.batch_id = queued.request.batch_id
+                self.pinned_server = queued.request.server
         elif kind in ("dispatched", "running", "retried"):
             data = _attempt.decode(head.data)
             self._see_attempt(data.attempt)

@@ -61,7 +61,9 @@ TABLES: Final = (
         -- who submitted the job (JobRequest.caller); last, where an older index gains it
         caller VARCHAR,
         -- the batch it was submitted in (JobRequest.batch_id), likewise
-        batch_id VARCHAR
+        batch_id VARCHAR,
+        -- the server the job asked to run on (JobRequest.server), likewise
+        pinned_server VARCHAR
     )
     """,
     # One row per attempt to deliver an event to a job's webhook (gateway/webhooks).
@@ -87,18 +89,23 @@ TABLES: Final = (
 )
 
 # An index made before a column existed gains it at start (see index.IndexDB).
-ADDED_COLUMNS: Final = (("jobs", "caller", "VARCHAR"), ("jobs", "batch_id", "VARCHAR"))
+ADDED_COLUMNS: Final = (
+    ("jobs", "caller", "VARCHAR"),
+    ("jobs", "batch_id", "VARCHAR"),
+    ("jobs", "pinned_server", "VARCHAR"),
+)
 
 # Filling a column of `jobs` that an older index gains from the jobs' `queued` events, once.
 _FILL_FROM_REQUEST: Final = """
     UPDATE jobs SET {0} = q.{0}
-    FROM (SELECT job_id, any_value(data->'request'->>'{0}') AS {0}
+    FROM (SELECT job_id, any_value(data->'request'->>'{1}') AS {0}
           FROM events WHERE type = 'queued' GROUP BY job_id) AS q
     WHERE jobs.job_id = q.job_id AND jobs.{0} IS NULL AND q.{0} IS NOT NULL
 """
 FILL_COLUMN: Final = {
-    ("jobs", "caller"): _FILL_FROM_REQUEST.format("caller"),
-    ("jobs", "batch_id"): _FILL_FROM_REQUEST.format("batch_id"),
+    ("jobs", "caller"): _FILL_FROM_REQUEST.format("caller", "caller"),
+    ("jobs", "batch_id"): _FILL_FROM_REQUEST.format("batch_id", "batch_id"),
+    ("jobs", "pinned_server"): _FILL_FROM_REQUEST.format("pinned_server", "server"),
 }
 
 VIEW_BODIES: Final = {
@@ -215,6 +222,7 @@ _DELTA_TYPES: Final = {
     "last_event_at": "DOUBLE",
     "caller": "VARCHAR",
     "batch_id": "VARCHAR",
+    "pinned_server": "VARCHAR",
 }
 _DELTA_SCHEMA: Final = "[{" + ",".join(f'"{k}":"{v}"' for k, v in _DELTA_TYPES.items()) + "}]"
 
@@ -223,12 +231,12 @@ UPSERT_JOBS: Final = f"""
     INSERT INTO jobs (job_id, status, server_id, attempts, submitted_at, started_at,
                       finished_at, error_type, error_message, workflow_hash, node_count,
                       output_count, log_file_path, event_count, last_seq, last_event_at,
-                      status_seq, log_bytes, caller, batch_id)
+                      status_seq, log_bytes, caller, batch_id, pinned_server)
     SELECT d.job_id, d.status, d.server_id, d.attempts, {_TS.format("d.submitted_at")},
            {_TS.format("d.started_at")}, {_TS.format("d.finished_at")}, d.error_type,
            d.error_message, d.workflow_hash, d.node_count, d.output_count, d.log_file_path,
            d.event_count, d.last_seq, {_TS.format("d.last_event_at")}, d.status_seq,
-           d.log_bytes, d.caller, d.batch_id
+           d.log_bytes, d.caller, d.batch_id, d.pinned_server
     FROM (SELECT unnest(from_json($1, '{_DELTA_SCHEMA}'), recursive := true)) AS d
     ON CONFLICT (job_id) DO UPDATE SET
         status = CASE WHEN excluded.status_seq > jobs.status_seq
@@ -252,7 +260,8 @@ UPSERT_JOBS: Final = f"""
         last_seq = greatest(jobs.last_seq, excluded.last_seq),
         last_event_at = greatest(jobs.last_event_at, excluded.last_event_at),
         caller = coalesce(jobs.caller, excluded.caller),
-        batch_id = coalesce(jobs.batch_id, excluded.batch_id)
+        batch_id = coalesce(jobs.batch_id, excluded.batch_id),
+        pinned_server = coalesce(jobs.pinned_server, excluded.pinned_server)
 """
 
 # A batch of webhook attempts (contract.WebhookAttempt) as one JSON array; each is stored once.

@@ -212,7 +212,11 @@ async def test_filters_a_user_key_and_whole_events(fleet: System) -> None:
         assert [e["progress"]["value"] for e in steps] == sorted(
             e["progress"]["value"] for e in steps
         )
-        assert [e["id"] for e in progressed if e["type"] != "node_progress"] == ids
+        assert [e["id"] for e in progressed if not e["type"].startswith("node_")] == ids
+        # The node events: each start names its node's type, each cache hit its nodes.
+        started = [e for e in progressed if e["type"] == "node_started"]
+        assert started and all(e["progress"]["class_type"] for e in started)
+        assert all(e["cached"] is not None for e in progressed if e["type"] == "node_cached")
 
         # B ended before A began: whatever passed B's events through would have shown them.
         for filtered in (alice, of_alice, pool_a):

@@ -14,7 +14,7 @@
 
 import { ApiError, followEvents, get } from "./api.js";
 
-const FLEET_STREAM = "/events?nodes=true";
+const FLEET_STREAM = "/events?progress=true";
 const POLL_MS = 1500;
 const FLEET_LIST_MS = 15000; // with the fleet stream, the list is only a check now and then
 const MAX_FOLLOWED = 16; // per-job streams at once (the gateway limits streams per key)
@@ -64,27 +64,26 @@ export function fromJobEvent(event) {
   return change;
 }
 
-/** A change from one event of the fleet-wide stream (its field names, in this one place). */
+/** A change from one event of the fleet-wide stream (GET /events, docs/API.md). */
 export function fromFleetEvent(data) {
-  const type = data.type || data.status;
-  const node = data.node || {};
+  const progress = data.progress || {};
   return {
     job_id: data.job_id,
-    type,
-    status: statusOf(type, data.status),
-    server_id: data.server_id ?? data.server ?? null,
-    ts: data.ts ?? data.time ?? null,
-    seq: data.seq ?? null,
-    attempt: data.attempt ?? null,
-    node_id: data.node_id ?? node.node_id ?? null,
-    class_type: data.class_type ?? node.class_type ?? null,
-    value: data.value ?? node.value ?? null,
-    max: data.max ?? node.max ?? null,
-    nodes: data.nodes ?? data.node_count ?? null,
-    pinned: data.pinned ?? data.request?.server ?? null,
-    error: data.error ?? null,
-    outputs: data.outputs ?? null,
-    cached: data.node_ids ?? null,
+    type: data.type,
+    status: data.status,
+    server_id: data.server_id,
+    ts: data.ts,
+    seq: data.seq,
+    attempt: data.attempt,
+    node_id: progress.node_id ?? null,
+    class_type: progress.class_type ?? null,
+    value: progress.value ?? null,
+    max: progress.max ?? null,
+    nodes: null,
+    pinned: data.pinned,
+    error: data.error,
+    outputs: data.outputs,
+    cached: data.cached,
   };
 }
 

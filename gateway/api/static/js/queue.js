@@ -52,6 +52,7 @@ class Board {
       const job = this.job(row.job_id);
       const status = job.status;
       Object.assign(job, row);
+      if (row.pinned_server) job.pinned = row.pinned_server;
       // The index trails the live stream: an open status there does not undo what was seen.
       if (ENDS.has(status) || (job.live && !ENDS.has(row.status))) job.status = status;
     }
