@@ -102,9 +102,11 @@ export async function watchJobs({ onJobs, onChange, onError, signal }) {
       return [];
     }
   };
+  // The stream starts a little before the list was read, so that nothing falls between them.
+  const since = Date.now() / 1000 - 2;
   const first = await refresh();
   try {
-    await watchFleet({ onChange, signal, refresh });
+    await watchFleet({ onChange, signal, refresh, since });
   } catch (error) {
     if (signal.aborted) return;
     if (!(error instanceof ApiError && error.status === 404)) onError(error);
@@ -112,11 +114,11 @@ export async function watchJobs({ onJobs, onChange, onError, signal }) {
   }
 }
 
-async function watchFleet({ onChange, signal, refresh }) {
+async function watchFleet({ onChange, signal, refresh, since }) {
   const timer = setInterval(refresh, FLEET_LIST_MS);
   signal.addEventListener("abort", () => clearInterval(timer));
   try {
-    await followEvents(FLEET_STREAM, {
+    await followEvents(`${FLEET_STREAM}&since=${since}`, {
       signal,
       onEvent: (event) => onChange(fromFleetEvent(event.data)),
     });
