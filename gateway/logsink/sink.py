@@ -21,7 +21,7 @@ import duckdb
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from gateway.bus.connection import connect, ensure_resources
+from gateway.bus.connection import connect, ensure_resources, resources_for
 from gateway.bus.contract import Subjects, new_id
 from gateway.bus.lease import hold_lease, lease_held
 from gateway.logsink.config import SinkConfig
@@ -280,7 +280,9 @@ async def run_logsink(
     own = nc is None
     client = nc if nc is not None else await _connect(settings)
     try:
-        await ensure_resources(client.jetstream(), subjects)
+        await ensure_resources(
+            client.jetstream(), subjects, resources_for(client, settings.nats_replicas)
+        )
         leases = await client.jetstream().key_value(subjects.balancer_bucket)
 
         async def sink() -> None:
