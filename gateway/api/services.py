@@ -65,6 +65,7 @@ SUBMIT_STATUS = {
     "unknown_server": 404,
     "unschedulable": 422,
     "too_large": 413,
+    "unavailable": 503,
 }
 
 
@@ -131,7 +132,9 @@ class Services:
         try:
             reply = await self.nc.request(self.subjects.submit, encode(request), timeout=10.0)
         except NoRespondersError:
-            raise ApiError(503, "no_balancer", "no balancer is running to accept jobs") from None
+            raise ApiError(
+                503, "no_balancer", "no balancer is running to accept jobs", retry_after=1
+            ) from None
         except NatsTimeoutError:
             raise ApiError(504, "submit_timeout", "the balancer did not answer in time") from None
         try:
@@ -139,7 +142,11 @@ class Services:
         except ContractError:
             error = decode(reply.data, Error)
             status = SUBMIT_STATUS.get(error.code, 500)
-            raise ApiError(status, error.code, error.message, error.details) from None
+            # NATS was electing a leader for longer than the balancer waited: soon it will not.
+            retry_after = 1 if error.code == "unavailable" else None
+            raise ApiError(
+                status, error.code, error.message, error.details, retry_after=retry_after
+            ) from None
 
     async def record(self, job_id: str, caller: Caller | None = None) -> JobRecord:
         """The job's current record, or a 404; also a 404 when `caller` may not see it.

@@ -23,6 +23,7 @@ from gateway.balancer.placement import Requirements, requirements
 from gateway.balancer.queue import BoundJobs, PendingQueue
 from gateway.bus.contract import FailedData, JobRecord, JobRequest, JobStatus, encode
 from gateway.bus.events import EventPublisher, JobEnded
+from gateway.bus.retry import through_election
 
 # How long a record may wait for its queued event before the submission is declared lost.
 UNCONFIRMED_GRACE_S: Final = 30.0
@@ -128,7 +129,9 @@ class JobBook:
         """Write `record` to KV, then keep it."""
         # KV first: a write that fails leaves memory as it was, so that the event, delivered
         # again, is applied again (and not taken for one already seen).
-        await self._kv.put(record.job_id, encode(record))
+        await through_election(
+            lambda: self._kv.put(record.job_id, encode(record)), f"writing job {record.job_id}"
+        )
         self.keep(record)
 
     async def fail(self, record: JobRecord, code: str, message: str) -> None:

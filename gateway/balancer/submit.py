@@ -40,6 +40,7 @@ from gateway.bus.contract import (
     now,
 )
 from gateway.bus.events import EventPublisher
+from gateway.bus.retry import TRANSIENT, through_election, transient
 from gateway.comfyui.jobfiles import job_file_problems
 from gateway.comfyui.workflow import (
     WorkflowError,
@@ -98,6 +99,11 @@ def input_problems(inputs: list[JobInput]) -> list[str]:
     return problems
 
 
+# How long a submission waits for the jobs bucket to have a leader before answering
+# `unavailable`.
+_CREATE_WAIT_S = 8.0
+
+
 class Refused(Exception):
     """A request that cannot be accepted; carries the Error to answer with."""
 
@@ -143,7 +149,7 @@ class Submitter:
             caller=request.caller,
         )
         try:
-            await self._kv.create(job_id, encode(record))
+            await self._create(job_id, encode(record))
         except KeyWrongLastSequenceError:
             accepted = await self._finish_half_done(job_id, request)
             if accepted is None:
@@ -154,6 +160,27 @@ class Submitter:
             job_id, QueuedData(request=request, log_file_path=path), ts=submitted_at
         )
         return JobAccepted(job_id=job_id, submitted_at=submitted_at, log_file_path=path)
+
+    async def _create(self, job_id: str, value: bytes) -> None:
+        """Create the job's record, through an election; a try of ours stored though its answer
+        was lost is taken for the creation it is, not for another's record."""
+        retried = False
+
+        async def create() -> None:
+            nonlocal retried
+            try:
+                await self._kv.create(job_id, value)
+            except KeyWrongLastSequenceError:
+                if retried and (await self._kv.get(job_id)).value == value:
+                    return
+                raise
+            except TRANSIENT:
+                retried = True
+                raise
+
+        # Shorter than an election may take: the gateway waits 10 s for the answer, and an
+        # "unavailable" (503, Retry-After) before then tells the client more than a time-out.
+        await through_election(create, f"creating job {job_id}", within=_CREATE_WAIT_S)
 
     async def _finish_half_done(self, job_id: str, request: JobRequest) -> JobAccepted | None:
         """Finish a submission that stopped between its record and its `queued` event.
@@ -265,7 +292,12 @@ class Submitter:
             except Refused as exc:
                 reply = exc.error
             except Exception as exc:
-                log.exception("submitting a job failed")
-                reply = Error(code="internal", message=f"the job was not accepted: {exc}")
+                if transient(exc) or transient(exc.__cause__ or exc):
+                    # NATS stayed leaderless longer than an election: the client may try again.
+                    log.warning("a job could not be accepted now: %s", exc)
+                    reply = Error(code="unavailable", message=f"try again shortly: {exc}")
+                else:
+                    log.exception("submitting a job failed")
+                    reply = Error(code="internal", message=f"the job was not accepted: {exc}")
             if msg.reply:
                 await msg.respond(encode(reply))

@@ -22,6 +22,7 @@ from nats.js import JetStreamContext, api
 from nats.js.errors import BadRequestError
 
 from gateway.bus.contract import Subjects
+from gateway.bus.retry import through_election
 
 log = logging.getLogger(__name__)
 
@@ -312,7 +313,11 @@ async def session(
     """
     client = await connect(url, name, **options)
     try:
-        await ensure_resources(client.jetstream(), subjects, resources_for(client, replicas))
+        sizing = resources_for(client, replicas)
+        await through_election(
+            lambda: ensure_resources(client.jetstream(), subjects, sizing),
+            "creating the streams and buckets",
+        )
         yield client
     finally:
         if not client.is_closed:

@@ -18,6 +18,7 @@ import asyncio
 import itertools
 import logging
 import random
+import time
 from collections import OrderedDict
 
 from nats.js import JetStreamContext
@@ -35,7 +36,7 @@ from gateway.bus.contract import (
     new_id,
 )
 from gateway.bus.jobstate import ends_job
-from gateway.bus.retry import TRANSIENT, through_election
+from gateway.bus.retry import ELECTION_S, TRANSIENT, pauses, through_election
 
 log = logging.getLogger(__name__)
 
@@ -183,6 +184,8 @@ class EventPublisher:
         if job.seq < 0:
             await self._read_last(job_id, job)
         event_id = self._new_event_id()
+        backoff = pauses()
+        unavailable_since: float | None = None
         for attempt in range(_MAX_TRIES):
             if job.end is not None:
                 log.info(
@@ -214,6 +217,10 @@ class EventPublisher:
             except TRANSIENT as exc:
                 # Timed out, or the stream is electing a leader: the event may be stored.
                 log.warning("an event of job %s: %s; checking before retrying", job_id, exc)
+                unavailable_since = unavailable_since or time.monotonic()
+                if time.monotonic() - unavailable_since > ELECTION_S:
+                    raise EventPublishError(f"event for job {job_id} not stored: {exc}") from exc
+                await asyncio.sleep(backoff.next())
             else:
                 job.stored(event, ack.seq)
                 return event

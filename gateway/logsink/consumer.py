@@ -24,6 +24,7 @@ from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext, api
 
 from gateway.bus.contract import Subjects
+from gateway.bus.retry import through_election
 from gateway.logsink.config import SinkConfig
 
 log = logging.getLogger(__name__)
@@ -68,8 +69,10 @@ class EventPuller:
 
     async def start(self) -> None:
         """Create (or update) the durable consumer and start receiving."""
-        await self._js.add_consumer(
-            self._subjects.events_stream, consumer_config(self._subjects, self._config)
+        config = consumer_config(self._subjects, self._config)
+        await through_election(
+            lambda: self._js.add_consumer(self._subjects.events_stream, config),
+            "creating the log sink's consumer",
         )
         self._sub = await self._nc.subscribe(
             self._inbox,

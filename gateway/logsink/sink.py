@@ -24,6 +24,7 @@ from nats.aio.msg import Msg
 from gateway.bus.connection import connect, ensure_resources, resources_for
 from gateway.bus.contract import Subjects, new_id
 from gateway.bus.lease import hold_lease, lease_held
+from gateway.bus.retry import through_election
 from gateway.logsink.config import SinkConfig
 from gateway.logsink.consumer import EventPuller
 from gateway.logsink.jsonl import JsonlError
@@ -108,7 +109,10 @@ class LogSink:
         )
         self._puller = EventPuller(self._nc, self._js, self._subjects, config)
         await self._puller.start()
-        info = await self._js.consumer_info(self._subjects.events_stream, config.durable)
+        info = await through_election(
+            lambda: self._js.consumer_info(self._subjects.events_stream, config.durable),
+            "reading the log sink's consumer",
+        )
         self._acked_upto = info.ack_floor.stream_seq or 0
         self._task = asyncio.create_task(self._run(), name="logsink")
         log.info("log sink running: data in %s", self.data_dir.resolve())
@@ -280,8 +284,10 @@ async def run_logsink(
     own = nc is None
     client = nc if nc is not None else await _connect(settings)
     try:
-        await ensure_resources(
-            client.jetstream(), subjects, resources_for(client, settings.nats_replicas)
+        sizing = resources_for(client, settings.nats_replicas)
+        await through_election(
+            lambda: ensure_resources(client.jetstream(), subjects, sizing),
+            "creating the streams and buckets",
         )
         leases = await client.jetstream().key_value(subjects.balancer_bucket)
 

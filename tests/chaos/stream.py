@@ -29,7 +29,7 @@ from sdk.nats import NatsClient
 log = logging.getLogger(__name__)
 
 # Answers after which a submission is tried again under the same job id.
-_TRANSIENT = frozenset({"no_balancer", "submit_timeout", "internal"})
+_TRANSIENT = frozenset({"no_balancer", "submit_timeout", "unavailable", "internal"})
 
 
 class Tracker:
