@@ -22,6 +22,18 @@ async def test_health_schema_and_metrics(gateway: str) -> None:
         assert report["nats"] is True and report["balancer"] is True
         assert report["log_sink"] is False
         assert [m for m in report["missing"] if "log sink" in m] == report["missing"]
+        # One broker: every resource has its one copy, which leads and is current.
+        replication = {r["resource"]: r for r in report["replication"]}
+        assert set(replication) == {
+            "JOBS",
+            "EVENTS",
+            "KV_comfy_servers",
+            "KV_comfy_jobs",
+            "KV_comfy_balancer",
+            "KV_comfy_prompts",
+            "OBJ_comfy_outputs",
+        }
+        assert all(r["replicas"] == 1 and r["current"] for r in replication.values())
         schema = await client.get("/schema/openapi.json")
         assert schema.status_code == 200
         paths = schema.json()["paths"]

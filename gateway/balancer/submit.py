@@ -16,6 +16,7 @@ from typing import Final
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
+from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
@@ -169,11 +170,18 @@ class Submitter:
         async def create() -> None:
             nonlocal retried
             try:
-                await self._kv.create(job_id, value)
-            except KeyWrongLastSequenceError:
-                if retried and (await self._kv.get(job_id)).value == value:
-                    return
-                raise
+                try:
+                    await self._kv.create(job_id, value)
+                except KeyWrongLastSequenceError:
+                    if retried and (await self._kv.get(job_id)).value == value:
+                        return
+                    raise
+            except KeyNotFoundError as exc:
+                if not retried:
+                    raise
+                # The bucket counts a try of ours still pending (a leader without its quorum)
+                # that no copy has stored: not known yet either way, so like a time-out.
+                raise NatsTimeoutError from exc
             except TRANSIENT:
                 retried = True
                 raise

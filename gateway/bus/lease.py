@@ -14,6 +14,7 @@ import logging
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+import nats.errors
 from nats.js import JetStreamContext
 from nats.js.errors import KeyWrongLastSequenceError, NotFoundError
 from nats.js.kv import KeyValue
@@ -55,10 +56,12 @@ async def hold_lease(
     while not stop.is_set():
         try:
             revision = await _try_acquire(kv, holder, key)
-        except TRANSIENT as exc:
-            # The bucket has no leader for longer than an election takes: an outage, not a
-            # reason to end the process. Try again, as a standby would.
-            log.warning("%s cannot reach the %s lease (%s); trying again", holder, key, exc)
+        except nats.errors.Error as exc:
+            # The bucket has no leader for longer than an election takes, or answers oddly
+            # while it has none (nats-py's create reads the key back after a refused write,
+            # and a leader without its quorum refuses for a try no copy stored): an outage,
+            # not a reason to end the process. Try again, as a standby would.
+            log.warning("%s cannot take the %s lease now (%r); trying again", holder, key, exc)
             revision = None
         if revision is None:
             await wait_event(stop, renew_every)

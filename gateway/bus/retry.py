@@ -84,9 +84,16 @@ async def through_election(
     backoff = pauses()
     tries = 0
     while True:
+        # Each try gets only the time left: a call that hangs (nats-py waits 5 s for an answer)
+        # must not carry the whole beyond `within`.
+        scope = asyncio.timeout(max(deadline - time.monotonic(), 0.001))
         try:
-            return await call()
+            async with scope:
+                return await call()
         except Exception as exc:
+            if scope.expired():
+                log.warning("%s: no answer within %.0f s; giving up", what, within)
+                raise nats.errors.TimeoutError from exc
             if not transient(exc):
                 raise
             pause = backoff.next()

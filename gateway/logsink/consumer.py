@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 _STATUS: Final = "Status"
 _HEARTBEAT: Final = "100"
+_NO_LEADER: Final = "503"
 _encoder: Final = msgspec.json.Encoder()
 
 
@@ -66,6 +67,7 @@ class EventPuller:
         self._wake = asyncio.Event()
         # Open pull requests, oldest first: [expiry (monotonic), events still to come].
         self._requests: collections.deque[list[float]] = collections.deque()
+        self._leaderless = False  # the last pull request was answered "no leader" (503)
 
     async def start(self) -> None:
         """Create (or update) the durable consumer and start receiving."""
@@ -94,6 +96,7 @@ class EventPuller:
         if headers and _STATUS in headers and not msg.data:
             self._on_status(headers)
             return
+        self._leaderless = False
         self._buffer.append(msg)
         requests = self._requests
         if requests:
@@ -110,6 +113,14 @@ class EventPuller:
         # 404/408: a request ended (no messages, or expired); 409: the server cut it short.
         if self._requests:
             self._requests.popleft()
+        if code == _NO_LEADER:
+            # The consumer is electing a leader (a broker node was lost): asking again at once
+            # would spin. The loop asks again when its wait for events times out.
+            if not self._leaderless:
+                log.warning("event consumer: no leader now; asking again shortly")
+            self._leaderless = True
+            return
+        self._leaderless = False
         if code not in ("404", "408"):
             log.warning(
                 "event consumer: pull request ended with %s %s", code, headers.get("Description")

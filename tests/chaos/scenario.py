@@ -50,6 +50,7 @@ NODE_FAULTS = (
     "meta_leader_loss",
     "jobs_bucket_leader_loss",
     "node_store_lost",
+    "jobs_bucket_store_lost",
 )
 
 _BACKGROUND = frozenset({"slow_sse", "ws_drops", "sink_kill"})
@@ -408,6 +409,10 @@ class Run:
     async def jobs_bucket_leader_loss(self) -> str:
         stream = f"KV_{self.cluster.subjects.jobs_bucket}"
         return await self._node_loss(lambda: self._stream_leader(stream), stream, wipe=False)
+
+    async def jobs_bucket_store_lost(self) -> str:
+        stream = f"KV_{self.cluster.subjects.jobs_bucket}"
+        return await self._node_loss(lambda: self._stream_leader(stream), stream, wipe=True)
 
     async def node_store_lost(self) -> str:
         stream = self.cluster.subjects.events_stream
