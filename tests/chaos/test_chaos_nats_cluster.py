@@ -31,7 +31,7 @@ pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.chaos]
 # every kind of loss (NODE_FAULTS) N times over instead, in one longer stream.
 ROUNDS = int(os.environ.get("CLUSTER_ROUNDS", "0"))
 FAULTS = NODE_FAULTS * ROUNDS or ("jobs_leader_loss", "meta_leader_loss", "jobs_bucket_store_lost")
-PLAN = Plan(outstanding=40, gap=5, faults=FAULTS, prefix="n")
+PLAN = Plan(outstanding=30, gap=4, faults=FAULTS, prefix="n")
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
