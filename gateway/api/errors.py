@@ -112,8 +112,9 @@ def internal_error(request: Request[Any, Any, Any], exc: Exception) -> Response[
             _body("invalid_request", f"the request body is not usable JSON: {why}"),
             status_code=400,
         )
-    if transient(exc):
+    if transient(exc) or (exc.__cause__ is not None and transient(exc.__cause__)):
         # NATS is electing a leader (a broker node was lost): the same request soon succeeds.
+        # (Storage on NATS reports it as a StorageError caused by the NATS error.)
         log.warning("%s %s: NATS unavailable: %s", request.method, request.url.path, exc)
         return Response(
             _body("unavailable", "the message bus is electing a leader; try again shortly"),

@@ -58,7 +58,6 @@ def _report(outcome: Outcome) -> str:
 @pytest.mark.timeout(300)
 async def test_losing_any_one_node_under_load_loses_nothing(outcome: Outcome) -> None:
     report = _report(outcome)
-    print(report)  # TEMP
     assert len(outcome.notes) == len(PLAN.faults), report
     assert not outcome.verdict.problems, outcome.verdict.text() + "\n" + report
     assert not outcome.verdict.known, report
