@@ -126,6 +126,12 @@ async def test_a_lease_rides_out_the_loss_of_its_buckets_leader(
         await poll_until(renewed, "the lease renewed after the election", within=30)
         ended = {name: task for name, task in holders.items() if task.done()}
         assert not ended, {name: task.exception() for name, task in ended.items()}
+
+        async def reported_away() -> bool:
+            status = await replication_status(js, subjects)
+            return all(lost.name in r.offline and not r.current for r in status)
+
+        await poll_until(reported_away, f"{lost.name} reported offline everywhere", within=30)
         await lost.start()
     finally:
         stop.set()

@@ -18,6 +18,14 @@ from gateway.bus.connection import resource_streams
 from gateway.bus.contract import Subjects
 
 _ASK_S = 2.0
+# A copy behind that its leader has not heard from for this long (or ever, for a leader
+# elected since) is away: JetStream marks a dead node `offline` only later, or not at all for
+# the streams it led, and meanwhile shows it as merely not current.
+_UNSEEN_NS = 5_000_000_000
+
+
+def _unheard(active_ns: int | None) -> bool:
+    return not active_ns or active_ns > _UNSEEN_NS
 
 
 class Replication(msgspec.Struct, frozen=True, kw_only=True):
@@ -53,8 +61,9 @@ async def _one(js: JetStreamContext, name: str) -> Replication:
     if cluster is None:  # a broker that is not clustered: its one copy is the leader
         return Replication(resource=name, replicas=replicas, leader=None, current=True)
     peers = cluster.replicas or []
-    offline = sorted(p.name or "?" for p in peers if p.offline)
-    lagging = sorted(p.name or "?" for p in peers if not p.offline and not p.current)
+    away = {p.name or "?" for p in peers if p.offline or (not p.current and _unheard(p.active))}
+    offline = sorted(away)
+    lagging = sorted(p.name or "?" for p in peers if p.name not in away and not p.current)
     missing = replicas - 1 - len(peers)
     current = cluster.leader is not None and not offline and not lagging and missing <= 0
     return Replication(
