@@ -45,6 +45,10 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     nats_conf: str | None = None
     nats_user: str | None = None
     nats_password: str | None = None
+    # Copies JetStream keeps of every stream, bucket and object store the system creates: 1 on
+    # one broker, 3 on a cluster (a node can die without loss or pause), or "auto": 3 when the
+    # broker is a cluster of 3 nodes or more, else 1. Existing resources are raised, never lowered.
+    nats_replicas: Annotated[int, msgspec.Meta(ge=1, le=5)] | Literal["auto"] = 1
     # Files
     data_dir: str = "data"
     # Gateway

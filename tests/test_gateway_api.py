@@ -24,6 +24,21 @@ async def test_health_schema_and_metrics(gateway: str) -> None:
         assert report["nats"] is True and report["balancer"] is True
         assert report["log_sink"] is False
         assert [m for m in report["missing"] if "log sink" in m] == report["missing"]
+        # One broker: every resource has its one copy, which leads and is current.
+        replication = {r["resource"]: r for r in report["replication"]}
+        assert set(replication) == {
+            "JOBS",
+            "EVENTS",
+            "KV_comfy_servers",
+            "KV_comfy_jobs",
+            "KV_comfy_balancer",
+            "KV_comfy_prompts",
+            "KV_comfy_idempotency",
+            "KV_comfy_batches",
+            "OBJ_comfy_outputs",
+            "WEBHOOKS",
+        }
+        assert all(r["replicas"] == 1 and r["current"] for r in replication.values())
         schema = await client.get("/schema/openapi.json")
         assert schema.status_code == 200
         paths = schema.json()["paths"]
@@ -39,6 +54,12 @@ async def test_health_schema_and_metrics(gateway: str) -> None:
         metrics = await client.get("/metrics")
         assert metrics.status_code == 200
         assert "comfyautomate_events_stored" in metrics.text
+        # ... and the same replication, as gauges.
+        for resource in replication:
+            assert f'comfyautomate_nats_replicas{{resource="{resource}"}} 1.0' in metrics.text
+            assert (
+                f'comfyautomate_nats_replicas_current{{resource="{resource}"}} 1.0' in metrics.text
+            )
 
 
 async def test_the_openapi_document_describes_each_route_and_its_ui_loads_nothing_from_afar(

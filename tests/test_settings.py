@@ -75,3 +75,14 @@ def test_retentions_take_seconds_and_refuse_a_negative(tmp_path: Path) -> None:
         load_settings(
             config_file=_empty(tmp_path), environ={"COMFYAUTOMATE_JOB_RECORDS_RETENTION_S": "-1"}
         )
+
+
+def test_nats_replicas_is_a_count_or_auto(tmp_path: Path) -> None:
+    file = _empty(tmp_path)
+    assert load_settings(config_file=file, environ={}).nats_replicas == 1
+    env = {"COMFYAUTOMATE_NATS_REPLICAS": "3"}
+    assert load_settings(config_file=file, environ=env).nats_replicas == 3
+    assert load_settings({"nats_replicas": "auto"}, config_file=file).nats_replicas == "auto"
+    for bad in ("0", "6", "three"):
+        with pytest.raises(SettingsError, match="nats_replicas"):
+            load_settings(config_file=file, environ={"COMFYAUTOMATE_NATS_REPLICAS": bad})

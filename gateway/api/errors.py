@@ -23,6 +23,7 @@ from litestar.types.asgi_types import (
 )
 
 from gateway.api.schemas import ErrorBody
+from gateway.bus.retry import transient
 
 log = logging.getLogger(__name__)
 
@@ -30,12 +31,21 @@ log = logging.getLogger(__name__)
 class ApiError(Exception):
     """An error answer: HTTP status, a code to branch on, a sentence for people."""
 
-    def __init__(self, status: int, code: str, message: str, details: Any = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        details: Any = None,
+        *,
+        retry_after: int | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
         self.details = details
+        self.retry_after = retry_after  # seconds, sent as `Retry-After` when set
 
 
 def _body(code: str, message: str, details: Any = None) -> dict[str, Any]:
@@ -43,7 +53,10 @@ def _body(code: str, message: str, details: Any = None) -> dict[str, Any]:
 
 
 def api_error(_: Request[Any, Any, Any], exc: ApiError) -> Response[dict[str, Any]]:
-    return Response(_body(exc.code, exc.message, exc.details), status_code=exc.status)
+    headers = {} if exc.retry_after is None else {"Retry-After": str(exc.retry_after)}
+    return Response(
+        _body(exc.code, exc.message, exc.details), status_code=exc.status, headers=headers
+    )
 
 
 def validation_error(
@@ -98,6 +111,15 @@ def internal_error(request: Request[Any, Any, Any], exc: Exception) -> Response[
         return Response(
             _body("invalid_request", f"the request body is not usable JSON: {why}"),
             status_code=400,
+        )
+    if transient(exc) or (exc.__cause__ is not None and transient(exc.__cause__)):
+        # NATS is electing a leader (a broker node was lost): the same request soon succeeds.
+        # (Storage on NATS reports it as a StorageError caused by the NATS error.)
+        log.warning("%s %s: NATS unavailable: %s", request.method, request.url.path, exc)
+        return Response(
+            _body("unavailable", "the message bus is electing a leader; try again shortly"),
+            status_code=503,
+            headers={"Retry-After": "1"},
         )
     log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
     # The exception's text can hold the server's paths and internals: it goes to the log only.

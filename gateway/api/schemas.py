@@ -15,6 +15,7 @@ from gateway.bus.contract import (
     JobStatus,
     OutputFile,
 )
+from gateway.bus.replication import Replication
 
 
 class _ReadsLikeADict:
@@ -177,6 +178,9 @@ class HealthReport(_ReadsLikeADict, msgspec.Struct, kw_only=True):
     log_sink: bool = False
     missing: list[str] = msgspec.field(default_factory=list)
     """What the system lacks to take, run and log a job; empty when status is ok."""
+    replication: list[Replication] = msgspec.field(default_factory=list)
+    """Each stream, bucket and object store: its replicas, its leader, whether every copy is
+    current (lagging or offline copies and a missing leader are named)."""
 
 
 class ErrorBody(msgspec.Struct, kw_only=True):

@@ -25,7 +25,7 @@ from gateway.api.auth import Caller
 from gateway.api.errors import ApiError
 from gateway.api.jobdirectory import JobDirectory
 from gateway.api.metrics.counting import JobCounter
-from gateway.api.metrics.gauges import fleet_gauges, stream_gauges
+from gateway.api.metrics.gauges import fleet_gauges, replication_gauges, stream_gauges
 from gateway.api.metrics.instruments import Metrics
 from gateway.api.native.service import NativeService
 from gateway.balancer.fleet import FleetView
@@ -72,6 +72,7 @@ SUBMIT_STATUS = {
     "unschedulable": 422,
     "idempotency_mismatch": 422,
     "too_large": 413,
+    "unavailable": 503,
 }
 
 
@@ -108,6 +109,7 @@ class Services:
         self.metrics = Metrics()
         self.metrics.add_gauges("fleet", fleet_gauges(fleet, self.open_jobs))
         self.metrics.add_gauges("events", stream_gauges(self.js, self.subjects))
+        self.metrics.add_gauges("replication", replication_gauges(self.js, self.subjects))
         self.job_counter = JobCounter(self.js, self.subjects, self.metrics)
         self.directory = JobDirectory(self.js, self.subjects, jobs_kv)  # for fleet event streams
 
@@ -143,7 +145,9 @@ class Services:
         try:
             reply = await self.nc.request(self.subjects.submit, encode(request), timeout=10.0)
         except NoRespondersError:
-            raise ApiError(503, "no_balancer", "no balancer is running to accept jobs") from None
+            raise ApiError(
+                503, "no_balancer", "no balancer is running to accept jobs", retry_after=1
+            ) from None
         except NatsTimeoutError:
             raise ApiError(504, "submit_timeout", "the balancer did not answer in time") from None
         try:
@@ -151,7 +155,11 @@ class Services:
         except ContractError:
             error = decode(reply.data, Error)
             status = SUBMIT_STATUS.get(error.code, 500)
-            raise ApiError(status, error.code, error.message, error.details) from None
+            # NATS was electing a leader for longer than the balancer waited: soon it will not.
+            retry_after = 1 if error.code == "unavailable" else None
+            raise ApiError(
+                status, error.code, error.message, error.details, retry_after=retry_after
+            ) from None
 
     async def record(self, job_id: str, caller: Caller | None = None) -> JobRecord:
         """The job's current record, or a 404; also a 404 when `caller` may not see it.

@@ -7,6 +7,7 @@ from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
 from gateway.api.schemas import HealthReport
 from gateway.api.services import ServicesDep
+from gateway.bus.replication import Replication, replication_status
 
 
 @get("/health", tags=["system"])
@@ -20,9 +21,12 @@ async def health(services: ServicesDep) -> Response[HealthReport]:
     connected = services.nc.is_connected
     missing = []
     balancer = sink = False
+    replication: list[Replication] = []
     if not connected:
         missing.append("NATS: this gateway is not connected")
     else:
+        # Reported, not required: a copy catching up, or an election, does not stop a job.
+        replication = await replication_status(services.js, services.subjects)
         balancer = await services.someone_leads()
         if not balancer:
             missing.append("a leading balancer: none holds the lease yet")
@@ -38,6 +42,7 @@ async def health(services: ServicesDep) -> Response[HealthReport]:
         balancer=balancer,
         log_sink=sink,
         missing=missing,
+        replication=replication,
     )
     return Response(report, status_code=200 if not missing else 503)
 

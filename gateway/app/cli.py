@@ -25,6 +25,10 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="TOML settings file")
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING (default INFO)")
     parser.add_argument("--nats-url", help="NATS server URL (default nats://127.0.0.1:4222)")
+    parser.add_argument(
+        "--nats-replicas",
+        help="copies of each stream and bucket: 1, 3 on a cluster, or auto (default 1)",
+    )
     parser.add_argument("--data-dir", help="logs, outputs and JetStream go here (default ./data)")
     parser.add_argument("--prefix", dest="subject_prefix", help="subject prefix (default comfy)")
 
@@ -95,6 +99,22 @@ def build_parser() -> argparse.ArgumentParser:
     _common(balancer)
     balancer.set_defaults(handler=_run_balancer)
 
+    cluster = commands.add_parser(
+        "nats-cluster",
+        help="run a local JetStream cluster of nats-server nodes, to try a fleet's broker",
+        description="Start NODES nats-server processes on this machine, clustered, each with "
+        "its own store under DATA_DIR/nats-cluster, until Ctrl-C.",
+    )
+    cluster.add_argument("--config", help="TOML settings file")
+    cluster.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING")
+    cluster.add_argument("--data-dir", help="the nodes' stores go under here (default ./data)")
+    cluster.add_argument("--nodes", type=int, default=3, help="how many nodes (default 3)")
+    cluster.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    cluster.add_argument(
+        "--port", type=int, default=4222, help="first client port; node N gets PORT+N-1"
+    )
+    cluster.set_defaults(handler=_run_nats_cluster)
+
     from gateway.app import clientcli
     from gateway.logsink import cli as logsink_cli
     from plugins.comfyui import cli as adapter_cli
@@ -125,6 +145,24 @@ def _run_up(args: argparse.Namespace) -> int:
         simulate=args.simulate,
         join=args.join,
     )
+
+
+def _run_nats_cluster(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from gateway.app.brokers import run_nats_cluster
+    from gateway.bus.natsserver import DEFAULT_CONF
+
+    settings = _settings_from(args)
+    if args.nodes < 1:
+        raise SettingsError("--nodes must be at least 1")
+    conf = Path(settings.nats_conf) if settings.nats_conf else DEFAULT_CONF
+    asyncio.run(
+        run_nats_cluster(
+            settings.data_path, nodes=args.nodes, host=args.host, first_port=args.port, config=conf
+        )
+    )
+    return 0
 
 
 def _run_role(args: argparse.Namespace, role: Callable[..., Coroutine[Any, Any, None]]) -> int:

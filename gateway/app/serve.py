@@ -94,7 +94,12 @@ async def _serve(
 ) -> None:
     subjects = Subjects(settings.subject_prefix)
     async with session(
-        url, "gateway", subjects, user=settings.nats_user, password=settings.nats_password
+        url,
+        "gateway",
+        subjects,
+        user=settings.nats_user,
+        password=settings.nats_password,
+        replicas=settings.nats_replicas,
     ) as nc:
         js = nc.jetstream()
         fleet = FleetView(nc, await js.key_value(subjects.servers_bucket), subjects)
@@ -148,7 +153,12 @@ async def run_balancer(settings: Settings, url: str, stop: asyncio.Event) -> Non
     """A balancer alone, for fleets that run it apart from the REST gateway."""
     subjects = Subjects(settings.subject_prefix)
     async with session(
-        url, "balancer", subjects, user=settings.nats_user, password=settings.nats_password
+        url,
+        "balancer",
+        subjects,
+        user=settings.nats_user,
+        password=settings.nats_password,
+        replicas=settings.nats_replicas,
     ) as nc:
         js = nc.jetstream()
         fleet = FleetView(nc, await js.key_value(subjects.servers_bucket), subjects)

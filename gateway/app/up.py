@@ -83,7 +83,12 @@ async def run_up(
                 servers.append((f"sim-{index + 1}", f"Simulated ComfyUI {index + 1}", sim.address))
             nc = await stack.enter_async_context(
                 session(
-                    url, "up", subjects, user=settings.nats_user, password=settings.nats_password
+                    url,
+                    "up",
+                    subjects,
+                    user=settings.nats_user,
+                    password=settings.nats_password,
+                    replicas=settings.nats_replicas,
                 )
             )
             if found_broker and not join:

@@ -37,6 +37,7 @@ from gateway.bus.contract import (
     now,
 )
 from gateway.bus.events import JobEnded
+from gateway.bus.retry import through_election
 
 log = logging.getLogger(__name__)
 
@@ -228,8 +229,12 @@ class Binder:
             submitted_at=bound.submitted_at,
             dispatched_at=bound.updated_at,
         )
-        await self._lead.js.publish(
-            self._lead.subjects.jobs(bound.server_id),
-            encode(job),
-            headers={"Nats-Msg-Id": f"{bound.job_id}.{bound.attempt}"},
+        # The message id makes a retry after a lost answer a no-op.
+        await through_election(
+            lambda: self._lead.js.publish(
+                self._lead.subjects.jobs(bound.server_id or ""),
+                encode(job),
+                headers={"Nats-Msg-Id": f"{bound.job_id}.{bound.attempt}"},
+            ),
+            f"sending job {bound.job_id}",
         )

@@ -25,6 +25,7 @@ from gateway.balancer.placement import Requirements, requirements
 from gateway.balancer.queue import BoundJobs, PendingQueue
 from gateway.bus.contract import FailedData, JobRecord, JobRequest, JobStatus, encode
 from gateway.bus.events import EventPublisher, JobEnded
+from gateway.bus.retry import through_election
 from gateway.comfyui.shape import JobShape, shape_of
 
 # How long a record may wait for its queued event before the submission is declared lost.
@@ -141,9 +142,15 @@ class JobBook:
         # again, is applied again (and not taken for one already seen).
         if record.status.terminal and self._ended is not None:
             # Only an ended record expires: the book never loses an open job's.
-            await self._ended.put(record.job_id, encode(record))
+            ended = self._ended
+            await through_election(
+                lambda: ended.put(record.job_id, encode(record)), f"writing job {record.job_id}"
+            )
         else:
-            await self._kv.put(record.job_id, encode(record))
+            await through_election(
+                lambda: self._kv.put(record.job_id, encode(record)),
+                f"writing job {record.job_id}",
+            )
         self.keep(record)
 
     async def fail(self, record: JobRecord, code: str, message: str) -> None:

@@ -30,6 +30,7 @@ from gateway.balancer.recovery import Recovery
 from gateway.balancer.servers import ServerTable
 from gateway.bus.contract import Subjects
 from gateway.bus.events import EventPublisher
+from gateway.bus.retry import through_election
 from gateway.lifecycle import stop_tasks, wait_event
 
 CONSUMER: Final = "balancer"
@@ -88,18 +89,21 @@ class Dispatcher:
         self._recorder.forget_held()
         await self._recovery.load_records()
         self._recorder.replayed_upto = await self._replay_horizon()
-        sub = await self._js.pull_subscribe(
-            self._subjects.all_events,
-            durable=CONSUMER,
-            stream=self._subjects.events_stream,
-            config=api.ConsumerConfig(
-                ack_policy=api.AckPolicy.EXPLICIT,
-                deliver_policy=api.DeliverPolicy.ALL,
-                max_ack_pending=20_000,
-                # What a stopped leader had fetched but not applied reaches the next one after
-                # this long: a job that ended just then shows its end no later.
-                ack_wait=5,
+        sub = await through_election(
+            lambda: self._js.pull_subscribe(
+                self._subjects.all_events,
+                durable=CONSUMER,
+                stream=self._subjects.events_stream,
+                config=api.ConsumerConfig(
+                    ack_policy=api.AckPolicy.EXPLICIT,
+                    deliver_policy=api.DeliverPolicy.ALL,
+                    max_ack_pending=20_000,
+                    # What a stopped leader had fetched but not applied reaches the next one
+                    # after this long: a job that ended just then shows its end no later.
+                    ack_wait=5,
+                ),
             ),
+            "subscribing to the events",
         )
         loops = {
             asyncio.create_task(self._recorder.consume(sub), name="dispatcher-events"),
@@ -123,10 +127,15 @@ class Dispatcher:
         A consumer created afresh delivers every stored event again, each for the "first"
         time: up to this sequence, a queued event proves nothing and the record is read.
         """
+        stream = self._subjects.events_stream
         try:
-            await self._js.consumer_info(self._subjects.events_stream, CONSUMER)
+            await through_election(
+                lambda: self._js.consumer_info(stream, CONSUMER), "reading the consumer"
+            )
         except NotFoundError:
-            info = await self._js.stream_info(self._subjects.events_stream)
+            info = await through_election(
+                lambda: self._js.stream_info(stream), "reading the events stream"
+            )
             return int(info.state.last_seq)
         return 0
 

@@ -13,6 +13,7 @@ from nats.js.errors import NotFoundError
 
 from gateway.bus.contract import Event, JobRequest, Queued, Subjects, decode_event
 from gateway.bus.events import EventPublisher
+from gateway.bus.retry import through_election
 
 log = logging.getLogger(__name__)
 
@@ -40,11 +41,14 @@ class JobLog:
     async def request_of(self, job_id: str) -> JobRequest | None:
         """The job's request from its `queued` event; None if there is none."""
         try:
-            raw = await self._js.get_msg(
-                self._subjects.events_stream,
-                seq=1,
-                subject=self._subjects.events(job_id),
-                next=True,
+            raw = await through_election(
+                lambda: self._js.get_msg(
+                    self._subjects.events_stream,
+                    seq=1,
+                    subject=self._subjects.events(job_id),
+                    next=True,
+                ),
+                f"reading the queued event of job {job_id}",
             )
         except NotFoundError:
             return None

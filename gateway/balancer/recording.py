@@ -34,6 +34,7 @@ from gateway.bus.contract import (
     encode,
 )
 from gateway.bus.jobstate import BOUND, apply_event, attempts_left, record_from_queued
+from gateway.bus.retry import TRANSIENT, through_election
 from gateway.webhooks.feed import feed, wanted
 
 log = logging.getLogger(__name__)
@@ -71,6 +72,11 @@ class Recorder:
             try:
                 messages = await sub.fetch(_BATCH, timeout=self._tick)
             except TimeoutError:  # nats-py raises its own subclass or asyncio's: nothing came
+                continue
+            except TRANSIENT as exc:
+                # The stream or its consumer is electing a leader: ask again after a pause.
+                log.warning("fetching events failed (%s); fetching again", exc)
+                await asyncio.sleep(self._tick)
                 continue
             # Jobs are independent: each job's events are applied in order, different jobs'
             # at the same time, so a batch costs about one round of KV writes, not one per event.
@@ -172,7 +178,9 @@ class Recorder:
             # KV is the truth: a replayed queued event of a job that has moved on must not
             # revive it.
             try:
-                entry = await self._lead.jobs_kv.get(event.job_id)
+                entry = await through_election(
+                    lambda: self._lead.jobs_kv.get(event.job_id), f"reading job {event.job_id}"
+                )
             except KeyNotFoundError:
                 record = record_from_queued(event)
             else:

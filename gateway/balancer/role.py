@@ -20,6 +20,7 @@ from gateway.balancer.submit import Submitter, UsedBefore
 from gateway.bus.contract import Subjects, new_id
 from gateway.bus.events import EventPublisher
 from gateway.bus.lease import hold_lease
+from gateway.bus.retry import through_election
 from gateway.settings import Settings
 from gateway.webhooks.policy import WebhookPolicy
 
@@ -52,8 +53,12 @@ class Balancer:
     async def run(self, stop: asyncio.Event) -> None:
         """Serve until `stop` is set; then stop taking submissions and give up the lease."""
         js = self._nc.jetstream()
-        jobs_kv = await js.key_value(self._subjects.jobs_bucket)
-        lease_kv = await js.key_value(self._subjects.balancer_bucket)
+        jobs_kv = await through_election(
+            lambda: js.key_value(self._subjects.jobs_bucket), "finding the jobs bucket"
+        )
+        lease_kv = await through_election(
+            lambda: js.key_value(self._subjects.balancer_bucket), "finding the lease bucket"
+        )
         publisher = EventPublisher(js, self._subjects)
         self.submitter = Submitter(
             jobs_kv,

@@ -17,6 +17,7 @@ from typing import Final
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
+from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
 from nats.js.kv import KeyValue
@@ -49,6 +50,7 @@ from gateway.bus.contract import (
 )
 from gateway.bus.events import EventPublisher
 from gateway.bus.jobstate import request_hash
+from gateway.bus.retry import TRANSIENT, through_election, transient
 from gateway.comfyui.jobfiles import job_file_problems
 from gateway.comfyui.workflow import (
     WorkflowError,
@@ -125,6 +127,11 @@ def input_problems(inputs: list[JobInput]) -> list[str]:
             except InvalidKey as exc:
                 problems.append(f"input {name!r}: {exc}")
     return problems
+
+
+# How long a submission waits for the jobs bucket to have a leader before answering
+# `unavailable`.
+_CREATE_WAIT_S = 8.0
 
 
 class Refused(Exception):
@@ -296,7 +303,7 @@ class Submitter:
         if used_before is not None and await used_before(job_id):
             raise Refused("duplicate_job", f"job id {job_id!r} is already in use")
         try:
-            await self._kv.create(job_id, encode(record))
+            await self._create_record(job_id, encode(record))
         except KeyWrongLastSequenceError:
             return await self._existing(job_id, request, digest)
         self._publisher.expect_new(job_id)
@@ -313,6 +320,34 @@ class Submitter:
             return await self._webhooks.resolved(request)
         except WebhookRefused as exc:
             raise Refused("invalid_webhook", str(exc)) from None
+
+    async def _create_record(self, job_id: str, value: bytes) -> None:
+        """Create the job's record, through an election; a try of ours stored though its answer
+        was lost is taken for the creation it is, not for another's record."""
+        retried = False
+
+        async def create() -> None:
+            nonlocal retried
+            try:
+                try:
+                    await self._kv.create(job_id, value)
+                except KeyWrongLastSequenceError:
+                    if retried and (await self._kv.get(job_id)).value == value:
+                        return
+                    raise
+            except KeyNotFoundError as exc:
+                if not retried:
+                    raise
+                # The bucket counts a try of ours still pending (a leader without its quorum)
+                # that no copy has stored: not known yet either way, so like a time-out.
+                raise NatsTimeoutError from exc
+            except TRANSIENT:
+                retried = True
+                raise
+
+        # Shorter than an election may take: the gateway waits 10 s for the answer, and an
+        # "unavailable" (503, Retry-After) before then tells the client more than a time-out.
+        await through_election(create, f"creating job {job_id}", within=_CREATE_WAIT_S)
 
     async def _existing(self, job_id: str, request: JobRequest, digest: str) -> JobAccepted:
         """The answer to a request whose job id is taken: that job if it is the same, else 409.
@@ -407,7 +442,12 @@ class Submitter:
             except Refused as exc:
                 reply = exc.error
             except Exception as exc:
-                log.exception("submitting a job failed")
-                reply = Error(code="internal", message=f"the job was not accepted: {exc}")
+                if transient(exc) or transient(exc.__cause__ or exc):
+                    # NATS stayed leaderless longer than an election: the client may try again.
+                    log.warning("a job could not be accepted now: %s", exc)
+                    reply = Error(code="unavailable", message=f"try again shortly: {exc}")
+                else:
+                    log.exception("submitting a job failed")
+                    reply = Error(code="internal", message=f"the job was not accepted: {exc}")
             if msg.reply:
                 await msg.respond(encode(reply))

@@ -8,9 +8,11 @@ that changed between versions is updated in place.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 import logging
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 from urllib.parse import unquote, urlsplit, urlunsplit
 
@@ -20,6 +22,7 @@ from nats.js import JetStreamContext, api
 from nats.js.errors import BadRequestError
 
 from gateway.bus.contract import Subjects
+from gateway.bus.retry import through_election
 
 log = logging.getLogger(__name__)
 
@@ -167,14 +170,70 @@ def _stream_configs(subjects: Subjects, sizing: BusResources) -> list[api.Stream
     ]
 
 
-async def _ensure_stream(js: JetStreamContext, config: api.StreamConfig) -> None:
+def cluster_size(client: Client) -> int:
+    """How many brokers the connection knows of: those given and those the cluster announced."""
+    return len({(server.hostname, server.port) for server in client.servers})
+
+
+def resources_for(client: Client, replicas: int | str) -> BusResources:
+    """The sizing of the resources for the `nats_replicas` setting; `auto` asks the cluster.
+
+    `auto` means 3 replicas on a cluster of 3 brokers or more, else 1: two copies would stop
+    when either node is down (a quorum of 2 needs both), so they are never chosen.
+    """
+    if replicas == "auto":
+        return BusResources(replicas=3 if cluster_size(client) >= 3 else 1)
+    return BusResources(replicas=int(replicas))
+
+
+def _kept_replicas(name: str, current: int, wanted: int) -> int:
+    """The replicas a stream keeps: raised to `wanted`, never lowered (a copy is not dropped)."""
+    if current > wanted:
+        log.warning(
+            "%s has %d replicas and nats_replicas asks for %d: lowering is refused, it keeps %d "
+            "(lower it on purpose with `nats stream edit %s --replicas %d`)",
+            name,
+            current,
+            wanted,
+            current,
+            name,
+            wanted,
+        )
+        return current
+    if current < wanted:
+        log.warning("%s has %d replicas; raising it to %d", name, current, wanted)
+    return wanted
+
+
+async def _ensure_stream(
+    js: JetStreamContext,
+    name: str,
+    replicas: int,
+    create: Callable[[], Awaitable[object]],
+    wanted: api.StreamConfig | None = None,
+) -> None:
+    """Run `create`; if the stream exists with another definition, bring it to `wanted`.
+
+    `wanted` is the whole definition (the contract's streams); None keeps the existing one
+    (buckets and the object store, whose definitions nats-py derives) and changes only its
+    replicas. Either way replicas are raised, never lowered.
+    """
     try:
-        await js.add_stream(config)
+        await create()
+        return
     except BadRequestError as exc:
         if exc.err_code != _STREAM_NAME_IN_USE:
             raise
-        log.info("stream %s exists with another definition; updating it", config.name)
-        await js.update_stream(config)
+    info = await js.stream_info(name)
+    current = info.config.num_replicas or 1
+    keep = _kept_replicas(name, current, replicas)
+    if wanted is None:
+        if keep == current:
+            return  # nothing of ours differs
+        wanted = info.config
+    else:
+        log.info("stream %s exists with another definition; updating it", name)
+    await js.update_stream(dataclasses.replace(wanted, num_replicas=keep))
 
 
 async def ensure_resources(
@@ -182,82 +241,116 @@ async def ensure_resources(
     subjects: Subjects,
     sizing: BusResources | None = None,
 ) -> None:
-    """Create (or find) the streams JOBS, EVENTS and WEBHOOKS, the buckets and the object store."""
+    """Create (or find) the streams JOBS, EVENTS and WEBHOOKS, the KV buckets and the object
+    store.
+
+    Each is made with `sizing.replicas` copies; one that exists with fewer is raised in place
+    (JetStream copies its data to the new peers while it serves), one with more keeps them.
+    """
     sizing = sizing or BusResources()
+    replicas = sizing.replicas
     for config in _stream_configs(subjects, sizing):
-        await _ensure_stream(js, config)
-    await js.create_key_value(
+        assert config.name is not None
+        await _ensure_stream(
+            js, config.name, replicas, functools.partial(js.add_stream, config), config
+        )
+    buckets = [
         api.KeyValueConfig(
             bucket=subjects.servers_bucket,
             description="Registered ComfyUI servers",
             history=1,
             storage=api.StorageType.FILE,
-            replicas=sizing.replicas,
-        )
-    )
-    await js.create_key_value(
+            replicas=replicas,
+        ),
         api.KeyValueConfig(
             bucket=subjects.jobs_bucket,
             description="Current state of each job",
             history=1,
             storage=api.StorageType.FILE,
-            replicas=sizing.replicas,
-        )
-    )
-    await js.create_key_value(
+            replicas=replicas,
+        ),
         api.KeyValueConfig(
             bucket=subjects.balancer_bucket,
             description="Balancer leadership lease (one dispatching balancer at a time)",
             history=1,
             ttl=LEADER_LEASE_S,
             storage=api.StorageType.FILE,
-            replicas=sizing.replicas,
-        )
-    )
-    await js.create_key_value(
+            replicas=replicas,
+        ),
         api.KeyValueConfig(
             bucket=subjects.prompts_bucket,
             description="Prompts taken through the ComfyUI-compatible API",
             history=1,
             storage=api.StorageType.FILE,
-            replicas=sizing.replicas,
-        )
-    )
-    for bucket, description, ttl in (
-        (subjects.idempotency_bucket, "Idempotency keys of submissions", IDEMPOTENCY_TTL_S),
-        (subjects.batches_bucket, "Batches of jobs", 0.0),
-    ):
-        await js.create_key_value(
-            api.KeyValueConfig(
-                bucket=bucket,
-                description=description,
-                history=1,
-                ttl=ttl or None,
-                storage=api.StorageType.FILE,
-                replicas=sizing.replicas,
-            )
-        )
-    await js.create_object_store(
-        subjects.outputs_bucket,
-        api.ObjectStoreConfig(
-            bucket=subjects.outputs_bucket,
-            description="Job outputs, when the nats storage backend is chosen",
-            storage=api.StorageType.FILE,
-            replicas=sizing.replicas,
+            replicas=replicas,
         ),
+        api.KeyValueConfig(
+            bucket=subjects.idempotency_bucket,
+            description="Idempotency keys of submissions",
+            history=1,
+            ttl=IDEMPOTENCY_TTL_S,
+            storage=api.StorageType.FILE,
+            replicas=replicas,
+        ),
+        api.KeyValueConfig(
+            bucket=subjects.batches_bucket,
+            description="Batches of jobs",
+            history=1,
+            storage=api.StorageType.FILE,
+            replicas=replicas,
+        ),
+    ]
+    for bucket in buckets:
+        await _ensure_stream(
+            js, f"KV_{bucket.bucket}", replicas, functools.partial(js.create_key_value, bucket)
+        )
+    outputs = api.ObjectStoreConfig(
+        bucket=subjects.outputs_bucket,
+        description="Job outputs, when the nats storage backend is chosen",
+        storage=api.StorageType.FILE,
+        replicas=replicas,
     )
+    await _ensure_stream(
+        js,
+        f"OBJ_{subjects.outputs_bucket}",
+        replicas,
+        functools.partial(js.create_object_store, subjects.outputs_bucket, outputs),
+    )
+
+
+def resource_streams(subjects: Subjects) -> list[str]:
+    """The names of the streams behind every resource of the contract (buckets included)."""
+    return [
+        subjects.jobs_stream,
+        subjects.events_stream,
+        f"KV_{subjects.servers_bucket}",
+        f"KV_{subjects.jobs_bucket}",
+        f"KV_{subjects.balancer_bucket}",
+        f"KV_{subjects.prompts_bucket}",
+        f"KV_{subjects.idempotency_bucket}",
+        f"KV_{subjects.batches_bucket}",
+        f"OBJ_{subjects.outputs_bucket}",
+        subjects.webhooks_stream,
+    ]
 
 
 @contextlib.asynccontextmanager
-async def session(url: str, name: str, subjects: Subjects, **options: Any) -> AsyncIterator[Client]:
+async def session(
+    url: str, name: str, subjects: Subjects, *, replicas: int | str = 1, **options: Any
+) -> AsyncIterator[Client]:
     """A connection for one role, with the contract's resources in place; closed on exit.
 
-    `options` go to `connect` (`user`, `password`, ...). Closing drains: subscriptions stop
-    taking messages and what was published is flushed.
+    `replicas` is the `nats_replicas` setting. `options` go to `connect` (`user`,
+    `password`, ...). Closing drains: subscriptions stop taking messages and what was
+    published is flushed.
     """
     client = await connect(url, name, **options)
     try:
-        await ensure_resources(client.jetstream(), subjects)
+        sizing = resources_for(client, replicas)
+        await through_election(
+            lambda: ensure_resources(client.jetstream(), subjects, sizing),
+            "creating the streams and buckets",
+        )
         yield client
     finally:
         if not client.is_closed:

@@ -18,10 +18,11 @@ import asyncio
 import itertools
 import logging
 import random
+import time
 from collections import OrderedDict
 
-from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
+from nats.js.api import RawStreamMsg
 from nats.js.errors import BadRequestError, NotFoundError
 
 from gateway.bus.contract import (
@@ -35,6 +36,7 @@ from gateway.bus.contract import (
     new_id,
 )
 from gateway.bus.jobstate import ends_job
+from gateway.bus.retry import ELECTION_S, TRANSIENT, pauses, through_election
 
 log = logging.getLogger(__name__)
 
@@ -182,6 +184,8 @@ class EventPublisher:
         if job.seq < 0:
             await self._read_last(job_id, job)
         event_id = self._new_event_id()
+        backoff = pauses()
+        unavailable_since: float | None = None
         for attempt in range(_MAX_TRIES):
             if job.end is not None:
                 log.info(
@@ -210,8 +214,13 @@ class EventPublisher:
             except BadRequestError as exc:
                 if exc.err_code != _WRONG_LAST_SEQUENCE:
                     raise EventPublishError(f"event for job {job_id} refused: {exc}") from exc
-            except NatsTimeoutError:
-                log.warning("an event of job %s timed out; checking before retrying", job_id)
+            except TRANSIENT as exc:
+                # Timed out, or the stream is electing a leader: the event may be stored.
+                log.warning("an event of job %s: %s; checking before retrying", job_id, exc)
+                unavailable_since = unavailable_since or time.monotonic()
+                if time.monotonic() - unavailable_since > ELECTION_S:
+                    raise EventPublishError(f"event for job {job_id} not stored: {exc}") from exc
+                await asyncio.sleep(backoff.next())
             else:
                 job.stored(event, ack.seq)
                 return event
@@ -238,24 +247,28 @@ class EventPublisher:
             )
             headers = {"Nats-Msg-Id": event_id, "Nats-Expected-Last-Subject-Sequence": "0"}
             try:
-                ack = await self._js.publish(
-                    self._subjects.events(job_id),
-                    encode(event),
-                    timeout=self._timeout,
-                    headers=headers,
+                ack = await through_election(
+                    lambda: self._js.publish(
+                        self._subjects.events(job_id),
+                        encode(event),
+                        timeout=self._timeout,
+                        headers=headers,
+                    ),
+                    f"the first event of job {job_id}",
                 )
             except BadRequestError as exc:
-                if exc.err_code == _WRONG_LAST_SEQUENCE:
-                    job.seq = -1  # not ours to know: read it again when next needed
-                    return False
-                raise EventPublishError(f"event for job {job_id} refused: {exc}") from exc
+                if exc.err_code != _WRONG_LAST_SEQUENCE:
+                    raise EventPublishError(f"event for job {job_id} refused: {exc}") from exc
+                # Another's event is first; or ours, stored by a try whose answer was lost.
+                await self._read_last(job_id, job)
+                return job.event_id == event_id
             job.stored(event, ack.seq)
             return True
 
     async def has_events(self, job_id: str) -> bool:
         """Whether the job's subject holds any event (read from the stream, not remembered)."""
         try:
-            await self._js.get_last_msg(self._subjects.events_stream, self._subjects.events(job_id))
+            await self._last_msg(job_id)
         except NotFoundError:
             return False
         return True
@@ -263,18 +276,22 @@ class EventPublisher:
     async def last_event(self, job_id: str) -> Event | None:
         """The job's newest event, read from the stream (a record may lag it); None if none."""
         try:
-            raw = await self._js.get_last_msg(
-                self._subjects.events_stream, self._subjects.events(job_id)
-            )
+            raw = await self._last_msg(job_id)
         except NotFoundError:
             return None
         return None if raw.data is None else decode_event(raw.data)
 
+    async def _last_msg(self, job_id: str) -> RawStreamMsg:
+        return await through_election(
+            lambda: self._js.get_last_msg(
+                self._subjects.events_stream, self._subjects.events(job_id)
+            ),
+            f"reading the last event of job {job_id}",
+        )
+
     async def _read_last(self, job_id: str, job: _JobLog) -> None:
         try:
-            raw = await self._js.get_last_msg(
-                self._subjects.events_stream, self._subjects.events(job_id)
-            )
+            raw = await self._last_msg(job_id)
         except NotFoundError:
             job.seq, job.stream_seq, job.event_id, job.end = 0, 0, None, None
             return

@@ -15,13 +15,22 @@ from nats.js import JetStreamContext, api
 from nats.js.errors import NotFoundError
 from nats.js.kv import KV_DEL, KV_OP, KV_PURGE
 
+from gateway.bus.retry import through_election
+
 _BATCH = 512
 _MARKER = "Nats-Marker-Reason"  # nats-server 2.11+: a key removed by its TTL or max age
 _FETCH_TIMEOUT_S = 5.0
 
 
 async def kv_snapshot(js: JetStreamContext, bucket: str) -> dict[str, bytes]:
-    """Every key of `bucket` with its latest value; deleted and purged keys left out."""
+    """Every key of `bucket` with its latest value; deleted and purged keys left out.
+
+    Read again from the start if the bucket elects a leader meanwhile.
+    """
+    return await through_election(lambda: _snapshot(js, bucket), f"reading bucket {bucket}")
+
+
+async def _snapshot(js: JetStreamContext, bucket: str) -> dict[str, bytes]:
     prefix = f"$KV.{bucket}."
     sub = await js.pull_subscribe(
         f"{prefix}>",

@@ -14,11 +14,13 @@ import logging
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+import nats.errors
 from nats.js import JetStreamContext
 from nats.js.errors import KeyWrongLastSequenceError, NotFoundError
 from nats.js.kv import KeyValue
 
 from gateway.bus.connection import LEADER_LEASE_S
+from gateway.bus.retry import TRANSIENT, through_election
 from gateway.lifecycle import stop_tasks, wait_event
 
 log = logging.getLogger(__name__)
@@ -52,7 +54,15 @@ async def hold_lease(
     same event has `drain_s` seconds to end by itself before it is cancelled.
     """
     while not stop.is_set():
-        revision = await _try_acquire(kv, holder, key)
+        try:
+            revision = await _try_acquire(kv, holder, key)
+        except nats.errors.Error as exc:
+            # The bucket has no leader for longer than an election takes, or answers oddly
+            # while it has none (nats-py's create reads the key back after a refused write,
+            # and a leader without its quorum refuses for a try no copy stored): an outage,
+            # not a reason to end the process. Try again, as a standby would.
+            log.warning("%s cannot take the %s lease now (%r); trying again", holder, key, exc)
+            revision = None
         if revision is None:
             await wait_event(stop, renew_every)
             continue
@@ -70,9 +80,21 @@ async def hold_lease(
 
 async def _try_acquire(kv: KeyValue, holder: str, key: str) -> int | None:
     try:
-        return await kv.create(key, holder.encode())
+        return await through_election(
+            lambda: kv.create(key, holder.encode()), f"taking the {key} lease"
+        )
     except KeyWrongLastSequenceError:
+        # Someone holds it; or a try of ours was stored though its answer was lost (an election
+        # in between), and then the holder is us.
+        return await _own_revision(kv, holder, key)
+
+
+async def _own_revision(kv: KeyValue, holder: str, key: str) -> int | None:
+    try:
+        entry = await through_election(lambda: kv.get(key), f"reading the {key} lease")
+    except NotFoundError:
         return None
+    return entry.revision if entry.value == holder.encode() else None
 
 
 async def _lead(
@@ -95,9 +117,13 @@ async def _lead(
             if done:
                 break
             try:
-                revision = await kv.update(key, holder.encode(), last=revision)
+                revision = await _renew(kv, holder, key, revision)
             except KeyWrongLastSequenceError:
                 log.warning("%s lost the %s lease; standing by", holder, key)
+                break
+            except TRANSIENT as exc:
+                # Unrenewed this long, the lease has expired: another may hold it by now.
+                log.warning("%s could not renew the %s lease (%s); standing by", holder, key, exc)
                 break
         if stop.is_set() and drain_s > 0 and not worker.done():
             await asyncio.wait({worker}, timeout=drain_s)
@@ -107,6 +133,24 @@ async def _lead(
         failure = None if worker.cancelled() else worker.exception()
         if failure is not None:
             raise failure
+
+
+async def _renew(kv: KeyValue, holder: str, key: str, revision: int) -> int:
+    last = revision
+
+    async def update() -> int:
+        nonlocal last
+        try:
+            return await kv.update(key, holder.encode(), last=last)
+        except KeyWrongLastSequenceError:
+            # A try of ours that was stored though its answer was lost moved the revision on.
+            own = await _own_revision(kv, holder, key)
+            if own is None or own == last:
+                raise
+            last = own
+            return await kv.update(key, holder.encode(), last=last)
+
+    return await through_election(update, f"renewing the {key} lease", within=LEADER_LEASE_S)
 
 
 async def _release(kv: KeyValue, holder: str, key: str) -> None:

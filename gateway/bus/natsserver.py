@@ -58,8 +58,16 @@ def _die_with_parent(parent_pid: int) -> None:
 
 
 async def answers(url: str, within: float = 0.5) -> bool:
-    """True when something accepts TCP connections at the first host:port of a NATS URL."""
-    host, port = host_port(url)
+    """True when something accepts TCP connections at some host:port of a NATS URL.
+
+    A cluster's URL names several brokers; any one of them is enough to connect through.
+    """
+    servers = [piece.strip() for piece in url.split(",") if piece.strip()] or [url]
+    found = await asyncio.gather(*(_accepts(*host_port(server), within) for server in servers))
+    return any(found)
+
+
+async def _accepts(host: str, port: int, within: float) -> bool:
     try:
         _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), within)
     except (OSError, TimeoutError):

@@ -37,6 +37,10 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="TOML settings file")
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING (default INFO)")
     parser.add_argument("--nats-url", help="NATS server URL (default nats://127.0.0.1:4222)")
+    parser.add_argument(
+        "--nats-replicas",
+        help="copies of each stream and bucket: 1, 3 on a cluster, or auto (default 1)",
+    )
     parser.add_argument("--data-dir", help="folder holding logs/ (default ./data)")
     parser.add_argument("--prefix", dest="subject_prefix", help="subject prefix (default comfy)")
 

@@ -30,12 +30,14 @@ from nats.js import JetStreamContext, api
 from nats.js.errors import NotFoundError
 
 from gateway.bus.contract import Subjects
+from gateway.bus.retry import through_election
 from gateway.logsink.config import SinkConfig
 
 log = logging.getLogger(__name__)
 
 _STATUS: Final = "Status"
 _HEARTBEAT: Final = "100"
+_NO_LEADER: Final = "503"
 _encoder: Final = msgspec.json.Encoder()
 
 
@@ -73,14 +75,20 @@ class EventPuller:
         self._wake = asyncio.Event()
         # Open pull requests, oldest first: [expiry (monotonic), events still to come].
         self._requests: collections.deque[list[float]] = collections.deque()
+        self._leaderless = False  # the last pull request was answered "no leader" (503)
 
     async def start(self, after: int) -> None:
         """Make the durable consumer anew, from just after stream sequence `after`, and start
         receiving."""
         stream = self._subjects.events_stream
-        with contextlib.suppress(NotFoundError):
-            await self._js.delete_consumer(stream, self._config.durable)
-        await self._js.add_consumer(stream, consumer_config(self._subjects, self._config, after))
+        config = consumer_config(self._subjects, self._config, after)
+
+        async def make() -> None:
+            with contextlib.suppress(NotFoundError):
+                await self._js.delete_consumer(stream, self._config.durable)
+            await self._js.add_consumer(stream, config)
+
+        await through_election(make, "creating the log sink's consumer")
         self._sub = await self._nc.subscribe(
             self._inbox,
             cb=self._on_message,
@@ -101,6 +109,7 @@ class EventPuller:
         if headers and _STATUS in headers and not msg.data:
             self._on_status(headers)
             return
+        self._leaderless = False
         self._buffer.append(msg)
         requests = self._requests
         if requests:
@@ -117,6 +126,14 @@ class EventPuller:
         # 404/408: a request ended (no messages, or expired); 409: the server cut it short.
         if self._requests:
             self._requests.popleft()
+        if code == _NO_LEADER:
+            # The consumer is electing a leader (a broker node was lost): asking again at once
+            # would spin. The loop asks again when its wait for events times out.
+            if not self._leaderless:
+                log.warning("event consumer: no leader now; asking again shortly")
+            self._leaderless = True
+            return
+        self._leaderless = False
         if code not in ("404", "408"):
             log.warning(
                 "event consumer: pull request ended with %s %s", code, headers.get("Description")

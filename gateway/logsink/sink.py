@@ -25,9 +25,10 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import api
 
-from gateway.bus.connection import connect, ensure_resources
+from gateway.bus.connection import connect, ensure_resources, resources_for
 from gateway.bus.contract import Subjects, new_id
 from gateway.bus.lease import hold_lease, lease_held
+from gateway.bus.retry import through_election
 from gateway.lifecycle import wait_event
 from gateway.logsink.attempts import write_attempts
 from gateway.logsink.config import SinkConfig
@@ -342,7 +343,11 @@ async def run_logsink(
     own = nc is None
     client = nc if nc is not None else await _connect(settings)
     try:
-        await ensure_resources(client.jetstream(), subjects)
+        sizing = resources_for(client, settings.nats_replicas)
+        await through_election(
+            lambda: ensure_resources(client.jetstream(), subjects, sizing),
+            "creating the streams and buckets",
+        )
         leases = await client.jetstream().key_value(subjects.balancer_bucket)
 
         async def sink() -> None:

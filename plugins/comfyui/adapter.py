@@ -35,6 +35,7 @@ from gateway.bus.contract import (
 )
 from gateway.bus.events import EventPublisher
 from gateway.bus.jobstate import ends_attempt
+from gateway.bus.retry import through_election
 from gateway.settings import Settings
 from gateway.storage import Storage
 from plugins.comfyui.attempt import RunContext
@@ -169,7 +170,9 @@ class Adapter:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Take and run jobs until `stop` is set; then shut down gracefully."""
-        kv = await self._js.key_value(self._subjects.jobs_bucket)
+        kv = await through_election(
+            lambda: self._js.key_value(self._subjects.jobs_bucket), "finding the jobs bucket"
+        )
         context = RunContext(
             server_id=self.server_id,
             address=self.address,
@@ -230,10 +233,15 @@ class Adapter:
         )
         try:
             # Creates the consumer, or updates it (a changed ack_wait, say).
-            await self._js.add_consumer(stream, config)
+            await through_election(
+                lambda: self._js.add_consumer(stream, config), f"creating consumer {name}"
+            )
         except BadRequestError as exc:
             log.warning("consumer %s exists with settings that cannot change: %s", name, exc)
-        return await self._js.pull_subscribe_bind(durable=name, stream=stream)
+        return await through_election(
+            lambda: self._js.pull_subscribe_bind(durable=name, stream=stream),
+            f"binding consumer {name}",
+        )
 
     async def _consume(
         self,
@@ -367,7 +375,7 @@ class Adapter:
 
 async def _record(kv: KeyValue, job_id: str) -> JobRecord | None:
     try:
-        entry = await kv.get(job_id)
+        entry = await through_election(lambda: kv.get(job_id), f"reading job {job_id}")
     except KeyNotFoundError:
         return None
     if entry.value is None:

@@ -41,6 +41,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="TOML settings file")
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING (default INFO)")
     parser.add_argument("--nats-url", help="NATS server URL (default nats://127.0.0.1:4222)")
+    parser.add_argument(
+        "--nats-replicas",
+        help="copies of each stream and bucket: 1, 3 on a cluster, or auto (default 1)",
+    )
     parser.add_argument("--data-dir", help="where the local storage keeps outputs (default ./data)")
     parser.add_argument("--prefix", dest="subject_prefix", help="subject prefix (default comfy)")
     parser.add_argument("--storage", help="storage backend for outputs: local, nats, ...")
@@ -117,7 +121,7 @@ def main(args: argparse.Namespace) -> int:
     """Run the adapter until SIGINT/SIGTERM; the exit code (1 when NATS does not answer)."""
     flags = {
         name: getattr(args, name, None)
-        for name in ("nats_url", "data_dir", "subject_prefix", "storage")
+        for name in ("nats_url", "nats_replicas", "data_dir", "subject_prefix", "storage")
     }
     settings = load_settings(flags, config_file=args.config)
     labels = parse_labels(args.label)
@@ -141,6 +145,7 @@ def main(args: argparse.Namespace) -> int:
             subjects,
             user=settings.nats_user,
             password=settings.nats_password,
+            replicas=settings.nats_replicas,
         ) as nc:
             await run_adapter(
                 nc,

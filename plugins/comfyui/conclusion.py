@@ -22,6 +22,7 @@ from gateway.bus.contract import (
     SucceededData,
     decode,
 )
+from gateway.bus.retry import through_election
 from gateway.comfyui.outputs import WEBSOCKET_OUTPUT_CLASSES
 from gateway.storage import StorageError
 from plugins.comfyui import failures
@@ -221,7 +222,10 @@ async def conclude(attempt: Attempt, result: Result) -> None:
 async def current_record(attempt: Attempt) -> JobRecord | None:
     """The job's record in KV now; None if there is none."""
     try:
-        entry = await attempt.ctx.jobs_kv.get(attempt.job.job_id)
+        entry = await through_election(
+            lambda: attempt.ctx.jobs_kv.get(attempt.job.job_id),
+            f"reading job {attempt.job.job_id}",
+        )
     except KeyNotFoundError:
         return None
     if entry.value is None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -18,6 +19,7 @@ import httpx
 import msgspec
 
 from gateway.bus.contract import OutputFile
+from gateway.bus.retry import ELECTION_S, pauses, transient
 from gateway.comfyui.outputs import stored_name, websocket_image_name
 from gateway.storage import (
     CHUNK_SIZE,
@@ -114,8 +116,15 @@ def _content_type(header: str | None, key: str) -> str:
 async def store_output(
     client: ComfyClient, storage: Storage, ref: OutputRef, key: str
 ) -> OutputFile:
-    """Stream one file from ComfyUI into storage under `key`; retried on transient errors."""
-    for attempt in range(_TRIES):
+    """Stream one file from ComfyUI into storage under `key`; retried on transient errors.
+
+    ComfyUI not answering is tried a few times; a storage on NATS electing a leader is waited
+    for as long as an election takes (the file is read from ComfyUI again each time).
+    """
+    failures = 0
+    backoff = pauses()
+    deadline = time.monotonic() + ELECTION_S
+    while True:
         try:
             async with client.view(ref.filename, ref.subfolder, ref.type) as response:
                 content_type = _content_type(response.headers.get("content-type"), key)
@@ -123,12 +132,19 @@ async def store_output(
                     key, response.aiter_bytes(CHUNK_SIZE), content_type=content_type
                 )
         except (ComfyUnavailable, httpx.TransportError) as exc:
-            if attempt + 1 == _TRIES:
+            failures += 1
+            if failures == _TRIES:
                 raise ComfyUnavailable(
                     f"could not fetch {ref.filename} from ComfyUI: {exc}"
                 ) from exc
             log.warning("fetching %s failed; retrying", ref.filename, exc_info=True)
-            await asyncio.sleep(0.2 * 2**attempt)
+            await asyncio.sleep(0.2 * 2 ** (failures - 1))
+            continue
+        except StorageError as exc:
+            if not transient(exc.__cause__ or exc) or time.monotonic() > deadline:
+                raise
+            log.warning("storing %s: %s; retrying while NATS elects a leader", key, exc)
+            await asyncio.sleep(backoff.next())
             continue
         return OutputFile(
             node_id=ref.node_id,
@@ -141,7 +157,6 @@ async def store_output(
             type=ref.type,
             index=ref.index,
         )
-    raise AssertionError("unreachable")  # pragma: no cover
 
 
 class OutputSaver:

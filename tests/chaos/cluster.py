@@ -25,8 +25,9 @@ import msgspec
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from gateway.bus.connection import connect, ensure_resources
+from gateway.bus.connection import BusResources, connect, ensure_resources
 from gateway.bus.contract import Heartbeat, Subjects, decode
+from gateway.bus.natscluster import NatsCluster
 from gateway.bus.natsserver import NatsServer, start_nats_server
 from plugins.simulator import Simulator, SimulatorConfig
 from tests.helpers import poll_until
@@ -130,7 +131,15 @@ class Child:
 class Cluster:
     """Handles on every part; see `running_cluster`."""
 
-    def __init__(self, base: Path, server_ids: list[str], sim_config: SimulatorConfig) -> None:
+    def __init__(
+        self,
+        base: Path,
+        server_ids: list[str],
+        sim_config: SimulatorConfig,
+        *,
+        nats_nodes: int = 1,
+        storage: str = "local",
+    ) -> None:
         self.base = base
         self.data_dir = base / "data"
         self.store_dir = base / "nats"
@@ -140,6 +149,12 @@ class Cluster:
         self.subjects = Subjects()
         self.nats: NatsServer | None = None
         self.nats_port = 0
+        # Several nodes: a JetStream cluster on loopback, every resource with 3 replicas.
+        self.broker: NatsCluster | None = None
+        if nats_nodes > 1:
+            self.broker = NatsCluster(base / "nats-cluster", nats_nodes)
+        self.replicas = 3 if nats_nodes >= 3 else 1
+        self.storage = storage
         self.gateway_port = free_port()
         self.sims: dict[str, Simulator] = {}
         self.sim_ports: dict[str, int] = {}
@@ -156,6 +171,8 @@ class Cluster:
         # Heartbeats twice a second: a dead adapter is noticed (and a revived fake seen
         # healthy) within about 1.5 s instead of 3.
         self.env["COMFYAUTOMATE_HEARTBEAT_INTERVAL_S"] = "0.5"
+        self.env["COMFYAUTOMATE_NATS_REPLICAS"] = str(self.replicas)
+        self.env["COMFYAUTOMATE_STORAGE"] = storage
         (base / "none.toml").write_text("")
 
     @property
@@ -164,6 +181,8 @@ class Cluster:
 
     @property
     def nats_url(self) -> str:
+        if self.broker is not None:
+            return self.broker.url
         return f"nats://127.0.0.1:{self.nats_port}"
 
     def _role(self, *args: str) -> list[str]:
@@ -184,6 +203,9 @@ class Cluster:
     # -- nats-server -------------------------------------------------------------------------
 
     async def start_nats(self) -> None:
+        if self.broker is not None:
+            await self.broker.start()
+            return
         self.nats = await start_nats_server(
             port=self.nats_port,
             store_dir=self.store_dir,
@@ -323,7 +345,9 @@ class Cluster:
     async def start(self) -> None:
         await self.start_nats()
         self.nc = await connect(self.nats_url, "chaos")
-        await ensure_resources(self.nc.jetstream(), self.subjects)
+        await ensure_resources(
+            self.nc.jetstream(), self.subjects, BusResources(replicas=self.replicas)
+        )
         await self.nc.subscribe(self.subjects.all_heartbeats, cb=self._on_heartbeat)
         for server_id in self.server_ids:
             await self.start_sim(server_id)
@@ -358,6 +382,8 @@ class Cluster:
             await sim.stop()
         if self.nats is not None:
             await self.nats.stop()
+        if self.broker is not None:
+            await self.broker.stop()
 
     def tails(self) -> str:
         """The end of every child's log, for a failure message."""
@@ -372,9 +398,22 @@ async def running_cluster(
     base: Path,
     server_ids: list[str] | None = None,
     sim_config: SimulatorConfig | None = None,
+    *,
+    nats_nodes: int = 1,
+    storage: str = "local",
 ) -> AsyncIterator[Cluster]:
-    """A started cluster under `base`; every process and fake stopped on exit."""
-    cluster = Cluster(base, server_ids or ["s1", "s2", "s3"], sim_config or SimulatorConfig())
+    """A started cluster under `base`; every process and fake stopped on exit.
+
+    `nats_nodes` above 1 runs the broker as a JetStream cluster of that many nodes
+    (gateway/bus/natscluster.py), with 3 replicas of everything from 3 nodes on.
+    """
+    cluster = Cluster(
+        base,
+        server_ids or ["s1", "s2", "s3"],
+        sim_config or SimulatorConfig(),
+        nats_nodes=nats_nodes,
+        storage=storage,
+    )
     try:
         await cluster.start()
         yield cluster

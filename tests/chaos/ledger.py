@@ -295,11 +295,17 @@ async def check_logs(
 
 
 async def check_outputs(
-    verdict: Verdict, data_dir: Path, records: dict[str, JobRecord], outputs_per_job: int
+    verdict: Verdict,
+    data_dir: Path,
+    records: dict[str, JobRecord],
+    outputs_per_job: int,
+    storage_name: str = "local",
+    nc: Client | None = None,
 ) -> None:
     """Every output of every succeeded job opens in storage, whole, and none is missing."""
     opened = 0
-    async with create_storage("local", data_dir=data_dir) as storage:
+    js = nc.jetstream() if nc is not None else None
+    async with create_storage(storage_name, data_dir=data_dir, js=js) as storage:
         for job_id, record in records.items():
             if record.status is not JobStatus.SUCCEEDED:
                 continue
@@ -380,6 +386,7 @@ async def verify(
     sim_urls: list[str],
     sim_output_dirs: list[Path],
     outputs_per_job: int = 1,
+    storage_name: str = "local",
 ) -> Verdict:
     """Compare every witness for the accepted jobs in `records` (all terminal by now)."""
     verdict = Verdict()
@@ -401,7 +408,7 @@ async def verify(
         lambda: sink_caught_up(nc, subjects), "the log sink acknowledged every event", within=30
     )
     await check_logs(verdict, nc, subjects, data_dir, prefix, records, events, effective)
-    await check_outputs(verdict, data_dir, records, outputs_per_job)
+    await check_outputs(verdict, data_dir, records, outputs_per_job, storage_name, nc)
     check_runs(
         verdict, records, events, await successful_prompts(sim_urls), saved_files(sim_output_dirs)
     )

@@ -23,6 +23,7 @@ from typing import Any
 import nats.errors
 
 from gateway.bus.contract import JobRecord, JobStatus, Subjects
+from gateway.bus.replication import replication_status
 from sdk.nats import NatsClient
 from tests.chaos.cluster import Cluster, running_cluster
 from tests.chaos.ledger import Verdict, verify
@@ -42,8 +43,18 @@ ALL_FAULTS = (
     "nats_restart",
 )
 
+# On a JetStream cluster (Cluster(nats_nodes=3)): one node SIGKILLed at a time, chosen by what
+# it leads, and started again once the system has gone on without it.
+NODE_FAULTS = (
+    "jobs_leader_loss",
+    "meta_leader_loss",
+    "jobs_bucket_leader_loss",
+    "node_store_lost",
+    "jobs_bucket_store_lost",
+)
+
 _BACKGROUND = frozenset({"slow_sse", "ws_drops", "sink_kill"})
-_CUTS_CLIENTS = frozenset({"gateway_restart", "nats_restart"})
+_CUTS_CLIENTS = frozenset({"gateway_restart", "nats_restart", *NODE_FAULTS})
 
 
 @dataclass
@@ -341,6 +352,72 @@ class Run:
         await self.cluster.start_adapter(server_id)
         return f"{server_id}: {len(self.full_disk_failures)} job(s) failed"
 
+    # -- a node of a NATS cluster lost --------------------------------------------------------
+
+    async def _stream_leader(self, stream: str) -> str:
+        assert self.cluster.nc is not None
+        info = await self.cluster.nc.jetstream().stream_info(stream)
+        assert info.cluster is not None and info.cluster.leader is not None, info.cluster
+        return info.cluster.leader
+
+    async def _meta_leader(self) -> str:
+        assert self.cluster.broker is not None
+        return await self.cluster.broker.wait_meta_leader()
+
+    async def _node_loss(self, pick: Callable[[], Awaitable[str]], what: str, wipe: bool) -> str:
+        """SIGKILL the node `pick` names; start it again (its store deleted when `wipe`) after
+        `gap` more jobs succeeded without it; return once every resource is current again."""
+        broker = self.cluster.broker
+        assert broker is not None and self.cluster.nc is not None
+        await self.more_succeeded(self.plan.gap, f"before the node leading {what} is killed")
+        name = await pick()
+        node = broker.node(name)
+        if self.broker_killed_at is None:
+            self.claimed_at_broker = self.feeder.claimed
+            self.broker_killed_at = time.time()
+        await node.stop(kill=True)
+        await self.more_succeeded(self.plan.gap, f"while {name} is down")
+        if wipe:
+            node.wipe_store()
+        await node.start()
+        js = self.cluster.nc.jetstream()
+
+        async def caught_up() -> bool:
+            status = await replication_status(js, self.cluster.subjects)
+            return all(r.current for r in status)
+
+        # The next loss must find every copy in place, or it could take a quorum with it.
+        await poll_until(caught_up, f"every resource current after {name} came back", within=60)
+
+        async def resynced() -> bool:
+            try:
+                await self.tracker.resync()
+            except (nats.errors.Error, OSError):
+                return False
+            return True
+
+        await poll_until(resynced, "the job records read again after the node's loss")
+        return f"{name} (leading {what}) SIGKILLed, {'store deleted, ' if wipe else ''}restarted"
+
+    async def jobs_leader_loss(self) -> str:
+        stream = self.cluster.subjects.jobs_stream
+        return await self._node_loss(lambda: self._stream_leader(stream), stream, wipe=False)
+
+    async def meta_leader_loss(self) -> str:
+        return await self._node_loss(self._meta_leader, "the JetStream meta group", wipe=False)
+
+    async def jobs_bucket_leader_loss(self) -> str:
+        stream = f"KV_{self.cluster.subjects.jobs_bucket}"
+        return await self._node_loss(lambda: self._stream_leader(stream), stream, wipe=False)
+
+    async def jobs_bucket_store_lost(self) -> str:
+        stream = f"KV_{self.cluster.subjects.jobs_bucket}"
+        return await self._node_loss(lambda: self._stream_leader(stream), stream, wipe=True)
+
+    async def node_store_lost(self) -> str:
+        stream = self.cluster.subjects.events_stream
+        return await self._node_loss(lambda: self._stream_leader(stream), stream, wipe=True)
+
 
 async def drain(tracker: Tracker, accepted: set[str], rounds: int) -> None:
     """Wait (rounds of 3 s) until every accepted job finished, or nothing moves any more.
@@ -433,6 +510,7 @@ async def run_stream(cluster: Cluster, tracker: Tracker, plan: Plan) -> Outcome:
                 records,
                 sim_urls=[sim.url for sim in sims],
                 sim_output_dirs=sorted((base / "sims").glob("*/comfy-output")),
+                storage_name=cluster.storage,
             )
             run.timings["verified"] = time.monotonic() - started
             for job_id, events in run.sse.items():
@@ -457,6 +535,7 @@ async def run_stream(cluster: Cluster, tracker: Tracker, plan: Plan) -> Outcome:
                 "accepted": len(feeder.accepted),
                 "duplicates": feeder.duplicates,
                 "retries": feeder.retries,
+                "transient": dict(feeder.transient),
                 "refused": feeder.refused,
             },
             full_disk_failures=run.full_disk_failures,

@@ -29,7 +29,7 @@ from sdk.nats import NatsClient
 log = logging.getLogger(__name__)
 
 # Answers after which a submission is tried again under the same job id.
-_TRANSIENT = frozenset({"no_balancer", "submit_timeout", "internal"})
+_TRANSIENT = frozenset({"no_balancer", "submit_timeout", "unavailable", "internal"})
 
 
 class Tracker:
@@ -138,6 +138,7 @@ class Feeder:
         self.accepted: list[str] = []
         self.duplicates = 0  # accepted on a retry: the first try had gone through
         self.retries = 0
+        self.transient: Counter[str] = Counter()  # answers after which a submission was retried
         self.refused: list[tuple[str, str]] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._room = asyncio.Event()
@@ -201,8 +202,8 @@ class Feeder:
                     await self._sdk.submit_workflow(
                         workflow, job_id=job_id, max_attempts=self._max_attempts
                     )
-            except (GatewayUnreachable, nats.errors.Error):
-                pass
+            except (GatewayUnreachable, nats.errors.Error) as exc:
+                self.transient[type(exc).__name__] += 1
             except ApiError as exc:
                 if exc.code == "duplicate_job" and not first:
                     self.duplicates += 1
@@ -210,6 +211,7 @@ class Feeder:
                 if exc.code not in _TRANSIENT:
                     self.refused.append((job_id, str(exc)))
                     return
+                self.transient[exc.code] += 1
             else:
                 break
             first = False

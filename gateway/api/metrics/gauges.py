@@ -1,8 +1,8 @@
 """The gauges read at each scrape: the fleet as this gateway sees it, the open jobs, the EVENTS
-stream and how far the log sink is behind it.
+stream and how far the log sink is behind it, and the replication of every NATS resource.
 
-Each function makes a gauge source for `Metrics.add_gauges`; another gauge (replication, say)
-is one more such function, added where the gateway's services start.
+Each function makes a gauge source for `Metrics.add_gauges`, added where the gateway's services
+start; a new gauge is one more such function.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from prometheus_client.metrics_core import Metric
 from gateway.api.metrics.instruments import GaugeSource
 from gateway.balancer.fleet import FleetView
 from gateway.bus.contract import Subjects
+from gateway.bus.replication import replication_status
 from gateway.logsink.messages import SINK_DURABLE
 
 OPEN_STATUSES = ("queued", "dispatched", "running")
@@ -93,5 +94,34 @@ def stream_gauges(js: JetStreamContext, subjects: Subjects) -> GaugeSource:
             )
         )
         return families
+
+    return read
+
+
+def replication_gauges(js: JetStreamContext, subjects: Subjects) -> GaugeSource:
+    """Each stream's, bucket's and the object store's copies, and whether all are caught up."""
+
+    async def read() -> Iterable[Metric]:
+        replicas = GaugeMetricFamily(
+            "comfyautomate_nats_replicas",
+            "Copies configured of each stream, bucket (KV_...) and object store (OBJ_...).",
+            labels=["resource"],
+        )
+        current = GaugeMetricFamily(
+            "comfyautomate_nats_replicas_current",
+            "1 when the resource has a leader and every copy is online and caught up.",
+            labels=["resource"],
+        )
+        behind = GaugeMetricFamily(
+            "comfyautomate_nats_replicas_behind",
+            "Copies of the resource lagging or offline.",
+            labels=["resource", "state"],
+        )
+        for status in await replication_status(js, subjects):
+            replicas.add_metric([status.resource], status.replicas)
+            current.add_metric([status.resource], int(status.current))
+            behind.add_metric([status.resource, "lagging"], len(status.lagging))
+            behind.add_metric([status.resource, "offline"], len(status.offline))
+        return [replicas, current, behind]
 
     return read
