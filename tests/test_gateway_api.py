@@ -75,7 +75,7 @@ async def test_the_openapi_document_describes_each_route_and_its_ui_loads_nothin
     paths = document["paths"]
     # Summaries and descriptions come from the handlers' docstrings, not their names.
     submit = paths["/workflow/submit"]["post"]
-    assert submit["summary"] == "Queue a workflow and answer at once with the job id"
+    assert submit["summary"] == "Queue a workflow and answer at once with the job id (202)"
     assert submit["description"].startswith(submit["summary"])
     # A stream is typed as one, a file as bytes.
     events = paths["/workflow/events/{job_id}"]["get"]["responses"]["200"]["content"]

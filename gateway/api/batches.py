@@ -34,7 +34,7 @@ from gateway.api.schemas import BatchStatus, BatchSubmission, JobResult, Workflo
 from gateway.api.services import SUBMIT_STATUS, Services
 from gateway.api.workflows import check_overrides, to_request
 from gateway.balancer.idempotency import key_problem, scoped_key
-from gateway.balancer.submit import Refused, check_request
+from gateway.balancer.requestchecks import Refused, check_request
 from gateway.bus.contract import BatchRecord, JobRecord, JobRequest, decode, encode, new_id, now
 from gateway.bus.jobstate import request_hash
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 import time
 from typing import Any
@@ -51,7 +52,6 @@ def parse_range(header: str, size: int) -> tuple[int, int] | None:
 @get(
     IMAGES_TEMPLATE,
     tags=["images"],
-    media_type="application/octet-stream",
     responses=error_responses(403, 404, 416, 503),
 )
 async def image(
@@ -85,7 +85,7 @@ async def image(
         raise ApiError(404, "not_found", f"nothing is stored under {key!r}") from None
     # An output never changes, but it is one caller's: a shared cache must not keep it, and
     # a browser not beyond its URL's expiry.
-    max_age = max(0, expires - int(time.time())) if signed else 31536000
+    max_age = max(0, math.floor(expires - time.time())) if signed else 31536000
     headers = {"Cache-Control": f"private, max-age={max_age}, immutable", "Vary": "Authorization"}
     return await stream_stored(storage, stored, request, headers)
 

@@ -13,7 +13,16 @@ from typing import Final
 from litestar import Litestar
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import SwaggerRenderPlugin
-from litestar.openapi.spec import OpenAPIFormat, OpenAPIType, Operation, PathItem, Schema, Tag
+from litestar.openapi.spec import (
+    OpenAPIFormat,
+    OpenAPIMediaType,
+    OpenAPIResponse,
+    OpenAPIType,
+    Operation,
+    PathItem,
+    Schema,
+    Tag,
+)
 
 from gateway.api.auth import PUBLIC_PATHS, Keys, openapi_security
 from gateway.api.dashboard import STATIC_PATH
@@ -24,6 +33,8 @@ COMFYUI_TAG: Final = "comfyui"
 _COMFYUI_ALIAS: Final = "/api/"
 _SSE: Final = "text/event-stream"
 _BINARY: Final = "application/octet-stream"
+# Routes that answer with a stored file's bytes.
+FILE_PATHS: Final = frozenset({"/images/{key}", "/view"})
 _METHODS: Final = ("get", "put", "post", "delete", "options", "head", "patch", "trace")
 
 TAGS: Final = [
@@ -81,9 +92,19 @@ def refine_openapi(app: Litestar) -> None:
     for path, item in paths.items():
         for operation in _operations(item):
             _summarise(operation)
+            if path in FILE_PATHS:
+                _answer_bytes(operation)
             _type_streams(operation)
             if path in PUBLIC_PATHS:
                 operation.security = []  # readiness and metrics answer without a key
+
+
+def _answer_bytes(operation: Operation) -> None:
+    """A stored file's route answers with its bytes, typed by what they are: say so (the route
+    cannot declare it, or its declared type would be every answer's)."""
+    ok = (operation.responses or {}).get("200")
+    if isinstance(ok, OpenAPIResponse):
+        ok.content = {_BINARY: OpenAPIMediaType(schema=Schema())}
 
 
 def _operations(item: PathItem) -> list[Operation]:

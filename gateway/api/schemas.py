@@ -76,6 +76,9 @@ class BatchSubmission(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     max_attempts: int | None = None
     timeout: Timeout | None = None
     metadata: dict[str, str] = msgspec.field(default_factory=dict)
+    webhook_url: str | None = None
+    """Where every job's events are POSTed (signed), as for a submission."""
+    webhook_events: list[str] | None = None
 
 
 class Timings(_ReadsLikeADict, msgspec.Struct, kw_only=True):

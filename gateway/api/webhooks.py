@@ -45,7 +45,7 @@ async def redeliver(
     # The id is checked above, so it can stand in the SQL as a literal; the query runs in the
     # caller's scope, so another caller's delivery is not found, as one that does not exist.
     sql = (
-        "SELECT d.job_id, d.event_type, d.event_seq, d.stream_seq, d.url, j.caller "
+        "SELECT d.job_id, d.event_type, d.event_seq, d.stream_seq, d.url, j.caller, j.batch_id "
         "FROM webhook_deliveries d LEFT JOIN jobs j USING (job_id) "
         f"WHERE d.delivery_id = '{delivery_id}' ORDER BY d.ts LIMIT 1"
     )
@@ -54,7 +54,7 @@ async def redeliver(
     )
     if not found.rows:
         raise _unknown(delivery_id)
-    job_id, kind, seq, stream_seq, url, caller = found.rows[0]
+    job_id, kind, seq, stream_seq, url, caller, batch_id = found.rows[0]
     token = new_id()[:12]
     send = WebhookSend(
         delivery_id=delivery_id,
@@ -65,6 +65,7 @@ async def redeliver(
         url=url,
         caller=caller,
         created_at=now(),
+        batch_id=batch_id,
         redelivery=token,
     )
     try:

@@ -25,7 +25,7 @@ from gateway.api.owners import check_inputs_owned
 from gateway.api.schemas import JobResult, Submitted, Timings, WorkflowSubmission
 from gateway.api.services import Services, ServicesDep
 from gateway.api.signing import signer_of
-from gateway.balancer.submit import MAX_REQUEST_BYTES, check_job_id
+from gateway.balancer.requestchecks import MAX_REQUEST_BYTES, check_job_id
 from gateway.bus.contract import (
     TERMINAL_EVENTS,
     ContractError,

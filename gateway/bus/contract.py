@@ -796,6 +796,7 @@ class WebhookSend(_Message, kw_only=True):
     url: str
     caller: str | None = None
     created_at: float
+    batch_id: str | None = None  # the job's batch, told in the body
     # Set for a delivery asked for again (POST /webhooks/{id}/redeliver): its own token.
     redelivery: str | None = None
 

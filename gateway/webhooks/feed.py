@@ -54,6 +54,7 @@ async def feed(
         url=record.webhook.url,
         caller=record.caller,
         created_at=now(),
+        batch_id=record.batch_id,
     )
     try:
         await js.publish(

@@ -39,16 +39,18 @@ class Result(msgspec.Struct, kw_only=True):
     error: str | None = None
 
 
-def body_of(event_type: str, event_ts: float, event: bytes) -> bytes:
-    """The request body: the Standard Webhooks envelope around the event as its log holds it."""
+def body_of(event_type: str, event_ts: float, event: bytes, batch_id: str | None = None) -> bytes:
+    """The request body: the Standard Webhooks envelope around the event as its log holds it,
+    with the job's batch when it has one."""
     stamp = datetime.datetime.fromtimestamp(event_ts, datetime.UTC)
-    return msgspec.json.encode(
-        {
-            "type": f"job.{event_type}",
-            "timestamp": stamp.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
-            "data": msgspec.Raw(event),
-        }
-    )
+    body: dict[str, object] = {
+        "type": f"job.{event_type}",
+        "timestamp": stamp.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+        "data": msgspec.Raw(event),
+    }
+    if batch_id is not None:
+        body["batch_id"] = batch_id
+    return msgspec.json.encode(body)
 
 
 async def post(

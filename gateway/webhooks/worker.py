@@ -160,7 +160,7 @@ class WebhookWorker:
             http,
             send.url,
             msg_id=send.delivery_id,
-            body=body_of(send.event_type, event.ts, raw.data),
+            body=body_of(send.event_type, event.ts, raw.data, send.batch_id),
             key=key,
             allowlist=self._allowlist,
             timeout_s=self._settings.webhook_timeout_s,

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import inspect
 import json
 import os
 import re
 import shutil
+import signal
 import sys
 import tomllib
 from pathlib import Path
@@ -187,6 +189,7 @@ async def _process(argv: list[str], settings: Settings, tmp_path: Path, **extra:
         env=env,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
+        start_new_session=True,  # its own process group: whatever it starts is stopped with it
     )
     try:
         async with asyncio.timeout(BLOCK_TIMEOUT_S):
@@ -194,8 +197,9 @@ async def _process(argv: list[str], settings: Settings, tmp_path: Path, **extra:
     except TimeoutError:
         return f"still running after {BLOCK_TIMEOUT_S} s"
     finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)  # the group: a block's children too
         if process.returncode is None:
-            process.kill()
             await process.wait()
     if process.returncode != 0:
         said = (err or out).decode(errors="replace").strip().splitlines()[-8:]

@@ -231,3 +231,25 @@ async def test_a_target_is_checked_at_submission_and_again_when_sent(settings: S
         finally:
             await nc.close()
         assert receiver.requests == []
+
+
+async def test_a_batchs_webhooks_name_their_batch(settings: Settings) -> None:
+    settings = msgspec.structs.replace(
+        settings, webhook_secret=GLOBAL_SECRET, webhook_allowlist=["127.0.0.1"]
+    )
+    async with receiving() as receiver, running_system(settings) as system:
+        await system.add_server("gpu1")
+        async with httpx.AsyncClient(base_url=system.url, timeout=30) as client:
+            body = {
+                "batch_id": "hooked",
+                "workflow": tiny(5),
+                "overrides": [{"1.color": c} for c in (1, 2)],
+                "webhook_url": receiver.url,
+            }
+            reply = await client.post("/workflow/batch", json=body)
+            assert reply.status_code == 202, reply.text
+        await receiver.wait_for(lambda got: len(_delivered(got)) >= 2)
+        ends = [r.json for r in receiver.requests if r.status == 200]
+        assert sorted(e["data"]["job_id"] for e in ends) == ["hooked-0", "hooked-1"]
+        assert {e["batch_id"] for e in ends} == {"hooked"}
+        assert all(r.signed_by(GLOBAL_SECRET) for r in receiver.requests)

@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import msgspec
 
-from gateway.balancer.submit import MAX_REQUEST_BYTES
+from gateway.balancer.requestchecks import MAX_REQUEST_BYTES
 from gateway.settings import Settings
 from tests.conftest import running_gateway
 from tests.security.conftest import footprint, jetstream

@@ -13,7 +13,7 @@ import httpx
 import msgspec
 
 from gateway.api.auth import ANONYMOUS
-from gateway.balancer.submit import MAX_REQUEST_BYTES
+from gateway.balancer.requestchecks import MAX_REQUEST_BYTES
 from gateway.settings import Settings
 from tests.conftest import running_gateway
 from tests.e2e.conftest import running_system

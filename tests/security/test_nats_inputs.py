@@ -15,7 +15,7 @@ import pytest
 from nats.errors import MaxPayloadError
 from nats.errors import TimeoutError as NatsTimeoutError
 
-from gateway.balancer.submit import MAX_REQUEST_BYTES
+from gateway.balancer.requestchecks import MAX_REQUEST_BYTES
 from gateway.bus.connection import connect
 from gateway.bus.contract import (
     SCHEMA_VERSION,

@@ -89,7 +89,7 @@ async def _viewed(
     return storage, stored
 
 
-@get(paths("/view"), media_type="application/octet-stream")
+@get(paths("/view"))
 async def view(services: ServicesDep, request: Request[Any, Any, Any]) -> Response[Any]:
     """A file by ComfyUI's name: an output of the caller's prompt, or one of its uploads."""
     try:

@@ -27,7 +27,7 @@ from gateway.api.native.prompts import Entry, PromptIndex
 from gateway.api.native.sockets import SocketHub
 from gateway.api.native.uploads import UPLOADS, uploads_in
 from gateway.balancer.fleet import FleetView
-from gateway.balancer.submit import check_job_id
+from gateway.balancer.requestchecks import check_job_id
 from gateway.bus.contract import (
     ContractError,
     JobAccepted,
