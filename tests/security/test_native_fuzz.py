@@ -37,8 +37,8 @@ from tests.native.clients import Comfy, Target, socket
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "0"))
 SEED = os.environ.get("FUZZ_SEED")
-# Per family, unless FUZZ_EXAMPLES says otherwise: together about fifteen seconds here.
-DEFAULT_EXAMPLES = {"prompt": 300, "json": 200, "query": 150, "upload": 150, "socket": 20}
+# Per family, unless FUZZ_EXAMPLES says otherwise: together about six seconds here.
+DEFAULT_EXAMPLES = {"prompt": 150, "json": 100, "query": 80, "upload": 80, "socket": 12}
 REQUEST_DEADLINE_S = 15.0
 PROMPT_DEADLINE_S = 30.0
 PNG = png.encode_solid(2, 2, (9, 9, 9))
