@@ -11,7 +11,9 @@ import asyncio
 import ipaddress
 import socket
 from collections.abc import Iterable
-from typing import Final
+from typing import Any, Final
+
+import httpx
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -142,3 +144,14 @@ def is_this_host(address: IPAddress) -> bool:
         except OSError:
             return False
     return True
+
+
+def pinned(url: httpx.URL, address: IPAddress) -> tuple[httpx.URL, dict[str, str], dict[str, Any]]:
+    """`url` aimed at the checked `address`, with the original Host header and TLS name, so a
+    name that resolves elsewhere by the time of the request cannot lead it astray."""
+    headers = {"Host": url.netloc.decode("ascii")}
+    extensions: dict[str, Any] = {}
+    host = url.raw_host.decode("ascii")
+    if url.scheme == "https" and host_key(host) != str(address):
+        extensions["sni_hostname"] = host
+    return url.copy_with(host=str(address)), headers, extensions

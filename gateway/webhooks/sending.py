@@ -10,14 +10,13 @@ from typing import Final
 import httpx
 import msgspec
 
-from gateway.comfyui.addresses import Allowlist
+from gateway.comfyui.addresses import Allowlist, pinned
 from gateway.webhooks.signing import signed_headers
 from gateway.webhooks.target import (
     TargetRefused,
     Unresolvable,
     checked_addresses,
     parse_url,
-    pinned,
 )
 
 log = logging.getLogger(__name__)

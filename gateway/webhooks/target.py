@@ -68,13 +68,3 @@ async def checked_addresses(url: httpx.URL, allowlist: Allowlist) -> list[IPAddr
                 "its network"
             )
     return addresses
-
-
-def pinned(url: httpx.URL, address: IPAddress) -> tuple[httpx.URL, dict[str, str], dict[str, str]]:
-    """`url` aimed at the checked `address`, with the original Host header and TLS name."""
-    headers = {"host": url.netloc.decode("ascii")}
-    extensions: dict[str, str] = {}
-    host = url.raw_host.decode("ascii")
-    if url.scheme == "https" and host_key(host) != str(address):
-        extensions["sni_hostname"] = host
-    return url.copy_with(host=str(address)), headers, extensions

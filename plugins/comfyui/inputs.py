@@ -28,7 +28,7 @@ from urllib.parse import urljoin
 import httpx
 
 from gateway.bus.contract import Job, JobInput
-from gateway.comfyui.addresses import Allowlist, IPAddress, host_key, kind_of, resolve
+from gateway.comfyui.addresses import Allowlist, IPAddress, host_key, kind_of, pinned, resolve
 from gateway.comfyui.jobfiles import without_annotation
 from gateway.comfyui.workflow import apply_overrides
 from gateway.storage import Storage, StorageError, guess_content_type
@@ -101,16 +101,6 @@ async def _checked_addresses(url: httpx.URL, allowlist: Allowlist, what: str) ->
     return addresses
 
 
-def _pinned(url: httpx.URL, address: IPAddress) -> tuple[httpx.URL, dict[str, str], dict[str, Any]]:
-    """`url` aimed at `address`, with the Host header and TLS name of the original host."""
-    headers = {"Host": url.netloc.decode("ascii")}
-    extensions: dict[str, Any] = {}
-    host = url.raw_host.decode("ascii")
-    if url.scheme == "https" and host_key(host) != str(address):
-        extensions["sni_hostname"] = host
-    return url.copy_with(host=str(address)), headers, extensions
-
-
 async def _from_url(
     item: JobInput, file: IO[bytes], limit: int, time_limit: float, allowlist: Allowlist
 ) -> None:
@@ -151,7 +141,7 @@ async def _fetch(
     Returns where it redirects to instead, or None once saved.
     """
     for index, address in enumerate(addresses):
-        target, headers, extensions = _pinned(url, address)
+        target, headers, extensions = pinned(url, address)
         try:
             async with http.stream("GET", target, headers=headers, extensions=extensions) as reply:
                 location = reply.headers.get("location")
