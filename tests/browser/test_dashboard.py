@@ -92,7 +92,9 @@ async def test_the_queue_says_why_a_job_waits_and_its_cancel_buttons_cancel(
     await page.goto(f"{dashboard.url}/#/queue")
     # gpu1 takes two jobs at once (its capacity): the third one pinned to it waits.
     running, bound, waiting = [
-        await submit(dashboard.url, hold(f"dash-cancel-{n}"), server="gpu1") for n in range(3)
+        # Each holds its server for over a minute: nothing ends before the test cancels it.
+        await submit(dashboard.url, hold(f"dash-cancel-{n}", nodes=400), server="gpu1")
+        for n in range(3)
     ]
     row = page.locator(f"tr[data-job='{running}']")
     await expect(row).to_have_attribute("data-status", "running", timeout=WAIT_MS)
