@@ -78,8 +78,9 @@ async def test_the_openapi_document_describes_each_route_and_its_ui_loads_nothin
     assert submit["summary"] == "Queue a workflow and answer at once with the job id (202)"
     assert submit["description"].startswith(submit["summary"])
     # A stream is typed as one, a file as bytes.
-    events = paths["/workflow/events/{job_id}"]["get"]["responses"]["200"]["content"]
-    assert list(events) == ["text/event-stream"]
+    for path in ("/workflow/events/{job_id}", "/events"):
+        events = paths[path]["get"]["responses"]["200"]["content"]
+        assert list(events) == ["text/event-stream"], path
     for path in ("/images/{key}", "/view"):
         content = paths[path]["get"]["responses"]["200"]["content"]
         binary = {"type": "string", "format": "binary"}

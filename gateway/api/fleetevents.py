@@ -29,7 +29,12 @@ from gateway.api.workflows import base_url, seq_after
 from gateway.bus.contract import encode
 
 
-@get("/events", tags=["events"], responses=error_responses(400, 503))
+@get(
+    "/events",
+    tags=["events"],
+    media_type="text/event-stream",
+    responses=error_responses(400, 503),
+)
 async def fleet_event_stream(
     services: ServicesDep,
     request: Request[Any, Any, Any],
