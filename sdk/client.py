@@ -181,9 +181,10 @@ class ComfyUISDK:
 
         Filters: `status` (queued, dispatched, running, retried, succeeded, failed,
         cancelled), `server`, `labels`, `caller` (admin keys; a user key gets its own jobs);
-        `progress=True` adds node_progress. It starts now, at `since` (epoch seconds), or after
-        `last_event_id` (an event's `id`). A stream that breaks is resumed after the last
-        event seen (each event comes once); GatewayUnreachable after several breaks in a row.
+        `progress=True` adds the node events (node_started, node_progress, node_cached). It
+        starts now, at `since` (epoch seconds), or after `last_event_id` (an event's `id`). A
+        stream that breaks is resumed after the last event seen (each event comes once);
+        GatewayUnreachable after several breaks in a row.
         """
         query = p.fleet_query(
             status=status,

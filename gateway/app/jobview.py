@@ -101,10 +101,6 @@ class JobView(msgspec.Struct, kw_only=True):
                 if isinstance(output, dict)
             ]
 
-    @property
-    def ended(self) -> bool:
-        return self.status in ENDINGS
-
     def _end_running(self, ts: float, state: str) -> None:
         for node in self.nodes.values():
             if node.state == "running":

@@ -102,8 +102,9 @@ export async function watchJobs({ onJobs, onChange, onError, signal }) {
       return [];
     }
   };
-  // The stream starts a little before the list was read, so that nothing falls between them.
-  const since = Date.now() / 1000 - 2;
+  // The stream starts well before the list was read, so that nothing falls between them even
+  // when this browser's clock runs ahead of the gateway's; replayed changes converge.
+  const since = Date.now() / 1000 - 30;
   const first = await refresh();
   try {
     await watchFleet({ onChange, signal, refresh, since });
