@@ -1,9 +1,11 @@
 """When the clients send a request again, and how long they wait before they do.
 
-A gateway that answers 503 (unavailable for now: no balancer yet, NATS electing a leader, no
-log sink) or 429 (too many requests: the submission rate limit, admission control, busy log
-queries) is asked again after the wait its `Retry-After` names, or a jittered backoff without
-one, for `retry_for` seconds in all. Only a request that cannot do a thing twice is sent again:
+A gateway that answers 503 with a `Retry-After` (unavailable for a moment: no balancer yet, NATS
+electing a leader or out of reach) or 429 (too many requests: the submission rate limit,
+admission control, busy log queries) is asked again after the wait it names (for a 429 without
+one, a jittered backoff), for `retry_for` seconds in all. A 503 without a `Retry-After` (no log
+sink, no storage, too many event streams) is not a pause the gateway foresees an end to: it is
+raised at once. Only a request that cannot do a thing twice is sent again:
 reads, and submissions that name what they make (an `Idempotency-Key`, a `job_id`, a
 `batch_id`), so that a retry finds the job the first try made instead of making another.
 """
@@ -101,6 +103,7 @@ class Retries:
         self._began = clock()
         self.tries = 0
         self._refusal = ""  # why the last wait was not started, when that is why it gave up
+        self._unforeseen = False  # the last answer named no end to it: not retried at all
 
     @property
     def elapsed_s(self) -> float:
@@ -115,6 +118,9 @@ class Retries:
         if status not in RETRIED_STATUS:
             return None
         asked = retry_after_s(retry_after, self._wall)
+        if status == 503 and asked is None:
+            self._unforeseen = True
+            return None
         backoff = min(BACKOFF_MAX_S, BACKOFF_FIRST_S * 2.0 ** (self.tries - 1))
         delay = max(asked or 0.0, backoff) * (1.0 + JITTER * self._draw())
         left = self.budget_s - self.elapsed_s
@@ -124,8 +130,11 @@ class Retries:
             return None
         return delay
 
-    def account(self) -> str:
-        """Why the call stopped retrying, and after how long (for the error it raises)."""
+    def account(self) -> str | None:
+        """Why the call stopped retrying, and after how long (for the error it raises); None
+        when the answer was not one to retry (a 503 without a Retry-After) and none was."""
+        if self._unforeseen and self.tries == 1:
+            return None
         if self.budget_s <= 0:
             return "not retried (retry_for is 0)"
         tries = "1 try" if self.tries == 1 else f"{self.tries} tries"

@@ -25,9 +25,9 @@ class ComfyUISDK:
     result = sdk.execute_workflow(workflow)
     print(result["images"], result.log_file_path)
 
-    A request the gateway answers 503 (unavailable for now) or 429 (too many) is sent again,
-    after the wait its Retry-After names or a jittered backoff, for `retry_for` seconds in all
-    (0: never); then Unavailable or RateLimited says so. Only reads, and submissions that name
+    A request the gateway answers 503 with a Retry-After (unavailable for a moment) or 429 (too
+    many) is sent again, after the wait it names or a jittered backoff, for `retry_for` seconds
+    in all (0: never); then Unavailable or RateLimited says so. Only reads, and submissions that name
     what they make, are sent again: each submission without an `idempotency_key` or `job_id`
     gets a key of its own (a batch without either, a `batch_id`), so a retry never makes a
     job twice.

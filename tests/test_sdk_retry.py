@@ -63,7 +63,7 @@ def test_waits_are_jittered_bounded_and_said_when_given_up() -> None:
     retries = Retries(5.0, clock=clock, draw=lambda: 1.0)
     assert retries.wait(429, "1") == pytest.approx(1.25)  # Retry-After, stretched by the jitter
     clock.now += 1.25
-    assert retries.wait(503, None) == pytest.approx(0.625)  # backoff: 0.25 s doubling
+    assert retries.wait(429, None) == pytest.approx(0.625)  # backoff: 0.25 s doubling
     clock.now += 0.625
     assert retries.wait(500, None) is None  # not a status that is retried
     assert retries.wait(429, "10") is None  # past the budget: not started
@@ -74,6 +74,18 @@ def test_waits_are_jittered_bounded_and_said_when_given_up() -> None:
     )
     spent = Retries(1.0, clock=clock, draw=lambda: 0.0)
     clock.now += 0.9
-    assert spent.wait(503, None) is None  # a backoff longer than what is left
+    assert spent.wait(429, None) is None  # a backoff longer than what is left
     assert spent.account() == "gave up after 1 try in 0.9 s (retry_for is 1 s)"
+    assert Retries(0.0).account() == "not retried (retry_for is 0)"
+
+
+def test_a_503_is_retried_only_when_the_gateway_says_when() -> None:
+    clock = Clock()
+    briefly = Retries(5.0, clock=clock, draw=lambda: 0.0)
+    assert briefly.wait(503, "1") == pytest.approx(1.0)  # NATS electing a leader, say
+    clock.now += 1.0
+    assert briefly.wait(503, "1") == pytest.approx(1.0)
+    lasting = Retries(5.0, clock=clock, draw=lambda: 0.0)
+    assert lasting.wait(503, None) is None  # no log sink, no storage: raised at once
+    assert lasting.account() is None
     assert Retries(0.0).account() == "not retried (retry_for is 0)"
