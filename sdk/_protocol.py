@@ -232,7 +232,9 @@ class SSEParser:
 
 
 def is_last_event(event: Mapping[str, Any]) -> bool:
-    return event.get("type") in {"succeeded", "failed", "cancelled"}
+    """Whether a job's stream ends with `event`: its end, or `expired` (told for a job whose
+    events are no longer kept: how it ended, from its record)."""
+    return event.get("type") in {"succeeded", "failed", "cancelled", "expired"}
 
 
 # An event stream that breaks is resumed this many times in a row (after the last event seen,

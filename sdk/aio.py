@@ -160,8 +160,9 @@ class AsyncComfyUISDK:
     async def stream_events(self, job_id: str) -> AsyncIterator[dict[str, Any]]:
         """Every event of the job, from the first, as it happens; ends with the job.
 
-        A stream that breaks is resumed after the last event seen (each event comes once);
-        GatewayUnreachable after several breaks in a row.
+        A job ended longer ago than the events are kept ends with one `expired` event instead
+        (its `status` and `error`). A stream that breaks is resumed after the last event seen
+        (each event comes once); GatewayUnreachable after several breaks in a row.
         """
         async for event in self._resumed(
             f"/workflow/events/{job_id}", (), p.Resume(), job_id, ends=True

@@ -27,10 +27,10 @@ class ComfyUISDK:
 
     A request the gateway answers 503 with a Retry-After (unavailable for a moment) or 429 (too
     many) is sent again, after the wait it names or a jittered backoff, for `retry_for` seconds
-    in all (0: never); then Unavailable or RateLimited says so. Only reads, and submissions that name
-    what they make, are sent again: each submission without an `idempotency_key` or `job_id`
-    gets a key of its own (a batch without either, a `batch_id`), so a retry never makes a
-    job twice.
+    in all (0: never); then Unavailable or RateLimited says so. Only reads, and submissions
+    that name what they make, are sent again: each submission without an `idempotency_key` or
+    `job_id` gets a key of its own (a batch without either, a `batch_id`), so a retry never
+    makes a job twice.
     """
 
     def __init__(
@@ -180,8 +180,9 @@ class ComfyUISDK:
     def stream_events(self, job_id: str) -> Iterator[dict[str, Any]]:
         """Every event of the job, from the first, as it happens; ends with the job.
 
-        A stream that breaks is resumed after the last event seen (each event comes once);
-        GatewayUnreachable after several breaks in a row.
+        A job ended longer ago than the events are kept ends with one `expired` event instead
+        (its `status` and `error`). A stream that breaks is resumed after the last event seen
+        (each event comes once); GatewayUnreachable after several breaks in a row.
         """
         return self._resumed(f"/workflow/events/{job_id}", (), p.Resume(), job_id, ends=True)
 
