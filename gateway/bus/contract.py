@@ -849,6 +849,9 @@ class BatchRecord(_Message, kw_only=True):
     request_hash: str
     created_at: float
     cancelled: bool = False
+    # Its jobs from the first up to this index are known made (accepted): one of them missing
+    # from KV has expired (it ended longer ago than the records' retention), not been skipped.
+    made: int = 0
 
 
 # --------------------------------------------------------------------------------------------
