@@ -3,6 +3,7 @@ answered for, from its log, as before; an open job's record never leaves."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from typing import Any
@@ -10,11 +11,12 @@ from typing import Any
 import httpx
 import msgspec
 from nats.js.errors import KeyNotFoundError
+from websockets.asyncio.client import connect as ws_connect
 
 from gateway.bus.contract import JobRecord, Subjects, decode
 from gateway.settings import Settings
 from plugins.simulator import SimulatorConfig
-from tests.e2e.conftest import running_system, tiny
+from tests.e2e.conftest import running_system, sse_events, tiny
 from tests.helpers import poll_until
 
 KEYS = {"admin": "ops-7c1", "alice": "alice-3f9", "bob": "bob-88e"}
@@ -94,6 +96,19 @@ async def test_an_ended_jobs_record_expires_and_its_log_answers_for_it(settings:
 
             # Told from the log: the same answers, to its caller (and an admin) only.
             assert await _answers(client, job_id) == before
+            # Its events gone from the EVENTS stream too (its retention, here at once): its
+            # streams tell them from its log, and end.
+            events = Subjects().events_stream
+            await system.nc.jetstream().purge_stream(events, subject=Subjects().events(job_id))
+            async with httpx.AsyncClient(base_url=system.url, headers=_as("alice")) as alice:
+                async with asyncio.timeout(30):
+                    told = await sse_events(alice, job_id)
+            assert [e["seq"] for e in told] == list(range(1, before["logs"] + 1))
+            assert told[-1]["type"] == "succeeded"
+            url = system.url.replace("http", "ws", 1) + f"/workflow/events/{job_id}/ws?from_seq=2"
+            async with ws_connect(url, additional_headers=_as("alice")) as socket:
+                framed = [json.loads(frame) async for frame in socket]
+            assert framed == told[1:]
             admin = await client.get(f"/workflow/status/{job_id}", headers=_as("admin"))
             assert _unsigned(admin) == before["status"]
             for path in ("status", "result", "logs"):

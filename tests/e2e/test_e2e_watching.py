@@ -21,7 +21,6 @@ import pytest
 import pytest_asyncio
 from nats.js.kv import KeyValue
 from prometheus_client.parser import text_string_to_metric_families
-from websockets.asyncio.client import connect as ws_connect
 
 from gateway.bus.contract import JobRecord, Subjects, decode
 from gateway.bus.natsserver import start_nats_server
@@ -475,10 +474,6 @@ async def _an_ended_job_other_than(jobs: KeyValue, job_id: str) -> JobRecord:
     raise AssertionError("no other job has ended")
 
 
-async def _logged(client: httpx.AsyncClient, job_id: str) -> bool:
-    return (await client.get(f"/workflow/logs/{job_id}")).status_code == 200
-
-
 async def _has_status(client: httpx.AsyncClient, job_id: str, status: str) -> bool:
     return await _status(client, job_id) == status
 
@@ -536,15 +531,3 @@ async def test_events_no_longer_kept_are_said_not_skipped(fleet: System) -> None
         assert "no longer keeps the events" in told[0]["message"]
         async with AsyncComfyUISDK(fleet.url, api_key=KEYS["admin"]) as sdk:
             assert [e async for e in sdk.stream_events(gone.job_id)] == told
-
-        # With its log back, the events come from the log, over SSE and the websocket alike.
-        fleet.start_log_sink()
-        await poll_until(lambda: _logged(http, gone.job_id), "the log sink answers")
-        async with asyncio.timeout(30):
-            told = await sse_events(http, gone.job_id)
-        assert [e["seq"] for e in told] == list(range(1, gone.last_seq + 1))
-        assert told[-1]["type"] == gone.status.value
-        url = fleet.url.replace("http", "ws", 1) + f"/workflow/events/{gone.job_id}/ws?from_seq=2"
-        async with ws_connect(url, additional_headers=auth("admin")) as socket:
-            framed = [json.loads(frame) async for frame in socket]
-        assert framed == told[1:]
