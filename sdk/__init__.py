@@ -19,6 +19,7 @@ from sdk.errors import (
     InvalidWorkflow,
     JobFailed,
     NotFound,
+    RateLimited,
     Unavailable,
     Unschedulable,
 )
@@ -35,6 +36,7 @@ __all__ = [
     "JobFailed",
     "JobResult",
     "NotFound",
+    "RateLimited",
     "ServerHealth",
     "Unavailable",
     "Unschedulable",

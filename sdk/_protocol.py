@@ -15,6 +15,7 @@ import msgspec
 
 from gateway.api.schemas import BatchStatus, JobResult, ServerHealth
 from gateway.bus.contract import TERMINAL_STATUSES, ServerRecord
+from sdk._retry import RETRIED_STATUS, Retries, new_batch_id, new_key, repeatable
 from sdk.errors import FileUnusable, GatewayUnreachable, JobFailed, error_from
 
 Inputs = Mapping[str, "str | Path | bytes"]
@@ -102,6 +103,34 @@ def key_headers(idempotency_key: str | None) -> dict[str, str]:
     return {} if idempotency_key is None else {"Idempotency-Key": idempotency_key}
 
 
+def submit_headers(
+    idempotency_key: str | None, body: Mapping[str, Any], retry_for: float
+) -> dict[str, str]:
+    """The headers of a submission: the caller's idempotency key; else, while retries are on
+    and the body names no job, a key of this call's own, so that sending it again after a 503
+    or 429 cannot make a second job."""
+    if idempotency_key is None and retry_for > 0 and not body.get("job_id"):
+        idempotency_key = new_key()
+    return key_headers(idempotency_key)
+
+
+def batch_id_for(batch_id: str | None, idempotency_key: str | None, retry_for: float) -> str | None:
+    """The batch id a submit_batch call sends: the caller's; else, while retries are on and no
+    idempotency key names the batch, one of this call's own (for the same reason)."""
+    if batch_id is None and idempotency_key is None and retry_for > 0:
+        return new_batch_id()
+    return batch_id
+
+
+def retries_for(
+    method: str, path: str, retry_for: float, kwargs: Mapping[str, Any]
+) -> Retries | None:
+    """The retries of one request (None for one never sent again: see `repeatable`)."""
+    if not repeatable(method, path, kwargs.get("headers"), kwargs.get("json")):
+        return None
+    return Retries(retry_for)
+
+
 def _workflow_file(path: str | Path) -> dict[str, Any]:
     try:
         graph = json.loads(Path(path).read_text(encoding="utf-8"))
@@ -127,14 +156,17 @@ def _input(name: str, value: str | Path | bytes) -> dict[str, str]:
     return {"name": name, "source": "base64", "value": base64.b64encode(data).decode()}
 
 
-def check(status: int, content: bytes) -> bytes:
-    """The body of a successful answer; raise the matching SDK error otherwise."""
+def check(status: int, content: bytes, retries: Retries | None = None) -> bytes:
+    """The body of a successful answer; raise the matching SDK error otherwise (saying, for
+    a request that was retried or could have been, why it was not sent again)."""
     if status < 400:
         return content
     try:
         body: Any = json.loads(content)
     except ValueError:
         body = content.decode(errors="replace")
+    if retries is not None and status in RETRIED_STATUS:
+        raise error_from(status, body, retried=retries.account(), tries=retries.tries)
     raise error_from(status, body)
 
 
@@ -200,7 +232,9 @@ class SSEParser:
 
 
 def is_last_event(event: Mapping[str, Any]) -> bool:
-    return event.get("type") in {"succeeded", "failed", "cancelled"}
+    """Whether a job's stream ends with `event`: its end, or `expired` (told for a job whose
+    events are no longer kept: how it ended, from its record)."""
+    return event.get("type") in {"succeeded", "failed", "cancelled", "expired"}
 
 
 # An event stream that breaks is resumed this many times in a row (after the last event seen,

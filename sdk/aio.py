@@ -13,6 +13,7 @@ import httpx
 from gateway.api.schemas import BatchStatus, JobResult, ServerHealth
 from gateway.bus.contract import ServerRecord
 from sdk import _protocol as p
+from sdk._retry import DEFAULT_RETRY_FOR_S
 from sdk.errors import GatewayUnreachable
 
 AsyncProgressCallback = Callable[[dict[str, Any]], Awaitable[None] | None]
@@ -23,6 +24,8 @@ class AsyncComfyUISDK:
 
     async with AsyncComfyUISDK("http://localhost:8000") as sdk:
         result = await sdk.execute_workflow(workflow)
+
+    Requests answered 503 or 429 are retried for `retry_for` seconds, as ComfyUISDK's are.
     """
 
     def __init__(
@@ -30,10 +33,12 @@ class AsyncComfyUISDK:
         gateway_url: str = "http://localhost:8000",
         api_key: str | None = None,
         timeout: float = 300.0,
+        retry_for: float = DEFAULT_RETRY_FOR_S,
     ) -> None:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.gateway_url = gateway_url.rstrip("/")
         self.timeout = timeout
+        self.retry_for = retry_for
         self._http = httpx.AsyncClient(base_url=self.gateway_url, headers=headers, timeout=timeout)
 
     async def close(self) -> None:
@@ -46,11 +51,20 @@ class AsyncComfyUISDK:
         await self.close()
 
     async def _call(self, method: str, path: str, **kwargs: Any) -> bytes:
-        try:
-            reply = await self._http.request(method, path, **kwargs)
-        except httpx.TransportError as exc:
-            raise GatewayUnreachable(f"no gateway answers at {self.gateway_url}: {exc}") from exc
-        return p.check(reply.status_code, reply.content)
+        retries = p.retries_for(method, path, self.retry_for, kwargs)
+        while True:
+            try:
+                reply = await self._http.request(method, path, **kwargs)
+            except httpx.TransportError as exc:
+                raise GatewayUnreachable(
+                    f"no gateway answers at {self.gateway_url}: {exc}"
+                ) from exc
+            wait = None
+            if retries is not None:
+                wait = retries.wait(reply.status_code, reply.headers.get("retry-after"))
+            if wait is None:
+                return p.check(reply.status_code, reply.content, retries)
+            await asyncio.sleep(wait)
 
     async def register_server(
         self,
@@ -88,7 +102,7 @@ class AsyncComfyUISDK:
     ) -> str:
         """Queue a workflow; returns its job id at once (see ComfyUISDK.submit_workflow)."""
         body = p.submission(workflow, **options)
-        headers = p.key_headers(idempotency_key)
+        headers = p.submit_headers(idempotency_key, body, self.retry_for)
         content = await self._call("POST", "/workflow/submit", json=body, headers=headers)
         return p.job_result_id(content)
 
@@ -109,7 +123,7 @@ class AsyncComfyUISDK:
                 "POST",
                 "/workflow/execute",
                 json=body,
-                headers=p.key_headers(idempotency_key),
+                headers=p.submit_headers(idempotency_key, body, self.retry_for),
                 timeout=timeout + 10,
             )
             result = p.job_result(content)
@@ -146,8 +160,9 @@ class AsyncComfyUISDK:
     async def stream_events(self, job_id: str) -> AsyncIterator[dict[str, Any]]:
         """Every event of the job, from the first, as it happens; ends with the job.
 
-        A stream that breaks is resumed after the last event seen (each event comes once);
-        GatewayUnreachable after several breaks in a row.
+        A job ended longer ago than the events are kept ends with one `expired` event instead
+        (its `status` and `error`). A stream that breaks is resumed after the last event seen
+        (each event comes once); GatewayUnreachable after several breaks in a row.
         """
         async for event in self._resumed(
             f"/workflow/events/{job_id}", (), p.Resume(), job_id, ends=True
@@ -220,6 +235,7 @@ class AsyncComfyUISDK:
         **options: Any,
     ) -> BatchStatus:
         """Submit many jobs under one batch id (see ComfyUISDK.submit_batch)."""
+        batch_id = p.batch_id_for(batch_id, idempotency_key, self.retry_for)
         body = p.batch_submission(workflows, overrides=overrides, batch_id=batch_id, **options)
         headers = p.key_headers(idempotency_key)
         return p.batch_status(

@@ -12,6 +12,7 @@ import httpx
 from gateway.api.schemas import BatchStatus, JobResult, ServerHealth
 from gateway.bus.contract import ServerRecord
 from sdk import _protocol as p
+from sdk._retry import DEFAULT_RETRY_FOR_S
 from sdk.errors import GatewayUnreachable
 
 ProgressCallback = Callable[[dict[str, Any]], None]
@@ -23,6 +24,13 @@ class ComfyUISDK:
     sdk = ComfyUISDK(gateway_url="http://localhost:8000")
     result = sdk.execute_workflow(workflow)
     print(result["images"], result.log_file_path)
+
+    A request the gateway answers 503 with a Retry-After (unavailable for a moment) or 429 (too
+    many) is sent again, after the wait it names or a jittered backoff, for `retry_for` seconds
+    in all (0: never); then Unavailable or RateLimited says so. Only reads, and submissions
+    that name what they make, are sent again: each submission without an `idempotency_key` or
+    `job_id` gets a key of its own (a batch without either, a `batch_id`), so a retry never
+    makes a job twice.
     """
 
     def __init__(
@@ -30,10 +38,12 @@ class ComfyUISDK:
         gateway_url: str = "http://localhost:8000",
         api_key: str | None = None,
         timeout: float = 300.0,
+        retry_for: float = DEFAULT_RETRY_FOR_S,
     ) -> None:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.gateway_url = gateway_url.rstrip("/")
         self.timeout = timeout
+        self.retry_for = retry_for
         self._http = httpx.Client(base_url=self.gateway_url, headers=headers, timeout=timeout)
 
     def close(self) -> None:
@@ -46,11 +56,20 @@ class ComfyUISDK:
         self.close()
 
     def _call(self, method: str, path: str, **kwargs: Any) -> bytes:
-        try:
-            reply = self._http.request(method, path, **kwargs)
-        except httpx.TransportError as exc:
-            raise GatewayUnreachable(f"no gateway answers at {self.gateway_url}: {exc}") from exc
-        return p.check(reply.status_code, reply.content)
+        retries = p.retries_for(method, path, self.retry_for, kwargs)
+        while True:
+            try:
+                reply = self._http.request(method, path, **kwargs)
+            except httpx.TransportError as exc:
+                raise GatewayUnreachable(
+                    f"no gateway answers at {self.gateway_url}: {exc}"
+                ) from exc
+            wait = None
+            if retries is not None:
+                wait = retries.wait(reply.status_code, reply.headers.get("retry-after"))
+            if wait is None:
+                return p.check(reply.status_code, reply.content, retries)
+            time.sleep(wait)
 
     # -- servers ------------------------------------------------------------------------------
 
@@ -98,7 +117,7 @@ class ComfyUISDK:
         with anything else raises ApiError `idempotency_mismatch`.
         """
         body = p.submission(workflow, **options)
-        headers = p.key_headers(idempotency_key)
+        headers = p.submit_headers(idempotency_key, body, self.retry_for)
         return str(
             p.job_result_id(self._call("POST", "/workflow/submit", json=body, headers=headers))
         )
@@ -127,7 +146,7 @@ class ComfyUISDK:
                 "POST",
                 "/workflow/execute",
                 json=body,
-                headers=p.key_headers(idempotency_key),
+                headers=p.submit_headers(idempotency_key, body, self.retry_for),
                 timeout=timeout + 10,
             )
             result = p.job_result(content)
@@ -161,8 +180,9 @@ class ComfyUISDK:
     def stream_events(self, job_id: str) -> Iterator[dict[str, Any]]:
         """Every event of the job, from the first, as it happens; ends with the job.
 
-        A stream that breaks is resumed after the last event seen (each event comes once);
-        GatewayUnreachable after several breaks in a row.
+        A job ended longer ago than the events are kept ends with one `expired` event instead
+        (its `status` and `error`). A stream that breaks is resumed after the last event seen
+        (each event comes once); GatewayUnreachable after several breaks in a row.
         """
         return self._resumed(f"/workflow/events/{job_id}", (), p.Resume(), job_id, ends=True)
 
@@ -245,6 +265,7 @@ class ComfyUISDK:
         shared by every job. A `batch_id`, or an `idempotency_key`, makes a retry safe: the
         same batch sent again makes only the jobs not made yet.
         """
+        batch_id = p.batch_id_for(batch_id, idempotency_key, self.retry_for)
         body = p.batch_submission(workflows, overrides=overrides, batch_id=batch_id, **options)
         headers = p.key_headers(idempotency_key)
         return p.batch_status(self._call("POST", "/workflow/batch", json=body, headers=headers))

@@ -6,7 +6,8 @@ ComfyAutomateError
 │   ├── NotFound             404: no such job or server
 │   ├── Unschedulable        422: no server can run it (names what is missing)
 │   ├── IdempotencyMismatch  422: the idempotency key was used for another request
-│   └── Unavailable          503/504: no balancer, or it did not answer
+│   ├── RateLimited          429: too many requests (still so after `retry_for` of retries)
+│   └── Unavailable          503/504: no balancer, or it did not answer (503: after retries)
 ├── JobFailed                the job ended failed or cancelled (carries the result)
 └── GatewayUnreachable       no gateway at that URL
 """
@@ -23,12 +24,24 @@ class ComfyAutomateError(Exception):
 class ApiError(ComfyAutomateError):
     """An error answer from the gateway: HTTP status, code and message."""
 
-    def __init__(self, status: int, code: str, message: str, details: Any = None) -> None:
-        super().__init__(f"{message} [{code}, HTTP {status}]")
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        details: Any = None,
+        *,
+        retried: str | None = None,
+        tries: int = 1,
+    ) -> None:
+        said = f"{message} [{code}, HTTP {status}]"
+        super().__init__(f"{said}; {retried}" if retried else said)
         self.status = status
         self.code = code
         self.message = message
         self.details = details
+        self.tries = tries
+        """How many times the request was sent (more than 1 after retries of a 503 or 429)."""
 
 
 class InvalidWorkflow(ApiError):
@@ -45,6 +58,10 @@ class Unschedulable(ApiError):
 
 class Unavailable(ApiError):
     pass
+
+
+class RateLimited(ApiError):
+    """Too many requests: the gateway's rate limit, or it takes no more work for now."""
 
 
 class IdempotencyMismatch(ApiError):
@@ -74,6 +91,7 @@ _BY_STATUS: dict[int, type[ApiError]] = {
     404: NotFound,
     413: InvalidWorkflow,
     422: Unschedulable,
+    429: RateLimited,
     503: Unavailable,
     504: Unavailable,
 }
@@ -91,11 +109,12 @@ _BY_CODE: dict[str, type[ApiError]] = {
 }
 
 
-def error_from(status: int, body: Any) -> ApiError:
-    """The exception for an error answer (the gateway's `{code, message, details}` body)."""
+def error_from(status: int, body: Any, *, retried: str | None = None, tries: int = 1) -> ApiError:
+    """The exception for an error answer (the gateway's `{code, message, details}` body);
+    `retried` says why the request was not sent again, after `tries` tries."""
     if isinstance(body, dict) and "message" in body:
         code, message, details = body.get("code", "error"), body["message"], body.get("details")
     else:
         code, message, details = "error", str(body)[:500], None
     kind = _BY_CODE.get(code) or _BY_STATUS.get(status, ApiError)
-    return kind(status, code, message, details)
+    return kind(status, code, message, details, retried=retried, tries=tries)

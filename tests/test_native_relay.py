@@ -535,3 +535,25 @@ def test_a_websocket_image_comes_where_comfyui_sends_it_to_each_kind_of_client()
         ("image", (1, True)),
         ("progress", 1),
     ]
+
+
+def test_prompts_ended_before_the_retention_leave_the_view() -> None:
+    """Their entries leave KV by a TTL that no watcher hears of: each gateway drops them."""
+    index = PromptIndex(prompts_kv=None, jobs_kv=None)  # type: ignore[arg-type]
+    for revision, (prompt_id, status, ended) in enumerate(
+        [("old", JobStatus.SUCCEEDED, 100.0), ("new", JobStatus.FAILED, 200.0)], start=1
+    ):
+        index.add(NativePrompt(prompt_id=prompt_id, caller="main", prompt={}), revision)
+        record = JobRecord(
+            job_id=prompt_id,
+            status=status,
+            submitted_at=1.0,
+            updated_at=ended,
+            log_file_path="",
+            finished_at=ended,
+        )
+        index.on_record(record)
+    index.add(NativePrompt(prompt_id="open", caller="main", prompt={}), 3)
+    assert index.forget_ended_before(150.0) == ["old"]
+    assert [e.prompt_id for e in index.history_of("main")] == ["new"]
+    assert index.knows("open") and not index.knows("old")

@@ -6,7 +6,9 @@ is kept: the state of its jobs is their records, so a batch survives any restart
 
 - Submitting writes the record first (`create`: one batch per id), then makes each job through
   the submit path. A job id made already with the same request is that job, so a submission cut
-  short is completed by sending the same batch again, and no job is made twice.
+  short is completed by sending the same batch again, and no job is made twice. The record then
+  notes how many jobs, from the first, are made (`made`): one of them missing later has
+  expired (ended longer ago than the records' retention), and a resend skips them.
 - Cancelling sets `cancelled` on the record, then cancels every job not ended. A submission
   under way reads the record before each round of jobs and once after the last, and cancels
   what it made once it sees the flag; whichever comes first, no job of a cancelled batch is left
@@ -45,6 +47,7 @@ _BATCH_ID: Final = re.compile(r"[A-Za-z0-9_=-]{1,100}")
 # Jobs made, read or cancelled at once; the cancel flag is read between rounds of making.
 ROUND: Final = 32
 UNSUBMITTED: Final = "unsubmitted"
+EXPIRED: Final = "expired"
 # Ids of batches named by an idempotency key; no caller may choose one (and so take it first).
 _KEYED: Final = "key-"
 
@@ -220,19 +223,52 @@ class Batches:
         return found
 
     async def _make(self, record: BatchRecord, requests: list[JobRequest]) -> None:
-        for start in range(0, len(requests), ROUND):
-            found, _ = await self._read(record.batch_id)
-            if found.cancelled:
+        made = record.made
+        try:
+            for start in range(0, len(requests), ROUND):
+                round_ = requests[start : start + ROUND]
+                if start + len(round_) <= record.made:
+                    # Accepted before: making them again would make anew those whose records
+                    # (and logs) have expired since.
+                    continue
+                found, _ = await self._read(record.batch_id)
+                if found.cancelled:
+                    return
+                outcomes = await asyncio.gather(
+                    *(self._services.submit(request) for request in round_),
+                    return_exceptions=True,
+                )
+                for offset, outcome in enumerate(outcomes):
+                    if isinstance(outcome, ApiError):
+                        raise _of_job(outcome, start + offset, made=True)
+                    if isinstance(outcome, BaseException):
+                        raise outcome
+                made = start + len(round_)
+        finally:
+            if made > record.made:
+                await self._mark_made(record.batch_id, made)
+
+    async def _mark_made(self, batch_id: str, made: int) -> None:
+        """Note that the batch's jobs below `made` exist (never lowering it, keeping a cancel).
+
+        Best effort: unmarked, jobs that expire later are told `unsubmitted`, and a resend
+        makes them again, as before the mark existed; the submission's own answer stands.
+        """
+        try:
+            while True:
+                found, revision = await self._read(batch_id)
+                if found.made >= made:
+                    return
+                marked = msgspec.structs.replace(found, made=made)
+                try:
+                    await self._kv.update(batch_id, encode(marked), last=revision)
+                except KeyWrongLastSequenceError:
+                    continue  # changed meanwhile (cancelled, or marked by another): read again
                 return
-            round_ = requests[start : start + ROUND]
-            made = await asyncio.gather(
-                *(self._services.submit(request) for request in round_), return_exceptions=True
+        except Exception:
+            log.warning(
+                "batch %s: could not note that %d jobs are made", batch_id, made, exc_info=True
             )
-            for offset, outcome in enumerate(made):
-                if isinstance(outcome, ApiError):
-                    raise _of_job(outcome, start + offset, made=True)
-                if isinstance(outcome, BaseException):
-                    raise outcome
 
     async def find(self, batch_id: str, caller: Caller) -> BatchRecord:
         """The batch, or a 404 (also when it is another caller's)."""
@@ -284,11 +320,16 @@ class Batches:
                 raise
 
         records = await each(range(record.size), read)
-        unsubmitted = [index for index, job in enumerate(records) if job is None]
+        missing = [index for index, job in enumerate(records) if job is None]
+        # A job made once and not found any more ended longer ago than the retention.
+        expired = [index for index in missing if index < record.made]
+        unsubmitted = [index for index in missing if index >= record.made]
         jobs = [job for job in records if job is not None]
         counts = Counter(job.status.value for job in jobs)
         if unsubmitted:
             counts[UNSUBMITTED] = len(unsubmitted)
+        if expired:
+            counts[EXPIRED] = len(expired)
         ended = all(job.status.terminal for job in jobs)
         return BatchStatus(
             batch_id=record.batch_id,
@@ -298,6 +339,7 @@ class Batches:
             cancelled=record.cancelled,
             jobs=[result(job) for job in jobs],
             unsubmitted=unsubmitted,
+            expired=expired,
         )
 
     async def _read(self, batch_id: str) -> tuple[BatchRecord, int]:

@@ -18,6 +18,7 @@ from typing import Final
 import msgspec
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext, api
+from nats.js.errors import NotFoundError
 
 from gateway.api.jobdirectory import JobDirectory, JobFacts
 from gateway.api.jobtrail import Step, Trails
@@ -167,6 +168,10 @@ async def fleet_events(
             deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=expected
         )
     else:
+        assert start.time is not None
+        lost = await _lost_before(js, subjects, start.time)
+        if lost is not None:
+            yield lost
         config = api.ConsumerConfig(
             deliver_policy=api.DeliverPolicy.BY_START_TIME, opt_start_time=start.time
         )
@@ -285,11 +290,38 @@ async def _dropped(
     return _missed(expected, min(seq, first) - 1) if first > expected else None
 
 
-def _missed(first: int, last: int) -> Missed:
+async def _lost_before(js: JetStreamContext, subjects: Subjects, since: datetime) -> Missed | None:
+    """What a start at `since` cannot tell: when the stream's oldest kept event is later than
+    `since` and retention dropped events before it, those between `since` and it are gone (which
+    of the dropped ones were that late is not known any more, so all are named)."""
+    first = (await js.stream_info(subjects.events_stream)).state.first_seq
+    if first <= 1:
+        return None  # nothing dropped yet
+    try:
+        oldest = await js.get_msg(
+            subjects.events_stream, seq=first, subject=subjects.all_events, next=True
+        )
+    except NotFoundError:
+        oldest = None  # every event is gone: none kept is later than `since`
+    kept_from = oldest.time if oldest is not None else None
+    if kept_from is not None and since >= kept_from:
+        return None
+    last = (oldest.seq or first) - 1 if oldest is not None else first - 1
+    when = kept_from.isoformat() if kept_from is not None else "now"
+    return _missed(
+        1,
+        last,
+        f"events before {when} are no longer kept (the EVENTS stream's retention): any "
+        "between `since` and then are gone; the stream goes on after them",
+    )
+
+
+def _missed(first: int, last: int, message: str | None = None) -> Missed:
     return Missed(
         id=last,
         from_id=first,
         to_id=last,
-        message=f"events {first} to {last} are no longer kept (the EVENTS stream's retention); "
+        message=message
+        or f"events {first} to {last} are no longer kept (the EVENTS stream's retention); "
         "the stream goes on after them",
     )

@@ -110,7 +110,8 @@ class BatchStatus(_ReadsLikeADict, msgspec.Struct, kw_only=True):
     batch_id: str
     size: int
     counts: dict[str, int]
-    """Jobs per status; `unsubmitted` counts those a cut-short submission did not make."""
+    """Jobs per status; `unsubmitted` counts those a cut-short submission did not make,
+    `expired` those made that ended too long ago to be told."""
     done: bool
     """Whether every job of the batch has ended."""
     cancelled: bool
@@ -118,6 +119,9 @@ class BatchStatus(_ReadsLikeADict, msgspec.Struct, kw_only=True):
     """The batch's jobs that exist, in index order (job `<batch_id>-<index>`)."""
     unsubmitted: list[int] = msgspec.field(default_factory=list)
     """Indexes of the jobs not made (yet): submit the same batch again to make them."""
+    expired: list[int] = msgspec.field(default_factory=list)
+    """Indexes of jobs made that are known no more: they ended longer ago than the records'
+    retention, and their log is gone too (or cannot be read now)."""
 
 
 class Submitted(_ReadsLikeADict, msgspec.Struct, kw_only=True):

@@ -37,6 +37,7 @@ from gateway.bus.contract import (
     ContractError,
     ControlReply,
     Error,
+    Event,
     JobAccepted,
     JobRecord,
     JobRequest,
@@ -183,23 +184,29 @@ class Services:
         """The record of a job that KV no longer holds (it ended longer ago than the records'
         retention), made again from the job's log; a 404 when the log has no such job."""
         try:
-            page = await job_log_raw(self.nc, self.subjects, job_id)
+            events = await self.logged_events(job_id)
         except LogQueryError as exc:
             if exc.code != "not_found":
                 # Unknown as far as can be told now: only a job ended longer ago than the
                 # retention could be answered for, once a log sink answers again.
                 log.warning("job %s: not in KV, and its log cannot be read: %s", job_id, exc)
             raise _unknown_job(job_id) from None
+        record = record_from_log(events)
+        if record is None:
+            raise _unknown_job(job_id)
+        return record
+
+    async def logged_events(self, job_id: str) -> list[Event]:
+        """The job's events as its log holds them; LogQueryError when the log sink has no log
+        of the job (code `not_found`) or does not answer."""
+        page = await job_log_raw(self.nc, self.subjects, job_id)
         events = []
         for raw in page.entries:
             try:
                 events.append(decode_event(raw))
             except ValueError as exc:
                 log.warning("job %s: an event of its log does not decode: %s", job_id, exc)
-        record = record_from_log(events)
-        if record is None:
-            raise _unknown_job(job_id)
-        return record
+        return events
 
     async def start(self) -> None:
         """Follow job records as they change, for the requests that wait on them.

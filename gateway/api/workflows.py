@@ -14,11 +14,10 @@ from litestar.openapi import ResponseSpec
 from litestar.params import FromPath, FromQuery, HeaderParameter, JSONBody
 from litestar.response import ServerSentEvent
 from litestar.response.sse import ServerSentEventMessage
-from nats.errors import TimeoutError as NatsTimeoutError
-from nats.js import api
 
 from gateway.api.auth import Caller, caller_of
 from gateway.api.errors import ApiError, error_responses
+from gateway.api.jobevents import EventsGone, job_events
 from gateway.api.limits import hold, submit_rate_limit, take_stream
 from gateway.api.native.fleetinfo import FleetRegistry
 from gateway.api.owners import check_inputs_owned
@@ -27,12 +26,9 @@ from gateway.api.services import Services, ServicesDep
 from gateway.api.signing import signer_of
 from gateway.balancer.requestchecks import MAX_REQUEST_BYTES, check_job_id
 from gateway.bus.contract import (
-    TERMINAL_EVENTS,
     ContractError,
-    Event,
     JobRecord,
     JobRequest,
-    decode_event,
     encode,
     event_type,
 )
@@ -294,12 +290,14 @@ class WorkflowController(Controller):
 
         Each event's `id` is its `seq`. A client that reconnects with `Last-Event-ID` (the
         header, as EventSource sends it, or `?last_event_id=`) gets only the events after it.
+        A job whose events the EVENTS stream no longer keeps: from its log, or (without it) one
+        `expired` event with how it ended.
         """
         after = seq_after(request.headers.get("last-event-id") or last_event_id)
         # 404 before the stream starts, also for another caller's job.
-        await services.record(known_job_id(job_id), caller_of(request))
+        record = await services.record(known_job_id(job_id), caller_of(request))
         slot = take_stream(request)  # 503 when too many are open
-        return ServerSentEvent(hold(slot, _event_stream(services, job_id, after)))
+        return ServerSentEvent(hold(slot, _event_stream(services, record, after)))
 
 
 def seq_after(text: str | None) -> int:
@@ -318,50 +316,15 @@ def seq_after(text: str | None) -> int:
     return seq
 
 
-async def job_events(
-    services: Services, job_id: str, after: int = 0
-) -> AsyncIterator[Event | None]:
-    """The job's events with a `seq` over `after`, live, ending with its terminal event.
-
-    None stands for `event_keepalive_s` (15 s) without an event, so a stream can send a
-    keep-alive. A client that saw the end already gets nothing more: the stream ends at once.
-    """
-    sub = await services.js.subscribe(
-        services.subjects.events(job_id),
-        ordered_consumer=True,
-        deliver_policy=api.DeliverPolicy.ALL,
-    )
-    try:
-        while True:
-            try:
-                msg = await sub.next_msg(timeout=services.settings.event_keepalive_s)
-            except NatsTimeoutError:
-                yield None
-                continue
-            event = decode_event(msg.data)
-            if isinstance(event, TERMINAL_EVENTS):
-                # The job's record follows its events by a moment; end the stream only once the
-                # record agrees, so a client reading the result next sees the end too.
-                await services.wait_for_end(job_id, 10.0)
-                if event.seq > after:
-                    yield event
-                return
-            if event.seq > after:
-                yield event
-    finally:
-        await sub.unsubscribe()
-
-
 async def _event_stream(
-    services: Services, job_id: str, after: int
+    services: Services, record: JobRecord, after: int
 ) -> AsyncIterator[ServerSentEventMessage]:
-    async for event in job_events(services, job_id, after):
+    async for event in job_events(services, record, after):
         if event is None:
             yield ServerSentEventMessage(comment="keep-alive")
         else:
-            yield ServerSentEventMessage(
-                data=encode(event).decode(), event=event_type(event), id=event.seq
-            )
+            kind = event.type if isinstance(event, EventsGone) else event_type(event)
+            yield ServerSentEventMessage(data=encode(event).decode(), event=kind, id=event.seq)
 
 
 @websocket("/workflow/events/{job_id:str}/ws")
@@ -376,14 +339,14 @@ async def job_events_ws(
     await socket.accept()
     try:
         after = max(0, seq_after(from_seq) - 1)
-        await services.record(known_job_id(job_id), caller_of(socket))
+        record = await services.record(known_job_id(job_id), caller_of(socket))
         slot = take_stream(socket)
     except ApiError as exc:
         # 4000 + the HTTP status: 4404 for an unknown job, 4503 for too many streams.
         await socket.close(code=4000 + exc.status, reason=exc.message[:120])
         return
     with slot:
-        async for event in job_events(services, job_id, after):
+        async for event in job_events(services, record, after):
             if event is not None:
                 await socket.send_text(encode(event).decode())
     await socket.close()

@@ -703,7 +703,8 @@ class NativePrompt(_Message, kw_only=True):
 
     Its key is the prompt id, which is also its job's id. The entry's revision (the bucket's
     sequence when it was created) is the prompt's `number` unless the client chose one, so every
-    gateway numbers prompts alike. `prompt` is the graph exactly as the client sent it.
+    gateway numbers prompts alike. `prompt` is the graph exactly as the client sent it. Once
+    its job has ended, the entry leaves the bucket with the job's record.
     """
 
     prompt_id: str
@@ -715,6 +716,10 @@ class NativePrompt(_Message, kw_only=True):
     number: int | float | None = None
     front: bool = False
     created_ms: int = 0
+    # Set when its job has ended and the entry was written again to expire, as the job's
+    # record does (`job_records_retention_s`); `number` is then written out, since the entry's
+    # revision changed.
+    ended_at: float | None = None
 
 
 class JobRecord(_Message, kw_only=True):
@@ -849,6 +854,9 @@ class BatchRecord(_Message, kw_only=True):
     request_hash: str
     created_at: float
     cancelled: bool = False
+    # Its jobs from the first up to this index are known made (accepted): one of them missing
+    # from KV has expired (it ended longer ago than the records' retention), not been skipped.
+    made: int = 0
 
 
 # --------------------------------------------------------------------------------------------

@@ -147,6 +147,24 @@ async def _a_batch_cut_short_is_completed_by_sending_it_again(
     assert (other.status_code, other.json()["code"]) == (409, "duplicate_batch"), other.text
 
 
+async def _a_job_whose_record_expired_is_not_unsubmitted(
+    client: httpx.AsyncClient, nc: Client, subjects: Subjects
+) -> None:
+    """After the cut batch: one of its jobs ends, and its record leaves KV as the records'
+    retention would take it (no log sink here to tell it from its log)."""
+    ended = await client.post(f"/workflow/cancel/{job_id_of('cut', 3)}")
+    assert ended.status_code == 200, ended.text
+    await (await nc.jetstream().key_value(subjects.jobs_bucket)).purge(job_id_of("cut", 3))
+    batch = (await client.get("/workflow/batch/cut")).json()
+    assert (batch["expired"], batch["unsubmitted"]) == ([3], []), batch
+    assert batch["counts"] == {"queued": 11, "expired": 1}
+    # Sent again, the batch does not make it anew.
+    body = {"workflow": tiny(3), "overrides": [{"1.color": i} for i in range(12)]}
+    again = await client.post("/workflow/batch", json={**body, "batch_id": "cut"})
+    assert again.status_code == 200 and again.json()["counts"] == batch["counts"], again.text
+    assert job_id_of("cut", 3) not in await _job_ids(nc, subjects)
+
+
 async def _a_cancel_racing_the_submission_leaves_no_job_to_run(
     client: httpx.AsyncClient, nc: Client, subjects: Subjects
 ) -> None:
@@ -206,6 +224,7 @@ async def test_batches_without_servers(
 ) -> None:
     """Cases that need no job to run, on one gateway whose jobs wait in the queue."""
     await _a_batch_cut_short_is_completed_by_sending_it_again(client, nc, subjects)
+    await _a_job_whose_record_expired_is_not_unsubmitted(client, nc, subjects)
     await _a_cancel_racing_the_submission_leaves_no_job_to_run(client, nc, subjects)
     await _batch_shapes_and_limits(client, nc, subjects)
     await _a_batch_named_by_an_idempotency_key(client, nc, subjects)

@@ -3,6 +3,7 @@ answered for, from its log, as before; an open job's record never leaves."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from typing import Any
@@ -10,11 +11,12 @@ from typing import Any
 import httpx
 import msgspec
 from nats.js.errors import KeyNotFoundError
+from websockets.asyncio.client import connect as ws_connect
 
 from gateway.bus.contract import JobRecord, Subjects, decode
 from gateway.settings import Settings
 from plugins.simulator import SimulatorConfig
-from tests.e2e.conftest import running_system, tiny
+from tests.e2e.conftest import running_system, sse_events, tiny
 from tests.helpers import poll_until
 
 KEYS = {"admin": "ops-7c1", "alice": "alice-3f9", "bob": "bob-88e"}
@@ -80,9 +82,33 @@ async def test_an_ended_jobs_record_expires_and_its_log_answers_for_it(settings:
                 return True
 
             await poll_until(expired, "the ended jobs' records expire", within=15)
+            # The prompt's entry leaves KV with its job's record: nothing grows per job.
+            prompts = await system.nc.jetstream().key_value(Subjects().prompts_bucket)
+
+            async def prompt_gone() -> bool:
+                try:
+                    await prompts.get(prompt_id)
+                except KeyNotFoundError:
+                    return True
+                return False
+
+            await poll_until(prompt_gone, "the ended prompt's entry expires", within=15)
 
             # Told from the log: the same answers, to its caller (and an admin) only.
             assert await _answers(client, job_id) == before
+            # Its events gone from the EVENTS stream too (its retention, here at once): its
+            # streams tell them from its log, and end.
+            events = Subjects().events_stream
+            await system.nc.jetstream().purge_stream(events, subject=Subjects().events(job_id))
+            async with httpx.AsyncClient(base_url=system.url, headers=_as("alice")) as alice:
+                async with asyncio.timeout(30):
+                    told = await sse_events(alice, job_id)
+            assert [e["seq"] for e in told] == list(range(1, before["logs"] + 1))
+            assert told[-1]["type"] == "succeeded"
+            url = system.url.replace("http", "ws", 1) + f"/workflow/events/{job_id}/ws?from_seq=2"
+            async with ws_connect(url, additional_headers=_as("alice")) as socket:
+                framed = [json.loads(frame) async for frame in socket]
+            assert framed == told[1:]
             admin = await client.get(f"/workflow/status/{job_id}", headers=_as("admin"))
             assert _unsigned(admin) == before["status"]
             for path in ("status", "result", "logs"):
@@ -100,7 +126,8 @@ async def test_an_ended_jobs_record_expires_and_its_log_answers_for_it(settings:
             assert again.status_code == 409, again.text
             assert again.json()["code"] == "duplicate_job"
 
-            # A gateway started now finds the prompt ended, from its log: in history, not queued.
+            # A gateway started now neither queues the prompt nor keeps it in history (as a
+            # ComfyUI keeps history only so long), and the job is still told from its log.
             async with httpx.AsyncClient(
                 base_url=await system.start_gateway(), timeout=60, headers=_as("alice")
             ) as fresh:
@@ -108,8 +135,9 @@ async def test_an_ended_jobs_record_expires_and_its_log_answers_for_it(settings:
                     "queue_running": [],
                     "queue_pending": [],
                 }
-                entry = (await fresh.get(f"/history/{prompt_id}")).json()[prompt_id]
-                assert entry["status"]["status_str"] == "success"
+                assert (await fresh.get(f"/history/{prompt_id}")).json() == {}
+                told = await fresh.get(f"/workflow/status/{prompt_id}")
+                assert told.json()["status"] == "succeeded"
 
             # The open job's record is still there, and the job can still be cancelled.
             assert await bound()

@@ -7,19 +7,38 @@ import time
 from pathlib import Path
 from typing import Any
 
+import httpx
+import msgspec
 import pytest
 
+from gateway.bus.contract import Subjects
+from gateway.settings import Settings
 from plugins.simulator import SimulatorConfig
-from sdk import AsyncComfyUISDK, ComfyUISDK, InvalidWorkflow, JobFailed, NotFound, Unschedulable
+from sdk import (
+    AsyncComfyUISDK,
+    ComfyUISDK,
+    InvalidWorkflow,
+    JobFailed,
+    NotFound,
+    RateLimited,
+    Unschedulable,
+)
 from tests.e2e.conftest import System, tiny
 from tests.e2e.test_e2e_jobs import png_size
 from tests.helpers import poll_until
 
+# A submit rate limit that the tests stay under, but for the burst that empties it on purpose.
+LIMITED = {"submit_rate_per_s": 3.0, "submit_burst": 20}
 LOAD = {
     "1": {"class_type": "LoadImage", "inputs": {"image": "input.png"}},
     "2": {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}},
     "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "in"}},
 }
+
+
+@pytest.fixture
+def settings(settings: Settings) -> Settings:
+    return msgspec.structs.replace(settings, **LIMITED)
 
 
 async def test_the_sync_client(system: System, tmp_path: Path) -> None:
@@ -88,7 +107,7 @@ def _logs_when_written(sdk: ComfyUISDK, job_id: str) -> dict[str, Any]:
 
 async def test_the_async_client(system: System) -> None:
     sim = await system.add_server("gpu1", SimulatorConfig(fail_nodes=["ImageInvert"]))
-    async with AsyncComfyUISDK(gateway_url=system.url, timeout=60) as sdk:
+    async with AsyncComfyUISDK(gateway_url=system.url, timeout=60, retry_for=20) as sdk:
         assert (await sdk.list_servers())[0].address == sim.address
         with pytest.raises(JobFailed) as failure:
             await sdk.execute_workflow(tiny(21))
@@ -115,6 +134,7 @@ async def test_the_async_client(system: System) -> None:
 
         await poll_until(logged, "the job's log is written")
         assert (await sdk.query_logs("SELECT 1"))["rows"] == [[1]]
+        await _a_burst_past_the_rate_limit(system, sdk)
 
 
 async def test_submitting_on_the_bus(system: System) -> None:
@@ -133,3 +153,35 @@ async def test_submitting_on_the_bus(system: System) -> None:
             await bus.submit({"nodes": [], "links": []})
         with pytest.raises(Unschedulable, match="NoSuchNode"):
             await bus.submit({"1": {"class_type": "NoSuchNode", "inputs": {}}})
+
+
+async def _a_burst_past_the_rate_limit(system: System, sdk: AsyncComfyUISDK) -> None:
+    """Submits refused with 429 are sent again after their Retry-After: each makes one job."""
+    assert system.nc is not None
+    jobs = await system.nc.jetstream().key_value(Subjects().jobs_bucket)
+    before = set(await jobs.keys())
+    async with httpx.AsyncClient(base_url=system.url) as raw:
+        # Every submit takes a token before its body is read: refused bodies empty the bucket
+        # without making a job, until the gateway says 429.
+        for _ in range(LIMITED["submit_burst"] * 2):
+            if (await raw.post("/workflow/submit", json={})).status_code == 429:
+                break
+        else:
+            raise AssertionError("the submit rate limit never answered 429")
+    ids = await asyncio.gather(*(sdk.submit_workflow(tiny(60 + i)) for i in range(3)))
+    assert set(await jobs.keys()) - before == set(ids) and len(set(ids)) == 3
+    await asyncio.to_thread(_gives_up, system.url)
+
+
+def _gives_up(url: str) -> None:
+    # A Retry-After (1 s at least) longer than retry_for allows: refused at once, saying why.
+    with (
+        ComfyUISDK(gateway_url=url, timeout=60, retry_for=0.5) as sdk,
+        pytest.raises(RateLimited) as refused,  # the first submit the bucket cannot take
+    ):
+        for seed in range(70, 90):
+            sdk.submit_workflow(tiny(seed))
+    assert refused.value.status == 429 and refused.value.tries == 1
+    assert "the gateway asked to wait 1 s, past the 0.5 s that retry_for allows" in str(
+        refused.value
+    )

@@ -19,9 +19,10 @@ from typing import Any
 import httpx
 import pytest
 import pytest_asyncio
+from nats.js.kv import KeyValue
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.bus.contract import Subjects
+from gateway.bus.contract import JobRecord, Subjects, decode
 from gateway.bus.natsserver import start_nats_server
 from gateway.settings import Settings
 from plugins.simulator import SimulatorConfig
@@ -463,6 +464,16 @@ async def test_jobs_move_the_counters_and_histograms_by_what_happened(fleet: Sys
         assert (await _scrape(client))[lag] == len(events)
 
 
+async def _an_ended_job_other_than(jobs: KeyValue, job_id: str) -> JobRecord:
+    for key in await jobs.keys():
+        entry = await jobs.get(key)
+        assert entry.value is not None
+        record = decode(entry.value, JobRecord)
+        if key != job_id and record.status.terminal:
+            return record
+    raise AssertionError("no other job has ended")
+
+
 async def _has_status(client: httpx.AsyncClient, job_id: str, status: str) -> bool:
     return await _status(client, job_id) == status
 
@@ -496,3 +507,27 @@ async def test_events_no_longer_kept_are_said_not_skipped(fleet: System) -> None
             assert (missed["from_id"], missed["to_id"], missed["id"]) == (2, last - 3, last - 3)
             what, again = await anext(items)
             assert what == "event" and again == end
+
+        # A start at a time older than what is kept says so first, as a resume does.
+        since = http.stream("GET", "/events", params={"since": "0"})
+        async with since as response, asyncio.timeout(30):
+            items = _items(response)
+            what, missed = await anext(items)
+            assert what == "event" and missed["type"] == "missed"
+            assert (missed["from_id"], missed["to_id"], missed["id"]) == (1, last - 3, last - 3)
+            assert "no longer kept" in missed["message"]
+            what, again = await anext(items)
+            assert what == "event" and again == end
+
+        # A job whose events are all gone: its stream tells its end and ends (not keep-alives
+        # for ever). The log sink is away since the metrics test: its record tells.
+        jobs = await js.key_value(Subjects(fleet.settings.subject_prefix).jobs_bucket)
+        gone = await _an_ended_job_other_than(jobs, end["job_id"])
+        async with asyncio.timeout(30):
+            told = await sse_events(http, gone.job_id)
+        assert [(e["type"], e["seq"], e["status"]) for e in told] == [
+            ("expired", gone.last_seq, gone.status.value)
+        ]
+        assert "no longer keeps the events" in told[0]["message"]
+        async with AsyncComfyUISDK(fleet.url, api_key=KEYS["admin"]) as sdk:
+            assert [e async for e in sdk.stream_events(gone.job_id)] == told

@@ -14,10 +14,20 @@ from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
-from nats.js.errors import KeyNotFoundError
+import msgspec
+from nats.js.errors import APIError, KeyNotFoundError
 from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 
-from gateway.bus.contract import ContractError, JobRecord, JobStatus, NativePrompt, decode
+from gateway.balancer.expiry import WRONG_REVISION, EndedRecords
+from gateway.bus.contract import (
+    ContractError,
+    JobRecord,
+    JobStatus,
+    NativePrompt,
+    decode,
+    encode,
+    now,
+)
 
 log = logging.getLogger(__name__)
 
@@ -84,11 +94,17 @@ class PromptIndex:
         prompts_kv: KeyValue,
         jobs_kv: KeyValue,
         expired: Callable[[str], Awaitable[JobRecord | None]] | None = None,
+        ended: EndedRecords | None = None,
+        retention_s: float = 0.0,
     ) -> None:
         self._prompts_kv = prompts_kv
         self._jobs_kv = jobs_kv
         # The record of a job that KV no longer holds (ended long ago), from its log.
         self._expired = expired
+        # Ended prompts leave the bucket, and this view, `retention_s` after their jobs' ends,
+        # with the jobs' records (0: kept, as the records are).
+        self._ended = ended
+        self._retention_s = retention_s
         self._entries: dict[str, Entry] = {}
         # Per caller, its ended prompts (a dict for its order and O(1) removal).
         self._finished_by: dict[str, dict[str, None]] = {}
@@ -147,10 +163,44 @@ class PromptIndex:
         entry.settled.set()
         for listener in self._listeners:
             listener(entry)
+        if self._ended is not None and entry.prompt.ended_at is None:
+            self._spawn(self._expire(entry))
         if len(ended) > MAX_HISTORY:
             oldest = min(ended, key=lambda i: _ended_at(self._entries.get(i)))
             ended.pop(oldest)
             self._spawn(self._forget(oldest))
+
+    async def _expire(self, entry: Entry) -> None:
+        """Write the ended prompt's entry again, to leave the bucket with its job's record.
+
+        Every gateway sees the end and tries; the write is made over the revision each knows,
+        so the first one takes and the others (and a write racing a deletion) are refused.
+        """
+        assert self._ended is not None
+        ending = msgspec.structs.replace(entry.prompt, number=entry.number, ended_at=now())
+        try:
+            await self._ended.put(entry.prompt_id, encode(ending), revision=entry.revision)
+        except APIError as exc:
+            if exc.err_code != WRONG_REVISION:
+                log.warning("prompt %s: its entry is not set to expire: %s", entry.prompt_id, exc)
+                return
+            log.debug(
+                "prompt %s: its entry changed meanwhile (set to expire by another, or deleted)",
+                entry.prompt_id,
+            )
+        except Exception:
+            # Transient (a reconnect, a time-out): the next gateway to start sets it.
+            log.warning("prompt %s: its entry is not set to expire", entry.prompt_id, exc_info=True)
+            return
+        entry.prompt = ending
+
+    def forget_ended_before(self, cutoff: float) -> list[str]:
+        """Drop from this view the prompts whose jobs ended before `cutoff` (epoch seconds):
+        their entries have left the bucket by their TTL, which no watcher is told of."""
+        gone = [e.prompt_id for e in self._entries.values() if e.finished and _ended_at(e) < cutoff]
+        for prompt_id in gone:
+            self.remove(prompt_id)
+        return gone
 
     async def _forget(self, prompt_id: str) -> None:
         try:
@@ -170,6 +220,8 @@ class PromptIndex:
             await asyncio.sleep(RESYNC_S)
             for entry in [e for e in self._entries.values() if not e.finished]:
                 await self._load_record(entry.prompt_id)
+            if self._retention_s > 0:
+                self.forget_ended_before(now() - self._retention_s)
 
     async def _follow(self) -> None:
         watcher = await self._prompts_kv.watchall()

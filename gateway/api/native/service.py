@@ -26,6 +26,7 @@ from gateway.api.native.history import HistoryReader
 from gateway.api.native.prompts import Entry, PromptIndex
 from gateway.api.native.sockets import SocketHub
 from gateway.api.native.uploads import UPLOADS, uploads_in
+from gateway.balancer.expiry import EndedRecords
 from gateway.balancer.fleet import FleetView
 from gateway.balancer.requestchecks import check_job_id
 from gateway.bus.contract import (
@@ -85,7 +86,16 @@ class NativeService:
         self._services = services
         self.settings = services.settings
         self._kv = prompts_kv
-        self.index = PromptIndex(prompts_kv, services.jobs_kv, self._expired_record)
+        retention = services.settings.job_records_retention_s
+        # Ended prompts leave KV with their jobs' records, by the same mechanism.
+        ended = (
+            EndedRecords(services.js, services.subjects.prompts_bucket, retention)
+            if retention > 0
+            else None
+        )
+        self.index = PromptIndex(
+            prompts_kv, services.jobs_kv, self._expired_record, ended, retention
+        )
         self.reader = HistoryReader(services.js, services.subjects)
         self.hub = SocketHub(
             services.nc, services.subjects, self.index, self.reader, services.storage
