@@ -34,7 +34,7 @@ async def _status(client: httpx.AsyncClient, job_id: str) -> str:
 async def test_changing_a_server_while_it_runs_a_job_loses_nothing_and_draining_it_takes_no_more(
     system: System,
 ) -> None:
-    gpu1 = await system.add_server("gpu1")
+    gpu1, _ = await asyncio.gather(system.add_server("gpu1"), system.add_server("gpu2"))
     body = {"name": "gpu1", "server_id": "gpu1", "address": gpu1.address}
     async with (
         httpx.AsyncClient(base_url=system.url, timeout=60) as client,
@@ -51,6 +51,8 @@ async def test_changing_a_server_while_it_runs_a_job_loses_nothing_and_draining_
         for verb in ("drain", "undrain"):
             unknown = await client.post(f"/servers/nowhere/{verb}")
             assert (unknown.status_code, unknown.json()["code"]) == (404, "unknown_server")
+        idle = (await client.post("/servers/gpu2/drain")).json()  # drained at once
+        assert _drain_view(idle) == ("gpu2", True, 0), idle
         # The seed's quick start, run a second time, and a new label, while the job runs:
         # each changes only what it says (the server stays draining).
         same = await client.post("/servers", json=body)
@@ -68,19 +70,19 @@ async def test_changing_a_server_while_it_runs_a_job_loses_nothing_and_draining_
         drained = await sdk.wait_drained("gpu1", timeout=30)
         assert (drained.draining, drained.jobs_held) == (True, 0)
         assert (await _servers(client))["gpu1"]["labels"] == {"gpu": "a100"}
-        # Healthy and idle, yet it took neither job; both wait, saying why.
+        # Both healthy and idle, yet neither took a job; both jobs wait, saying why.
         assert [await _status(client, job) for job in (pinned, free)] == ["queued", "queued"]
         fleet = msgspec.convert((await client.get("/servers")).json(), list[ServerHealth])
-        assert [s.status for s in fleet] == ["healthy"]
+        assert [s.status for s in fleet] == ["healthy", "healthy"]
         assert waiting_reason(fleet, server="gpu1") == "server gpu1 is draining"
-        assert waiting_reason(fleet) == "every healthy server is draining (gpu1)"
+        assert waiting_reason(fleet) == "every healthy server is draining (gpu1, gpu2)"
     await _restart_gateway(system)
     async with httpx.AsyncClient(base_url=system.url, timeout=60) as client:
         # The new leader reads the flag from the registry: still draining, the jobs still wait.
         await poll_until(lambda: _draining(client, "gpu1"), "gpu1 draining after the restart")
         metrics = (await client.get("/metrics")).text
         assert 'comfyautomate_server_draining{server="gpu1"} 1.0' in metrics
-        await system.add_server("gpu2")
+        assert (await client.post("/servers/gpu2/undrain")).status_code == 200
         elsewhere = (await client.get(f"/workflow/result/{free}", params={"wait": 30})).json()
         assert (elsewhere["status"], elsewhere["server_id"]) == ("succeeded", "gpu2")
         assert await _status(client, pinned) == "queued"
