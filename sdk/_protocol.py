@@ -10,13 +10,14 @@ import json
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final
+from urllib.parse import quote
 
 import msgspec
 
 from gateway.api.schemas import BatchStatus, JobResult, ServerHealth
 from gateway.bus.contract import TERMINAL_STATUSES, ServerRecord
 from sdk._retry import RETRIED_STATUS, Retries, new_batch_id, new_key, repeatable
-from sdk.errors import FileUnusable, GatewayUnreachable, JobFailed, error_from
+from sdk.errors import FileUnusable, GatewayUnreachable, JobFailed, NotFound, error_from
 
 Inputs = Mapping[str, "str | Path | bytes"]
 
@@ -209,6 +210,33 @@ def servers(content: bytes) -> list[ServerHealth]:
 
 def server_record(content: bytes) -> ServerRecord:
     return msgspec.json.decode(content, type=ServerRecord)
+
+
+def server_health(content: bytes) -> ServerHealth:
+    return msgspec.json.decode(content, type=ServerHealth)
+
+
+def server_path(server_id: str, action: str = "") -> str:
+    """`/servers/{id}` (and an action under it), the id quoted as a path segment."""
+    path = f"/servers/{quote(server_id, safe='')}"
+    return f"{path}/{action}" if action else path
+
+
+def server_in(content: bytes, server_id: str) -> ServerHealth:
+    """The server `server_id` of a GET /servers answer; NotFound when it is not listed."""
+    for server in servers(content):
+        if server.server_id == server_id:
+            return server
+    raise NotFound(404, "unknown_server", f"no server {server_id!r} is registered")
+
+
+def drain_settled(server: ServerHealth) -> bool:
+    """Whether waiting for a drain is over: the server holds no jobs, or is not draining."""
+    return not server.draining or server.jobs_held == 0
+
+
+# How often wait_drained asks for the fleet while the server still holds jobs.
+DRAIN_POLL_S: Final = 0.5
 
 
 class SSEParser:

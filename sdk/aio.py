@@ -97,6 +97,24 @@ class AsyncComfyUISDK:
     async def remove_server(self, server_id: str) -> None:
         await self._call("DELETE", f"/servers/{server_id}")
 
+    async def drain_server(self, server_id: str) -> ServerHealth:
+        """Take a server out of service: no new jobs; those it holds finish (`jobs_held`)."""
+        return p.server_health(await self._call("POST", p.server_path(server_id, "drain")))
+
+    async def undrain_server(self, server_id: str) -> ServerHealth:
+        """Put a drained server back in service."""
+        return p.server_health(await self._call("POST", p.server_path(server_id, "undrain")))
+
+    async def wait_drained(self, server_id: str, timeout: float | None = None) -> ServerHealth:
+        """The server once it holds no jobs (or as it stands after `timeout` s, or once it is
+        no longer draining)."""
+        deadline = time.monotonic() + (timeout or self.timeout)
+        server = p.server_in(await self._call("GET", "/servers"), server_id)
+        while not p.drain_settled(server) and time.monotonic() < deadline:
+            await asyncio.sleep(max(0.0, min(p.DRAIN_POLL_S, deadline - time.monotonic())))
+            server = p.server_in(await self._call("GET", "/servers"), server_id)
+        return server
+
     async def submit_workflow(
         self, workflow: Any, *, idempotency_key: str | None = None, **options: Any
     ) -> str:

@@ -78,6 +78,7 @@ SAMPLES: list[msgspec.Struct] = [
         capacity=3,
         labels={"a": "b"},
         registered_at=9.0,
+        draining=True,
     ),
     c.Cancel(job_id="job1", reason="user"),
     c.ControlReply(ok=False, message="unknown job"),
@@ -182,6 +183,11 @@ def test_a_newer_schema_version_is_refused_clearly() -> None:
     event["v"] = 99
     with pytest.raises(c.ContractError, match="schema version 99"):
         c.decode_event(json.dumps(event).encode())
+
+
+def test_a_server_record_written_before_draining_existed_is_not_draining() -> None:
+    wire = b'{"v": 1, "server_id": "s", "name": "s", "address": "h:1", "registered_at": 1.0}'
+    assert c.decode(wire, c.ServerRecord).draining is False
 
 
 @pytest.mark.parametrize(

@@ -4,10 +4,14 @@ import asyncio
 
 import httpx
 import msgspec
+import pytest
+from nats.aio.client import Client
 from nats.js import JetStreamContext
-from nats.js.errors import NotFoundError
+from nats.js.errors import KeyNotFoundError, NotFoundError
 
 from gateway.balancer.dispatcher import CONSUMER
+from gateway.balancer.fleet import FleetView
+from gateway.balancer.role import Balancer
 from gateway.bus.connection import session
 from gateway.bus.contract import (
     Dispatched,
@@ -24,6 +28,7 @@ from gateway.bus.contract import (
 )
 from gateway.bus.jobstate import apply_event
 from gateway.bus.lease import hold_lease
+from gateway.lifecycle import stop_tasks
 from gateway.settings import Settings
 from plugins.simulator import SimulatorConfig
 from tests.e2e.conftest import running_system, tiny
@@ -156,3 +161,39 @@ def test_a_dispatched_event_landing_after_running_does_not_undo_it() -> None:
         event_id="e3", job_id="j", seq=3, ts=3.0, data=DispatchedData(server_id="s", attempt=1)
     )
     assert apply_event(running, late) is None
+
+
+async def test_a_balancer_leads_only_once_it_has_read_the_server_registry(
+    nc: Client, js: JetStreamContext, settings: Settings
+) -> None:
+    # Until then a server known from its heartbeat alone would look open for work, even one
+    # the registry says is draining.
+    subjects = Subjects(settings.subject_prefix)
+    fleet = FleetView(nc, await js.key_value(subjects.servers_bucket), subjects)
+    balancer = Balancer(nc, fleet, settings)
+    leases = await js.key_value(subjects.balancer_bucket)
+    stop = asyncio.Event()
+    running = asyncio.create_task(balancer.run(stop))
+    following: asyncio.Task[None] | None = None
+    try:
+        async with asyncio.timeout(10):
+            await balancer.ready.wait()
+        # A few round trips to the broker on the balancer's own connection: whatever it had
+        # begun to send for the lease (it competes right after `ready` unless it waits for the
+        # registry) has been handled by then.
+        for _ in range(3):
+            await nc.flush()
+        with pytest.raises(KeyNotFoundError):
+            await leases.get("leader")
+        following = asyncio.create_task(fleet.run())
+        await poll_until(lambda: _leads(balancer), "the balancer leading")
+    finally:
+        stop.set()
+        async with asyncio.timeout(20):
+            await running
+        if following is not None:
+            await stop_tasks(following)
+
+
+async def _leads(balancer: Balancer) -> bool:
+    return balancer.leads

@@ -1,9 +1,9 @@
-"""The live server table's speed estimates (gateway/balancer/servers.py)."""
+"""The live server table (gateway/balancer/servers.py): speed estimates, who takes work."""
 
 from __future__ import annotations
 
 from gateway.balancer.servers import ServerTable
-from gateway.bus.contract import Heartbeat
+from gateway.bus.contract import Heartbeat, ServerRecord
 
 
 class Clock:
@@ -72,3 +72,21 @@ def test_silence_while_this_replica_was_cut_off_is_not_staleness() -> None:
     assert not table.is_stale(state)
     clock.now += 1  # 3.5 s since we could hear it, and still silent: dead
     assert table.is_stale(state)
+
+
+def test_a_draining_server_is_live_but_open_for_no_new_work() -> None:
+    table = ServerTable(Clock())
+    for server_id in ("a", "b"):
+        table.on_registered(
+            ServerRecord(
+                server_id=server_id,
+                name=server_id,
+                address="h:1",
+                registered_at=0.0,
+                draining=server_id == "b",
+            )
+        )
+        table.on_heartbeat(beat(server_id))
+    assert [s.server_id for s in table.live()] == ["a", "b"]  # its heartbeats count
+    assert [s.server_id for s in table.open_for_work()] == ["a"]
+    assert not table.finishing("b")  # a removed server's winding down is another thing

@@ -172,6 +172,12 @@ class ServerHealth(_ReadsLikeADict, msgspec.Struct, kw_only=True):
     """Models it holds, most recently used first (admin keys only)."""
     model_slots: int | None = None
     """How many models it keeps at once, once learnt."""
+    draining: bool = False
+    """Taken out of service by an admin: it gets no new jobs, finishes those it holds, and
+    jobs pinned to it wait."""
+    jobs_held: int | None = None
+    """For a draining server, the jobs it still holds (running, or on their way to it): 0 means
+    drained, safe to stop. Null for a server that is not draining."""
 
 
 class HealthReport(_ReadsLikeADict, msgspec.Struct, kw_only=True):

@@ -17,6 +17,7 @@ from litestar.types import Guard
 from nats.js.errors import InvalidKeyError, KeyNotFoundError
 
 from gateway.api.auth import OPEN, Caller, admin_only, caller_of
+from gateway.api.drain import jobs_held, set_draining
 from gateway.api.errors import ApiError, error_responses
 from gateway.api.limits import take_registration
 from gateway.api.probe import SYSTEM_HEADER as SYSTEM_HEADER  # what app.py marks answers with
@@ -76,6 +77,7 @@ def health_of(
     *,
     admin: bool = True,
     costs: ServerCosts | None = None,
+    jobs_held: int | None = None,
 ) -> ServerHealth:
     beat = state.heartbeat
     caps = state.capabilities
@@ -103,16 +105,29 @@ def health_of(
         load_seconds=costs.load_seconds if costs and admin else {},
         resident_models=list(state.resident) if admin else [],
         model_slots=state.model_slots,
+        draining=state.draining,
+        jobs_held=jobs_held if state.draining else None,
     )
 
 
-def fleet_health(services: ServicesDep, caller: Caller = OPEN) -> list[ServerHealth]:
-    """Every server's health; without addresses for a user key."""
+async def fleet_health(
+    services: ServicesDep, caller: Caller = OPEN, *, only: str | None = None
+) -> list[ServerHealth]:
+    """Every server's health (or server `only`'s); without addresses for a user key."""
     table = services.fleet.table
+    servers = sorted(
+        (s for s in table if only is None or s.server_id == only), key=lambda s: s.server_id
+    )
+    held = await jobs_held(services, [s.server_id for s in servers if s.draining])
     clock = table.now()
-    servers = sorted(table, key=lambda s: s.server_id)
     return [
-        health_of(s, clock, admin=caller.admin, costs=table.costs.describe(s.server_id))
+        health_of(
+            s,
+            clock,
+            admin=caller.admin,
+            costs=table.costs.describe(s.server_id),
+            jobs_held=held.get(s.server_id),
+        )
         for s in servers
     ]
 
@@ -178,14 +193,14 @@ class ServerController(Controller):
         self, services: ServicesDep, request: Request[Any, Any, Any]
     ) -> list[ServerHealth]:
         """Every server known: registered ones and those that heartbeat (addresses: admins)."""
-        return fleet_health(services, caller_of(request))
+        return await fleet_health(services, caller_of(request))
 
     @get("/health")
     async def health(
         self, services: ServicesDep, request: Request[Any, Any, Any]
     ) -> dict[str, Any]:
         """Fleet health: each server's status, queue and last heartbeat (addresses: admins)."""
-        servers = fleet_health(services, caller_of(request))
+        servers = await fleet_health(services, caller_of(request))
         healthy = sum(1 for s in servers if s.status == "healthy")
         return {"servers": servers, "total": len(servers), "healthy": healthy}
 
@@ -209,6 +224,38 @@ class ServerController(Controller):
             ) from None
         await services.servers_kv.delete(server_id)
         services.fleet.table.on_removed(server_id)
+
+    @post(
+        "/{server_id:str}/drain",
+        status_code=200,
+        guards=list(FLEET_CHANGE_GUARDS),
+        responses=error_responses(403, 404),
+    )
+    async def drain(self, server_id: FromPath[str], services: ServicesDep) -> ServerHealth:
+        """Take a server out of service without removing it: it gets no new jobs, finishes
+        those it holds, and jobs pinned to it wait (they run once it is undrained). Answers
+        the server, with `jobs_held`: 0 once it is drained and safe to stop. Draining it
+        again is harmless (the same answer)."""
+        return await _drain(services, server_id, draining=True)
+
+    @post(
+        "/{server_id:str}/undrain",
+        status_code=200,
+        guards=list(FLEET_CHANGE_GUARDS),
+        responses=error_responses(403, 404),
+    )
+    async def undrain(self, server_id: FromPath[str], services: ServicesDep) -> ServerHealth:
+        """Put a drained server back in service: it takes jobs again, those pinned to it
+        first among them. Undraining a server that is not draining is harmless."""
+        return await _drain(services, server_id, draining=False)
+
+
+async def _drain(services: ServicesDep, server_id: str, *, draining: bool) -> ServerHealth:
+    """Set or clear the flag, then answer the server as GET /servers shows it."""
+    # One change of the registry at a time here: a registration under way keeps the flag.
+    async with services.registering:
+        await set_draining(services, server_id, draining)
+    return (await fleet_health(services, only=server_id))[0]
 
 
 async def _register(
@@ -257,6 +304,8 @@ async def _register(
         capacity=data.capacity,
         labels=data.labels,
         registered_at=existing.registered_at if existing is not None else now(),
+        # Registering again (the quick start run twice, a changed label) is no undrain.
+        draining=existing.draining if existing is not None else False,
     )
     if existing is not None:
         if record != existing:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from rich.markup import escape
 from gateway.app import render
 from gateway.app.follow import follow
 from gateway.logsink import paths
-from sdk import ComfyAutomateError, ComfyUISDK, JobResult
+from sdk import ComfyAutomateError, ComfyUISDK, JobResult, ServerHealth
 from sdk.errors import ApiError, FileUnusable, GatewayUnreachable
 
 GATEWAY_ENV = "COMFYAUTOMATE_GATEWAY_URL"
@@ -29,6 +30,9 @@ GATEWAY_ENV = "COMFYAUTOMATE_GATEWAY_URL"
 EXIT_REFUSED = 1
 EXIT_USAGE = 2
 EXIT_UNREACHABLE = 3
+
+# How often `servers drain --wait` looks whether the count of jobs it shows has changed.
+_WAIT_STEP_S = 5.0
 
 
 class UsageError(Exception):
@@ -75,7 +79,9 @@ def add_parsers(commands: Any) -> None:
     submit.add_argument("--out", type=Path, help="with --wait: download the outputs here")
     submit.set_defaults(handler=_guarded(_submit))
 
-    servers = commands.add_parser("servers", help="list, add or remove ComfyUI servers")
+    servers = commands.add_parser(
+        "servers", help="list, add, drain, undrain or remove ComfyUI servers"
+    )
     verbs = servers.add_subparsers(dest="verb", required=True, metavar="VERB")
     verbs.add_parser("list", parents=[common], help="every server with its health and load")
     add = verbs.add_parser("add", parents=[common], help="register a server")
@@ -86,6 +92,20 @@ def add_parsers(commands: Any) -> None:
     add.add_argument("--label", action="append", default=[], metavar="KEY=VALUE")
     remove = verbs.add_parser("remove", parents=[common], help="unregister a server")
     remove.add_argument("server_id")
+    drain = verbs.add_parser(
+        "drain",
+        parents=[common],
+        help="take a server out of service: no new jobs, those it holds finish",
+        description="Stop sending new jobs to a server; what it holds runs to its end and jobs "
+        "pinned to it wait. With --wait, return once it holds no job (safe to stop).",
+    )
+    drain.add_argument("server_id")
+    drain.add_argument("--wait", action="store_true", help="wait until it holds no job")
+    drain.add_argument(
+        "--timeout", type=float, metavar="SECONDS", help="with --wait: give up after this long"
+    )
+    undrain = verbs.add_parser("undrain", parents=[common], help="put a server back in service")
+    undrain.add_argument("server_id")
     servers.set_defaults(handler=_guarded(_servers))
 
     jobs = commands.add_parser("jobs", help="list, show or cancel jobs")
@@ -254,6 +274,8 @@ def _servers(args: argparse.Namespace) -> int:
             sdk.remove_server(args.server_id)
             if args.json:
                 render.emit_json({"removed": args.server_id})
+        elif args.verb in {"drain", "undrain"}:
+            return _drain(sdk, args)
         else:
             servers = sdk.list_servers()
             if args.json:
@@ -265,7 +287,7 @@ def _servers(args: argparse.Namespace) -> int:
                     (
                         s.server_id,
                         s.address or "(admins only)",
-                        s.status,
+                        s.status + (f", {render.drain_state(s)}" if s.draining else ""),
                         s.queue_running,
                         s.queue_pending,
                         s.capacity,
@@ -276,6 +298,50 @@ def _servers(args: argparse.Namespace) -> int:
                 wrap=[6],
             )
     return 0
+
+
+def _drain(sdk: ComfyUISDK, args: argparse.Namespace) -> int:
+    """`servers drain|undrain ID`: set or clear the flag; with --wait, until the server is empty."""
+    if args.verb == "undrain":
+        server = sdk.undrain_server(args.server_id)
+    else:
+        server = sdk.drain_server(args.server_id)
+        if args.wait:
+            server = _wait_drained(sdk, args, server)
+            if not server.draining:
+                return _fail(
+                    args, EXIT_REFUSED, "undrained", f"server {args.server_id} was undrained"
+                )
+            if server.jobs_held != 0:
+                return _fail(
+                    args,
+                    EXIT_REFUSED,
+                    "timeout",
+                    f"server {args.server_id} still holds "
+                    f"{'its' if server.jobs_held is None else server.jobs_held} jobs "
+                    f"after {args.timeout:g} s",
+                )
+    if args.json:
+        render.emit_json(server)
+    else:
+        print(render.drain_line(server))
+    return 0
+
+
+def _wait_drained(sdk: ComfyUISDK, args: argparse.Namespace, server: ServerHealth) -> ServerHealth:
+    """Wait until the server holds no job (or is undrained, or --timeout passes), saying on
+    stderr how many it still holds whenever that changes."""
+    deadline = None if args.timeout is None else time.monotonic() + args.timeout
+    said: int | None = -1
+    while server.draining and server.jobs_held != 0:
+        if not args.json and server.jobs_held != said:
+            said = server.jobs_held
+            render.err().print(f"[dim]{escape(render.drain_line(server))}[/dim]")
+        step = _WAIT_STEP_S if deadline is None else min(_WAIT_STEP_S, deadline - time.monotonic())
+        if step <= 0:
+            break
+        server = sdk.wait_drained(args.server_id, timeout=step)
+    return server
 
 
 def _jobs(args: argparse.Namespace) -> int:

@@ -125,13 +125,16 @@ def class_types(workflow: Mapping[str, Any]) -> dict[str, str]:
 def waiting_reason(servers: list[Any], *, server: str | None = None) -> str:
     """Why a queued job waits, as far as the fleet's health tells (`servers`: ServerHealth).
 
-    The balancer binds a job only to a healthy server below its capacity, so the answer is the
-    first of: no server at all, the pinned one unwell, none healthy, every healthy one full.
+    The balancer binds a job only to a healthy server below its capacity that is not draining,
+    so the answer is the first of: no server at all, the pinned one draining, the pinned one
+    unwell, none healthy, every healthy one draining, every healthy one full.
     """
     if server is not None:
         servers = [s for s in servers if s.server_id == server]
         if not servers:
             return f"server {server} is not registered"
+        if servers[0].draining:
+            return f"server {server} is draining"
     if not servers:
         return "no server is registered"
     healthy = [s for s in servers if s.status == "healthy"]
@@ -140,6 +143,10 @@ def waiting_reason(servers: list[Any], *, server: str | None = None) -> str:
             f"{s.server_id} {s.status}" + (f": {s.reason}" if s.reason else "") for s in servers[:3]
         )
         return f"no healthy server ({why})"
+    if all(s.draining for s in healthy):
+        names = ", ".join(s.server_id for s in healthy[:3])
+        return f"every healthy server is draining ({names})"
+    healthy = [s for s in healthy if not s.draining]
     used = sum(min(s.in_flight, s.capacity) for s in healthy)
     room = sum(s.capacity for s in healthy)
     if used >= room:

@@ -19,6 +19,8 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
+from gateway.api.schemas import ServerHealth
+
 
 def out() -> Console:
     # Made per call, so the terminal's width (or $COLUMNS) is read when printing.
@@ -149,6 +151,24 @@ def _collapse_progress(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
         else:
             kept.append(entry)
     return kept
+
+
+def drain_state(server: ServerHealth) -> str:
+    """A draining server in a word or two: `draining (N jobs left)`, `drained`."""
+    if server.jobs_held == 0:
+        return "drained"
+    if server.jobs_held is None:
+        return "draining"
+    return f"draining ({server.jobs_held} job{'' if server.jobs_held == 1 else 's'} left)"
+
+
+def drain_line(server: ServerHealth) -> str:
+    """What `servers drain|undrain` says of the server it answered."""
+    if not server.draining:
+        return f"{server.server_id}: in service, takes jobs"
+    if server.jobs_held == 0:
+        return f"{server.server_id}: drained, holds no job: safe to stop"
+    return f"{server.server_id}: {drain_state(server)}; it takes no new jobs"
 
 
 _STYLES = {

@@ -67,7 +67,7 @@ class Binder:
     def _candidates(self, costs: RoundCosts) -> list[Candidate]:
         typical = self._lead.servers.typical_seconds_per_job() or _DEFAULT_SECONDS_PER_JOB
         candidates = []
-        for s in self._lead.servers.live():
+        for s in self._lead.servers.open_for_work():
             if s.capabilities is None:
                 continue
             seconds_per_job = s.seconds_per_job or typical / max(s.weight, 0.01)

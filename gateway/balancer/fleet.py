@@ -41,6 +41,9 @@ class FleetView:
         self._listeners: list[Callable[[str], None]] = []
         self._asking: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
+        # Set once every record the registry held at start is in the table: before that, a
+        # server known from its heartbeat alone could look open for work while draining.
+        self.registry_read = asyncio.Event()
 
     def on_change(self, listener: Callable[[str], None]) -> None:
         """Call `listener(server_id)` whenever a server's heartbeat or registration arrives."""
@@ -93,6 +96,7 @@ class FleetView:
         try:
             async for entry in watcher:
                 if entry is None:
+                    self.registry_read.set()
                     continue  # end of the initial values; keep watching
                 if entry.operation is not None or entry.value is None:
                     self.table.on_removed(entry.key)

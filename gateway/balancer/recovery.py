@@ -170,7 +170,7 @@ class Recovery:
                 continue  # its record may be behind its events: an end may be on the way
             servers = self._lead.servers
             state = servers.get(server_id)
-            if state is None and servers.draining(server_id):
+            if state is None and servers.finishing(server_id):
                 continue  # removed, and its adapter still finishes the job: leave it to it
             silent = state is None or state.heartbeat is None
             if (state is not None and servers.is_stale(state)) or (silent and not warming_up):

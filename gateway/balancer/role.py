@@ -21,10 +21,16 @@ from gateway.bus.contract import Subjects, new_id
 from gateway.bus.events import EventPublisher
 from gateway.bus.lease import hold_lease
 from gateway.bus.retry import through_election
+from gateway.lifecycle import stop_tasks
 from gateway.settings import Settings
 from gateway.webhooks.policy import WebhookPolicy
 
 log = logging.getLogger(__name__)
+
+# How long a balancer waits for the server registry before it competes for the lead: the
+# registry says which servers are draining. Past it, it competes anyway (and says so), rather
+# than leave the fleet without a leader.
+_REGISTRY_WAIT_S = 30.0
 
 
 class Balancer:
@@ -92,6 +98,26 @@ class Balancer:
                 self.leads = False
 
         try:
+            await self._registry_read(stop)
             await hold_lease(lease_kv, self.holder, lead, stop)
         finally:
             await subscription.unsubscribe()
+
+    async def _registry_read(self, stop: asyncio.Event) -> None:
+        """Wait (boundedly) until the fleet view holds the registry, or until told to stop."""
+        waits = {
+            asyncio.create_task(self._fleet.registry_read.wait()),
+            asyncio.create_task(stop.wait()),
+        }
+        try:
+            done, _ = await asyncio.wait(
+                waits, timeout=_REGISTRY_WAIT_S, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            await stop_tasks(*waits)
+        if not done:
+            log.warning(
+                "competing for the lead without the server registry read after %.0f s: "
+                "a draining server may get jobs until it is",
+                _REGISTRY_WAIT_S,
+            )

@@ -3,7 +3,8 @@
 Every gateway replica keeps one, fed by the heartbeat subject and a watch on KV
 `comfy_servers`; the submit path uses it to refuse jobs no server could ever run, the dispatcher
 to place jobs, the REST API to report health. A server whose last heartbeat is older than three
-of its intervals is stale and gets no new work.
+of its intervals is stale and gets no new work; neither does a draining one (an admin's
+choice, kept in its record), which still heartbeats and finishes what it holds.
 """
 
 from __future__ import annotations
@@ -67,6 +68,11 @@ class ServerState(msgspec.Struct, kw_only=True):
         return self.heartbeat.capacity if self.heartbeat is not None else 0
 
     @property
+    def draining(self) -> bool:
+        """Taken out of service by an admin (its registry record says so): no new jobs."""
+        return self.record is not None and self.record.draining
+
+    @property
     def weight(self) -> float:
         if self.record is not None:
             return self.record.weight
@@ -110,7 +116,7 @@ class ServerTable:
         self.costs = CostModel()  # learnt by the leading balancer from the jobs it sees end
         # Removed id -> (monotonic time, interval) of its last heartbeat: its adapter is still
         # finishing the jobs it runs (it stops gracefully), and they are not handed back.
-        self._draining: dict[str, tuple[float, float]] = {}
+        self._finishing: dict[str, tuple[float, float]] = {}
 
     def now(self) -> float:
         return self._clock()
@@ -133,7 +139,7 @@ class ServerTable:
     def on_heartbeat(self, beat: Heartbeat) -> bool:
         """Record a heartbeat; True when it carries capabilities we do not have yet."""
         if beat.server_id in self._removed:
-            self._draining[beat.server_id] = (self.now(), beat.interval_s)
+            self._finishing[beat.server_id] = (self.now(), beat.interval_s)
             return False
         state = self._state(beat.server_id)
         state.heartbeat = beat
@@ -153,13 +159,13 @@ class ServerTable:
 
     def on_registered(self, record: ServerRecord) -> None:
         self._removed.discard(record.server_id)
-        self._draining.pop(record.server_id, None)
+        self._finishing.pop(record.server_id, None)
         self._state(record.server_id).record = record
 
     def on_removed(self, server_id: str) -> None:
         state = self._servers.pop(server_id, None)
         if state is not None and state.heartbeat is not None:
-            self._draining[server_id] = (state.seen_at, state.heartbeat.interval_s)
+            self._finishing[server_id] = (state.seen_at, state.heartbeat.interval_s)
         if server_id not in self._removed:
             self._removed.add(server_id)
             self.removals += 1
@@ -168,9 +174,12 @@ class ServerTable:
         """Whether the server was removed from the registry (and not registered again)."""
         return server_id in self._removed
 
-    def draining(self, server_id: str) -> bool:
-        """A removed server whose adapter still heartbeats: it finishes what it runs."""
-        last = self._draining.get(server_id)
+    def finishing(self, server_id: str) -> bool:
+        """A removed server whose adapter still heartbeats: it finishes what it runs.
+
+        Not to be confused with a draining server (ServerState.draining), which stays
+        registered."""
+        last = self._finishing.get(server_id)
         if server_id not in self._removed or last is None:
             return False
         seen_at, interval = last
@@ -218,5 +227,10 @@ class ServerTable:
         return now - self._listening_since > STALE_AFTER_INTERVALS * interval
 
     def live(self) -> list[ServerState]:
+        """Servers heartbeating healthy, draining ones included (they still run their jobs)."""
         now = self.now()
         return [s for s in self._servers.values() if s.is_live(now)]
+
+    def open_for_work(self) -> list[ServerState]:
+        """Live servers that may take new jobs: those not draining."""
+        return [s for s in self.live() if not s.draining]

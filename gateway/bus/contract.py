@@ -329,6 +329,9 @@ class ServerRecord(_Message, kw_only=True):
     capacity: int = 2
     labels: dict[str, str] = msgspec.field(default_factory=dict)
     registered_at: float
+    draining: bool = False
+    """Set by an admin to take the server out of service: it gets no new jobs and finishes
+    those it holds; jobs pinned to it wait. Records written before it existed decode as false."""
 
 
 # --------------------------------------------------------------------------------------------

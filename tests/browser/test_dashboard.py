@@ -50,6 +50,14 @@ async def test_the_fleet_page_lists_every_server_with_its_health(
         await expect(row).to_contain_text("node types")
     await expect(page.locator("#health")).to_have_text("system ok", timeout=WAIT_MS)
     await screenshot(page, "fleet")
+    # Drain takes gpu2 out of service (idle, it is drained at once); Undrain puts it back.
+    gpu2 = page.locator("#servers tr[data-server='gpu2']")
+    await gpu2.locator("button[data-action='drain']").click()
+    await expect(gpu2).to_have_attribute("data-draining", "true", timeout=WAIT_MS)
+    await expect(gpu2.locator(".badge.drained")).to_be_visible()
+    await expect(gpu2).to_contain_text("safe to stop")
+    await gpu2.locator("button[data-action='undrain']").click()
+    await expect(gpu2).to_have_attribute("data-draining", "false", timeout=WAIT_MS)
 
 
 async def test_a_job_shows_live_on_the_queue_then_on_its_page_with_its_image(

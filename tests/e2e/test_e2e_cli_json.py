@@ -9,11 +9,13 @@ import json
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from gateway.app.cli import build_parser
 from plugins.simulator import SimulatorConfig, run_simulator
 from tests.e2e.conftest import System, tiny
+from tests.helpers import poll_until
 
 
 async def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
@@ -34,6 +36,8 @@ async def test_every_client_command_answers_json_and_its_exit_code(
     at = ("--gateway", system.url, "--json")
     workflow = tmp_path / "w.json"
     workflow.write_text(json.dumps(tiny(41)))
+
+    await _drain_and_undrain(system, capsys, at)
 
     async with run_simulator(SimulatorConfig(base_dir=str(tmp_path / "sim"))) as other:
         code, out, _ = await _run(capsys, "servers", "add", "gpu1b", other.address, *at)
@@ -81,6 +85,39 @@ async def test_every_client_command_answers_json_and_its_exit_code(
     assert code == 0 and _lines(out)[0]["rows"] == [["succeeded"]]
     code, out, _ = await _run(capsys, "logs", "sql", "DROP TABLE jobs", *at)
     assert code == 1 and _lines(out)[0]["error"]["code"] == "not_select"
+
+
+async def _drain_and_undrain(
+    system: System, capsys: pytest.CaptureFixture[str], at: tuple[str, ...]
+) -> None:
+    """`servers drain` while gpu1 runs a job: --wait returns once the job is done there."""
+    gpu1 = system.sims["gpu1"]
+    gpu1.hold_setup(True)  # the job runs until released
+    async with httpx.AsyncClient(base_url=system.url, timeout=60) as client:
+        reply = await client.post("/workflow/submit", json={"workflow": tiny(40), "server": "gpu1"})
+        job_id = reply.json()["job_id"]
+        await poll_until(lambda: _running(client, job_id), "the job running on gpu1")
+        code, out, _ = await _run(
+            capsys, "servers", "drain", "gpu1", "--wait", "--timeout", "0.1", *at
+        )
+        assert (code, _lines(out)[0]["error"]["code"]) == (1, "timeout")
+        waiting = asyncio.create_task(_run(capsys, "servers", "drain", "gpu1", "--wait", *at))
+        gpu1.hold_setup(False)
+        code, out, _ = await waiting
+        assert code == 0, out
+        drained = _lines(out)[0]
+        assert (drained["draining"], drained["jobs_held"]) == (True, 0), drained
+        result = (await client.get(f"/workflow/result/{job_id}", params={"wait": 30})).json()
+        assert result["status"] == "succeeded"
+    code, out, _ = await _run(capsys, "servers", "list", "--gateway", system.url)
+    assert code == 0 and "drained" in out, out
+    code, out, _ = await _run(capsys, "servers", "undrain", "gpu1", "--gateway", system.url)
+    assert (code, out) == (0, "gpu1: in service, takes jobs\n")
+
+
+async def _running(client: httpx.AsyncClient, job_id: str) -> bool:
+    reply = await client.get(f"/workflow/status/{job_id}")
+    return bool(reply.json()["status"] == "running")
 
 
 async def test_user_errors_are_one_line_and_an_exit_code(

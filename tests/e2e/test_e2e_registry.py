@@ -1,5 +1,6 @@
 """The server registry keeps its word: one ComfyUI is one server, registering again changes
-only what changed, and removal is final for the adapter, the heartbeats and pinned jobs."""
+only what changed, draining takes a server out of service without losing a job, and removal is
+final for the adapter, the heartbeats and pinned jobs."""
 
 from __future__ import annotations
 
@@ -7,10 +8,14 @@ import asyncio
 from typing import Any
 
 import httpx
+import msgspec
 
+from gateway.api.schemas import ServerHealth
+from gateway.app.jobview import waiting_reason
 from gateway.bus.connection import connect
 from gateway.bus.contract import Heartbeat, Subjects, encode, now
 from plugins.simulator import SimulatorConfig
+from sdk import AsyncComfyUISDK
 from tests.e2e.conftest import System, tiny
 from tests.helpers import poll_until
 
@@ -26,22 +31,69 @@ async def _status(client: httpx.AsyncClient, job_id: str) -> str:
     return status
 
 
-async def test_registering_a_server_again_changes_only_what_changed(system: System) -> None:
-    sim = await system.add_server("gpu1", SLOW)
-    body = {"name": "gpu1", "server_id": "gpu1", "address": sim.address}
-    async with httpx.AsyncClient(base_url=system.url, timeout=60) as client:
-        job = (await client.post("/workflow/submit", json={"workflow": tiny(31)})).json()
-        await poll_until(lambda: _is(client, job["job_id"], "running"), "the job running")
-        # The seed's quick start, run a second time, while a job runs there.
-        again = await client.post("/servers", json=body)
-        assert again.status_code == 200, again.text
+async def test_changing_a_server_while_it_runs_a_job_loses_nothing_and_draining_it_takes_no_more(
+    system: System,
+) -> None:
+    gpu1, _ = await asyncio.gather(system.add_server("gpu1"), system.add_server("gpu2"))
+    body = {"name": "gpu1", "server_id": "gpu1", "address": gpu1.address}
+    async with (
+        httpx.AsyncClient(base_url=system.url, timeout=60) as client,
+        AsyncComfyUISDK(system.url, timeout=60) as sdk,
+    ):
+        gpu1.hold_setup(True)  # its prompt starts, then waits: the job runs until released
+        held = await _submit(client, tiny(60), server="gpu1")
+        await poll_until(lambda: _is(client, held, "running"), "the held job running")
+        reply = await client.post("/servers/gpu1/drain")
+        assert reply.status_code == 200, reply.text
+        assert _drain_view(reply.json()) == ("gpu1", True, 1), reply.json()
+        again = await sdk.drain_server("gpu1")  # harmless, and the same answer
+        assert _drain_view(msgspec.to_builtins(again)) == ("gpu1", True, 1)
+        for verb in ("drain", "undrain"):
+            unknown = await client.post(f"/servers/nowhere/{verb}")
+            assert (unknown.status_code, unknown.json()["code"]) == (404, "unknown_server")
+        idle = (await client.post("/servers/gpu2/drain")).json()  # drained at once
+        assert _drain_view(idle) == ("gpu2", True, 0), idle
+        # The seed's quick start, run a second time, and a new label, while the job runs:
+        # each changes only what it says (the server stays draining).
+        same = await client.post("/servers", json=body)
+        assert same.status_code == 200, same.text
         relabelled = await client.post("/servers", json={**body, "labels": {"gpu": "a100"}})
         assert relabelled.status_code == 200, relabelled.text
-        result = (await client.get(f"/workflow/result/{job['job_id']}", params={"wait": 30})).json()
-        assert (result["status"], result["attempts"]) == ("succeeded", 1), result
-        log = (await client.get(f"/workflow/logs/{job['job_id']}")).json()
+        assert relabelled.json()["draining"] is True
+        pinned = await _submit(client, tiny(61), server="gpu1")
+        free = await _submit(client, tiny(62))
+        gpu1.hold_setup(False)
+        done = (await client.get(f"/workflow/result/{held}", params={"wait": 30})).json()
+        assert (done["status"], done["server_id"], done["attempts"]) == ("succeeded", "gpu1", 1)
+        log = (await client.get(f"/workflow/logs/{held}")).json()
         assert "retried" not in [e["type"] for e in log["entries"]]  # nothing was restarted
+        drained = await sdk.wait_drained("gpu1", timeout=30)
+        assert (drained.draining, drained.jobs_held) == (True, 0)
         assert (await _servers(client))["gpu1"]["labels"] == {"gpu": "a100"}
+        # Both healthy and idle, yet neither took a job; both jobs wait, saying why.
+        assert [await _status(client, job) for job in (pinned, free)] == ["queued", "queued"]
+        fleet = msgspec.convert((await client.get("/servers")).json(), list[ServerHealth])
+        assert [s.status for s in fleet] == ["healthy", "healthy"]
+        assert waiting_reason(fleet, server="gpu1") == "server gpu1 is draining"
+        assert waiting_reason(fleet) == "every healthy server is draining (gpu1, gpu2)"
+    await _restart_gateway(system)
+    async with httpx.AsyncClient(base_url=system.url, timeout=60) as client:
+        # The new leader reads the flag from the registry: still draining, the jobs still wait.
+        await poll_until(lambda: _draining(client, "gpu1"), "gpu1 draining after the restart")
+        metrics = (await client.get("/metrics")).text
+        assert 'comfyautomate_server_draining{server="gpu1"} 1.0' in metrics
+        assert (await client.post("/servers/gpu2/undrain")).status_code == 200
+        elsewhere = (await client.get(f"/workflow/result/{free}", params={"wait": 30})).json()
+        assert (elsewhere["status"], elsewhere["server_id"]) == ("succeeded", "gpu2")
+        assert await _status(client, pinned) == "queued"
+        back = await client.post("/servers/gpu1/undrain")
+        assert back.status_code == 200, back.text
+        assert _drain_view(back.json()) == ("gpu1", False, None), back.json()
+        async with AsyncComfyUISDK(system.url) as sdk:
+            back_again = await sdk.undrain_server("gpu1")  # harmless again
+        assert _drain_view(msgspec.to_builtins(back_again)) == ("gpu1", False, None)
+        ran = (await client.get(f"/workflow/result/{pinned}", params={"wait": 30})).json()
+        assert (ran["status"], ran["server_id"], ran["attempts"]) == ("succeeded", "gpu1", 1)
 
 
 async def test_one_comfyui_is_one_server(system: System) -> None:
@@ -146,6 +198,28 @@ async def test_a_removed_server_stays_removed_and_its_pinned_jobs_fail(system: S
         assert "gpu1" not in await _servers(client)
         elsewhere = (await client.post("/workflow/execute", json={"workflow": tiny(51)})).json()
         assert (elsewhere["status"], elsewhere["server_id"]) == ("succeeded", "gpu2")
+
+
+def _drain_view(server: dict[str, Any]) -> tuple[str, bool, int | None]:
+    return server["server_id"], server["draining"], server["jobs_held"]
+
+
+async def _submit(client: httpx.AsyncClient, workflow: dict[str, Any], **options: Any) -> str:
+    reply = await client.post("/workflow/submit", json={"workflow": workflow, **options})
+    assert reply.status_code == 202, reply.text
+    job_id: str = reply.json()["job_id"]
+    return job_id
+
+
+async def _draining(client: httpx.AsyncClient, server_id: str) -> bool:
+    server = (await _servers(client)).get(server_id)
+    return server is not None and bool(server["draining"])
+
+
+async def _restart_gateway(system: System) -> None:
+    """Stop the gateway (its balancer leads) and start another: a leader change."""
+    await system.stop_all_gateways()
+    system.url = await system.start_gateway()
 
 
 async def _is(client: httpx.AsyncClient, job_id: str, status: str) -> bool:

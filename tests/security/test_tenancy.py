@@ -270,7 +270,11 @@ async def test_a_user_key_cannot_change_the_fleet(keyed: System) -> None:
             assert reply.json()["code"] == "admin_only"
             reply = await client.delete("/servers/t1", headers=auth(who))
             assert reply.status_code == 403, reply.text
+            for verb in ("drain", "undrain"):
+                reply = await client.post(f"/servers/t1/{verb}", headers=auth(who))
+                assert (reply.status_code, reply.json()["code"]) == (403, "admin_only"), verb
         await poll_until(lambda: _still_there(client), "t1 still registered")
+        assert not (await client.get("/servers", headers=auth("root"))).json()[0]["draining"]
         # Users see the fleet's state, not its network: addresses are for admins.
         for who, sees in (("alice", None), ("bob", None), ("root", sim.address)):
             for path in ("/servers", "/servers/health"):

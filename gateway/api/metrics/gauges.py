@@ -25,7 +25,8 @@ OPEN_STATUSES = ("queued", "dispatched", "running")
 
 
 def fleet_gauges(fleet: FleetView, open_jobs: Callable[[], list[str] | None]) -> GaugeSource:
-    """Each server's liveness, ComfyUI queue and capacity; the open jobs, where this leads."""
+    """Each server's liveness, ComfyUI queue, capacity and draining; the open jobs, where this
+    leads."""
 
     async def read() -> Iterable[Metric]:
         table = fleet.table
@@ -46,13 +47,19 @@ def fleet_gauges(fleet: FleetView, open_jobs: Callable[[], list[str] | None]) ->
             "Jobs the balancer may bind to the server.",
             labels=["server"],
         )
+        draining = GaugeMetricFamily(
+            "comfyautomate_server_draining",
+            "1 while an admin has the server draining: it takes no new jobs.",
+            labels=["server"],
+        )
         for s in states:
             beat = s.heartbeat
             up.add_metric([s.server_id], int(s.is_live(clock)))
             queue.add_metric([s.server_id, "running"], beat.queue_running if beat else 0)
             queue.add_metric([s.server_id, "pending"], beat.queue_pending if beat else 0)
             capacity.add_metric([s.server_id], s.capacity)
-        families: list[Metric] = [up, queue, capacity]
+            draining.add_metric([s.server_id], int(s.draining))
+        families: list[Metric] = [up, queue, capacity, draining]
         statuses = open_jobs()
         if statuses is not None:
             by_status = Counter(statuses)

@@ -1,4 +1,5 @@
-// The fleet: every server with its health, load, capacity, speed and capabilities; add, remove.
+// The fleet: every server with its health, load, capacity, speed and capabilities; add, drain,
+// undrain, remove.
 
 import { get, post, remove } from "./api.js";
 import { badge, h, note, seconds, show } from "./dom.js";
@@ -17,16 +18,31 @@ function tags(map) {
   return h("span", { class: "tags" }, entries.map(([k, v]) => h("span", {}, `${k}=${v}`)));
 }
 
-function row(server, { onRemove }) {
+/** A draining server's state: "draining" while it holds jobs, "drained" once it is empty. */
+function drainState(server) {
+  if (!server.draining) return null;
+  const held = server.jobs_held;
+  const drained = held === 0;
+  const note = drained
+    ? "no jobs left: safe to stop"
+    : held === null || held === undefined
+      ? "finishing its jobs"
+      : `${held} job${held === 1 ? "" : "s"} left to finish`;
+  return [badge(drained ? "drained" : "draining"), h("div", { class: "muted drain" }, note)];
+}
+
+function row(server, { onRemove, onDrain }) {
+  const draining = Boolean(server.draining);
   return h(
     "tr",
-    { dataset: { server: server.server_id, status: server.status } },
+    { dataset: { server: server.server_id, status: server.status, draining: String(draining) } },
     h("td", {}, h("strong", {}, server.server_id), h("div", { class: "muted" }, server.name)),
     h(
       "td",
       {},
       badge(server.status),
       server.reason ? h("div", { class: "muted" }, server.reason) : null,
+      drainState(server),
     ),
     h("td", {}, server.last_seen_s === null ? "never" : `${seconds(server.last_seen_s)} ago`),
     h(
@@ -48,7 +64,17 @@ function row(server, { onRemove }) {
     h("td", { class: "mono" }, server.address ?? h("span", { class: "muted" }, "hidden")),
     h(
       "td",
-      {},
+      { class: "actions" },
+      h(
+        "button",
+        {
+          type: "button",
+          dataset: { action: draining ? "undrain" : "drain" },
+          title: draining ? "take jobs again" : "take no new jobs; finish those it holds",
+          onclick: () => onDrain(server),
+        },
+        draining ? "Undrain" : "Drain",
+      ),
       h(
         "button",
         { type: "button", class: "danger", dataset: { action: "remove" }, onclick: () => onRemove(server) },
@@ -119,11 +145,21 @@ export async function render(root, { signal }) {
       show(
         table,
         servers.length
-          ? servers.map((s) => row(s, { onRemove }))
+          ? servers.map((s) => row(s, { onRemove, onDrain }))
           : h("tr", {}, h("td", { colspan: 9, class: "empty" }, "No server yet: add one below.")),
       );
     } catch (error) {
       if (!signal.aborted) say(error.message, "error");
+    }
+  };
+  const onDrain = async (server) => {
+    const verb = server.draining ? "undrain" : "drain";
+    try {
+      await post(`/servers/${encodeURIComponent(server.server_id)}/${verb}`);
+      say(server.draining ? `${server.server_id} takes jobs again` : `draining ${server.server_id}`);
+      await refresh();
+    } catch (error) {
+      say(error.message, "error");
     }
   };
   const onRemove = async (server) => {

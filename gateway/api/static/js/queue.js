@@ -11,16 +11,17 @@ const RECENT_ENDS = 25;
 
 /**
  * Why a queued job waits, as far as the fleet's health tells: the balancer binds a job only to
- * a healthy server below its capacity (the same rule as `submit --wait`).
+ * a healthy server below its capacity that is not draining (the same rule as `submit --wait`).
  */
 export function waitingReason(servers, pinned = null) {
   if (!servers) return "…";
   if (pinned) {
     servers = servers.filter((s) => s.server_id === pinned);
     if (!servers.length) return `server ${pinned} is not registered`;
+    if (servers[0].draining) return `server ${pinned} is draining`;
   }
   if (!servers.length) return "no server is registered";
-  const healthy = servers.filter((s) => s.status === "healthy");
+  let healthy = servers.filter((s) => s.status === "healthy");
   if (!healthy.length) {
     const why = servers
       .slice(0, 3)
@@ -28,6 +29,11 @@ export function waitingReason(servers, pinned = null) {
       .join("; ");
     return `no healthy server (${why})`;
   }
+  if (healthy.every((s) => s.draining)) {
+    const names = healthy.slice(0, 3).map((s) => s.server_id).join(", ");
+    return `every healthy server is draining (${names})`;
+  }
+  healthy = healthy.filter((s) => !s.draining);
   const used = healthy.reduce((sum, s) => sum + Math.min(s.in_flight, s.capacity), 0);
   const room = healthy.reduce((sum, s) => sum + s.capacity, 0);
   if (used >= room) return `every healthy server is full (${used} of ${room} slots busy)`;
