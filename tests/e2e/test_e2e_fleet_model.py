@@ -67,7 +67,7 @@ from tests.helpers import poll_until
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
-STEPS = int(os.environ.get("FLEET_STEPS", "6"))
+STEPS = int(os.environ.get("FLEET_STEPS", "4"))
 HEARTBEAT_S = 0.3  # a server is taken for dead after three of these without a heartbeat
 FAST = SimulatorConfig(class_seconds={"EmptyImage": 0.03, "ImageInvert": 0.03, "SaveImage": 0.01})
 # Stopping an adapter (a removal) waits this long for what runs, not a GPU server's 30 s.
