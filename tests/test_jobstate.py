@@ -12,8 +12,10 @@ REQUEST = c.JobRequest(
 )
 
 
-def ev(kind: type[Any], seq: int, data: Any, ts: float = 0.0) -> Any:
-    return kind(event_id=f"e{seq}", job_id="j", seq=seq, ts=ts or float(seq), data=data)
+def ev(kind: type[Any], seq: int, data: Any, ts: float = 0.0, server_id: str | None = None) -> Any:
+    return kind(
+        event_id=f"e{seq}", job_id="j", seq=seq, ts=ts or float(seq), data=data, server_id=server_id
+    )
 
 
 def queued() -> c.JobRecord:
@@ -59,6 +61,7 @@ def test_a_late_event_of_a_superseded_attempt_is_ignored_but_its_end_ends_the_jo
     r = apply_event(r, ev(c.Retried, 4, c.RetriedData(attempt=1, reason="server a died")))
     assert (r.status, r.server_id, r.runs) == ("queued", None, 1)
     assert attempts_left(r)
+    handed_back = r
     r = apply_event(r, ev(c.Dispatched, 5, c.DispatchedData(server_id="b", attempt=2)))
     # Server a comes back and reports the old attempt's progress: too late.
     assert apply_event(r, ev(c.Running, 6, c.RunningData(attempt=1, prompt_id="p"))) is None
@@ -67,8 +70,19 @@ def test_a_late_event_of_a_superseded_attempt_is_ignored_but_its_end_ends_the_jo
     output = c.OutputFile(
         node_id="3", filename="a.png", key="j/a.png", size=1, content_type="image/png", url="u"
     )
-    done = apply_event(r, ev(c.Succeeded, 6, c.SucceededData(attempt=1, outputs=[output])))
-    assert (done.status, done.attempt, done.outputs) == ("succeeded", 1, [output])
+    late = c.SucceededData(attempt=1, outputs=[output])
+    done = apply_event(r, ev(c.Succeeded, 6, late, server_id="a"))
+    # The record names the run that ended it, on server a, not the attempt bound since.
+    assert (done.status, done.attempt, done.server_id, done.outputs) == (
+        "succeeded",
+        1,
+        "a",
+        [output],
+    )
+    # And so when it ends the job while it waits for its next attempt.
+    failed = c.FailedData(code="execution_error", message="m", attempt=1)
+    ended = apply_event(handed_back, ev(c.Failed, 5, failed, server_id="a"))
+    assert (ended.status, ended.attempt, ended.server_id) == ("failed", 1, "a")
     r = apply_event(r, ev(c.Running, 6, c.RunningData(attempt=2, prompt_id="q")))
     assert (r.status, r.runs) == ("running", 2)
     assert not attempts_left(r)

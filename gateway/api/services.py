@@ -108,7 +108,7 @@ class Services:
         self.system_id = ""  # set by start(); the same for every gateway of this system
         self.registering = asyncio.Lock()  # one server registration at a time (api/servers.py)
         self.metrics = Metrics()
-        self.metrics.add_gauges("fleet", fleet_gauges(fleet, self.open_jobs))
+        self.metrics.add_gauges("fleet", fleet_gauges(fleet, self.open_jobs, self.bound_jobs))
         self.metrics.add_gauges("events", stream_gauges(self.js, self.subjects))
         self.metrics.add_gauges("replication", replication_gauges(self.js, self.subjects))
         self.job_counter = JobCounter(self.js, self.subjects, self.metrics)
@@ -128,6 +128,12 @@ class Services:
         if self.balancer is None or self.balancer.dispatcher is None or not self.leads:
             return None
         return self.balancer.dispatcher.open_statuses()
+
+    def bound_jobs(self) -> dict[str, int] | None:
+        """How many jobs are bound to each server, when this process leads; None elsewhere."""
+        if self.balancer is None or self.balancer.dispatcher is None or not self.leads:
+            return None
+        return self.balancer.dispatcher.bound_counts()
 
     async def someone_leads(self) -> bool:
         """Whether a balancer holds the dispatching lease (this one, or any on the bus)."""

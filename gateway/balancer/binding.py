@@ -194,14 +194,22 @@ class Binder:
         self, record: JobRecord, request: JobRequest, server_id: str, reason: PlacementReason
     ) -> None:
         attempt = record.attempt + 1
-        at = now()
-        bound = msgspec.structs.replace(
-            record, status=JobStatus.DISPATCHED, server_id=server_id, attempt=attempt, updated_at=at
-        )
         book = self._lead.book
         async with book.changing(record.job_id):
             if book.records.get(record.job_id) is not record:
                 return  # an event changed it (a cancel, say) while this binding waited
+            if self._lead.servers.is_removed(server_id):
+                return  # removed since the round planned: the job waits for the next one
+            # The moment of binding, in the record and its `dispatched` event alike: a server
+            # removed after it had not been when the job was given to it.
+            at = now()
+            bound = msgspec.structs.replace(
+                record,
+                status=JobStatus.DISPATCHED,
+                server_id=server_id,
+                attempt=attempt,
+                updated_at=at,
+            )
             # The record first: once it says "dispatched", no other leader binds it again.
             await book.store(bound)
         book.queue.discard(record.job_id)
@@ -212,6 +220,7 @@ class Binder:
                 record.job_id,
                 DispatchedData(server_id=server_id, attempt=attempt, reason=reason),
                 server_id=server_id,
+                ts=at,
             )
         except JobEnded:
             # Cancelled meanwhile: never sent. The record follows the end when it is applied.

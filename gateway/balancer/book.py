@@ -21,6 +21,7 @@ from nats.js.kv import KeyValue
 
 from gateway.balancer.expiry import EndedRecords
 from gateway.balancer.loadclock import LoadClock
+from gateway.balancer.pins import PinnedJobs
 from gateway.balancer.placement import Requirements, requirements
 from gateway.balancer.queue import BoundJobs, PendingQueue
 from gateway.bus.contract import FailedData, JobRecord, JobRequest, JobStatus, encode
@@ -56,6 +57,7 @@ class JobBook:
         self.bound = BoundJobs()  # kept by keep and forget
         self.queue = PendingQueue()
         self.needs: dict[str, Requirements] = {}
+        self.pinned = PinnedJobs()  # kept by take and forget
         self.shapes: dict[str, JobShape] = {}  # what sizes each job, for its cost estimates
         self.clock = LoadClock()  # running jobs' loader times
         self.requests: dict[str, JobRequest] = {}  # of queued jobs seen arriving
@@ -92,7 +94,9 @@ class JobBook:
     def take(self, record: JobRecord, request: JobRequest) -> None:
         """Hold an open job: its record, its requirements, and a queued job in the queue."""
         self.keep(record)
-        self.needs[record.job_id] = requirements(request)
+        need = self.needs[record.job_id] = requirements(request)
+        if need.server is not None:
+            self.pinned.add(need.server, record.job_id)
         self.shapes[record.job_id] = shape_of(request.workflow)
         if record.status is JobStatus.QUEUED:
             self.queue.push(record)
@@ -108,6 +112,7 @@ class JobBook:
         self._publisher.forget(job_id)
         self.requests.pop(job_id, None)
         self.needs.pop(job_id, None)
+        self.pinned.forget(job_id)
         self.shapes.pop(job_id, None)
         self.clock.forget(job_id)
         self.queue.discard(job_id)

@@ -13,6 +13,7 @@ over, lost submissions, hand-backs from silent servers). This module runs them.
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from typing import Final
 
 from nats.aio.client import Client
@@ -83,6 +84,10 @@ class Dispatcher:
     def open_statuses(self) -> list[str]:
         """The status of every job not yet finished."""
         return self._book.open_statuses()
+
+    def bound_counts(self) -> dict[str, int]:
+        """How many jobs are bound to each server that holds any (its slots in use)."""
+        return dict(Counter(server_id for server_id, _ in self._book.bound.pairs()))
 
     async def run(self) -> None:
         """Lead until cancelled."""

@@ -155,7 +155,7 @@ class Recorder:
                 # Before the record moves on: an event replayed after this is queued again
                 # (and kept once), never skipped.
                 await feed(self._lead.js, self._lead.subjects, record, event, _stream_seq(message))
-            if isinstance(event, NodeStarted):
+            if isinstance(event, NodeStarted) and _of_running_attempt(record, event):
                 shape = book.shapes.get(event.job_id)
                 book.clock.node_started(event.job_id, shape, event.data.node_id, event.ts)
             updated = apply_event(record, event)
@@ -216,24 +216,38 @@ class Recorder:
         book.forget(after.job_id)
         started = book.started_at.pop(after.job_id, None)
         # Only a success tells how fast a server is: a failure or a cancel may come at once or
-        # after a crash and a restart, and one such outlier would starve a good server.
-        if started is not None and before.server_id is not None and isinstance(event, Succeeded):
+        # after a crash and a restart, and one such outlier would starve a good server. And
+        # only the success of the attempt running now: a late one of an attempt handed back
+        # ran elsewhere, and from another start than the one remembered.
+        if (
+            started is not None
+            and before.server_id is not None
+            and isinstance(event, Succeeded)
+            and _of_running_attempt(before, event)
+        ):
             servers = self._lead.servers
             servers.observe_run(before.server_id, event.ts - started)
             if shape is not None:
                 servers.costs.observe_run(before.server_id, shape, event.ts - started, loads)
                 servers.note_resident(before.server_id, shape.models)
-        if isinstance(event, Cancelled) and before.status in BOUND and before.server_id:
+        if before.status in BOUND and before.server_id and after.attempt != before.attempt:
+            # Ended by an attempt handed back earlier (a server thought dead reported back):
+            # the attempt bound now is abandoned, and its adapter is told at once rather than
+            # at its next event, since its server's slot is given to other work from now on.
+            reason = f"the job ended in its attempt {after.attempt} ({after.status.value})"
+            asyncio.get_running_loop().create_task(self._forward_cancel(before, reason))
+        elif isinstance(event, Cancelled) and before.status in BOUND and before.server_id:
             # Cancelled while bound: make sure the adapter stops it too.
             asyncio.get_running_loop().create_task(self._forward_cancel(before))
 
-    async def _forward_cancel(self, record: JobRecord) -> None:
+    async def _forward_cancel(self, record: JobRecord, reason: str | None = None) -> None:
         assert record.server_id is not None
+        cancel = Cancel(job_id=record.job_id)
+        if reason is not None:
+            cancel = Cancel(job_id=record.job_id, reason=reason)
         try:
             await self._lead.nc.request(
-                self._lead.subjects.control(record.server_id),
-                encode(Cancel(job_id=record.job_id)),
-                timeout=2.0,
+                self._lead.subjects.control(record.server_id), encode(cancel), timeout=2.0
             )
         except Exception:  # the adapter may be gone; its own check of the record stops it
             log.warning("could not forward the cancel of %s", record.job_id, exc_info=True)
@@ -267,3 +281,17 @@ class Recorder:
             f"gave up after {record.runs} tries (each is in the job's log); "
             f"last: {event.data.reason}",
         )
+
+
+def _of_running_attempt(record: JobRecord, event: Event) -> bool:
+    """Whether `event` comes from the attempt the record says is running (or has just ended).
+
+    Node events name no attempt, but their server: an attempt handed back that goes on
+    elsewhere (its server was only silent) reports from there.
+    """
+    attempt = getattr(event.data, "attempt", record.attempt)
+    return (
+        record.status is JobStatus.RUNNING
+        and attempt == record.attempt
+        and event.server_id == record.server_id
+    )

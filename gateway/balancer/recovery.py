@@ -8,6 +8,8 @@ import contextlib
 import logging
 import time
 
+import nats.errors
+
 from gateway.balancer.binding import Binder
 from gateway.balancer.joblog import Unreadable
 from gateway.balancer.lead import Lead
@@ -22,7 +24,7 @@ from gateway.bus.contract import (
     RetriedData,
     decode,
 )
-from gateway.bus.events import JobEnded
+from gateway.bus.events import EventPublishError, JobEnded
 from gateway.bus.jobstate import BOUND, ends_attempt, ends_job
 from gateway.bus.kvsnapshot import kv_snapshot
 
@@ -41,7 +43,6 @@ class Recovery:
         self._stale_grace = stale_grace
         self._reconnects = 0  # of this connection, as last seen
         self._since = time.monotonic()
-        self._removals_seen = -1  # ServerTable.removals when pinned jobs were last checked
 
     # -- taking over ---------------------------------------------------------------------
 
@@ -131,23 +132,28 @@ class Recovery:
     # -- servers removed from the registry -------------------------------------------------
 
     async def fail_pinned_to_removed(self) -> None:
-        """Fail the waiting jobs pinned to a server that was removed: none will run them."""
-        if self._lead.servers.removals == self._removals_seen:
-            return
-        self._removals_seen = self._lead.servers.removals
+        """Fail the waiting jobs pinned to a server that is removed: none will run them.
+
+        Looked at every round, not once per removal: a job can reach the queue after the
+        removal was noticed (its `queued` event applied late, a submission that raced the
+        removal, a record adopted later, a hand-back), and one whose failure could not be
+        published is tried again. The index makes a round cost the servers jobs are pinned to.
+        """
         book = self._lead.book
-        doomed = [
-            record
-            for job_id, record in book.records.items()
-            if record.status is JobStatus.QUEUED
-            and (need := book.needs.get(job_id)) is not None
-            and need.server is not None
-            and self._lead.servers.is_removed(need.server)
-        ]
-        for record in doomed:
-            book.queue.discard(record.job_id)
-            server = book.needs[record.job_id].server
-            await book.fail(record, "server_removed", f"server {server} was removed")
+        for server_id in book.pinned.servers():
+            if not self._lead.servers.is_removed(server_id):
+                continue
+            for job_id in book.pinned.of(server_id):
+                record = book.records.get(job_id)
+                if record is None or record.status is not JobStatus.QUEUED:
+                    continue  # bound before the removal: its adapter finishes or hands it back
+                if self._lead.publisher.ended(job_id) is not None:
+                    continue  # its end is out, on its way to the record
+                book.queue.discard(job_id)
+                try:
+                    await book.fail(record, "server_removed", f"server {server_id} was removed")
+                except (EventPublishError, nats.errors.Error) as exc:
+                    log.warning("job %s: could not fail it yet (%s); next round", job_id, exc)
 
     # -- servers that fell silent ----------------------------------------------------------
 

@@ -112,7 +112,6 @@ class ServerTable:
         # Ids removed from the registry: their heartbeats (an adapter still stopping, or one
         # on a box nobody told) are ignored until the id is registered again.
         self._removed: set[str] = set()
-        self.removals = 0  # counts removals, so that a reader can tell when one happened
         self.costs = CostModel()  # learnt by the leading balancer from the jobs it sees end
         # Removed id -> (monotonic time, interval) of its last heartbeat: its adapter is still
         # finishing the jobs it runs (it stops gracefully), and they are not handed back.
@@ -166,9 +165,7 @@ class ServerTable:
         state = self._servers.pop(server_id, None)
         if state is not None and state.heartbeat is not None:
             self._finishing[server_id] = (state.seen_at, state.heartbeat.interval_s)
-        if server_id not in self._removed:
-            self._removed.add(server_id)
-            self.removals += 1
+        self._removed.add(server_id)
 
     def is_removed(self, server_id: str) -> bool:
         """Whether the server was removed from the registry (and not registered again)."""

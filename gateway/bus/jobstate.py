@@ -76,9 +76,17 @@ def record_from_queued(event: Queued) -> JobRecord:
     )
 
 
-def _ended_by(record: JobRecord, attempt: int) -> dict[str, object]:
+def _ended_by(record: JobRecord, event: Event, attempt: int) -> dict[str, object]:
+    """The attempt (and its server) that ended the job, where the record names another."""
     # Attempt 0 means "not tied to an attempt" (a failure before dispatch, say).
-    return {"attempt": attempt} if attempt and attempt != record.attempt else {}
+    if not attempt or (attempt == record.attempt and record.status in BOUND):
+        return {}
+    # An attempt handed back ended it, reporting from its server (which was only silent): the
+    # record names that run, not the one bound since (or none, if it was waiting).
+    ended: dict[str, object] = {"attempt": attempt}
+    if event.server_id is not None:
+        ended["server_id"] = event.server_id
+    return ended
 
 
 def apply_event(record: JobRecord | None, event: Event) -> JobRecord | None:
@@ -119,10 +127,10 @@ def _transition(record: JobRecord, event: Event) -> dict[str, object] | None:
         # the attempt bound since is abandoned by its adapter. The record names the attempt.
         case Succeeded(data=data):
             ended: dict[str, object] = {"status": JobStatus.SUCCEEDED, "outputs": data.outputs}
-            return {**ended, "finished_at": event.ts, **_ended_by(record, data.attempt)}
+            return {**ended, "finished_at": event.ts, **_ended_by(record, event, data.attempt)}
         case Failed(data=data):
             ended = {"status": JobStatus.FAILED, "error": data}
-            return {**ended, "finished_at": event.ts, **_ended_by(record, data.attempt)}
+            return {**ended, "finished_at": event.ts, **_ended_by(record, event, data.attempt)}
         case Cancelled(data=data):
             return {"status": JobStatus.CANCELLED, "finished_at": event.ts}
         case Retried(data=data) if data.attempt == record.attempt and record.status in BOUND:

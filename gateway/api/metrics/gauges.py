@@ -24,9 +24,13 @@ from gateway.logsink.messages import SINK_DURABLE
 OPEN_STATUSES = ("queued", "dispatched", "running")
 
 
-def fleet_gauges(fleet: FleetView, open_jobs: Callable[[], list[str] | None]) -> GaugeSource:
-    """Each server's liveness, ComfyUI queue, capacity and draining; the open jobs, where this
-    leads."""
+def fleet_gauges(
+    fleet: FleetView,
+    open_jobs: Callable[[], list[str] | None],
+    bound_jobs: Callable[[], dict[str, int] | None],
+) -> GaugeSource:
+    """Each server's liveness, ComfyUI queue, capacity and draining; the open jobs and each
+    server's bound ones, where this leads."""
 
     async def read() -> Iterable[Metric]:
         table = fleet.table
@@ -71,6 +75,18 @@ def fleet_gauges(fleet: FleetView, open_jobs: Callable[[], list[str] | None]) ->
             for status in OPEN_STATUSES:
                 jobs.add_metric([status], by_status.get(status, 0))
             families.append(jobs)
+        counts = bound_jobs()
+        if counts is not None:
+            bound = GaugeMetricFamily(
+                "comfyautomate_server_bound",
+                "Jobs bound to the server, dispatched or running: the slots of its capacity in "
+                "use (shown by the leading balancer's gateway only).",
+                labels=["server"],
+            )
+            # Also a server removed from the table whose last jobs are still bound to it.
+            for server_id in sorted(counts.keys() | {s.server_id for s in states}):
+                bound.add_metric([server_id], counts.get(server_id, 0))
+            families.append(bound)
         return families
 
     return read
