@@ -92,7 +92,10 @@ class Binder:
         queue = self._lead.book.queue
         if not candidates or not len(queue):
             return
-        window = queue.head(max(64, 4 * sum(c.capacity for c in candidates)))
+        # Callers at their cap are left out of the window: their jobs wait, others' are bound.
+        window = queue.head(
+            max(64, 4 * sum(c.capacity for c in candidates)), room=self._lead.book.room
+        )
         states = {c.server_id: self._lead.servers.get(c.server_id) for c in candidates}
         usable = []
         for server_id, state in states.items():
@@ -204,7 +207,7 @@ class Binder:
                 return  # an event changed it (a cancel, say) while this binding waited
             # The record first: once it says "dispatched", no other leader binds it again.
             await book.store(bound)
-        book.queue.discard(record.job_id)
+        book.queue.bound(record.job_id)
         # `dispatched` before the job: once the adapter has the job it appends `running` and
         # more, and a `dispatched` landing after those would misstate the job's course.
         try:

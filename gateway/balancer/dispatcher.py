@@ -20,6 +20,7 @@ from nats.js import JetStreamContext, api
 from nats.js.errors import NotFoundError
 from nats.js.kv import KeyValue
 
+from gateway.balancer.backlog import BacklogWriter
 from gateway.balancer.binding import Binder
 from gateway.balancer.book import JobBook
 from gateway.balancer.expiry import EndedRecords
@@ -28,6 +29,7 @@ from gateway.balancer.lead import Lead
 from gateway.balancer.recording import Recorder
 from gateway.balancer.recovery import Recovery
 from gateway.balancer.servers import ServerTable
+from gateway.balancer.shares import Shares
 from gateway.bus.contract import Subjects
 from gateway.bus.events import EventPublisher
 from gateway.bus.retry import through_election
@@ -51,6 +53,7 @@ class Dispatcher:
         tick: float = 0.5,
         stale_grace: float = 3.0,
         records_retention_s: float = 0.0,
+        shares: Shares | None = None,
     ) -> None:
         self._js = js
         self._subjects = subjects
@@ -61,7 +64,7 @@ class Dispatcher:
             if records_retention_s > 0
             else None
         )
-        self._book = JobBook(jobs_kv, publisher, ended=ended)
+        self._book = JobBook(jobs_kv, publisher, ended=ended, shares=shares)
         lead = Lead(
             nc=nc,
             js=js,
@@ -75,6 +78,7 @@ class Dispatcher:
         self._binder = Binder(lead)
         self._recorder = Recorder(lead, on_applied=self._wake.set, tick=tick)
         self._recovery = Recovery(lead, self._binder, self._recorder, stale_grace=stale_grace)
+        self._backlog = BacklogWriter(lead, CONSUMER)
 
     def wake(self) -> None:
         """Ask for a dispatch round soon (a server reported room, say)."""
@@ -148,3 +152,4 @@ class Dispatcher:
             await self._recovery.hand_back_from_dead_servers()
             self._book.release_ready()
             await self._binder.round()
+            await self._backlog.write()
