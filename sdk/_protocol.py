@@ -13,7 +13,7 @@ from typing import Any, Final
 
 import msgspec
 
-from gateway.api.schemas import BatchStatus, JobResult, ServerHealth
+from gateway.api.schemas import BatchStatus, JobResult, QueueShare, ServerHealth
 from gateway.bus.contract import TERMINAL_STATUSES, ServerRecord
 from sdk.errors import FileUnusable, GatewayUnreachable, JobFailed, error_from
 
@@ -173,6 +173,10 @@ def raise_if_failed(result: JobResult) -> JobResult:
 
 def servers(content: bytes) -> list[ServerHealth]:
     return msgspec.json.decode(content, type=list[ServerHealth])
+
+
+def queue_share(content: bytes) -> QueueShare:
+    return msgspec.json.decode(content, type=QueueShare)
 
 
 def server_record(content: bytes) -> ServerRecord:

@@ -10,7 +10,7 @@ from typing import Any
 
 import httpx
 
-from gateway.api.schemas import BatchStatus, JobResult, ServerHealth
+from gateway.api.schemas import BatchStatus, JobResult, QueueShare, ServerHealth
 from gateway.bus.contract import ServerRecord
 from sdk import _protocol as p
 from sdk.errors import GatewayUnreachable
@@ -82,6 +82,9 @@ class AsyncComfyUISDK:
 
     async def remove_server(self, server_id: str) -> None:
         await self._call("DELETE", f"/servers/{server_id}")
+
+    async def get_queue(self) -> QueueShare:
+        return p.queue_share(await self._call("GET", "/workflow/queue"))
 
     async def submit_workflow(
         self, workflow: Any, *, idempotency_key: str | None = None, **options: Any

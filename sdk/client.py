@@ -9,7 +9,7 @@ from typing import Any
 
 import httpx
 
-from gateway.api.schemas import BatchStatus, JobResult, ServerHealth
+from gateway.api.schemas import BatchStatus, JobResult, QueueShare, ServerHealth
 from gateway.bus.contract import ServerRecord
 from sdk import _protocol as p
 from sdk.errors import GatewayUnreachable
@@ -85,6 +85,10 @@ class ComfyUISDK:
 
     def remove_server(self, server_id: str) -> None:
         self._call("DELETE", f"/servers/{server_id}")
+
+    def get_queue(self) -> QueueShare:
+        """The pending queue by caller: this key's jobs waiting and running, its cap, weight."""
+        return p.queue_share(self._call("GET", "/workflow/queue"))
 
     # -- jobs ---------------------------------------------------------------------------------
 
