@@ -1,8 +1,9 @@
 """A dispatch round: which pending jobs go to which live servers, and binding them.
 
-A round looks at the head of the queue, the servers that can take work, and what each job
-needs (checked once per kind of job and server); `placement.plan` decides, and each binding
-writes the record, appends `dispatched` and sends the job to the server's subject, in that order.
+A round looks at the head of the queue (callers in fair order, those at their cap left out),
+the servers that can take work, and what each job needs (checked once per kind of job and
+server); `placement.plan` decides, and each binding writes the record, appends `dispatched` and
+sends the job to the server's subject, in that order.
 """
 
 from __future__ import annotations
