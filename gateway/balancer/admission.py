@@ -19,7 +19,6 @@ from typing import Final
 
 import msgspec
 
-from gateway.balancer.backlogview import BacklogView
 from gateway.balancer.requestchecks import Refused
 from gateway.balancer.shares import Shares
 from gateway.bus.contract import Backlog
@@ -128,19 +127,25 @@ class Ticket:
 
 
 class Admission:
-    """This replica's check of the queue's bounds: the leader's Backlog, plus its own jobs."""
+    """This replica's check of the queue's bounds: the leader's Backlog, plus its own jobs.
+
+    `latest` gives the newest Backlog heard (None before any); `on_backlog` is to be called
+    with each one as it comes (gateway/balancer/backlogview.py does both).
+    """
 
     def __init__(
-        self, shares: Shares, view: BacklogView, clock: Callable[[], float] = time.monotonic
+        self,
+        shares: Shares,
+        latest: Callable[[], Backlog | None],
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._shares = shares
-        self._view = view
+        self._latest = latest
         self._clock = clock
         # Admitted here and not yet counted by the Backlog, listed and summed per caller.
         self._own: list[_Own] = []
         self._own_count: Counter[str] = Counter()
         self._reserved: Counter[str] = Counter()  # being admitted now
-        view.on_backlog(self._on_backlog)
 
     def reserve(self, caller: str, jobs: int = 1) -> Ticket:
         """Hold room for `jobs` of the caller's jobs, or raise QueueFull."""
@@ -148,7 +153,7 @@ class Admission:
             return Ticket(None, caller, jobs)
         check_room(
             self._shares,
-            self._view.latest,
+            self._latest(),
             caller,
             jobs,
             more_of_caller=self._own_count[caller] + self._reserved[caller],
@@ -167,7 +172,8 @@ class Admission:
         if self._reserved[ticket.caller] <= 0:
             del self._reserved[ticket.caller]
 
-    def _on_backlog(self, backlog: Backlog) -> None:
+    def on_backlog(self, backlog: Backlog) -> None:
+        """A new Backlog: forget the jobs of ours it counts."""
         heard = self._clock()
         self._own = [
             o

@@ -55,6 +55,13 @@ class Balancer:
         self._shares = shares_of(settings)
         self.backlog = BacklogView(nc, self._subjects)  # the leader's queue, for admission
 
+    def _admission(self) -> Admission:
+        """The submit path's bounds, following the leader's backlog."""
+        view = self.backlog
+        admission = Admission(self._shares, lambda: view.latest)
+        view.on_backlog(admission.on_backlog)
+        return admission
+
     async def run(self, stop: asyncio.Event) -> None:
         """Serve until `stop` is set; then stop taking submissions and give up the lease."""
         js = self._nc.jetstream()
@@ -75,7 +82,7 @@ class Balancer:
             js,
             webhooks=self._webhooks,
             used_before=self._used_before,
-            admission=Admission(self._shares, self.backlog),
+            admission=self._admission(),
         )
         dispatcher = self.dispatcher = Dispatcher(
             self._nc,
