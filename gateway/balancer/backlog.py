@@ -9,6 +9,7 @@ that stopped (the bucket's keys expire 5 s after their last write).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from typing import Final
@@ -27,7 +28,11 @@ MAX_INTERVAL_S: Final = 1.0
 
 
 class BacklogWriter:
-    """Writes the leader's Backlog when it changed, not more often than MIN_INTERVAL_S."""
+    """Writes the leader's Backlog when it changed, not more often than MIN_INTERVAL_S.
+
+    A task of its own beside the dispatch loop: a write waiting out an election never holds
+    up a binding.
+    """
 
     def __init__(self, lead: Lead, consumer: str) -> None:
         self._lead = lead
@@ -35,6 +40,12 @@ class BacklogWriter:
         self._subject = backlog_subject(lead.subjects.balancer_bucket)
         self._last: tuple[int, int, int, tuple[tuple[str, int, int], ...]] | None = None
         self._last_at = -MAX_INTERVAL_S
+
+    async def run(self) -> None:
+        """Write while leading (until cancelled)."""
+        while True:
+            await self.write()
+            await asyncio.sleep(MIN_INTERVAL_S)  # the pace of the writes
 
     async def write(self) -> None:
         """Write the backlog if it is due; a failure is logged and tried again next time."""

@@ -112,6 +112,7 @@ class Dispatcher:
         loops = {
             asyncio.create_task(self._recorder.consume(sub), name="dispatcher-events"),
             asyncio.create_task(self._dispatch_loop(), name="dispatcher-binding"),
+            asyncio.create_task(self._backlog.run(), name="dispatcher-backlog"),
         }
         try:
             done, _ = await asyncio.wait(loops, return_when=asyncio.FIRST_COMPLETED)
@@ -152,4 +153,3 @@ class Dispatcher:
             await self._recovery.hand_back_from_dead_servers()
             self._book.release_ready()
             await self._binder.round()
-            await self._backlog.write()

