@@ -14,6 +14,8 @@
 4. A fleet's workload (bench/fleetload.py): model loads, two models held per server, jobs 20x
    apart in size, bursts; against round-robin, fewest queued, model-blind earliest finish,
    SwarmUI-like model-aware least queued, and a lower bound. `--fleet-only` runs only this.
+5. Fair share between API keys (bench/fairness.py): a light key's wait while a heavy key
+   floods, against an idle fleet. `--fairness` runs only this.
 
 Wait = started_at - submitted_at per job, from the log index (`jobs` table).
 """
@@ -30,7 +32,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench import fleetload
+from bench import fairness, fleetload
 from bench.common import (
     goal,
     print_goals,
@@ -426,6 +428,10 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="60 smaller jobs, one e2e case")
     parser.add_argument("--fleet-only", action="store_true", help="only the fleet workload")
+    parser.add_argument("--fairness", action="store_true", help="only fair share between keys")
     args = parser.parse_args()
+    if args.fairness:
+        write_results("fairness", asyncio.run(fairness.main(args.quick)))
+        sys.exit(0)
     name = "balance_fleet" if args.fleet_only else "balance"
     write_results(name, asyncio.run(main(args.quick, args.fleet_only)))

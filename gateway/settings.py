@@ -96,6 +96,23 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     idempotency_ttl_s: float = 24 * 3600.0
     # Jobs in one POST /workflow/batch.
     max_batch_jobs: int = 1000
+    # Sharing the fleet between callers (gateway/balancer/shares.py), the same on every
+    # balancer of a system. Each caller's weight (1 unless named here): its share of the jobs
+    # bound while several callers wait.
+    caller_weights: dict[str, Annotated[float, msgspec.Meta(gt=0, le=1_000_000)]] = msgspec.field(
+        default_factory=dict
+    )
+    # Jobs of one caller bound to servers (dispatched or running) at once: a default (0: no
+    # cap) and per caller; a caller at its cap waits while others' jobs are bound.
+    max_running_per_caller: Annotated[int, msgspec.Meta(ge=0)] = 0
+    caller_max_running: dict[str, Annotated[int, msgspec.Meta(ge=1)]] = msgspec.field(
+        default_factory=dict
+    )
+    # Jobs waiting to be bound, per caller and in all (0: no bound); a submission past either
+    # is refused (429 `queue_full`, Retry-After from how fast the queue drains). On by default:
+    # far above any one burst, far below what a runaway client would pile up.
+    max_pending_per_caller: Annotated[int, msgspec.Meta(ge=0)] = 10_000
+    max_pending: Annotated[int, msgspec.Meta(ge=0)] = 100_000
     # Storage
     storage: str = "local"
     # Webhooks (gateway/webhooks): a URL every job's events go to unless the job names its own,
@@ -152,11 +169,28 @@ def _from_env(environ: Mapping[str, str]) -> dict[str, Any]:
                 values[name] = json.loads(raw)
             except json.JSONDecodeError as exc:
                 raise SettingsError(f"{ENV_PREFIX}{name.upper()} is not valid JSON: {exc}") from exc
+        elif "dict" in str(kind):
+            values[name] = _pairs(name, raw)
         elif is_container:
             values[name] = [item.strip() for item in raw.split(",") if item.strip()]
         else:
             values[name] = raw
     return values
+
+
+def _pairs(name: str, raw: str) -> dict[str, str]:
+    """A table written `key=value,key=value` in the environment (values converted later)."""
+    pairs: dict[str, str] = {}
+    for item in (part.strip() for part in raw.split(",")):
+        if not item:
+            continue
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise SettingsError(
+                f"{ENV_PREFIX}{name.upper()}: {item!r} is not NAME=VALUE (or give JSON)"
+            )
+        pairs[key.strip()] = value.strip()
+    return pairs
 
 
 def _from_file(path: Path) -> dict[str, Any]:

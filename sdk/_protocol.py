@@ -14,7 +14,7 @@ from urllib.parse import quote
 
 import msgspec
 
-from gateway.api.schemas import BatchStatus, JobResult, ServerHealth
+from gateway.api.schemas import BatchStatus, JobResult, QueueShare, ServerHealth
 from gateway.bus.contract import TERMINAL_STATUSES, ServerRecord
 from sdk._retry import RETRIED_STATUS, Retries, new_batch_id, new_key, repeatable
 from sdk.errors import FileUnusable, GatewayUnreachable, JobFailed, NotFound, error_from
@@ -206,6 +206,10 @@ def raise_if_failed(result: JobResult) -> JobResult:
 
 def servers(content: bytes) -> list[ServerHealth]:
     return msgspec.json.decode(content, type=list[ServerHealth])
+
+
+def queue_share(content: bytes) -> QueueShare:
+    return msgspec.json.decode(content, type=QueueShare)
 
 
 def server_record(content: bytes) -> ServerRecord:

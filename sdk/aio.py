@@ -10,7 +10,7 @@ from typing import Any
 
 import httpx
 
-from gateway.api.schemas import BatchStatus, JobResult, ServerHealth
+from gateway.api.schemas import BatchStatus, JobResult, QueueShare, ServerHealth
 from gateway.bus.contract import ServerRecord
 from sdk import _protocol as p
 from sdk._retry import DEFAULT_RETRY_FOR_S
@@ -114,6 +114,10 @@ class AsyncComfyUISDK:
             await asyncio.sleep(max(0.0, min(p.DRAIN_POLL_S, deadline - time.monotonic())))
             server = p.server_in(await self._call("GET", "/servers"), server_id)
         return server
+
+    async def get_queue(self) -> QueueShare:
+        """The pending queue by caller: this key's jobs waiting and running, its cap, weight."""
+        return p.queue_share(await self._call("GET", "/workflow/queue"))
 
     async def submit_workflow(
         self, workflow: Any, *, idempotency_key: str | None = None, **options: Any

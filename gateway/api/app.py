@@ -19,6 +19,7 @@ from gateway.api.limits import STATE_KEY, Limits, RateLimited, rate_limited, too
 from gateway.api.logs import job_logs, logs_query, recent_jobs
 from gateway.api.native.routes import NATIVE_ROUTES
 from gateway.api.openapi import openapi_config, refine_openapi
+from gateway.api.queueshare import queue_share
 from gateway.api.servers import SYSTEM_HEADER, ServerController
 from gateway.api.services import Services
 from gateway.api.signing import SIGNER_STATE, UrlSigner
@@ -50,6 +51,7 @@ def create_app(services: Services) -> Litestar:
             job_logs,
             logs_query,
             recent_jobs,
+            queue_share,
             redeliver,
             health,
             metrics,

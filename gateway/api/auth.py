@@ -148,6 +148,14 @@ def key_entries(settings: Settings) -> list[KeyEntry]:
     return entries
 
 
+def named_callers(settings: Settings) -> frozenset[str]:
+    """The callers the settings name: keys' names, those given a weight or a cap, and
+    `anonymous` (no keys): a bounded set, for metrics per caller."""
+    names = {entry.name for entry in key_entries(settings) if entry.name is not None}
+    names |= settings.caller_weights.keys() | settings.caller_max_running.keys()
+    return frozenset(names | {ANONYMOUS})
+
+
 def caller_secret(settings: Settings) -> bytes:
     """The secret behind unnamed keys' caller ids: the setting, else the data folder's file.
 

@@ -87,7 +87,10 @@ def batch_requests(
                 "workflow, or none",
             )
         pairs = list(zip(workflows, sets, strict=True))
-    limit = services.settings.max_batch_jobs
+    settings = services.settings
+    # A batch is admitted whole: one larger than the queue's bound could never be.
+    bounds = [settings.max_pending_per_caller, settings.max_pending]
+    limit = min([settings.max_batch_jobs, *(bound for bound in bounds if bound)])
     if not pairs or len(pairs) > limit:
         raise ApiError(
             400,
@@ -161,6 +164,12 @@ class Batches:
             request_hash=batch_hash(requests),
             created_at=now(),
         )
+        try:
+            self._services.check_room(caller.id, len(requests))
+        except ApiError:
+            # The queue's bounds are for new jobs: the same batch again makes only what it lacks.
+            if not await self._sent_before(record):
+                raise
         replayed = False
         try:
             await self._kv.create(batch_id, encode(record))
@@ -191,6 +200,14 @@ class Batches:
                 raise _of_job(refused, index) from None
             except ApiError as exc:
                 raise _of_job(exc, index) from None
+
+    async def _sent_before(self, record: BatchRecord) -> bool:
+        """Whether this very batch (same id, caller and jobs) was submitted before."""
+        try:
+            found, _ = await self._read(record.batch_id)
+        except ApiError:
+            return False
+        return found.caller == record.caller and found.request_hash == record.request_hash
 
     async def _again(self, record: BatchRecord, key: str | None) -> BatchRecord:
         """The batch sent again: the same one goes on; another under its id is a 409 (a 422
@@ -381,4 +398,10 @@ def _of_job(exc: ApiError, index: int, *, made: bool = False) -> ApiError:
         else "; no job of the batch was made"
     )
     details: dict[str, Any] = {"index": index, "job": exc.details}
-    return ApiError(exc.status, exc.code, f"job {index} of the batch: {exc.message}{then}", details)
+    return ApiError(
+        exc.status,
+        exc.code,
+        f"job {index} of the batch: {exc.message}{then}",
+        details,
+        retry_after=exc.retry_after,
+    )

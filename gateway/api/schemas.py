@@ -196,6 +196,38 @@ class HealthReport(_ReadsLikeADict, msgspec.Struct, kw_only=True):
     current (lagging or offline copies and a missing leader are named)."""
 
 
+class CallerShare(_ReadsLikeADict, msgspec.Struct, kw_only=True):
+    """One caller's jobs in the queue, with its weight and cap."""
+
+    caller: str | None
+    """Its id (a key's name, `key-...`, `anonymous`); null for jobs published on the bus."""
+    pending: int
+    """Its jobs waiting to be bound."""
+    running: int
+    """Its jobs bound to servers (dispatched or running)."""
+    max_running: int | None
+    """Its cap on `running`; null: none."""
+    weight: float
+    at_cap: bool
+    """Whether its jobs wait because `running` is at `max_running`."""
+
+
+class QueueShare(_ReadsLikeADict, msgspec.Struct, kw_only=True):
+    """The pending queue by caller, as the leading balancer last told it."""
+
+    you: str
+    """The caller id of the key that asks."""
+    pending: int
+    running: int
+    max_pending: int | None
+    max_pending_per_caller: int | None
+    callers: list[CallerShare]
+    """The asking caller's own entry first; for an admin key, every caller with jobs after it
+    (those with the most waiting, up to a thousand)."""
+    as_of: float | None
+    """When the leader counted them (seconds since the epoch); null: no leader has yet."""
+
+
 class ErrorBody(msgspec.Struct, kw_only=True):
     """Every error answer: a code to branch on, a sentence for people, details if any."""
 

@@ -21,15 +21,23 @@ from nats.js import JetStreamContext
 from nats.js.errors import InvalidKeyError, KeyNotFoundError
 from nats.js.kv import KeyValue
 
-from gateway.api.auth import Caller
+from gateway.api.auth import Caller, named_callers
 from gateway.api.errors import ApiError
 from gateway.api.jobdirectory import JobDirectory
 from gateway.api.metrics.counting import JobCounter
-from gateway.api.metrics.gauges import fleet_gauges, replication_gauges, stream_gauges
+from gateway.api.metrics.gauges import (
+    fleet_gauges,
+    queue_gauges,
+    replication_gauges,
+    stream_gauges,
+)
 from gateway.api.metrics.instruments import Metrics
 from gateway.api.native.service import NativeService
+from gateway.balancer.admission import QueueFull, check_room
+from gateway.balancer.backlogview import BacklogView
 from gateway.balancer.fleet import FleetView
 from gateway.balancer.role import Balancer
+from gateway.balancer.shares import caller_key, shares_of
 from gateway.bus.contract import Cancel as CancelRequest
 from gateway.bus.contract import (
     Cancelled,
@@ -74,6 +82,7 @@ SUBMIT_STATUS = {
     "idempotency_mismatch": 422,
     "too_large": 413,
     "unavailable": 503,
+    "queue_full": 429,
 }
 
 
@@ -113,6 +122,9 @@ class Services:
         self.metrics.add_gauges("replication", replication_gauges(self.js, self.subjects))
         self.job_counter = JobCounter(self.js, self.subjects, self.metrics)
         self.directory = JobDirectory(self.js, self.subjects, jobs_kv)  # for fleet event streams
+        self.shares = shares_of(settings)
+        self.backlog = BacklogView(nc, self.subjects)  # the leader's queue by caller
+        self.metrics.add_gauges("queue", queue_gauges(self.backlog, named_callers(settings)))
 
     def log_path(self, relpath: str) -> str:
         """A job's log file as this gateway's users see it: under the data folder."""
@@ -162,10 +174,26 @@ class Services:
         except ContractError:
             error = decode(reply.data, Error)
             status = SUBMIT_STATUS.get(error.code, 500)
-            # NATS was electing a leader for longer than the balancer waited: soon it will not.
-            retry_after = 1 if error.code == "unavailable" else None
+            if error.code == "queue_full":
+                self.metrics.refused(error.details)
             raise ApiError(
-                status, error.code, error.message, error.details, retry_after=retry_after
+                status,
+                error.code,
+                error.message,
+                error.details,
+                retry_after=_retry_after(error),
+            ) from None
+
+    def check_room(self, caller: str | None, jobs: int) -> None:
+        """A 429 `queue_full` unless `jobs` more of the caller's may wait, as far as the last
+        backlog tells (a batch, before any of its jobs is made; each is checked again)."""
+        try:
+            check_room(self.shares, self.backlog.latest, caller_key(caller), jobs)
+        except QueueFull as exc:
+            error = exc.error
+            self.metrics.refused(error.details)
+            raise ApiError(
+                429, error.code, error.message, error.details, retry_after=exc.retry_after
             ) from None
 
     async def record(self, job_id: str, caller: Caller | None = None) -> JobRecord:
@@ -222,6 +250,7 @@ class Services:
         hit the server's consumer limit.
         """
         self.system_id = await system_id(self.js, self.subjects)
+        await self.backlog.start()
         await self.job_counter.start()
         prefix = f"$KV.{self.subjects.jobs_bucket}."
         self._records_sub = await self.nc.subscribe(prefix + ">", cb=self._on_record)
@@ -231,6 +260,7 @@ class Services:
         self._native_task.add_done_callback(_report_end)
 
     async def close(self) -> None:
+        await self.backlog.stop()
         await self.job_counter.close()
         if self.native is not None:
             await self.native.close()
@@ -358,6 +388,18 @@ async def system_id(js: JetStreamContext, subjects: Subjects) -> str:
     info = await js.stream_info(subjects.events_stream)
     made = info.created.isoformat() if info.created is not None else ""
     return hashlib.sha256(f"{subjects.prefix}|{made}".encode()).hexdigest()[:16]
+
+
+def _retry_after(error: Error) -> int | None:
+    """When a refusal says to come back: NATS was electing a leader for longer than the
+    balancer waited (soon it will not), or the queue is full (as long as it says)."""
+    if error.code == "unavailable":
+        return 1
+    if error.code == "queue_full" and isinstance(error.details, dict):
+        wait = error.details.get("retry_after_s")
+        if isinstance(wait, int) and wait > 0:
+            return wait
+    return None
 
 
 def _unknown_job(job_id: str) -> ApiError:

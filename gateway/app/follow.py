@@ -12,6 +12,7 @@ from rich.markup import escape
 from rich.progress_bar import ProgressBar
 from rich.table import Table
 
+from gateway.api.schemas import CallerShare
 from gateway.app import render
 from gateway.app.jobview import JobView, class_types, waiting_reason
 from sdk import ComfyUISDK
@@ -39,11 +40,19 @@ def follow(
             before = view.status
             view.apply(event)
             if view.status == "queued" and (before != "queued" or shown.waiting is None):
-                shown.waiting = waiting_reason(sdk.list_servers(), server=server)
+                shown.waiting = waiting_reason(
+                    sdk.list_servers(), server=server, share=_own_share(sdk)
+                )
             live.refresh()
     if not console.is_terminal:
         console.line()  # a terminal's Live ends its last line itself; a pipe's does not
     return view
+
+
+def _own_share(sdk: ComfyUISDK) -> CallerShare | None:
+    """The asking key's share of the queue (its cap and jobs running)."""
+    queue = sdk.get_queue()
+    return next((c for c in queue.callers if c.caller == queue.you), None)
 
 
 class _Shown:

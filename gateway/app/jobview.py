@@ -122,13 +122,19 @@ def class_types(workflow: Mapping[str, Any]) -> dict[str, str]:
     }
 
 
-def waiting_reason(servers: list[Any], *, server: str | None = None) -> str:
-    """Why a queued job waits, as far as the fleet's health tells (`servers`: ServerHealth).
+def waiting_reason(
+    servers: list[Any], *, server: str | None = None, share: Any | None = None
+) -> str:
+    """Why a queued job waits, as far as the fleet's health tells (`servers`: ServerHealth)
+    and its caller's share of the queue (`share`: CallerShare, GET /workflow/queue).
 
-    The balancer binds a job only to a healthy server below its capacity that is not draining,
-    so the answer is the first of: no server at all, the pinned one draining, the pinned one
-    unwell, none healthy, every healthy one draining, every healthy one full.
+    The balancer binds a job only when its caller is below its cap, and only to a healthy
+    server below its capacity that is not draining, so the answer is the first of: the caller
+    at its cap, no server at all, the pinned one draining, the pinned one unwell, none healthy,
+    every healthy one draining, every healthy one full.
     """
+    if share is not None and share.at_cap:
+        return f"caller at its cap ({share.running} of {share.max_running} jobs running)"
     if server is not None:
         servers = [s for s in servers if s.server_id == server]
         if not servers:

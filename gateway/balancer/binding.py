@@ -1,8 +1,9 @@
 """A dispatch round: which pending jobs go to which live servers, and binding them.
 
-A round looks at the head of the queue, the servers that can take work, and what each job
-needs (checked once per kind of job and server); `placement.plan` decides, and each binding
-writes the record, appends `dispatched` and sends the job to the server's subject, in that order.
+A round looks at the head of the queue (callers in fair order, those at their cap left out),
+the servers that can take work, and what each job needs (checked once per kind of job and
+server); `placement.plan` decides, and each binding writes the record, appends `dispatched` and
+sends the job to the server's subject, in that order.
 """
 
 from __future__ import annotations
@@ -92,7 +93,10 @@ class Binder:
         queue = self._lead.book.queue
         if not candidates or not len(queue):
             return
-        window = queue.head(max(64, 4 * sum(c.capacity for c in candidates)))
+        # Callers at their cap are left out of the window: their jobs wait, others' are bound.
+        window = queue.head(
+            max(64, 4 * sum(c.capacity for c in candidates)), room=self._lead.book.room
+        )
         states = {c.server_id: self._lead.servers.get(c.server_id) for c in candidates}
         usable = []
         for server_id, state in states.items():
@@ -212,7 +216,7 @@ class Binder:
             )
             # The record first: once it says "dispatched", no other leader binds it again.
             await book.store(bound)
-        book.queue.discard(record.job_id)
+        book.queue.bound(record.job_id)
         # `dispatched` before the job: once the adapter has the job it appends `running` and
         # more, and a `dispatched` landing after those would misstate the job's course.
         try:

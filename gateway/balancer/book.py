@@ -19,12 +19,23 @@ from typing import Final
 
 from nats.js.kv import KeyValue
 
+from gateway.balancer.endrate import EndRates
 from gateway.balancer.expiry import EndedRecords
 from gateway.balancer.loadclock import LoadClock
 from gateway.balancer.pins import PinnedJobs
 from gateway.balancer.placement import Requirements, requirements
 from gateway.balancer.queue import BoundJobs, PendingQueue
-from gateway.bus.contract import FailedData, JobRecord, JobRequest, JobStatus, encode
+from gateway.balancer.shares import Shares, caller_key
+from gateway.bus.contract import (
+    Backlog,
+    CallerBacklog,
+    FailedData,
+    JobRecord,
+    JobRequest,
+    JobStatus,
+    encode,
+    now,
+)
 from gateway.bus.events import EventPublisher, JobEnded
 from gateway.bus.retry import through_election
 from gateway.comfyui.shape import JobShape, shape_of
@@ -36,6 +47,9 @@ UNCONFIRMED_GRACE_S: Final = 30.0
 # server do not all come back at the same instant.
 BACKOFF_FIRST_S: Final = 0.5
 BACKOFF_CAP_S: Final = 30.0
+# Callers a Backlog lists, those with the most jobs waiting first: it is one KV value, read by
+# every submission's check, and a caller not listed is taken to have as many as the last listed.
+BACKLOG_CALLERS: Final = 1000
 
 
 def backoff(tries: int) -> float:
@@ -48,14 +62,20 @@ class JobBook:
     """The leader's records of open jobs, their indexes and what it remembers of each."""
 
     def __init__(
-        self, jobs_kv: KeyValue, publisher: EventPublisher, *, ended: EndedRecords | None = None
+        self,
+        jobs_kv: KeyValue,
+        publisher: EventPublisher,
+        *,
+        ended: EndedRecords | None = None,
+        shares: Shares | None = None,
     ) -> None:
         self._kv = jobs_kv
         self._publisher = publisher
         self._ended = ended
         self.records: dict[str, JobRecord] = {}
         self.bound = BoundJobs()  # kept by keep and forget
-        self.queue = PendingQueue()
+        self.queue = PendingQueue(shares)
+        self.ends = EndRates()  # how fast jobs end, for the backlog's Retry-After
         self.needs: dict[str, Requirements] = {}
         self.pinned = PinnedJobs()  # kept by take and forget
         self.shapes: dict[str, JobShape] = {}  # what sizes each job, for its cost estimates
@@ -108,7 +128,10 @@ class JobBook:
 
     def forget(self, job_id: str) -> None:
         """Drop a job that ended: its record, its indexes, what was remembered of it."""
-        self.bound.change(self.records.pop(job_id, None), None)
+        record = self.records.pop(job_id, None)
+        self.bound.change(record, None)
+        if record is not None:
+            self.ends.ended(caller_key(record.caller))
         self._publisher.forget(job_id)
         self.requests.pop(job_id, None)
         self.needs.pop(job_id, None)
@@ -131,6 +154,42 @@ class JobBook:
             return
         ready_at = time.monotonic() + backoff(record.attempt)
         heapq.heappush(self._deferred, (ready_at, record.job_id))
+
+    def room(self, caller: str) -> int | None:
+        """How many more of the caller's jobs may be bound now; None: no cap."""
+        cap = self.queue.shares.cap(caller)
+        return None if cap is None else cap - self.bound.of_caller(caller)
+
+    def backlog(self, applied_seq: int) -> Backlog:
+        """The queue by caller now, for the submit path's bounds and the API."""
+        pending = self.queue.pending()
+        # Waiting out a backoff is waiting too.
+        for job_id in {job_id for _, job_id in self._deferred}:
+            record = self.records.get(job_id)
+            if record and record.status is JobStatus.QUEUED and job_id not in self.queue:
+                caller = caller_key(record.caller)
+                pending[caller] = pending.get(caller, 0) + 1
+        bound = self.bound.callers()
+        callers = sorted(pending.keys() | bound.keys(), key=lambda c: -pending.get(c, 0))
+        listed = callers[:BACKLOG_CALLERS]
+        unlisted = callers[BACKLOG_CALLERS:]
+        return Backlog(
+            at=now(),
+            applied_seq=applied_seq,
+            pending=sum(pending.values()),
+            bound=sum(bound.values()),
+            ended_per_s=self.ends.overall(),
+            callers=[
+                CallerBacklog(
+                    caller=caller,
+                    pending=pending.get(caller, 0),
+                    bound=bound.get(caller, 0),
+                    ended_per_s=self.ends.of(caller),
+                )
+                for caller in listed
+            ],
+            unlisted_pending=pending.get(unlisted[0], 0) if unlisted else 0,
+        )
 
     def release_ready(self) -> None:
         """Queue the deferred jobs whose backoff is over (and that are still waiting)."""

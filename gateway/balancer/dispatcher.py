@@ -21,6 +21,7 @@ from nats.js import JetStreamContext, api
 from nats.js.errors import NotFoundError
 from nats.js.kv import KeyValue
 
+from gateway.balancer.backlog import BacklogWriter
 from gateway.balancer.binding import Binder
 from gateway.balancer.book import JobBook
 from gateway.balancer.expiry import EndedRecords
@@ -29,6 +30,7 @@ from gateway.balancer.lead import Lead
 from gateway.balancer.recording import Recorder
 from gateway.balancer.recovery import Recovery
 from gateway.balancer.servers import ServerTable
+from gateway.balancer.shares import Shares
 from gateway.bus.contract import Subjects
 from gateway.bus.events import EventPublisher
 from gateway.bus.retry import through_election
@@ -52,6 +54,7 @@ class Dispatcher:
         tick: float = 0.5,
         stale_grace: float = 3.0,
         records_retention_s: float = 0.0,
+        shares: Shares | None = None,
     ) -> None:
         self._js = js
         self._subjects = subjects
@@ -62,7 +65,7 @@ class Dispatcher:
             if records_retention_s > 0
             else None
         )
-        self._book = JobBook(jobs_kv, publisher, ended=ended)
+        self._book = JobBook(jobs_kv, publisher, ended=ended, shares=shares)
         lead = Lead(
             nc=nc,
             js=js,
@@ -76,6 +79,7 @@ class Dispatcher:
         self._binder = Binder(lead)
         self._recorder = Recorder(lead, on_applied=self._wake.set, tick=tick)
         self._recovery = Recovery(lead, self._binder, self._recorder, stale_grace=stale_grace)
+        self._backlog = BacklogWriter(lead, CONSUMER)
 
     def wake(self) -> None:
         """Ask for a dispatch round soon (a server reported room, say)."""
@@ -113,6 +117,7 @@ class Dispatcher:
         loops = {
             asyncio.create_task(self._recorder.consume(sub), name="dispatcher-events"),
             asyncio.create_task(self._dispatch_loop(), name="dispatcher-binding"),
+            asyncio.create_task(self._backlog.run(), name="dispatcher-backlog"),
         }
         try:
             done, _ = await asyncio.wait(loops, return_when=asyncio.FIRST_COMPLETED)

@@ -13,9 +13,12 @@ import socket
 
 from nats.aio.client import Client
 
+from gateway.balancer.admission import Admission
+from gateway.balancer.backlogview import BacklogView
 from gateway.balancer.dispatcher import Dispatcher
 from gateway.balancer.fleet import FleetView
 from gateway.balancer.idempotency import open_keys
+from gateway.balancer.shares import shares_of
 from gateway.balancer.submit import Submitter, UsedBefore
 from gateway.bus.contract import Subjects, new_id
 from gateway.bus.events import EventPublisher
@@ -55,6 +58,15 @@ class Balancer:
         self.leads = False
         self.ready = asyncio.Event()  # set once comfy.submit is answered
         self._webhooks = WebhookPolicy(settings)  # SettingsError now, not once running
+        self._shares = shares_of(settings)
+        self.backlog = BacklogView(nc, self._subjects)  # the leader's queue, for admission
+
+    def _admission(self) -> Admission:
+        """The submit path's bounds, following the leader's backlog."""
+        view = self.backlog
+        admission = Admission(self._shares, lambda: view.latest)
+        view.on_backlog(admission.on_backlog)
+        return admission
 
     async def run(self, stop: asyncio.Event) -> None:
         """Serve until `stop` is set; then stop taking submissions and give up the lease."""
@@ -66,6 +78,7 @@ class Balancer:
             lambda: js.key_value(self._subjects.balancer_bucket), "finding the lease bucket"
         )
         publisher = EventPublisher(js, self._subjects)
+        await self.backlog.start()
         self.submitter = Submitter(
             jobs_kv,
             self._subjects,
@@ -75,6 +88,7 @@ class Balancer:
             js,
             webhooks=self._webhooks,
             used_before=self._used_before,
+            admission=self._admission(),
         )
         dispatcher = self.dispatcher = Dispatcher(
             self._nc,
@@ -84,6 +98,7 @@ class Balancer:
             self._fleet.table,
             publisher,
             records_retention_s=self._settings.job_records_retention_s,
+            shares=self._shares,
         )
         self._fleet.on_change(lambda _server_id: dispatcher.wake())
         subscription = await self.submitter.serve(self._nc)
@@ -102,6 +117,7 @@ class Balancer:
             await hold_lease(lease_kv, self.holder, lead, stop)
         finally:
             await subscription.unsubscribe()
+            await self.backlog.stop()
 
     async def _registry_read(self, stop: asyncio.Event) -> None:
         """Wait (boundedly) until the fleet view holds the registry, or until told to stop."""

@@ -21,12 +21,14 @@ from nats.js import JetStreamContext
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
 from nats.js.kv import KeyValue
 
+from gateway.balancer.admission import Admission, QueueFull, Ticket
 from gateway.balancer.idempotency import IdempotencyKeys, Mismatch, key_problem
 from gateway.balancer.requestchecks import (
     Refused,
     check_request,
 )
 from gateway.balancer.servers import ServerTable
+from gateway.balancer.shares import caller_key
 from gateway.bus.contract import (
     STATUS_AFTER,
     ContractError,
@@ -102,8 +104,10 @@ class Submitter:
         max_concurrent: int = 256,
         webhooks: WebhookPolicy | None = None,
         used_before: UsedBefore | None = None,
+        admission: Admission | None = None,
     ) -> None:
         self._webhooks = webhooks
+        self._admission = admission
         self._js = js
         self._kv = jobs_kv
         self._used_before = used_before
@@ -136,6 +140,42 @@ class Submitter:
                 # The key stands for a job that was never made: its submission was cut short.
         check_request(request, self._servers)
         request = await self._with_webhook(request)
+        try:
+            ticket = self._reserve(request)
+        except QueueFull:
+            # The queue's bounds are for new jobs: a job sent again is answered all the same.
+            replay = await self._same_job(request, digest)
+            if replay is None:
+                raise
+            return replay
+        try:
+            accepted = await self._claim_and_create(request, key, job_id, digest)
+        except BaseException:
+            ticket.release()
+            raise
+        if accepted.replayed:
+            ticket.release()
+        else:
+            ticket.admitted(self._publisher.stream_seq(accepted.job_id))
+        return accepted
+
+    def _reserve(self, request: JobRequest) -> Ticket:
+        if self._admission is None:
+            return Ticket(None, caller_key(request.caller), 1)
+        return self._admission.reserve(caller_key(request.caller))
+
+    async def _same_job(self, request: JobRequest, digest: str) -> JobAccepted | None:
+        """The job a request names by its id, if it is this very request's (a retry)."""
+        if request.job_id is None:
+            return None
+        record = await self._record(request.job_id)
+        if record is None or record.request_hash != digest or record.caller != request.caller:
+            return None
+        return _accepted(record, replayed=True)
+
+    async def _claim_and_create(
+        self, request: JobRequest, key: str | None, job_id: str | None, digest: str
+    ) -> JobAccepted:
         if key is not None and job_id is None:
             try:
                 job_id = await self._keys.claim(

@@ -862,6 +862,38 @@ class BatchRecord(_Message, kw_only=True):
     made: int = 0
 
 
+# The key of the leader's Backlog in KV `comfy_balancer`.
+BACKLOG_KEY: Final = "backlog"
+
+
+class CallerBacklog(msgspec.Struct, kw_only=True):
+    """One caller's jobs in the leader's queue (`caller` "" for jobs published without one)."""
+
+    caller: str
+    pending: int  # waiting to be bound, backoffs included
+    bound: int  # dispatched or running
+    ended_per_s: float  # its jobs that ended, per second, over the recent window
+
+
+class Backlog(_Message, kw_only=True):
+    """The leading balancer's queue by caller, in KV `comfy_balancer` under BACKLOG_KEY.
+
+    Written a few times a second while it changes (and every second regardless), so the submit
+    path of every balancer bounds the queue (gateway/balancer/admission.py) and gateways tell
+    why a job waits. `applied_seq`: every event up to this EVENTS sequence is counted.
+    """
+
+    at: float
+    applied_seq: int
+    pending: int
+    bound: int
+    ended_per_s: float
+    # The callers with the most jobs waiting, most first; a caller not listed has at most
+    # `unlisted_pending` waiting.
+    callers: list[CallerBacklog] = msgspec.field(default_factory=list)
+    unlisted_pending: int = 0
+
+
 # --------------------------------------------------------------------------------------------
 # Encoding
 

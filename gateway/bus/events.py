@@ -149,6 +149,11 @@ class EventPublisher:
         if job.seq < 0 and not job.lock.locked():
             job.seq, job.stream_seq, job.event_id, job.end = 0, 0, None, None
 
+    def stream_seq(self, job_id: str) -> int:
+        """The EVENTS sequence of the job's last event as this process knows it (0: unknown)."""
+        job = self._jobs.get(job_id)
+        return 0 if job is None else job.stream_seq
+
     def ended(self, job_id: str) -> Event | None:
         """The job's terminal event if this process knows of one (from memory, no read)."""
         job = self._jobs.get(job_id)

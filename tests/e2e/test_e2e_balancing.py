@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections import Counter
 from typing import Any
 
 import httpx
+import msgspec
 
+from gateway.api.schemas import QueueShare, ServerHealth
+from gateway.app.jobview import waiting_reason
+from gateway.bus.contract import Error, JobRequest, Subjects, decode, encode
+from gateway.settings import Settings
 from plugins.simulator import SimulatorConfig
-from tests.e2e.conftest import System, tiny
+from tests.e2e.conftest import System, running_system, tiny
 from tests.helpers import poll_until
 
 NODE_SECONDS = 0.1  # three nodes: 0.3 s a job on a 1x server
@@ -115,3 +121,134 @@ async def test_pending_jobs_survive_a_gateway_restart(system: System) -> None:
     async with httpx.AsyncClient(base_url=system.url, timeout=60) as client:
         results = await _results(client, ids)
     assert [r["status"] for r in results] == ["succeeded"] * 6
+
+
+FAIR_KEYS = {"ops": "ops-key-1f3a", "heavy": "heavy-key-77c2", "light": "light-key-90d1"}
+HEAVY_PENDING = 20  # the heavy key's bound on waiting jobs
+HEAVY_CAP = 4  # and on bound ones: the whole fleet (2 servers of capacity 2)
+
+
+def _key(who: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {FAIR_KEYS[who]}"}
+
+
+async def _queued_and_dispatched(
+    client: httpx.AsyncClient, started: asyncio.Event, last: asyncio.Future[str]
+) -> list[tuple[str, str, str]]:
+    """(type, job id, caller) of every queued and dispatched event from now on (`started` is
+    set once the stream is open), in the order EVENTS holds them, up to the dispatch of the
+    job `last` names."""
+    seen = []
+    params = {"status": "queued,dispatched"}
+    async with asyncio.timeout(30), client.stream("GET", "/events", params=params) as stream:
+        started.set()
+        async for line in stream.aiter_lines():
+            if line.startswith("data:"):
+                event = json.loads(line[5:])
+                seen.append((event["type"], event["job_id"], event["caller"]))
+                if event["type"] == "dispatched" and event["job_id"] == await last:
+                    return seen
+    raise AssertionError("the event stream ended")
+
+
+async def test_a_flooding_key_neither_delays_another_key_nor_queues_past_its_bound(
+    settings: Settings,
+) -> None:
+    keyed = msgspec.structs.replace(
+        settings,
+        api_keys=[
+            f"admin/ops@plain:{FAIR_KEYS['ops']}",
+            f"user/heavy@plain:{FAIR_KEYS['heavy']}",
+            f"user/light@plain:{FAIR_KEYS['light']}",
+        ],
+        max_pending_per_caller=HEAVY_PENDING,
+        caller_max_running={"heavy": HEAVY_CAP},
+    )
+    async with running_system(keyed, headers=_key("ops")) as system:
+        heavy = httpx.AsyncClient(base_url=system.url, headers=_key("heavy"), timeout=30)
+        light = httpx.AsyncClient(base_url=system.url, headers=_key("light"), timeout=30)
+        ops = httpx.AsyncClient(base_url=system.url, headers=_key("ops"), timeout=30)
+        async with heavy, light, ops:
+            # No server yet: nothing leaves the queue, and every path meets the same bound.
+            await _flood_to_the_bound(system, heavy)
+            started, light_job = asyncio.Event(), asyncio.get_running_loop().create_future()
+            events = asyncio.create_task(_queued_and_dispatched(ops, started, light_job))
+            try:
+                await started.wait()
+                config = SimulatorConfig(node_seconds=0.15)
+                await asyncio.gather(*(system.add_server(s, config) for s in ("f1", "f2")))
+                # Another key's job, behind the flood.
+                reply = await light.post("/workflow/submit", json={"workflow": tiny(4100)})
+                assert reply.status_code == 202, reply.text
+                light_job.set_result(reply.json()["job_id"])
+                await _wait_at_cap(heavy, ops)
+                order = await events
+            finally:
+                events.cancel()
+    queued_at = order.index(("queued", light_job.result(), "light"))
+    bound_first = [e for e in order[:queued_at] if e[0] == "dispatched" and e[2] == "heavy"]
+    # The servers may take a while to register on a busy machine: some of the flood ran first.
+    assert HEAVY_PENDING - len(bound_first) >= 5, "too little of the flood waited to tell"
+    heavy_before = [e for e in order[queued_at:-1] if e[0] == "dispatched" and e[2] == "heavy"]
+    # At most about one job per server, where first come first served would bind every job
+    # the flood had waiting.
+    assert len(heavy_before) <= 2, order[queued_at:]
+
+
+async def _flood_to_the_bound(system: System, heavy: httpx.AsyncClient) -> None:
+    """The heavy key submits until refused; then each submit path refuses it too."""
+    first = {"workflow": tiny(4000)}
+    replay = {"Idempotency-Key": "flood-0"}
+    reply = await heavy.post("/workflow/submit", json=first, headers=replay)
+    assert reply.status_code == 202, reply.text
+    for seed in range(4001, 4000 + HEAVY_PENDING):
+        reply = await heavy.post("/workflow/submit", json={"workflow": tiny(seed)})
+        assert reply.status_code == 202, reply.text
+    refused = await heavy.post("/workflow/submit", json={"workflow": tiny(4050)})
+    assert refused.status_code == 429, refused.text
+    body = refused.json()
+    assert body["code"] == "queue_full" and body["details"]["reason"] == "max_pending_per_caller"
+    assert 1 <= int(refused.headers["Retry-After"]) <= 60
+    refused = await heavy.post("/workflow/execute", json={"workflow": tiny(4050)})
+    assert refused.status_code == 429 and "Retry-After" in refused.headers, refused.text
+    # A job sent again is answered, full queue or not.
+    again = await heavy.post("/workflow/submit", json=first, headers=replay)
+    assert again.status_code == 200 and again.headers["Idempotent-Replayed"] == "true"
+
+    async def counted() -> bool:
+        share = (await heavy.get("/workflow/queue")).json()
+        return bool(share["callers"][0]["pending"] == HEAVY_PENDING)
+
+    await poll_until(counted, "the leader counting the flood")
+    batch = {"batch_id": "over", "workflow": tiny(4051), "overrides": [{"1.color": 1}]}
+    refused = await heavy.post("/workflow/batch", json=batch)
+    assert refused.status_code == 429 and refused.json()["code"] == "queue_full", refused.text
+    assert "Retry-After" in refused.headers
+    assert (await heavy.get("/workflow/batch/over")).status_code == 404  # refused whole
+    refused = await heavy.post("/prompt", json={"prompt": tiny(4052)})
+    assert refused.status_code == 429 and "Retry-After" in refused.headers
+    assert refused.json()["error"]["type"] == "queue_full"  # ComfyUI's error shape
+    assert system.nc is not None
+    request = JobRequest(workflow=tiny(4053), caller="heavy")
+    answer = await system.nc.request(
+        Subjects(system.settings.subject_prefix).submit, encode(request), timeout=10
+    )
+    assert decode(answer.data, Error).code == "queue_full"
+
+
+async def _wait_at_cap(heavy: httpx.AsyncClient, ops: httpx.AsyncClient) -> None:
+    """The heavy key's jobs fill its cap; its next ones wait for that reason."""
+
+    async def at_cap() -> bool:
+        share = (await heavy.get("/workflow/queue")).json()
+        return bool(share["callers"][0]["at_cap"])
+
+    await poll_until(at_cap, "the heavy key at its cap")
+    share = msgspec.convert((await heavy.get("/workflow/queue")).json(), QueueShare)
+    assert [c.caller for c in share.callers] == ["heavy"]  # its own entry, no other
+    reason = waiting_reason(await _servers(ops), share=share.callers[0])
+    assert reason.startswith("caller at its cap"), reason
+
+
+async def _servers(client: httpx.AsyncClient) -> list[ServerHealth]:
+    return msgspec.convert((await client.get("/servers")).json(), list[ServerHealth])

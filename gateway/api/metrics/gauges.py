@@ -1,5 +1,6 @@
-"""The gauges read at each scrape: the fleet as this gateway sees it, the open jobs, the EVENTS
-stream and how far the log sink is behind it, and the replication of every NATS resource.
+"""The gauges read at each scrape: the fleet as this gateway sees it, the open jobs, the queue by
+caller, the EVENTS stream and how far the log sink is behind it, and the replication of every
+NATS resource.
 
 Each function makes a gauge source for `Metrics.add_gauges`, added where the gateway's services
 start; a new gauge is one more such function.
@@ -16,6 +17,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 
 from gateway.api.metrics.instruments import GaugeSource
+from gateway.balancer.backlogview import BacklogView
 from gateway.balancer.fleet import FleetView
 from gateway.bus.contract import Subjects
 from gateway.bus.replication import replication_status
@@ -88,6 +90,35 @@ def fleet_gauges(
                 bound.add_metric([server_id], counts.get(server_id, 0))
             families.append(bound)
         return families
+
+    return read
+
+
+def queue_gauges(backlog: BacklogView, named: frozenset[str]) -> GaugeSource:
+    """Jobs waiting and bound per caller, from the leader's backlog: each of the `named`
+    callers (those the settings name: a bounded set), every other caller together as `other`,
+    so that unnamed keys do not make a series each."""
+
+    async def read() -> Iterable[Metric]:
+        latest = backlog.latest
+        if latest is None:
+            return []  # no leader has counted the queue yet
+        jobs = GaugeMetricFamily(
+            "comfyautomate_caller_jobs",
+            "Jobs of each caller named in the settings waiting to be bound (pending) and bound "
+            "(running), as the leading balancer last counted them; every other caller as other.",
+            labels=["caller", "state"],
+        )
+        pending, running = latest.pending, latest.bound
+        for entry in sorted(latest.callers, key=lambda c: c.caller):
+            if entry.caller in named:
+                jobs.add_metric([entry.caller, "pending"], entry.pending)
+                jobs.add_metric([entry.caller, "running"], entry.bound)
+                pending -= entry.pending
+                running -= entry.bound
+        jobs.add_metric(["other", "pending"], pending)
+        jobs.add_metric(["other", "running"], running)
+        return [jobs]
 
     return read
 

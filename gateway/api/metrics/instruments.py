@@ -33,6 +33,8 @@ ADDED_BUCKETS: Final = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 )  # fmt: skip
 WEBHOOK_OUTCOMES: Final[tuple[WebhookOutcome, ...]] = get_args(WebhookOutcome)
+# The bounds a submission can be refused by (gateway/balancer/admission.py).
+REFUSAL_REASONS: Final = ("max_pending_per_caller", "max_pending")
 
 
 class _Gauges(Collector):
@@ -111,6 +113,15 @@ class Metrics:
         )
         for outcome in WEBHOOK_OUTCOMES:
             self.webhook_deliveries.labels(outcome=outcome)  # shown at 0 from the start
+        self.refusals = Counter(
+            "comfyautomate_jobs_refused",
+            "Submissions this gateway answered with 429 queue_full, by the bound that refused "
+            "them: max_pending_per_caller or max_pending.",
+            ["reason"],
+            registry=r,
+        )
+        for reason in REFUSAL_REASONS:
+            self.refusals.labels(reason=reason)
         self._gauges = _Gauges()
         r.register(self._gauges)
         self._sources: list[tuple[str, GaugeSource]] = []
@@ -123,6 +134,11 @@ class Metrics:
     def webhook_attempted(self, outcome: WebhookOutcome) -> None:
         """Count one webhook delivery attempt by what it came to."""
         self.webhook_deliveries.labels(outcome=outcome).inc()
+
+    def refused(self, details: object) -> None:
+        """Count a submission refused because the queue was full (`details` of the refusal)."""
+        reason = details.get("reason") if isinstance(details, dict) else None
+        self.refusals.labels(reason=reason if reason in REFUSAL_REASONS else "other").inc()
 
     def gateway_added(self, route: AddedRoute, seconds: float) -> None:
         """Note the gateway's own time on one request of `route`."""

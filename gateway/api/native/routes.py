@@ -57,7 +57,11 @@ async def post_prompt(services: ServicesDep, request: Request[Any, Any, Any]) ->
     """Queue a prompt on the fleet; ComfyUI's answer (`prompt_id`, `number`, `node_errors`)."""
     body = decoded(await request.body())
     status, answer = await (await native_of(services)).enqueue(caller_id(request), body)
-    return json_answer(answer, status)
+    response = json_answer(answer, status)
+    wait = answer.get("error", {}).get("extra_info", {}).get("retry_after_s")
+    if isinstance(wait, int):  # a full queue: when to come back
+        response.headers["Retry-After"] = str(wait)
+    return response
 
 
 @get(paths("/prompt"))

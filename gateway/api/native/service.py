@@ -191,7 +191,10 @@ class NativeService:
                 if exc.code == "duplicate_job" and wanted is not None:
                     wanted = None  # a job of that id exists (its prompt was deleted): a new id
                     continue
-                return exc.status, comfy_error(exc.code, exc.message, _said(exc.details))
+                answer = comfy_error(exc.code, exc.message, _said(exc.details))
+                if exc.retry_after is not None:  # sent as Retry-After too (routes.py)
+                    answer["error"]["extra_info"]["retry_after_s"] = exc.retry_after
+                return exc.status, answer
             break
         self.hub.queue_changed(caller)
         return 200, {

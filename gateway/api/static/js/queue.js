@@ -10,10 +10,13 @@ const SERVERS_MS = 3000;
 const RECENT_ENDS = 25;
 
 /**
- * Why a queued job waits, as far as the fleet's health tells: the balancer binds a job only to
- * a healthy server below its capacity that is not draining (the same rule as `submit --wait`).
+ * Why a queued job waits, as far as the fleet's health and its caller's share of the queue
+ * (`share`: its entry of GET /workflow/queue) tell: the balancer binds a job only while its
+ * caller is below its cap, to a healthy server below its capacity that is not draining (the
+ * rule of `submit --wait`).
  */
-export function waitingReason(servers, pinned = null) {
+export function waitingReason(servers, pinned = null, share = null) {
+  if (share && share.at_cap) return `caller at its cap (${share.running} of ${share.max_running} jobs running)`;
   if (!servers) return "…";
   if (pinned) {
     servers = servers.filter((s) => s.server_id === pinned);
@@ -72,6 +75,7 @@ class Board {
     if (change.server_id) job.server_id = change.server_id;
     if (change.nodes) job.nodes = change.nodes;
     if (change.pinned) job.pinned = change.pinned;
+    if (change.caller) job.caller = change.caller;
     if (change.type === "queued" && change.ts) job.submitted_at = job.submitted_at || change.ts;
     if (change.type === "running" || change.type === "retried") job.done = new Set();
     if (change.type === "running") job.started = change.ts;
@@ -135,6 +139,7 @@ function table(headers, rows, empty) {
 export async function render(root, { signal }) {
   const board = new Board();
   let servers = null;
+  let shares = new Map(); // caller -> its entry of GET /workflow/queue
   const message = h("div");
   const say = (text, kind = "muted") => show(message, note(text, kind));
   const pending = h("section");
@@ -182,7 +187,7 @@ export async function render(root, { signal }) {
           board.byStatus(new Set(["queued"])).sort(byAge).map((job) =>
             rowOf(
               job,
-              [jobLink(job.job_id), ago(job.submitted_at), h("span", { class: "reason" }, waitingReason(servers, job.pinned))],
+              [jobLink(job.job_id), ago(job.submitted_at), h("span", { class: "reason" }, waitingReason(servers, job.pinned, shares.get(job.caller)))],
               button("Cancel", "cancel", job, onCancel),
             ),
           ),
@@ -232,6 +237,8 @@ export async function render(root, { signal }) {
   const refreshServers = async () => {
     try {
       servers = await get("/servers", { signal });
+      const queue = await get("/workflow/queue", { signal });
+      shares = new Map(queue.callers.map((share) => [share.caller, share]));
       draw();
     } catch (error) {
       if (!signal.aborted) say(error.message, "error");
