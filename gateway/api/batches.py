@@ -18,6 +18,7 @@ is kept: the state of its jobs is their records, so a batch survives any restart
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import re
@@ -171,15 +172,17 @@ class Batches:
             if not await self._sent_before(record):
                 raise
         replayed = False
+        created: int | None = None  # the record's revision, when this call made it
         try:
-            await self._kv.create(batch_id, encode(record))
+            created = await self._kv.create(batch_id, encode(record))
         except KeyWrongLastSequenceError:
             record, replayed = await self._again(record, key), True
         try:
-            await self._make(record, requests)
+            await self._make(record, requests, created)
         finally:
-            if (await self._read(batch_id))[0].cancelled:
-                await self.cancel_jobs(record)
+            with contextlib.suppress(ApiError):  # 404: refused whole, the record taken back
+                if (await self._read(batch_id))[0].cancelled:
+                    await self.cancel_jobs(record)
         return record, replayed
 
     async def _check(self, requests: list[JobRequest], caller: Caller) -> None:
@@ -239,7 +242,15 @@ class Batches:
             )
         return found
 
-    async def _make(self, record: BatchRecord, requests: list[JobRequest]) -> None:
+    async def _make(
+        self, record: BatchRecord, requests: list[JobRequest], created: int | None
+    ) -> None:
+        """Submit the batch's jobs a round at a time; the first refusal stops it.
+
+        A refusal of the first round, none of whose jobs was made, leaves nothing behind: the
+        record this call `created` is taken back (the queue filled between the batch's check and
+        its jobs), so the batch is refused whole and its id stays free.
+        """
         made = record.made
         try:
             for start in range(0, len(requests), ROUND):
@@ -257,6 +268,11 @@ class Batches:
                 )
                 for offset, outcome in enumerate(outcomes):
                     if isinstance(outcome, ApiError):
+                        nothing = start == 0 and all(
+                            isinstance(other, BaseException) for other in outcomes
+                        )
+                        if nothing and await self._take_back(record.batch_id, created):
+                            raise _of_job(outcome, start + offset)
                         raise _of_job(outcome, start + offset, made=True)
                     if isinstance(outcome, BaseException):
                         raise outcome
@@ -264,6 +280,16 @@ class Batches:
         finally:
             if made > record.made:
                 await self._mark_made(record.batch_id, made)
+
+    async def _take_back(self, batch_id: str, created: int | None) -> bool:
+        """Delete the record made by this call, unless it changed since (a resend going on)."""
+        if created is None:
+            return False
+        try:
+            await self._kv.delete(batch_id, last=created)
+        except KeyWrongLastSequenceError:
+            return False
+        return True
 
     async def _mark_made(self, batch_id: str, made: int) -> None:
         """Note that the batch's jobs below `made` exist (never lowering it, keeping a cancel).

@@ -215,6 +215,13 @@ async def _flood_to_the_bound(system: System, heavy: httpx.AsyncClient) -> None:
     again = await heavy.post("/workflow/submit", json=first, headers=replay)
     assert again.status_code == 200 and again.headers["Idempotent-Replayed"] == "true"
 
+    # Sent before the leader's count catches up with the flood, a batch passes the gateway's
+    # check and is refused job by job: refused all the same, it leaves nothing behind.
+    early = {"batch_id": "early", "workflow": tiny(4050), "overrides": [{"1.color": 1}]}
+    refused = await heavy.post("/workflow/batch", json=early)
+    assert refused.status_code == 429 and refused.json()["code"] == "queue_full", refused.text
+    assert (await heavy.get("/workflow/batch/early")).status_code == 404
+
     async def counted() -> bool:
         share = (await heavy.get("/workflow/queue")).json()
         return bool(share["callers"][0]["pending"] == HEAVY_PENDING)
@@ -228,6 +235,8 @@ async def _flood_to_the_bound(system: System, heavy: httpx.AsyncClient) -> None:
     refused = await heavy.post("/prompt", json={"prompt": tiny(4052)})
     assert refused.status_code == 429 and "Retry-After" in refused.headers
     assert refused.json()["error"]["type"] == "queue_full"  # ComfyUI's error shape
+    said = msgspec.json.decode(refused.json()["error"]["details"])  # a string, as ComfyUI's
+    assert said["reason"] == "max_pending_per_caller", said
     assert system.nc is not None
     request = JobRequest(workflow=tiny(4053), caller="heavy")
     answer = await system.nc.request(

@@ -15,6 +15,7 @@ import uuid
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
+import msgspec
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 from nats.js.errors import KeyWrongLastSequenceError
@@ -311,7 +312,10 @@ def _said(details: Any) -> str:
     problems = details.get("problems") if isinstance(details, dict) else None
     if isinstance(problems, list):
         return "\n".join(str(problem) for problem in problems)
-    return "" if details is None else str(details)
+    if details is None:
+        return ""
+    # A string as in ComfyUI's answers, but one a client can parse back.
+    return details if isinstance(details, str) else msgspec.json.encode(details).decode()
 
 
 def _usable(prompt_id: str) -> bool:
