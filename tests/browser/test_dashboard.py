@@ -168,6 +168,22 @@ async def test_with_keys_the_page_asks_for_one_and_a_user_sees_only_its_jobs(
     await expect(page.locator(f"tr[data-job='{theirs}']")).to_have_count(0)
     await page.goto(f"{url}/#/job/{theirs}")
     await expect(page.locator("#page")).to_contain_text(f"No job {theirs}", timeout=WAIT_MS)
+    # The fleet as a user key sees it: the servers, and nothing to change them with (the
+    # gateway would refuse it: 403 admin_only).
+    await page.goto(f"{url}/#/fleet")
+    rows = page.locator("#servers tr[data-server]")
+    await expect(rows.first).to_be_visible(timeout=WAIT_MS)
+    servers = await rows.count()
+    await expect(page.locator("#servers button")).to_have_count(0)
+    await expect(page.get_by_role("button", name="Add server")).to_have_count(0)
+    # An admin key is offered them.
+    await page.locator("#key-button").click()
+    await page.locator("#key-input").fill(KEYS["admin"])
+    await page.get_by_role("button", name="Use this key").click()
+    drain = page.locator("#servers button[data-action='drain']")
+    await expect(drain).to_have_count(servers, timeout=WAIT_MS)
+    await expect(page.locator("#servers button[data-action='remove']")).to_have_count(servers)
+    await expect(page.get_by_role("button", name="Add server")).to_be_visible()
 
 
 async def test_the_docs_page_renders_with_no_network(dashboard: Dashboard, page: Page) -> None:
