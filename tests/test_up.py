@@ -15,7 +15,6 @@ from pathlib import Path
 import msgspec
 import pytest
 from nats.aio.client import Client
-from nats.js import JetStreamContext
 
 from gateway.app.up import register_server
 from gateway.bus.contract import ServerRecord, Subjects, decode, encode
@@ -201,12 +200,11 @@ def test_a_second_up_on_the_same_broker_refuses_in_one_line(
     assert f"cannot listen on 127.0.0.1:{port}" in taken.stderr.strip().splitlines()[-1]
 
 
-async def test_up_started_again_keeps_what_an_admin_set(
-    nc: Client, js: JetStreamContext, subjects: Subjects
-) -> None:
+async def test_up_started_again_keeps_what_an_admin_set(nc: Client, subjects: Subjects) -> None:
     """`up` registers its servers at every start: a restart must not undo a drain, labels,
     capacity, weight or name set through the API since; the address it was given wins."""
-    kv = await js.key_value(subjects.servers_bucket)
+    # The one bucket `up` writes here (the whole contract's resources take a second to make).
+    kv = await nc.jetstream().create_key_value(bucket=subjects.servers_bucket)
     first = await register_server(nc, subjects, "sim-1", "Simulated ComfyUI 1", "127.0.0.1:1001")
     assert (first.address, first.draining, first.labels) == ("127.0.0.1:1001", False, {})
     # What POST /servers (registering again) and POST /servers/sim-1/drain leave in the record.
