@@ -80,6 +80,11 @@ async def test_either_key_in_either_header_is_let_in(keyed_gateway: str) -> None
             "/workflow/submit", json={"workflow": TINY}, headers={"X-API-Key": KEY_B}
         )
         assert submitted.status_code == 202, submitted.text
+        # A key may ask who it is: its caller id and role, nothing of the key.
+        me = (await client.get("/whoami", headers={"X-API-Key": KEY_B})).json()
+        assert me["role"] == "admin" and me["caller"].startswith("key-")
+        assert KEY_B not in str(me)
+        assert (await client.get("/whoami")).status_code == 401
 
 
 async def test_the_sdk_sends_its_key(keyed_gateway: str) -> None:

@@ -84,9 +84,40 @@ def test_a_draining_server_is_live_but_open_for_no_new_work() -> None:
                 address="h:1",
                 registered_at=0.0,
                 draining=server_id == "b",
-            )
+            ),
+            revision=1,
         )
         table.on_heartbeat(beat(server_id))
     assert [s.server_id for s in table.live()] == ["a", "b"]  # its heartbeats count
     assert [s.server_id for s in table.open_for_work()] == ["a"]
     assert not table.finishing("b")  # a removed server's winding down is another thing
+
+
+def record(server_id: str, address: str = "h:1") -> ServerRecord:
+    return ServerRecord(server_id=server_id, name=server_id, address=address, registered_at=0.0)
+
+
+def test_a_remove_then_register_stands_in_whichever_order_each_copy_arrives() -> None:
+    """The gateway that removes and registers a server again applies both to its table at
+    once, and the registry's watch brings them later: revisions 7 (remove), 8 (register)."""
+    # The gateway's own copies first, then the watch's: the late removal is old news.
+    table = ServerTable(Clock())
+    table.on_registered(record("a"), revision=5)
+    table.on_removed("a", revision=7)
+    table.on_registered(record("a", "h:2"), revision=8)
+    table.on_removed("a", revision=7)
+    state = table.get("a")  # between the watch's two copies: the leader fails pins here
+    assert not table.is_removed("a") and state is not None and state.address == "h:2"
+    table.on_registered(record("a", "h:2"), revision=8)
+    assert not table.is_removed("a") and table.get("a") is state
+    # The watch ahead of the gateway: the gateway's copy of the removal comes last.
+    table = ServerTable(Clock())
+    table.on_registered(record("a"), revision=5)
+    table.on_removed("a", revision=7)
+    table.on_registered(record("a", "h:2"), revision=8)
+    assert not table.on_removed("a", revision=7)  # said: ignored
+    assert not table.is_removed("a") and table.get("a") is not None
+    # And a registration older than a removal does not bring the server back.
+    table.on_removed("a", revision=9)
+    table.on_registered(record("a", "h:2"), revision=8)
+    assert table.is_removed("a") and table.get("a") is None

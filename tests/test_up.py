@@ -12,8 +12,12 @@ import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 
+import msgspec
 import pytest
+from nats.aio.client import Client
 
+from gateway.app.up import register_server
+from gateway.bus.contract import ServerRecord, Subjects, decode, encode
 from tests.helpers import pid_alive, wait_pid_gone
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -194,3 +198,26 @@ def test_a_second_up_on_the_same_broker_refuses_in_one_line(
     assert taken.returncode == 2, taken.stderr
     assert "Traceback" not in taken.stderr
     assert f"cannot listen on 127.0.0.1:{port}" in taken.stderr.strip().splitlines()[-1]
+
+
+async def test_up_started_again_keeps_what_an_admin_set(nc: Client, subjects: Subjects) -> None:
+    """`up` registers its servers at every start: a restart must not undo a drain, labels,
+    capacity, weight or name set through the API since; the address it was given wins."""
+    # The one bucket `up` writes here (the whole contract's resources take a second to make).
+    kv = await nc.jetstream().create_key_value(bucket=subjects.servers_bucket)
+    first = await register_server(nc, subjects, "sim-1", "Simulated ComfyUI 1", "127.0.0.1:1001")
+    assert (first.address, first.draining, first.labels) == ("127.0.0.1:1001", False, {})
+    # What POST /servers (registering again) and POST /servers/sim-1/drain leave in the record.
+    admin_set = msgspec.structs.replace(
+        first, name="gpu box", weight=2.5, capacity=6, labels={"pool": "a"}, draining=True
+    )
+    await kv.put("sim-1", encode(admin_set))
+    # Started again: a simulator listens on another port each time.
+    again = await register_server(nc, subjects, "sim-1", "Simulated ComfyUI 1", "127.0.0.1:1002")
+    stored = await kv.get("sim-1")
+    assert stored.value is not None
+    assert decode(stored.value, ServerRecord) == again
+    assert again == msgspec.structs.replace(admin_set, address="127.0.0.1:1002")
+    # Once more at the same address: nothing to write.
+    await register_server(nc, subjects, "sim-1", "Simulated ComfyUI 1", "127.0.0.1:1002")
+    assert (await kv.get("sim-1")).revision == stored.revision

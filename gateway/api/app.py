@@ -25,6 +25,7 @@ from gateway.api.services import Services
 from gateway.api.signing import SIGNER_STATE, UrlSigner
 from gateway.api.system import health, metrics
 from gateway.api.webhooks import redeliver
+from gateway.api.whoami import whoami
 from gateway.api.workflows import WorkflowController, job_events_ws
 
 
@@ -52,6 +53,7 @@ def create_app(services: Services) -> Litestar:
             logs_query,
             recent_jobs,
             queue_share,
+            whoami,
             redeliver,
             health,
             metrics,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from litestar import Controller, Request, Response, get, post
@@ -25,7 +26,8 @@ async def _batches(services: Services) -> Batches:
 async def _status(
     batches: Batches, record: BatchRecord, services: Services, request: Request[Any, Any, Any]
 ) -> BatchStatus:
-    return await batches.status(record, lambda job: to_result(job, services, request))
+    now = time.time()  # one answer: every job's URLs signed as of one moment
+    return await batches.status(record, lambda job: to_result(job, services, request, now=now))
 
 
 class BatchController(Controller):

@@ -45,15 +45,18 @@ async def set_draining(services: Services, server_id: str, draining: bool) -> Se
         if entry.value is None or entry.revision is None:
             raise ApiError(404, "unknown_server", f"no server {server_id!r} is registered")
         record = decode(entry.value, ServerRecord)
+        revision = entry.revision
         if record.draining != draining:
             record = msgspec.structs.replace(record, draining=draining)
             try:
-                await services.servers_kv.update(server_id, encode(record), last=entry.revision)
+                revision = await services.servers_kv.update(
+                    server_id, encode(record), last=entry.revision
+                )
             except KeyWrongLastSequenceError:
                 continue  # changed meanwhile: decide again on what is there now
         # This gateway's view at once, so that a listing right after the answer shows it;
         # every other gateway and balancer follows the registry's watch.
-        services.fleet.table.on_registered(record)
+        services.fleet.table.on_registered(record, revision=revision)
         return record
     raise ApiError(
         503,

@@ -75,7 +75,7 @@ async def fleet_event_stream(
         start,
         wanted,
         keepalive_s=services.settings.event_keepalive_s,
-        output_url=lambda key: signer.url(base, key),  # as results give them
+        output_urls=lambda: signer.answer(base),  # signed as results are, per event
     )
     return ServerSentEvent(hold(slot, _messages(events)))
 

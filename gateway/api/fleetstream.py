@@ -141,6 +141,8 @@ class Start(msgspec.Struct, frozen=True, kw_only=True):
 
 
 OutputUrl = Callable[[str], str]
+# Called once per event: what signs that event's output URLs (one expiry for all of them).
+OutputUrls = Callable[[], OutputUrl]
 
 
 async def fleet_events(
@@ -151,7 +153,7 @@ async def fleet_events(
     wanted: FleetFilter,
     *,
     keepalive_s: float,
-    output_url: OutputUrl,
+    output_urls: OutputUrls,
 ) -> AsyncIterator[FleetEvent | Missed | None]:
     """The events `wanted` lets through from `start` on, live, never ending by itself.
 
@@ -201,7 +203,7 @@ async def fleet_events(
             except ContractError as exc:
                 log.warning("fleet events: stream message %d is not an event: %s", seq, exc)
                 continue
-            told = await _tell(seq, event, trails, directory, wanted, output_url)
+            told = await _tell(seq, event, trails, directory, wanted, output_urls)
             if told is not None:
                 yield told
                 quiet_until = loop.time() + keepalive_s
@@ -215,7 +217,7 @@ async def _tell(
     trails: Trails,
     directory: JobDirectory,
     wanted: FleetFilter,
-    output_url: OutputUrl,
+    output_urls: OutputUrls,
 ) -> FleetEvent | None:
     """The event as the client sees it, or None when it is not for this client."""
     step = trails.step(event)  # every event, so the jobs' servers and attempts are known
@@ -226,10 +228,12 @@ async def _tell(
         facts = await directory.facts(event.job_id)
     if not wanted.wants_job(facts):
         return None
-    return whole(seq, event, step, facts, output_url)
+    return whole(seq, event, step, facts, output_urls)
 
 
-def whole(seq: int, event: Event, step: Step, facts: JobFacts, output_url: OutputUrl) -> FleetEvent:
+def whole(
+    seq: int, event: Event, step: Step, facts: JobFacts, output_urls: OutputUrls
+) -> FleetEvent:
     """A fleet event from a stream event and what is known of its job."""
     told = FleetEvent(
         id=seq,
@@ -260,6 +264,7 @@ def whole(seq: int, event: Event, step: Step, facts: JobFacts, output_url: Outpu
                 exception_type=data.exception_type,
             )
         case Succeeded(data=data):
+            output_url = output_urls()
             told.outputs = [
                 FleetOutput(
                     node_id=o.node_id,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -226,6 +226,14 @@ class QueueShare(_ReadsLikeADict, msgspec.Struct, kw_only=True):
     (those with the most waiting, up to a thousand)."""
     as_of: float | None
     """When the leader counted them (seconds since the epoch); null: no leader has yet."""
+
+
+class Identity(msgspec.Struct, kw_only=True):
+    """Who the asking key is: what a page needs to offer only what the key may do."""
+
+    caller: str
+    """The key's caller id (its name, or an opaque id; `anonymous` without api_keys)."""
+    role: Literal["admin", "user"]
 
 
 class ErrorBody(msgspec.Struct, kw_only=True):

@@ -28,6 +28,7 @@ from gateway.api.services import ServicesDep
 from gateway.balancer.costs import ServerCosts
 from gateway.balancer.servers import ServerState
 from gateway.bus.contract import ContractError, ServerRecord, check_token, decode, encode, now
+from gateway.bus.kvdelete import delete_key
 from gateway.bus.kvsnapshot import kv_snapshot
 from gateway.comfyui.addresses import IPAddress, resolve
 
@@ -222,8 +223,8 @@ class ServerController(Controller):
             raise ApiError(
                 404, "unknown_server", f"no server {server_id!r} is registered"
             ) from None
-        await services.servers_kv.delete(server_id)
-        services.fleet.table.on_removed(server_id)
+        revision = await delete_key(services.js, services.subjects.servers_bucket, server_id)
+        services.fleet.table.on_removed(server_id, revision=revision)
 
     @post(
         "/{server_id:str}/drain",
@@ -309,12 +310,12 @@ async def _register(
     )
     if existing is not None:
         if record != existing:
-            await services.servers_kv.put(server_id, encode(record))
-            services.fleet.table.on_registered(record)
+            revision = await services.servers_kv.put(server_id, encode(record))
+            services.fleet.table.on_registered(record, revision=revision)
         return Response(record, status_code=200)
     await probe(server, services.system_id)
-    await services.servers_kv.put(server_id, encode(record))
-    services.fleet.table.on_registered(record)
+    revision = await services.servers_kv.put(server_id, encode(record))
+    services.fleet.table.on_registered(record, revision=revision)
     return Response(record, status_code=201)
 
 

@@ -52,12 +52,19 @@ class UrlSigner:
 
     def url(self, base: str, key: str, *, now: float | None = None) -> str:
         """The URL of `key` under `base`: signed, unless signing is off."""
-        plain = f"{base}/images/{quote(key, safe='/')}"
+        return self.answer(base, now=now)(key)
+
+    def answer(self, base: str, *, now: float | None = None) -> Callable[[str], str]:
+        """What signs the URLs of one answer: its expiry is worked out here, once, so every
+        URL the answer gives (an output's in `images` and in `outputs` alike) is the same."""
         if self.ttl_s <= 0:
-            return plain
+            return lambda key: _plain(base, key)
         expires = math.ceil((time.time() if now is None else now) + self.ttl_s)
+        return lambda key: self._signed(base, key, expires)
+
+    def _signed(self, base: str, key: str, expires: int) -> str:
         query = urlencode({"expires": expires, "sig": self._signature(key, expires)})
-        return f"{plain}?{query}"
+        return f"{_plain(base, key)}?{query}"
 
     def check(
         self, key: str, expires: str | None, sig: str | None, *, now: float | None = None
@@ -79,6 +86,10 @@ class UrlSigner:
         message = f"{expires}\n{key}".encode()
         mac = hmac.new(self._key, message, hashlib.sha256).digest()
         return base64.urlsafe_b64encode(mac).rstrip(b"=").decode()
+
+
+def _plain(base: str, key: str) -> str:
+    return f"{base}/images/{quote(key, safe='/')}"
 
 
 def _expiry(raw: str | None) -> int | None:

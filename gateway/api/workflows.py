@@ -139,10 +139,16 @@ async def _checked_request(
 _SUBMIT_ERRORS = error_responses(404, 409, 413, 422, 429, 503, 504)
 
 
-def to_result(record: JobRecord, services: Services, request: Request[Any, Any, Any]) -> JobResult:
-    base = base_url(services, request)
-    signer = signer_of(request)
-    outputs = [msgspec.structs.replace(o, url=signer.url(base, o.key)) for o in record.outputs]
+def to_result(
+    record: JobRecord,
+    services: Services,
+    request: Request[Any, Any, Any],
+    *,
+    now: float | None = None,
+) -> JobResult:
+    """The job as an answer gives it; `now` signs its output URLs (one answer, one time)."""
+    sign = signer_of(request).answer(base_url(services, request), now=now)
+    outputs = [msgspec.structs.replace(o, url=sign(o.key)) for o in record.outputs]
     started, finished = record.started_at, record.finished_at
     return JobResult(
         job_id=record.job_id,

@@ -14,17 +14,18 @@ import re
 from collections.abc import Sequence
 from contextlib import AsyncExitStack
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import msgspec
 from nats.aio.client import Client
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 
 from gateway.api.auth import check_settings
 from gateway.app.adapterhost import AdapterHost
 from gateway.app.occupied import roles_running
 from gateway.app.serve import run_gateway, storage_for
 from gateway.bus.connection import session, shown_url
-from gateway.bus.contract import ServerRecord, Subjects, encode, now
+from gateway.bus.contract import ContractError, ServerRecord, Subjects, decode, encode, now
 from gateway.bus.natsserver import DEFAULT_CONF, answers, embedded_nats
 from gateway.lifecycle import stop_on_signals
 from gateway.logsink.sink import run_logsink
@@ -38,12 +39,47 @@ def _server_id(address: str) -> str:
     return "comfyui-" + re.sub(r"[^A-Za-z0-9]+", "-", address).strip("-")
 
 
-async def _register(
+# Another writer of the record between our read and our write (an admin's drain through a
+# gateway that joined the broker) makes us read again; this many times at most.
+_WRITE_TRIES: Final = 5
+
+
+async def register_server(
     nc: Client, subjects: Subjects, server_id: str, name: str, address: str
-) -> None:
+) -> ServerRecord:
+    """Register a server `up` was told of, or bring its record up to date; the record stored.
+
+    A server registered before (by an earlier `up`) keeps what an admin set since through the
+    API: its name, weight, capacity, labels and `draining`; only its address is the one given
+    now (a simulator's port changes with every start).
+    """
     kv = await nc.jetstream().key_value(subjects.servers_bucket)
-    record = ServerRecord(server_id=server_id, name=name, address=address, registered_at=now())
-    await kv.put(server_id, encode(record))
+    for _ in range(_WRITE_TRIES):
+        try:
+            entry = await kv.get(server_id)
+        except KeyNotFoundError:
+            record = ServerRecord(
+                server_id=server_id, name=name, address=address, registered_at=now()
+            )
+            try:
+                await kv.create(server_id, encode(record))
+            except KeyWrongLastSequenceError:
+                continue  # registered meanwhile: keep what that registration set
+            return record
+        try:
+            stored = decode(entry.value or b"", ServerRecord)
+        except ContractError as exc:
+            log.warning("replacing the unreadable record of server %s: %s", server_id, exc)
+            stored = ServerRecord(server_id=server_id, name=name, address="", registered_at=now())
+        if stored.address == address:
+            return stored
+        record = msgspec.structs.replace(stored, address=address)
+        try:
+            await kv.update(server_id, encode(record), last=entry.revision)
+        except KeyWrongLastSequenceError:
+            continue
+        return record
+    raise SettingsError(f"the record of server {server_id!r} kept changing while up wrote it")
 
 
 async def run_up(
@@ -102,7 +138,7 @@ async def run_up(
                         "(comfyautomate gateway | adapter | logsink)"
                     )
             for server_id, name, address in servers:
-                await _register(nc, subjects, server_id, name, address)
+                await register_server(nc, subjects, server_id, name, address)
             storage = storage_for(settings, nc.jetstream())
             await stack.enter_async_context(storage)
             listening: asyncio.Future[str] = asyncio.get_running_loop().create_future()

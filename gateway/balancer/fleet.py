@@ -98,11 +98,13 @@ class FleetView:
                 if entry is None:
                     self.registry_read.set()
                     continue  # end of the initial values; keep watching
+                revision = entry.revision or 0
                 if entry.operation is not None or entry.value is None:
-                    self.table.on_removed(entry.key)
+                    self.table.on_removed(entry.key, revision=revision)
                 else:
                     try:
-                        self.table.on_registered(decode(entry.value, ServerRecord))
+                        record = decode(entry.value, ServerRecord)
+                        self.table.on_registered(record, revision=revision)
                     except ContractError as exc:
                         log.warning("ignoring registry entry %s: %s", entry.key, exc)
                         continue

@@ -116,6 +116,8 @@ class ServerTable:
         # Removed id -> (monotonic time, interval) of its last heartbeat: its adapter is still
         # finishing the jobs it runs (it stops gracefully), and they are not handed back.
         self._finishing: dict[str, tuple[float, float]] = {}
+        # Id -> KV revision of the registry change last applied for it (see _newer).
+        self._revisions: dict[str, int] = {}
 
     def now(self) -> float:
         return self._clock()
@@ -156,16 +158,36 @@ class ServerTable:
         state.capabilities = capabilities
         state.capabilities_hash = digest
 
-    def on_registered(self, record: ServerRecord) -> None:
+    def _newer(self, server_id: str, revision: int) -> bool:
+        """Whether a registry change at `revision` is later than the last applied for the id.
+
+        A change reaches the table twice, from the gateway that made it and from the registry's
+        watch, in either order: only the newest of an id's changes may stand, or a server
+        removed and registered again could look removed (and its pinned jobs fail) or the
+        reverse."""
+        if revision <= self._revisions.get(server_id, 0):
+            return False
+        self._revisions[server_id] = revision
+        return True
+
+    def on_registered(self, record: ServerRecord, *, revision: int) -> bool:
+        """Apply a registration stored at KV `revision`; False if a later change was applied."""
+        if not self._newer(record.server_id, revision):
+            return False
         self._removed.discard(record.server_id)
         self._finishing.pop(record.server_id, None)
         self._state(record.server_id).record = record
+        return True
 
-    def on_removed(self, server_id: str) -> None:
+    def on_removed(self, server_id: str, *, revision: int) -> bool:
+        """Apply a removal stored at KV `revision`; False if a later change was applied."""
+        if not self._newer(server_id, revision):
+            return False
         state = self._servers.pop(server_id, None)
         if state is not None and state.heartbeat is not None:
             self._finishing[server_id] = (state.seen_at, state.heartbeat.interval_s)
         self._removed.add(server_id)
+        return True
 
     def is_removed(self, server_id: str) -> bool:
         """Whether the server was removed from the registry (and not registered again)."""

@@ -6,12 +6,14 @@ they happen, with nothing fetched from beyond this machine.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import httpx
 import pytest
-from playwright.async_api import Page, expect
+from playwright.async_api import Page, Route, expect
 
+from gateway.bus.contract import Subjects
 from tests.browser.conftest import KEYS, Dashboard, screenshot
 from tests.native.clients import hold, tiny
 
@@ -168,6 +170,22 @@ async def test_with_keys_the_page_asks_for_one_and_a_user_sees_only_its_jobs(
     await expect(page.locator(f"tr[data-job='{theirs}']")).to_have_count(0)
     await page.goto(f"{url}/#/job/{theirs}")
     await expect(page.locator("#page")).to_contain_text(f"No job {theirs}", timeout=WAIT_MS)
+    # The fleet as a user key sees it: the servers, and nothing to change them with (the
+    # gateway would refuse it: 403 admin_only).
+    await page.goto(f"{url}/#/fleet")
+    rows = page.locator("#servers tr[data-server]")
+    await expect(rows.first).to_be_visible(timeout=WAIT_MS)
+    servers = await rows.count()
+    await expect(page.locator("#servers button")).to_have_count(0)
+    await expect(page.get_by_role("button", name="Add server")).to_have_count(0)
+    # An admin key is offered them.
+    await page.locator("#key-button").click()
+    await page.locator("#key-input").fill(KEYS["admin"])
+    await page.get_by_role("button", name="Use this key").click()
+    drain = page.locator("#servers button[data-action='drain']")
+    await expect(drain).to_have_count(servers, timeout=WAIT_MS)
+    await expect(page.locator("#servers button[data-action='remove']")).to_have_count(servers)
+    await expect(page.get_by_role("button", name="Add server")).to_be_visible()
 
 
 async def test_the_docs_page_renders_with_no_network(dashboard: Dashboard, page: Page) -> None:
@@ -177,3 +195,53 @@ async def test_the_docs_page_renders_with_no_network(dashboard: Dashboard, page:
     await expect(page.locator(".swagger-ui #operations-tag-comfyui")).to_be_visible()
     await expect(page.locator(".swagger-ui .btn.authorize")).to_be_visible()
     await screenshot(page, "swagger")
+
+
+async def test_events_no_longer_kept_the_job_page_tells_the_end_and_the_queue_reads_again(
+    dashboard: Dashboard, page: Page
+) -> None:
+    """Last of the module: it drops every event the system has stored (as the EVENTS stream's
+    retention would) and stops the log sink for a moment."""
+    system = dashboard.system
+    assert system.nc is not None
+    client = httpx.AsyncClient(base_url=dashboard.url)
+    # A job that waits for its drained server until it is cancelled: it ends at once.
+    assert (await client.post("/servers/gpu2/drain")).status_code == 200
+    asked, release = asyncio.Event(), asyncio.Event()
+
+    async def held(route: Route) -> None:
+        asked.set()
+        await release.wait()
+        await route.continue_()
+
+    sink_stopped = False
+    try:
+        job_id = await submit(dashboard.url, tiny("dash-gone"), server="gpu2")
+        # The page's stream of the job is let through only once the job's events are gone.
+        await page.route(f"**/workflow/events/{job_id}", held)
+        await page.goto(f"{dashboard.url}/#/job/{job_id}")
+        async with asyncio.timeout(WAIT_MS / 1000):
+            await asked.wait()
+        assert (await client.post(f"/workflow/cancel/{job_id}")).status_code == 200
+        assert (await result(dashboard.url, job_id))["status"] == "cancelled"
+        # Its events gone and its log unreadable: its stream tells the end as `expired`.
+        await system.stop_log_sink()
+        sink_stopped = True
+        await system.nc.jetstream().purge_stream(Subjects().events_stream)
+        release.set()
+        await expect(page.locator("h1 .badge")).to_have_text("cancelled", timeout=WAIT_MS)
+        await expect(page.locator("#page")).to_contain_text("no longer keeps the events")
+    finally:
+        release.set()
+        if sink_stopped:
+            system.start_log_sink()
+        await client.post("/servers/gpu2/undrain")
+        await client.aclose()
+    # The queue's fleet stream starts 30 s back: those events are gone, and it says `missed`.
+    lists: list[str] = []
+    page.on("request", lambda r: lists.append(r.url) if "/workflow/jobs" in r.url else None)
+    await page.goto(f"{dashboard.url}/#/queue")
+    await expect(page.locator("#page")).to_contain_text(
+        "no longer kept: the job list was read again", timeout=WAIT_MS
+    )
+    assert len(lists) >= 2, lists  # the first reading, and the one after `missed`

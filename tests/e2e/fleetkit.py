@@ -265,7 +265,8 @@ async def stale_replica(fleet: Fleet, server_ids: list[str]) -> Submitter:
     view = ServerTable()
     for server_id in server_ids:
         view.on_registered(
-            ServerRecord(server_id=server_id, name=server_id, address="-", registered_at=now())
+            ServerRecord(server_id=server_id, name=server_id, address="-", registered_at=now()),
+            revision=1,
         )
     return Submitter(
         await js.key_value(fleet.subjects.jobs_bucket),

@@ -63,6 +63,21 @@ export const get = (path, options) => request("GET", path, undefined, options);
 export const post = (path, body, options) => request("POST", path, body ?? {}, options);
 export const remove = (path, options) => request("DELETE", path, undefined, options);
 
+/**
+ * Whether the key in use is an admin's (GET /whoami), so a page offers the fleet's changes
+ * only to those who may make them; the gateway refuses them to others all the same.
+ */
+export async function isAdmin({ signal } = {}) {
+  try {
+    return (await get("/whoami", { signal })).role === "admin";
+  } catch (error) {
+    if (!(error instanceof ApiError)) throw error;
+    // 404: a gateway from before /whoami, which answers for itself. Any other refusal: no key
+    // yet, or one it does not know (the key dialog asks), and no changes are offered.
+    return error.status === 404;
+  }
+}
+
 /** A stored file as a blob: URL, since an <img src> cannot send the key. */
 export async function blobUrl(path, { signal } = {}) {
   const reply = await fetch(path, { headers: headers({}), signal });

@@ -1,7 +1,7 @@
 // The fleet: every server with its health, load, capacity, speed and capabilities; add, drain,
 // undrain, remove.
 
-import { get, post, remove } from "./api.js";
+import { get, isAdmin, post, remove } from "./api.js";
 import { badge, h, note, seconds, show } from "./dom.js";
 
 const REFRESH_MS = 2000;
@@ -31,7 +31,7 @@ function drainState(server) {
   return [badge(drained ? "drained" : "draining"), h("div", { class: "muted drain" }, note)];
 }
 
-function row(server, { onRemove, onDrain }) {
+function row(server, { onRemove, onDrain, admin }) {
   const draining = Boolean(server.draining);
   return h(
     "tr",
@@ -65,7 +65,8 @@ function row(server, { onRemove, onDrain }) {
     h(
       "td",
       { class: "actions" },
-      h(
+      // A user key may not change the fleet (403 admin_only): it is not offered the buttons.
+      admin && h(
         "button",
         {
           type: "button",
@@ -75,7 +76,7 @@ function row(server, { onRemove, onDrain }) {
         },
         draining ? "Undrain" : "Drain",
       ),
-      h(
+      admin && h(
         "button",
         { type: "button", class: "danger", dataset: { action: "remove" }, onclick: () => onRemove(server) },
         "Remove",
@@ -129,6 +130,7 @@ function addForm(onAdded, say) {
 }
 
 export async function render(root, { signal }) {
+  const admin = await isAdmin({ signal });
   const status = h("div");
   const say = (text, kind = "muted") => show(status, note(text, kind));
   const table = h("tbody");
@@ -145,8 +147,8 @@ export async function render(root, { signal }) {
       show(
         table,
         servers.length
-          ? servers.map((s) => row(s, { onRemove, onDrain }))
-          : h("tr", {}, h("td", { colspan: 9, class: "empty" }, "No server yet: add one below.")),
+          ? servers.map((s) => row(s, { onRemove, onDrain, admin }))
+          : h("tr", {}, h("td", { colspan: 9, class: "empty" }, admin ? "No server yet: add one below." : "No server yet.")),
       );
     } catch (error) {
       if (!signal.aborted) say(error.message, "error");
@@ -192,8 +194,9 @@ export async function render(root, { signal }) {
       ),
       table,
     ),
-    h("h2", {}, "Add a server"),
-    h("section", { class: "card" }, addForm(refresh, say), status),
+    admin
+      ? [h("h2", {}, "Add a server"), h("section", { class: "card" }, addForm(refresh, say), status)]
+      : [status, note("Adding, draining and removing servers needs an admin key.")],
   );
   await refresh();
   const timer = setInterval(refresh, REFRESH_MS);

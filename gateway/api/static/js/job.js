@@ -209,6 +209,22 @@ export async function render(root, { signal, params }) {
     drawEvents();
     drawResult();
   };
+  // The job ended while its events were no longer kept (nor its log readable): `expired` tells
+  // the end from its record. Neither the result nor the log would come (both wait for the
+  // log), so the page shows the end it was told, and the record's outputs if it still has it.
+  const showExpired = async (event) => {
+    status.status = event.status;
+    status.error = event.error;
+    say(event.message);
+    try {
+      const now = await get(`/workflow/status/${path}`, { signal });
+      if (ENDS.has(now.status)) status = now;
+    } catch (error) {
+      if (!signal.aborted) console.warn(`job ${jobId}: its record cannot be read:`, error);
+    }
+    drawHead();
+    drawResult();
+  };
   const onCancel = async () => {
     try {
       await cancelJob(jobId);
@@ -245,11 +261,16 @@ export async function render(root, { signal, params }) {
   const seen = new Set(entries.map((e) => e.seq));
   const after = entries.length ? Math.max(...seen) : null;
   let ended = false;
+  let expired = null;
   try {
     ended = await followJob(jobId, {
       signal,
       after,
       onEvent: (event) => {
+        if (event.type === "expired") {
+          expired = event;
+          return;
+        }
         if (seen.has(event.seq)) return;
         seen.add(event.seq);
         entries.push(event);
@@ -261,5 +282,7 @@ export async function render(root, { signal, params }) {
   } catch (error) {
     if (!signal.aborted) say(`live updates stopped: ${error.message}`, "error");
   }
-  if (ended && !signal.aborted) await load(true);
+  if (signal.aborted) return;
+  if (expired) await showExpired(expired);
+  else if (ended) await load(true);
 }

@@ -11,6 +11,8 @@
 //    Last-Event-ID; node progress only when asked for), mapped by fromFleetEvent().
 // 2. Where a gateway does not serve it (404), the job list is polled and each open job is
 //    followed through its own stream `GET /workflow/events/{id}`, mapped by fromJobEvent().
+// Neither tells what its stream no longer keeps event by event: the fleet stream says `missed`
+// (the list is read again), a job's stream `expired` with the job's end (a change as its end).
 
 import { ApiError, followEvents, get } from "./api.js";
 
@@ -39,6 +41,7 @@ function statusOf(type, fallback) {
 
 /** A change from one event of a job's own stream (the bus's Event as JSON). */
 export function fromJobEvent(event) {
+  if (event.type === "expired") return fromExpired(event);
   const data = event.data || {};
   const change = {
     job_id: event.job_id,
@@ -62,6 +65,31 @@ export function fromJobEvent(event) {
   }
   if (event.type === "node_cached") change.cached = data.node_ids || [];
   return change;
+}
+
+/** The end of a job whose events are gone: `expired` says it, from the job's record. */
+function fromExpired(event) {
+  return {
+    job_id: event.job_id,
+    type: event.type,
+    status: event.status,
+    server_id: null,
+    ts: event.finished_at,
+    seq: event.seq,
+    attempt: null,
+    node_id: null,
+    class_type: null,
+    value: null,
+    max: null,
+    nodes: null,
+    error: event.error,
+    outputs: null,
+  };
+}
+
+/** Whether a job's stream ends with this event: the job's end, or `expired` telling it. */
+export function endsStream(event) {
+  return ENDS.has(event.type) || event.type === "expired";
 }
 
 /** A change from one event of the fleet-wide stream (GET /events, docs/API.md). */
@@ -89,9 +117,10 @@ export function fromFleetEvent(data) {
 
 /**
  * Watch every job the key may see until `signal` aborts: `onJobs(rows)` with the newest jobs
- * (GET /workflow/jobs rows) now and then, `onChange(change)` as each job moves.
+ * (GET /workflow/jobs rows) now and then, `onChange(change)` as each job moves, and
+ * `onMissed(missed)` once the list was read again after events the stream no longer keeps.
  */
-export async function watchJobs({ onJobs, onChange, onError, signal }) {
+export async function watchJobs({ onJobs, onChange, onError, onMissed = () => {}, signal }) {
   const refresh = async () => {
     try {
       const rows = await get(`/workflow/jobs?limit=${LIST_LIMIT}`, { signal });
@@ -107,7 +136,7 @@ export async function watchJobs({ onJobs, onChange, onError, signal }) {
   const since = Date.now() / 1000 - 30;
   const first = await refresh();
   try {
-    await watchFleet({ onChange, signal, refresh, since });
+    await watchFleet({ onChange, onMissed, signal, refresh, since });
   } catch (error) {
     if (signal.aborted) return;
     if (!(error instanceof ApiError && error.status === 404)) onError(error);
@@ -115,13 +144,21 @@ export async function watchJobs({ onJobs, onChange, onError, signal }) {
   }
 }
 
-async function watchFleet({ onChange, signal, refresh, since }) {
+async function watchFleet({ onChange, onMissed, signal, refresh, since }) {
   const timer = setInterval(refresh, FLEET_LIST_MS);
   signal.addEventListener("abort", () => clearInterval(timer));
+  // Jobs may have moved in the events that are gone: only the list can tell where they are.
+  const resync = async (missed) => {
+    await refresh();
+    if (!signal.aborted) onMissed(missed);
+  };
   try {
     await followEvents(`${FLEET_STREAM}&since=${since}`, {
       signal,
-      onEvent: (event) => onChange(fromFleetEvent(event.data)),
+      onEvent: (event) => {
+        if (event.data.type === "missed") resync(event.data);
+        else onChange(fromFleetEvent(event.data));
+      },
     });
   } finally {
     clearInterval(timer);
@@ -148,8 +185,9 @@ async function pollAndFollow({ onChange, signal, refresh, first }) {
 }
 
 /**
- * Follow one job's own stream to its end, calling `onChange` for each event; resolves then.
- * Used by the job page as well, which wants every event of its job.
+ * Follow one job's own stream to its end, calling `onChange` for each event; resolves then,
+ * with whether the end was seen (its event, or `expired`). Used by the job page as well,
+ * which wants every event of its job.
  */
 export async function followJob(jobId, { onChange, onEvent, signal, after = null }) {
   let ended = false;
@@ -158,7 +196,7 @@ export async function followJob(jobId, { onChange, onEvent, signal, after = null
       signal,
       lastEventId: after,
       onEvent: ({ data }) => {
-        if (ENDS.has(data.type)) ended = true;
+        if (endsStream(data)) ended = true;
         if (onEvent) onEvent(data);
         if (onChange) onChange(fromJobEvent(data));
       },

@@ -264,5 +264,7 @@ export async function render(root, { signal }) {
       draw();
     },
     onError: (error) => say(error.message, "error"),
+    onMissed: (missed) =>
+      say(`events ${missed.from_id} to ${missed.to_id} are no longer kept: the job list was read again`),
   });
 }
