@@ -10,6 +10,7 @@ import contextlib
 import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from nats.aio.client import Client
@@ -22,15 +23,25 @@ from gateway.bus.natsserver import NatsServer, start_nats_server
 from gateway.settings import Settings
 
 
-@pytest.fixture
-async def nats_server(tmp_path: Path) -> AsyncIterator[NatsServer]:
+@contextlib.asynccontextmanager
+async def own_broker(base: Path) -> AsyncIterator[NatsServer]:
+    """A nats-server on a free port, its store and log under `base`; stopped on exit.
+
+    For fixtures that outlive one test (a module's shared system); a test's own is `nats_server`.
+    """
     server = await start_nats_server(
-        port=0, store_dir=tmp_path / "nats", log_file=tmp_path / "nats-server.log"
+        port=0, store_dir=base / "nats", log_file=base / "nats-server.log"
     )
     try:
         yield server
     finally:
         await server.stop()
+
+
+@pytest.fixture
+async def nats_server(tmp_path: Path) -> AsyncIterator[NatsServer]:
+    async with own_broker(tmp_path) as server:
+        yield server
 
 
 @pytest.fixture
@@ -55,14 +66,18 @@ async def js(nc: Client, subjects: Subjects) -> JetStreamContext:
     return context
 
 
+def settings_on(server: NatsServer, base: Path, **overrides: Any) -> Settings:
+    """Settings of a one-machine deployment on `server`, its data under `base`, and `overrides`."""
+    # Tests register and remove servers freely (the model test, dozens of times): the limit on
+    # registrations is tested with its own settings.
+    fields: dict[str, Any] = {"port": 0, "register_burst": 1000, **overrides}
+    return Settings(nats_url=server.url, data_dir=str(base / "data"), **fields)
+
+
 @pytest.fixture
 def settings(nats_server: NatsServer, tmp_path: Path) -> Settings:
     """Settings of a one-machine deployment on the test's broker and temp folder."""
-    # Tests register and remove servers freely (the model test, dozens of times): the limit on
-    # registrations is tested with its own settings.
-    return Settings(
-        nats_url=nats_server.url, data_dir=str(tmp_path / "data"), port=0, register_burst=1000
-    )
+    return settings_on(nats_server, tmp_path)
 
 
 async def start_gateway(

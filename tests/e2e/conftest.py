@@ -27,7 +27,7 @@ from gateway.logsink.sink import run_logsink
 from gateway.settings import Settings
 from plugins.simulator import Simulator, SimulatorConfig, run_simulator
 from plugins.simulator.samples import tiny_workflow
-from tests.conftest import start_gateway
+from tests.conftest import own_broker, settings_on, start_gateway
 from tests.helpers import poll_until
 
 
@@ -135,6 +135,22 @@ async def sse_events(client: httpx.AsyncClient, job_id: str) -> list[dict[str, A
 async def system(settings: Settings) -> AsyncIterator[System]:
     async with running_system(settings) as running:
         yield running
+
+
+@contextlib.asynccontextmanager
+async def system_of_its_own(
+    base: Path, headers: Mapping[str, str] | None = None, **overrides: Any
+) -> AsyncIterator[System]:
+    """A broker of its own under `base` and a running system on it (`settings_on` with
+    `overrides`): what a module-scoped fixture shares between tests that need no fresh system.
+
+    Such tests leave the system as they found it (servers they add for themselves are removed,
+    jobs they start have ended), so that the next test's checks hold whatever ran before it.
+    """
+    async with own_broker(base) as broker:
+        settings = settings_on(broker, base, **overrides)
+        async with running_system(settings, headers) as system:
+            yield system
 
 
 @contextlib.asynccontextmanager
