@@ -17,6 +17,7 @@ import httpx
 from gateway.api.errors import ApiError
 from gateway.api.serveraddress import ServerAddress
 from gateway.comfyui.addresses import IPAddress
+from gateway.comfyui.tls import tls_context
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +62,9 @@ async def probe(server: ServerAddress, system_id: str) -> None:
 
 async def _ask(server: ServerAddress, system_id: str) -> None:
     # Proxies from the environment are ignored: the address checked must be the one reached.
-    async with httpx.AsyncClient(timeout=_STEP_SECONDS, trust_env=False) as client:
+    async with httpx.AsyncClient(
+        timeout=_STEP_SECONDS, trust_env=False, verify=tls_context(trust_env=False)
+    ) as client:
         stats = await _get(client, server, "/system_stats", system_id)
         if not _looks_like_system_stats(stats):
             raise NotComfyUI("/system_stats is not ComfyUI's (a `system` object and `devices`)")

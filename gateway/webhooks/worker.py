@@ -38,6 +38,7 @@ from gateway.bus.contract import (
     now,
 )
 from gateway.comfyui.addresses import Allowlist
+from gateway.comfyui.tls import tls_context
 from gateway.lifecycle import wait_event
 from gateway.settings import Settings
 from gateway.webhooks.keys import SigningKeys
@@ -107,7 +108,9 @@ class WebhookWorker:
         sub = await self._js.pull_subscribe_bind(durable=CONSUMER, stream=stream)
         running: set[asyncio.Task[None]] = set()
         try:
-            async with httpx.AsyncClient(trust_env=False, follow_redirects=False) as http:
+            async with httpx.AsyncClient(
+                trust_env=False, follow_redirects=False, verify=tls_context(trust_env=False)
+            ) as http:
                 while not stop.is_set():
                     free = self._slots - len(running)
                     if free <= 0:
