@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from nats.aio.client import Client
 from nats.js import JetStreamContext
@@ -20,7 +21,15 @@ from gateway.app.serve import run_gateway
 from gateway.bus.connection import connect, ensure_resources
 from gateway.bus.contract import Subjects
 from gateway.bus.natsserver import NatsServer, start_nats_server
+from gateway.comfyui.tls import tls_context
 from gateway.settings import Settings
+
+# httpx reads the whole CA bundle for each client made without a TLS context (60 ms of CPU), and
+# the tests make thousands of clients (theirs, and the SDK's they drive), nearly all to plain HTTP
+# on loopback. Here they share the product's one context (gateway/comfyui/tls.py) by default:
+# the same verification, read once per test process.
+for _client in (httpx.Client, httpx.AsyncClient):
+    _client.__init__.__kwdefaults__["verify"] = tls_context()
 
 
 @contextlib.asynccontextmanager
