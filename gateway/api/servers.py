@@ -263,7 +263,7 @@ async def _register(
             await services.servers_kv.put(server_id, encode(record))
             services.fleet.table.on_registered(record)
         return Response(record, status_code=200)
-    await probe(server, services.system_id)
+    await probe(server, services.system_id, step_s=services.settings.server_probe_timeout_s)
     await services.servers_kv.put(server_id, encode(record))
     services.fleet.table.on_registered(record)
     return Response(record, status_code=201)
