@@ -86,6 +86,12 @@ class System:
             await poll_until(lambda: _healthy(client, server_id), "server healthy")
         return sim
 
+    async def remove_server(self, server_id: str) -> None:
+        """Remove a server by REST (its adapter stops; its fake runs on until the end)."""
+        async with httpx.AsyncClient(base_url=self.url, headers=self.headers) as client:
+            reply = await client.delete(f"/servers/{server_id}")
+            assert reply.status_code == 204, reply.text
+
     async def revive_server(self, server_id: str) -> Simulator:
         """Start the fake ComfyUI of a server that died again, at its address and folders
         (its queue and history are gone, as a restarted ComfyUI's are)."""
