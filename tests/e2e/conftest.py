@@ -25,10 +25,15 @@ from gateway.bus.connection import session
 from gateway.bus.contract import Subjects
 from gateway.logsink.sink import run_logsink
 from gateway.settings import Settings
+from plugins.comfyui import AdapterOptions
 from plugins.simulator import Simulator, SimulatorConfig, run_simulator
 from plugins.simulator.samples import tiny_workflow
 from tests.conftest import own_broker, settings_on, start_gateway
 from tests.helpers import poll_until
+
+# The adapters' own timings, but for how long one waits for its next job: a stopping adapter
+# lets that wait end first, and every test stops its system.
+ADAPTER_OPTIONS = AdapterOptions(fetch_wait_s=0.2)
 
 
 def tiny(seed: int = 0, prefix: str = "e2e") -> dict[str, Any]:
@@ -176,7 +181,8 @@ async def running_system(
         system = System(settings, stack, headers)
         system.nc = nc
         system.start_log_sink()
-        roles = [asyncio.create_task(AdapterHost(nc, settings, storage).run(stop))]
+        host = AdapterHost(nc, settings, storage, ADAPTER_OPTIONS)
+        roles = [asyncio.create_task(host.run(stop))]
         try:
             system.url = await system.start_gateway()
             yield system
