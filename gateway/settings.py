@@ -85,6 +85,9 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # public addresses, and loopback and private ones only while `host` is loopback. Link-local,
     # cloud metadata, multicast and this system's own ports never (gateway/api/serveraddress.py).
     server_allowlist: list[str] = msgspec.field(default_factory=list)
+    # Registering a server probes its address: each connect, read or write may take this long,
+    # and the whole probe three times as long, so an address that drips bytes cannot hold it.
+    server_probe_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 10.0
     # Balancing and adapters
     heartbeat_interval_s: float = 1.0
     # Networks (CIDR) or host names that URL inputs of jobs may be fetched from besides public

@@ -10,7 +10,9 @@ import contextlib
 import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
 from nats.aio.client import Client
 from nats.js import JetStreamContext
@@ -19,18 +21,36 @@ from gateway.app.serve import run_gateway
 from gateway.bus.connection import connect, ensure_resources
 from gateway.bus.contract import Subjects
 from gateway.bus.natsserver import NatsServer, start_nats_server
+from gateway.comfyui.tls import tls_context
 from gateway.settings import Settings
 
+# httpx reads the whole CA bundle for each client made without a TLS context (60 ms of CPU), and
+# the tests make thousands of clients (theirs, and the SDK's they drive), nearly all to plain HTTP
+# on loopback. Here they share the product's one context (gateway/comfyui/tls.py) by default:
+# the same verification, read once per test process.
+for _client in (httpx.Client, httpx.AsyncClient):
+    _client.__init__.__kwdefaults__["verify"] = tls_context()
 
-@pytest.fixture
-async def nats_server(tmp_path: Path) -> AsyncIterator[NatsServer]:
+
+@contextlib.asynccontextmanager
+async def own_broker(base: Path) -> AsyncIterator[NatsServer]:
+    """A nats-server on a free port, its store and log under `base`; stopped on exit.
+
+    For fixtures that outlive one test (a module's shared system); a test's own is `nats_server`.
+    """
     server = await start_nats_server(
-        port=0, store_dir=tmp_path / "nats", log_file=tmp_path / "nats-server.log"
+        port=0, store_dir=base / "nats", log_file=base / "nats-server.log"
     )
     try:
         yield server
     finally:
         await server.stop()
+
+
+@pytest.fixture
+async def nats_server(tmp_path: Path) -> AsyncIterator[NatsServer]:
+    async with own_broker(tmp_path) as server:
+        yield server
 
 
 @pytest.fixture
@@ -55,14 +75,18 @@ async def js(nc: Client, subjects: Subjects) -> JetStreamContext:
     return context
 
 
+def settings_on(server: NatsServer, base: Path, **overrides: Any) -> Settings:
+    """Settings of a one-machine deployment on `server`, its data under `base`, and `overrides`."""
+    # Tests register and remove servers freely (the model test, dozens of times): the limit on
+    # registrations is tested with its own settings.
+    fields: dict[str, Any] = {"port": 0, "register_burst": 1000, **overrides}
+    return Settings(nats_url=server.url, data_dir=str(base / "data"), **fields)
+
+
 @pytest.fixture
 def settings(nats_server: NatsServer, tmp_path: Path) -> Settings:
     """Settings of a one-machine deployment on the test's broker and temp folder."""
-    # Tests register and remove servers freely (the model test, dozens of times): the limit on
-    # registrations is tested with its own settings.
-    return Settings(
-        nats_url=nats_server.url, data_dir=str(tmp_path / "data"), port=0, register_burst=1000
-    )
+    return settings_on(nats_server, tmp_path)
 
 
 async def start_gateway(

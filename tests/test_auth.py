@@ -12,6 +12,7 @@ from pathlib import Path
 import httpx
 import msgspec
 import pytest
+import pytest_asyncio
 import websockets
 from websockets.asyncio.client import connect as ws_connect
 
@@ -26,7 +27,7 @@ from gateway.api.auth import (
 from gateway.settings import Settings, SettingsError, load_settings
 from sdk import AsyncComfyUISDK
 from sdk.errors import ApiError as SdkApiError
-from tests.conftest import running_gateway, start_gateway
+from tests.conftest import own_broker, running_gateway, settings_on, start_gateway
 from tests.test_gateway_api import TINY
 
 KEY_A = "alpha-secret-4f1c9e"
@@ -34,12 +35,15 @@ KEY_B = "bravo-secret-77d02a"
 WRONG = "wrong-secret-0b3e11"
 
 
-@pytest.fixture
-async def keyed_gateway(settings: Settings) -> AsyncIterator[str]:
-    """A gateway with two keys: one stored hashed, one given as `plain:`."""
-    keyed = msgspec.structs.replace(settings, api_keys=[hash_key(KEY_A), "plain:" + KEY_B])
-    async with running_gateway(keyed) as url:
-        yield url
+@pytest_asyncio.fixture(scope="module")
+async def keyed_gateway(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[str]:
+    """A gateway with two keys: one stored hashed, one given as `plain:`. One for the module:
+    no test changes what the others read (no servers; a job or two queued)."""
+    base = tmp_path_factory.mktemp("keyed")
+    async with own_broker(base) as broker:
+        keyed = settings_on(broker, base, api_keys=[hash_key(KEY_A), "plain:" + KEY_B])
+        async with running_gateway(keyed) as url:
+            yield url
 
 
 async def test_no_key_is_401_with_a_bearer_challenge(keyed_gateway: str) -> None:

@@ -1,10 +1,19 @@
-"""The REST API over real HTTP, with real NATS; checks that need no ComfyUI."""
+"""The REST API over real HTTP, with real NATS; checks that need no ComfyUI.
+
+One gateway (with its balancer, without a log sink) for the module's tests: none registers a
+server, and the one job queued is cancelled.
+"""
 
 from __future__ import annotations
 
 import re
+from collections.abc import AsyncIterator
 
 import httpx
+import pytest
+import pytest_asyncio
+
+from tests.conftest import own_broker, running_gateway, settings_on
 
 TINY = {
     "1": {
@@ -15,8 +24,15 @@ TINY = {
 }
 
 
-async def test_health_schema_and_metrics(gateway: str) -> None:
-    async with httpx.AsyncClient(base_url=gateway) as client:
+@pytest_asyncio.fixture(scope="module")
+async def shared_gateway(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[str]:
+    base = tmp_path_factory.mktemp("api")
+    async with own_broker(base) as broker, running_gateway(settings_on(broker, base)) as url:
+        yield url
+
+
+async def test_health_schema_and_metrics(shared_gateway: str) -> None:
+    async with httpx.AsyncClient(base_url=shared_gateway) as client:
         # A gateway with its balancer but no log sink cannot log a job: 503, naming the sink.
         health = await client.get("/health")
         assert health.status_code == 503
@@ -63,9 +79,9 @@ async def test_health_schema_and_metrics(gateway: str) -> None:
 
 
 async def test_the_openapi_document_describes_each_route_and_its_ui_loads_nothing_from_afar(
-    gateway: str,
+    shared_gateway: str,
 ) -> None:
-    async with httpx.AsyncClient(base_url=gateway) as client:
+    async with httpx.AsyncClient(base_url=shared_gateway) as client:
         document = (await client.get("/schema/openapi.json")).json()
         swagger = await client.get("/schema/swagger")
         assets = re.findall(r"(?:src|href)=[\"']([^\"']+)", swagger.text)
@@ -95,9 +111,9 @@ async def test_the_openapi_document_describes_each_route_and_its_ui_loads_nothin
     assert set(loaded) == {200}
 
 
-async def test_a_ui_format_workflow_is_refused_with_advice(gateway: str) -> None:
+async def test_a_ui_format_workflow_is_refused_with_advice(shared_gateway: str) -> None:
     ui = {"nodes": [{"id": 1, "type": "SaveImage"}], "links": [], "version": 0.4}
-    async with httpx.AsyncClient(base_url=gateway) as client:
+    async with httpx.AsyncClient(base_url=shared_gateway) as client:
         reply = await client.post("/workflow/submit", json={"workflow": ui})
     assert reply.status_code == 400
     body = reply.json()
@@ -105,8 +121,8 @@ async def test_a_ui_format_workflow_is_refused_with_advice(gateway: str) -> None
     assert "UI format" in body["message"] and "API" in body["message"]
 
 
-async def test_bad_requests_get_clear_errors(gateway: str) -> None:
-    async with httpx.AsyncClient(base_url=gateway) as client:
+async def test_bad_requests_get_clear_errors(shared_gateway: str) -> None:
+    async with httpx.AsyncClient(base_url=shared_gateway) as client:
         not_json = await client.post(
             "/workflow/submit", content=b"{not json", headers={"content-type": "application/json"}
         )
@@ -136,8 +152,8 @@ async def test_bad_requests_get_clear_errors(gateway: str) -> None:
         assert pinned.json()["code"] == "unknown_server"
 
 
-async def test_server_registration_refuses_bad_addresses(gateway: str) -> None:
-    async with httpx.AsyncClient(base_url=gateway) as client:
+async def test_server_registration_refuses_bad_addresses(shared_gateway: str) -> None:
+    async with httpx.AsyncClient(base_url=shared_gateway) as client:
         malformed = await client.post("/servers", json={"name": "a", "address": "not an address"})
         assert malformed.status_code == 400
         assert malformed.json()["code"] == "invalid_address"
@@ -150,8 +166,8 @@ async def test_server_registration_refuses_bad_addresses(gateway: str) -> None:
         assert missing.status_code == 404
 
 
-async def test_a_job_waits_while_no_server_is_known(gateway: str) -> None:
-    async with httpx.AsyncClient(base_url=gateway) as client:
+async def test_a_job_waits_while_no_server_is_known(shared_gateway: str) -> None:
+    async with httpx.AsyncClient(base_url=shared_gateway) as client:
         reply = await client.post("/workflow/submit", json={"workflow": TINY, "priority": 2})
         assert reply.status_code == 202, reply.text
         job = reply.json()
@@ -165,8 +181,8 @@ async def test_a_job_waits_while_no_server_is_known(gateway: str) -> None:
         assert again.status_code == 409
 
 
-async def test_a_timeout_that_is_not_a_positive_number_is_refused(gateway: str) -> None:
-    async with httpx.AsyncClient(base_url=gateway) as client:
+async def test_a_timeout_that_is_not_a_positive_number_is_refused(shared_gateway: str) -> None:
+    async with httpx.AsyncClient(base_url=shared_gateway) as client:
         for timeout in (-5, 0):
             reply = await client.post(
                 "/workflow/submit", json={"workflow": TINY, "timeout": timeout}

@@ -150,18 +150,6 @@ def _cmdline(pid: int) -> str:
         return ""
 
 
-def test_up_leaves_nothing_after_sigterm(running_up: tuple[subprocess.Popen[str], str]) -> None:
-    process, _ = running_up
-    descendants = _children(process.pid)
-    process.send_signal(signal.SIGTERM)
-    try:
-        assert process.wait(timeout=30) == 0
-    except subprocess.TimeoutExpired:
-        process.send_signal(signal.SIGUSR1)  # it logs what every task is waiting on
-        raise
-    assert all(wait_pid_gone(pid, timeout=10) for pid in descendants)
-
-
 def _second_up(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "gateway.app.cli", "up", *args],
@@ -172,10 +160,11 @@ def _second_up(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_a_second_up_on_the_same_broker_refuses_in_one_line(
+def test_a_second_up_on_the_same_broker_refuses_in_one_line_and_sigterm_leaves_nothing(
     running_up: tuple[subprocess.Popen[str], str], tmp_path: Path
 ) -> None:
     process, url = running_up
+    descendants = _children(process.pid)
     command = list(process.args)  # type: ignore[arg-type]
     nats_url = command[command.index("--nats-url") + 1]
     second = _second_up(
@@ -198,6 +187,14 @@ def test_a_second_up_on_the_same_broker_refuses_in_one_line(
     assert taken.returncode == 2, taken.stderr
     assert "Traceback" not in taken.stderr
     assert f"cannot listen on 127.0.0.1:{port}" in taken.stderr.strip().splitlines()[-1]
+    # The first `up`, stopped by SIGTERM (the quick start's by Ctrl-C), leaves nothing running.
+    process.send_signal(signal.SIGTERM)
+    try:
+        assert process.wait(timeout=30) == 0
+    except subprocess.TimeoutExpired:
+        process.send_signal(signal.SIGUSR1)  # it logs what every task is waiting on
+        raise
+    assert all(wait_pid_gone(pid, timeout=10) for pid in descendants)
 
 
 async def test_up_started_again_keeps_what_an_admin_set(nc: Client, subjects: Subjects) -> None:

@@ -17,14 +17,14 @@ import httpx
 from gateway.api.errors import ApiError
 from gateway.api.serveraddress import ServerAddress
 from gateway.comfyui.addresses import IPAddress
+from gateway.comfyui.tls import tls_context
 
 log = logging.getLogger(__name__)
 
 SYSTEM_HEADER: Final = "X-ComfyAutomate-System"
-# Each read, connect or write; and the whole probe, so a server that drips bytes cannot hold
-# a registration (and the registration lock) for long.
-_STEP_SECONDS: Final = 10.0
-_PROBE_SECONDS: Final = 30.0
+# The whole probe takes at most this many of its steps (each read, connect or write), so a
+# server that drips bytes cannot hold a registration (and the registration lock) for long.
+_STEPS_PER_PROBE: Final = 3
 # Far above a real /object_info (a few MB with many custom nodes), far below harm.
 _MAX_ANSWER_BYTES: Final = 64 * 1024 * 1024
 
@@ -38,9 +38,10 @@ def unreachable(address: str) -> ApiError:
     return ApiError(422, "unreachable", f"no ComfyUI server answered at {address}")
 
 
-async def probe(server: ServerAddress, system_id: str) -> None:
+async def probe(server: ServerAddress, system_id: str, *, step_s: float = 10.0) -> None:
     """Refuse `server` where no ComfyUI answers (422 `unreachable`), or where a gateway of
-    this system does (422 `own_gateway`).
+    this system does (422 `own_gateway`). Each step may take `step_s` seconds (the setting
+    `server_probe_timeout_s`), the whole probe three times as long.
 
     A ComfyUI proves itself by the shapes of `/system_stats` (a `system` object and a list of
     `devices`) and `/object_info` (node classes with their inputs and outputs). A gateway of
@@ -51,17 +52,19 @@ async def probe(server: ServerAddress, system_id: str) -> None:
     try:
         if not server.ips:
             raise NotComfyUI(server.unresolved or "the host has no address")
-        async with asyncio.timeout(_PROBE_SECONDS):
-            await _ask(server, system_id)
+        async with asyncio.timeout(step_s * _STEPS_PER_PROBE):
+            await _ask(server, system_id, step_s)
     except (NotComfyUI, httpx.HTTPError, TimeoutError) as exc:
         reason = str(exc) or type(exc).__name__
         log.warning("registration at %s refused, no ComfyUI there: %s", server.address, reason)
         raise unreachable(server.address) from None
 
 
-async def _ask(server: ServerAddress, system_id: str) -> None:
+async def _ask(server: ServerAddress, system_id: str, step_s: float) -> None:
     # Proxies from the environment are ignored: the address checked must be the one reached.
-    async with httpx.AsyncClient(timeout=_STEP_SECONDS, trust_env=False) as client:
+    async with httpx.AsyncClient(
+        timeout=step_s, trust_env=False, verify=tls_context(trust_env=False)
+    ) as client:
         stats = await _get(client, server, "/system_stats", system_id)
         if not _looks_like_system_stats(stats):
             raise NotComfyUI("/system_stats is not ComfyUI's (a `system` object and `devices`)")

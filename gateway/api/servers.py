@@ -313,7 +313,7 @@ async def _register(
             revision = await services.servers_kv.put(server_id, encode(record))
             services.fleet.table.on_registered(record, revision=revision)
         return Response(record, status_code=200)
-    await probe(server, services.system_id)
+    await probe(server, services.system_id, step_s=services.settings.server_probe_timeout_s)
     revision = await services.servers_kv.put(server_id, encode(record))
     services.fleet.table.on_registered(record, revision=revision)
     return Response(record, status_code=201)

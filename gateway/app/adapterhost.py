@@ -18,6 +18,7 @@ from gateway.bus.contract import ContractError, ServerRecord, Subjects, decode
 from gateway.settings import Settings
 from gateway.storage import Storage
 from plugins.comfyui.adapter import run_adapter
+from plugins.comfyui.options import AdapterOptions
 
 log = logging.getLogger(__name__)
 
@@ -32,10 +33,18 @@ class _Running:
 class AdapterHost:
     """Starts, restarts and stops in-process adapters as the registry changes."""
 
-    def __init__(self, nc: Client, settings: Settings, storage: Storage) -> None:
+    def __init__(
+        self,
+        nc: Client,
+        settings: Settings,
+        storage: Storage,
+        options: AdapterOptions | None = None,
+    ) -> None:
+        """`options`: the adapters' timings (their defaults unless given)."""
         self._nc = nc
         self._settings = settings
         self._storage = storage
+        self._options = options
         self._subjects = Subjects(settings.subject_prefix)
         self._running: dict[str, _Running] = {}
 
@@ -91,6 +100,7 @@ class AdapterHost:
                 weight=record.weight,
                 labels=record.labels,
                 storage=self._storage,
+                options=self._options,
             ),
             name=f"adapter-{record.server_id}",
         )

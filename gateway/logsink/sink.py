@@ -47,6 +47,9 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+# A fetch of webhook attempts waits this long; a stopping sink waits out the one under way.
+_ATTEMPTS_WAIT_S = 0.25
+
 
 class LogSink:
     """A running log sink on `nc`. Use `async with LogSink(...) as sink:`.
@@ -276,7 +279,7 @@ class LogSink:
         try:
             while not self._stopping.is_set():
                 try:
-                    batch = await sub.fetch(self.config.batch_size, timeout=1.0)
+                    batch = await sub.fetch(self.config.batch_size, timeout=_ATTEMPTS_WAIT_S)
                 except TimeoutError:  # nats-py's or asyncio's: nothing came
                     continue
                 except nats.errors.Error as exc:  # the broker restarting, say

@@ -38,6 +38,7 @@ from gateway.bus.contract import (
     now,
 )
 from gateway.comfyui.addresses import Allowlist
+from gateway.comfyui.tls import tls_context
 from gateway.lifecycle import wait_event
 from gateway.settings import Settings
 from gateway.webhooks.keys import SigningKeys
@@ -48,8 +49,11 @@ from gateway.webhooks.sending import Result, body_of, post
 log = logging.getLogger(__name__)
 
 CONSUMER: Final = "webhooks"
-# A fetch waits this long for work; a stopping gateway notices within it.
-_FETCH_WAIT_S: Final = 1.0
+# A fetch waits this long for work; a stopping gateway notices within it, so it is short: a
+# gateway's stop waits out the fetch under way (and idle fetches cost the broker next to nothing).
+_FETCH_WAIT_S: Final = 0.25
+# The pause before trying again after the broker refused (restarting, say).
+_RETRY_S: Final = 1.0
 # Beyond an attempt's own time limit: resolving, reading the event, recording the attempt.
 _ACK_WAIT_MARGIN_S: Final = 20.0
 
@@ -99,12 +103,14 @@ class WebhookWorker:
                 break
             except nats.errors.Error as exc:
                 log.warning("webhooks: cannot create the consumer now (%s); trying again", exc)
-                if await wait_event(stop, _FETCH_WAIT_S):
+                if await wait_event(stop, _RETRY_S):
                     return
         sub = await self._js.pull_subscribe_bind(durable=CONSUMER, stream=stream)
         running: set[asyncio.Task[None]] = set()
         try:
-            async with httpx.AsyncClient(trust_env=False, follow_redirects=False) as http:
+            async with httpx.AsyncClient(
+                trust_env=False, follow_redirects=False, verify=tls_context(trust_env=False)
+            ) as http:
                 while not stop.is_set():
                     free = self._slots - len(running)
                     if free <= 0:
@@ -116,7 +122,7 @@ class WebhookWorker:
                         continue
                     except nats.errors.Error as exc:  # the broker restarting, say
                         log.warning("webhooks: fetching work failed (%s); trying again", exc)
-                        await wait_event(stop, _FETCH_WAIT_S)
+                        await wait_event(stop, _RETRY_S)
                         continue
                     for msg in messages:
                         task = asyncio.create_task(self._attempt(http, msg))

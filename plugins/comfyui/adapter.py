@@ -255,11 +255,11 @@ class Adapter:
             if len(self._runs) >= self.capacity:
                 self._slot.clear()
                 with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(0.5):
+                    async with asyncio.timeout(self._options.fetch_wait_s):
                         await self._slot.wait()
                 continue
             try:
-                messages = await sub.fetch(1, timeout=0.5)
+                messages = await sub.fetch(1, timeout=self._options.fetch_wait_s)
             except nats.errors.TimeoutError:
                 continue
             except nats.errors.Error as exc:

@@ -15,6 +15,7 @@ from typing import IO, Any, TypeVar
 import httpx
 import msgspec
 
+from gateway.comfyui.tls import tls_context
 from gateway.comfyui.urls import base_url
 from plugins.comfyui.messages import (
     HistoryEntry,
@@ -61,7 +62,10 @@ class ComfyClient:
         self.address = address
         self.url = base_url(address)
         self._http = httpx.AsyncClient(
-            base_url=self.url, timeout=httpx.Timeout(timeout), follow_redirects=False
+            base_url=self.url,
+            timeout=httpx.Timeout(timeout),
+            follow_redirects=False,
+            verify=tls_context(),
         )
 
     async def aclose(self) -> None:

@@ -30,6 +30,7 @@ import httpx
 from gateway.bus.contract import Job, JobInput
 from gateway.comfyui.addresses import Allowlist, IPAddress, host_key, kind_of, pinned, resolve
 from gateway.comfyui.jobfiles import without_annotation
+from gateway.comfyui.tls import tls_context
 from gateway.comfyui.workflow import apply_overrides
 from gateway.storage import Storage, StorageError, guess_content_type
 from plugins.comfyui.client import ComfyClient
@@ -111,7 +112,9 @@ async def _from_url(
         raise InputProblem(f"{what}: not a valid URL: {exc}") from exc
     try:
         # Proxies from the environment are ignored: the address checked must be the one reached.
-        async with httpx.AsyncClient(timeout=time_limit, trust_env=False) as http:
+        async with httpx.AsyncClient(
+            timeout=time_limit, trust_env=False, verify=tls_context(trust_env=False)
+        ) as http:
             for _ in range(_MAX_REDIRECTS + 1):
                 if url.scheme not in _DEFAULT_PORTS or not url.host:
                     raise InputProblem(f"{what}: only http and https URLs can be fetched ({url})")

@@ -29,6 +29,9 @@ class AdapterOptions(msgspec.Struct, frozen=True, kw_only=True):
     """On shutdown, how long running jobs may go on before they are handed back."""
     ack_wait_s: float = 30.0
     """JetStream redelivers a job whose adapter stopped confirming progress for this long."""
+    fetch_wait_s: float = 0.5
+    """How long one wait for the next job lasts (a fetch, or a wait for a free slot): a
+    stopping adapter lets the one under way end, so it stops within this."""
     capabilities_refresh_s: float = 60.0
     capabilities_resend_s: float = 30.0
     max_input_bytes: int = 200 * 1024 * 1024
@@ -48,7 +51,7 @@ class AdapterOptions(msgspec.Struct, frozen=True, kw_only=True):
                 raise SettingsError(f"{name} must be seconds over 0, not {value}")
 
 
-_TIMES = ("grace_s", "ack_wait_s", "default_timeout_s", "start_wait_s")
+_TIMES = ("grace_s", "ack_wait_s", "default_timeout_s", "start_wait_s", "fetch_wait_s")
 
 
 def with_settings(options: AdapterOptions, settings: Settings) -> AdapterOptions:

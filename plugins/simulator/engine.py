@@ -103,6 +103,8 @@ class Engine:
         # real server that is slow to start executing (see Simulator.hold_setup).
         self.setup_gate = asyncio.Event()
         self.setup_gate.set()
+        # Node types a test holds (see Simulator.hold_nodes): such a node runs once released.
+        self.node_gates: dict[str, asyncio.Event] = {}
         self.client_id: str | None = None
         self.last_node_id: str | None = None
         self.running: QueueItem | None = None
@@ -397,6 +399,9 @@ class Engine:
             if self._matches(self.config.crash_on_node, node_id, class_type):
                 self._crash()
             loads = load_seconds(self.config, run.item.prompt[node_id])
+            gate = self.node_gates.get(class_type)
+            if gate is not None:
+                await gate.wait()
             await asyncio.sleep(max(0.0, self.config.seconds_for(class_type) + loads))
             if any(self._matches(s, node_id, class_type) for s in self.config.fail_nodes):
                 raise NodeError(

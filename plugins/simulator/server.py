@@ -199,6 +199,15 @@ class Simulator:
         else:
             self.engine.setup_gate.set()
 
+    def hold_nodes(self, class_type: str, hold: bool = True) -> None:
+        """Keep nodes of `class_type` from running until released: a prompt is then still
+        running at the moment a test chooses, however slow the machine, without a long node
+        time to wait out."""
+        if hold:
+            self.engine.node_gates.setdefault(class_type, asyncio.Event())
+        elif (gate := self.engine.node_gates.pop(class_type, None)) is not None:
+            gate.set()
+
     def set_fail_prompt(self, fail: bool = True) -> None:
         """Answer POST /prompt with a 500, as a broken ComfyUI does (or answer again)."""
         self.config.fail_prompt = fail

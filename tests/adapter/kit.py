@@ -59,6 +59,7 @@ FAST = AdapterOptions(
     stop_wait_s=8.0,
     grace_s=0.5,
     ack_wait_s=3.0,
+    fetch_wait_s=0.2,
 )
 
 

@@ -29,7 +29,7 @@ from gateway.bus.contract import (
 )
 from gateway.bus.events import EventPublisher
 from gateway.storage import Storage
-from plugins.simulator import png
+from plugins.simulator import Simulator, png
 from tests.adapter.kit import FAST, SERVER, Bus, is_stored, tiny, two_outputs
 from tests.helpers import poll_until
 
@@ -92,12 +92,14 @@ def _early_and_late() -> dict[str, object]:
 
 
 # Node 4's file is saved, then the slow branch fails three seconds later.
-_FAILS_AFTER_EARLY_COPY = {"class_seconds": {"ImageInvert": 3.0}, "fail_nodes": ["ImageInvert"]}
+_FAILS_AFTER_EARLY_COPY = {"fail_nodes": ["ImageInvert"]}
 
 
-async def _early_copy(bus: Bus, start_adapter, address: str, storage: Storage) -> tuple[Job, str]:
-    """Run `_early_and_late` on the server at `address`; return once node 4's file is stored."""
-    await start_adapter(address)
+async def _early_copy(bus: Bus, start_adapter, sim: Simulator, storage: Storage) -> tuple[Job, str]:
+    """Run `_early_and_late` on `sim`, its ImageInvert held; return once node 4's file is
+    stored, the prompt still running (ImageInvert goes on once released)."""
+    sim.hold_nodes("ImageInvert")
+    await start_adapter(sim.address)
     job = await bus.dispatch(_early_and_late())
     key = f"{job.job_id}/gw_early_00001_.png"
     await poll_until(lambda: is_stored(storage, key), f"{key} to be stored", within=10)
@@ -107,9 +109,10 @@ async def _early_copy(bus: Bus, start_adapter, address: str, storage: Storage) -
 async def test_an_output_is_stored_while_later_nodes_run(
     bus: Bus, make_sim, start_adapter, storage: Storage
 ):
-    async with make_sim(class_seconds={"ImageInvert": 3.0}) as sim:
-        job, key = await _early_copy(bus, start_adapter, sim.address, storage)
+    async with make_sim() as sim:
+        job, key = await _early_copy(bus, start_adapter, sim, storage)
         assert not set(bus.types(job.job_id)) & {"history", "succeeded"}, bus.types(job.job_id)
+        sim.hold_nodes("ImageInvert", False)
         end = await bus.wait_event(job.job_id)
         assert isinstance(end, Succeeded), end
         assert sorted((o.node_id, o.key) for o in end.data.outputs) == [
@@ -122,7 +125,8 @@ async def test_an_output_stored_early_is_deleted_when_the_prompt_fails(
     bus: Bus, make_sim, start_adapter, storage: Storage
 ):
     async with make_sim(**_FAILS_AFTER_EARLY_COPY) as sim:
-        job, key = await _early_copy(bus, start_adapter, sim.address, storage)
+        job, key = await _early_copy(bus, start_adapter, sim, storage)
+        sim.hold_nodes("ImageInvert", False)
         end = await bus.wait_event(job.job_id)
         assert isinstance(end, Failed) and end.data.code == "execution_error", end
         # A failed job has no outputs; the file saved on the way is not one.
@@ -133,12 +137,13 @@ async def test_an_attempt_taken_over_leaves_the_outputs_to_the_next_one(
     bus: Bus, make_sim, start_adapter, storage: Storage
 ):
     async with make_sim(**_FAILS_AFTER_EARLY_COPY) as sim:
-        job, key = await _early_copy(bus, start_adapter, sim.address, storage)
+        job, key = await _early_copy(bus, start_adapter, sim, storage)
         # Meanwhile the balancer handed the job to another server (attempt 2), which may
         # store its own outputs under the same keys.
         record = await bus.record(job.job_id)
         moved = msgspec.structs.replace(record, attempt=2, server_id="elsewhere")
         await bus.kv.put(job.job_id, encode(moved))
+        sim.hold_nodes("ImageInvert", False)
         end = await bus.wait_event(job.job_id)
         assert isinstance(end, Failed) and end.data.attempt == 1, end
         assert await is_stored(storage, key)

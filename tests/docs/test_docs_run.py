@@ -174,9 +174,10 @@ def _shell(command: str) -> str:
             command = f"{python} -m gateway.app.cli" + command[len(written) :]
     command = command.replace("uv run python ", f"{python} ")
     if command.startswith("curl -N "):
-        # A live stream: it must answer and stream; one that never ends is cut after a while.
+        # A live stream: it must answer and stream; one that never ends is cut after a while
+        # (the fleet's stream, which the whole wait is spent on).
         cut = "rc=$?; [ $rc = 28 ] && rc=0; exit $rc"
-        return f"curl -sS --fail-with-body --max-time 5 {command[5:]}; {cut}"
+        return f"curl -sS --fail-with-body --max-time 2 {command[5:]}; {cut}"
     return command.replace("curl ", "curl -sS --fail-with-body --max-time 60 ")
 
 

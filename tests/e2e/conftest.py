@@ -25,10 +25,15 @@ from gateway.bus.connection import session
 from gateway.bus.contract import Subjects
 from gateway.logsink.sink import run_logsink
 from gateway.settings import Settings
+from plugins.comfyui import AdapterOptions
 from plugins.simulator import Simulator, SimulatorConfig, run_simulator
 from plugins.simulator.samples import tiny_workflow
-from tests.conftest import start_gateway
+from tests.conftest import own_broker, settings_on, start_gateway
 from tests.helpers import poll_until
+
+# The adapters' own timings, but for how long one waits for its next job: a stopping adapter
+# lets that wait end first, and every test stops its system.
+ADAPTER_OPTIONS = AdapterOptions(fetch_wait_s=0.2)
 
 
 def tiny(seed: int = 0, prefix: str = "e2e") -> dict[str, Any]:
@@ -86,6 +91,12 @@ class System:
             await poll_until(lambda: _healthy(client, server_id), "server healthy")
         return sim
 
+    async def remove_server(self, server_id: str) -> None:
+        """Remove a server by REST (its adapter stops; its fake runs on until the end)."""
+        async with httpx.AsyncClient(base_url=self.url, headers=self.headers) as client:
+            reply = await client.delete(f"/servers/{server_id}")
+            assert reply.status_code == 204, reply.text
+
     async def revive_server(self, server_id: str) -> Simulator:
         """Start the fake ComfyUI of a server that died again, at its address and folders
         (its queue and history are gone, as a restarted ComfyUI's are)."""
@@ -138,6 +149,22 @@ async def system(settings: Settings) -> AsyncIterator[System]:
 
 
 @contextlib.asynccontextmanager
+async def system_of_its_own(
+    base: Path, headers: Mapping[str, str] | None = None, **overrides: Any
+) -> AsyncIterator[System]:
+    """A broker of its own under `base` and a running system on it (`settings_on` with
+    `overrides`): what a module-scoped fixture shares between tests that need no fresh system.
+
+    Such tests leave the system as they found it (servers they add for themselves are removed,
+    jobs they start have ended), so that the next test's checks hold whatever ran before it.
+    """
+    async with own_broker(base) as broker:
+        settings = settings_on(broker, base, **overrides)
+        async with running_system(settings, headers) as system:
+            yield system
+
+
+@contextlib.asynccontextmanager
 async def running_system(
     settings: Settings, headers: Mapping[str, str] | None = None
 ) -> AsyncIterator[System]:
@@ -154,7 +181,8 @@ async def running_system(
         system = System(settings, stack, headers)
         system.nc = nc
         system.start_log_sink()
-        roles = [asyncio.create_task(AdapterHost(nc, settings, storage).run(stop))]
+        host = AdapterHost(nc, settings, storage, ADAPTER_OPTIONS)
+        roles = [asyncio.create_task(host.run(stop))]
         try:
             system.url = await system.start_gateway()
             yield system

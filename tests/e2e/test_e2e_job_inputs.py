@@ -1,17 +1,22 @@
 """Input files through the whole system: each job's own, gone from the server after it, and out
-of reach of other workflows, over REST and ComfyUI's own API alike."""
+of reach of other workflows, over REST and ComfyUI's own API alike.
+
+One system for the module, with one server ("a"); every test leaves no job open behind it.
+"""
 
 from __future__ import annotations
 
 import base64
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+import pytest_asyncio
 
 from plugins.simulator import png
-from tests.e2e.conftest import System
+from tests.e2e.conftest import System, system_of_its_own
 
 RED = (220, 20, 20)
 GREEN = (20, 220, 20)
@@ -26,6 +31,13 @@ def load(name: str = "input.png", prefix: str = "in") -> dict[str, Any]:
     }
 
 
+@pytest_asyncio.fixture(scope="module")
+async def shared(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[System]:
+    async with system_of_its_own(tmp_path_factory.mktemp("inputs")) as running:
+        await running.add_server("a")
+        yield running
+
+
 def _holding(folder: Path, data: bytes) -> list[Path]:
     return [p for p in folder.rglob("*") if p.is_file() and p.read_bytes() == data]
 
@@ -36,10 +48,10 @@ async def _colour(http: httpx.AsyncClient, result: dict[str, Any]) -> tuple[int,
     return png.read_info(reply.content).first_pixel[:3]
 
 
-async def test_rest_jobs_load_their_own_input_and_leave_none_behind(system: System) -> None:
-    sim = await system.add_server("a")
+async def test_rest_jobs_load_their_own_input_and_leave_none_behind(shared: System) -> None:
+    sim = shared.sims["a"]
     red, green = png.encode_solid(8, 8, RED), png.encode_solid(8, 8, GREEN)
-    async with httpx.AsyncClient(base_url=system.url, timeout=60) as http:
+    async with httpx.AsyncClient(base_url=shared.url, timeout=60) as http:
         for data, rgb in ((red, RED), (green, GREEN)):
             value = base64.b64encode(data).decode()
             body = {
@@ -60,11 +72,11 @@ async def test_rest_jobs_load_their_own_input_and_leave_none_behind(system: Syst
 
 
 async def test_an_upload_of_comfyuis_api_is_gone_from_the_server_after_its_prompt(
-    system: System,
+    shared: System,
 ) -> None:
-    sim = await system.add_server("a")
+    sim = shared.sims["a"]
     data = png.encode_solid(8, 8, RED)
-    async with httpx.AsyncClient(base_url=system.url, timeout=60) as http:
+    async with httpx.AsyncClient(base_url=shared.url, timeout=60) as http:
         files = {"image": ("mine.png", data, "image/png")}
         reply = await http.post("/upload/image", files=files, data={"subfolder": "sub"})
         assert reply.status_code == 200, reply.text
@@ -101,9 +113,9 @@ def _nested(value: str) -> dict[str, Any]:
     ],
 )
 async def test_a_workflow_naming_the_job_files_folder_is_refused(
-    system: System, workflow: dict[str, Any], overrides: dict[str, Any]
+    shared: System, workflow: dict[str, Any], overrides: dict[str, Any]
 ) -> None:
-    async with httpx.AsyncClient(base_url=system.url) as http:
+    async with httpx.AsyncClient(base_url=shared.url) as http:
         body = {"workflow": workflow, "overrides": overrides}
         reply = await http.post("/workflow/submit", json=body)
     assert reply.status_code == 400, reply.text
@@ -113,6 +125,8 @@ async def test_a_workflow_naming_the_job_files_folder_is_refused(
 
 
 async def test_comfyuis_api_refuses_a_prompt_naming_the_job_files_folder(system: System) -> None:
+    # A system of its own, without servers: with one, ComfyUI's validation of the LoadImage
+    # input (a file the server does not list) would answer first.
     async with httpx.AsyncClient(base_url=system.url) as http:
         reply = await http.post("/prompt", json={"prompt": load(JOB_FILE)})
         assert reply.status_code == 400, reply.text
@@ -121,10 +135,9 @@ async def test_comfyuis_api_refuses_a_prompt_naming_the_job_files_folder(system:
     assert queue == {"queue_running": [], "queue_pending": []}
 
 
-async def test_names_that_only_resemble_the_folder_are_taken(system: System) -> None:
-    await system.add_server("a")
+async def test_names_that_only_resemble_the_folder_are_taken(shared: System) -> None:
     near = [f"{FOLDER}-old/x.png", f"my {FOLDER} notes.png", f"x{FOLDER}/y.png"]
-    async with httpx.AsyncClient(base_url=system.url) as http:
+    async with httpx.AsyncClient(base_url=shared.url) as http:
         for name in near:
             reply = await http.post("/workflow/submit", json={"workflow": load("x.png", name)})
             assert reply.status_code == 202, reply.text

@@ -1,25 +1,38 @@
-"""Files on the gateway's ComfyUI-compatible API: binary previews, and outputs by range."""
+"""Files on the gateway's ComfyUI-compatible API: binary previews, and outputs by range.
+
+One system for the module, with two servers (a and b)."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
+import pytest_asyncio
 import websockets
 
 from gateway.api.native.frames import parse_preview
 from plugins.simulator.config import SimulatorConfig
 from plugins.simulator.samples import tiny_workflow
-from tests.e2e.conftest import System
+from tests.e2e.conftest import System, system_of_its_own
 
 # SaveImageWebsocket sends one preview per image: four here (two batches of two).
 HEAVY = Path(__file__).parents[1] / "data" / "comfyui-protocol" / "workflows" / "heavy.json"
 TEXT = (3).to_bytes(4, "big")
 PLAIN_PNG = (1).to_bytes(4, "big") + (2).to_bytes(4, "big")
 FLAGS = {"type": "feature_flags", "data": {"supports_preview_metadata": True}}
+
+
+@pytest_asyncio.fixture(scope="module")
+async def shared(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[System]:
+    async with system_of_its_own(tmp_path_factory.mktemp("native-files")) as running:
+        await running.add_server("a", SimulatorConfig())
+        await running.add_server("b", SimulatorConfig())
+        yield running
 
 
 async def _until_done(socket: Any, prompt_id: str) -> list[str | bytes]:
@@ -37,15 +50,13 @@ async def _until_done(socket: Any, prompt_id: str) -> list[str | bytes]:
                     return frames
 
 
-async def test_each_socket_gets_images_in_the_layout_it_negotiated(system: System) -> None:
-    await system.add_server("a", SimulatorConfig())
-    await system.add_server("b", SimulatorConfig())
+async def test_each_socket_gets_images_in_the_layout_it_negotiated(shared: System) -> None:
     heavy = json.loads(HEAVY.read_text())
-    base = system.url.replace("http", "ws", 1)
+    base = shared.url.replace("http", "ws", 1)
     async with (
         websockets.connect(f"{base}/ws?clientId=flagged") as flagged,
         websockets.connect(f"{base}/ws?clientId=plain") as plain,
-        httpx.AsyncClient(base_url=system.url) as http,
+        httpx.AsyncClient(base_url=shared.url) as http,
     ):
         await flagged.send(json.dumps(FLAGS))
         assert json.loads(await flagged.recv())["type"] == "status"
@@ -78,9 +89,8 @@ async def test_each_socket_gets_images_in_the_layout_it_negotiated(system: Syste
         assert [f[:8] for f in images] == [PLAIN_PNG] * 4
 
 
-async def test_outputs_are_served_whole_or_by_range(system: System) -> None:
-    await system.add_server("a", SimulatorConfig())
-    async with httpx.AsyncClient(base_url=system.url) as http:
+async def test_outputs_are_served_whole_or_by_range(shared: System) -> None:
+    async with httpx.AsyncClient(base_url=shared.url) as http:
         reply = await http.post("/prompt", json={"prompt": tiny_workflow(5, "ranged")})
         prompt_id = reply.json()["prompt_id"]
         result = (await http.get(f"/workflow/result/{prompt_id}", params={"wait": 30})).json()

@@ -1,23 +1,35 @@
 """A job's event stream resumes where its client was cut off: SSE by `Last-Event-ID`, the
 event websocket by `from_seq`, and the SDK by itself when the network breaks under it; every
-event is seen once, in order, and a client that saw the end gets nothing more."""
+event is seen once, in order, and a client that saw the end gets nothing more.
+
+One system for the module, with one slow server (gpu1): each test follows jobs of its own."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import json
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
+import pytest
+import pytest_asyncio
 from websockets.asyncio.client import connect as ws_connect
 
 from plugins.simulator import SimulatorConfig
 from sdk import AsyncComfyUISDK, ComfyUISDK
-from tests.e2e.conftest import System, sse_events, tiny
+from tests.e2e.conftest import System, sse_events, system_of_its_own, tiny
 
 # Slow enough that the job usually still runs when the first client is cut off.
 SLOW = SimulatorConfig(class_seconds={"EmptyImage": 0.5, "ImageInvert": 0.5})
+
+
+@pytest_asyncio.fixture(scope="module")
+async def shared(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[System]:
+    async with system_of_its_own(tmp_path_factory.mktemp("resume")) as running:
+        await running.add_server("gpu1", SLOW)
+        yield running
 
 
 async def _first(client: httpx.AsyncClient, job_id: str, count: int) -> list[dict[str, Any]]:
@@ -38,10 +50,9 @@ async def _first(client: httpx.AsyncClient, job_id: str, count: int) -> list[dic
 
 
 async def test_an_sse_client_cut_mid_stream_resumes_and_sees_each_event_once(
-    system: System,
+    shared: System,
 ) -> None:
-    await system.add_server("gpu1", SLOW)
-    async with httpx.AsyncClient(base_url=system.url, timeout=60) as client:
+    async with httpx.AsyncClient(base_url=shared.url, timeout=60) as client:
         job_id = (await client.post("/workflow/submit", json={"workflow": tiny(3)})).json()[
             "job_id"
         ]
@@ -61,13 +72,12 @@ async def test_an_sse_client_cut_mid_stream_resumes_and_sees_each_event_once(
         assert refused.status_code == 400
 
 
-async def test_the_event_websocket_starts_from_a_seq(system: System) -> None:
-    await system.add_server("gpu1")
-    async with httpx.AsyncClient(base_url=system.url, timeout=60) as client:
+async def test_the_event_websocket_starts_from_a_seq(shared: System) -> None:
+    async with httpx.AsyncClient(base_url=shared.url, timeout=60) as client:
         reply = await client.post("/workflow/execute", json={"workflow": tiny(4)})
         job_id = reply.json()["job_id"]
         whole = [e["seq"] for e in await sse_events(client, job_id)]
-    url = system.url.replace("http", "ws", 1) + f"/workflow/events/{job_id}/ws?from_seq=3"
+    url = shared.url.replace("http", "ws", 1) + f"/workflow/events/{job_id}/ws?from_seq=3"
     async with ws_connect(url) as socket:
         seqs = [json.loads(frame)["seq"] async for frame in socket]
     assert seqs == [seq for seq in whole if seq >= 3]
@@ -179,16 +189,15 @@ def _through_events(data: bytes, seen: int, limit: int) -> tuple[bytes, int]:
     return data[:at], seen
 
 
-async def test_the_sdk_resumes_a_broken_event_stream_by_itself(system: System) -> None:
-    await system.add_server("gpu1", SLOW)
-    async with httpx.AsyncClient(base_url=system.url, timeout=60) as client:
+async def test_the_sdk_resumes_a_broken_event_stream_by_itself(shared: System) -> None:
+    async with httpx.AsyncClient(base_url=shared.url, timeout=60) as client:
         first = (await client.post("/workflow/submit", json={"workflow": tiny(5)})).json()
         second = (await client.post("/workflow/submit", json={"workflow": tiny(6)})).json()
-        async with CuttingProxy(system.url, cuts=2) as proxy:
+        async with CuttingProxy(shared.url, cuts=2) as proxy:
             async with AsyncComfyUISDK(gateway_url=proxy.url, timeout=60) as sdk:
                 seen = [event async for event in sdk.stream_events(first["job_id"])]
             assert proxy.cut == 2  # the stream really broke, twice
-        async with CuttingProxy(system.url, cuts=1) as proxy:
+        async with CuttingProxy(shared.url, cuts=1) as proxy:
             seen_sync = await asyncio.to_thread(_stream_sync, proxy.url, second["job_id"])
             assert proxy.cut == 1
         for job, events in ((first, seen), (second, seen_sync)):

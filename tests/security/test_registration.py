@@ -256,9 +256,11 @@ async def test_loopback_needs_the_allowlist_when_the_gateway_listens_beyond_loop
 
 
 async def test_every_failed_probe_gets_the_same_answer(
-    gateway: str, caplog: pytest.LogCaptureFixture
+    settings: Settings, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="gateway.api.probe")
+    # The silent listener's probe ends on the step's time limit: 2 s rather than the default 10.
+    probing = msgspec.structs.replace(settings, server_probe_timeout_s=2.0)
     kinds: dict[str, Handler] = {
         "hangs up": hang_up,
         "not HTTP": not_http,
@@ -270,6 +272,7 @@ async def test_every_failed_probe_gets_the_same_answer(
     }
     with closed_port() as closed:
         async with (
+            running_gateway(probing) as gateway,
             contextlib.AsyncExitStack() as stack,
             httpx.AsyncClient(base_url=gateway, timeout=60) as client,
         ):

@@ -2,24 +2,58 @@
 
 `storage` is parametrized over every backend, so the shared suite runs once per backend; a new
 backend is added to BACKENDS with a fixture `<name>_storage` and is correct when it passes.
+The nats backend's tests share one nats-server per module, each with its object stores made
+afresh (`js`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import BinaryIO
 
 import pytest
+import pytest_asyncio
+from nats.aio.client import Client
 from nats.js import JetStreamContext, api
+from nats.js.errors import NotFoundError
 
+from gateway.bus.connection import ensure_resources
+from gateway.bus.contract import Subjects
+from gateway.bus.natsserver import NatsServer
 from gateway.storage import Storage
 from plugins.storage.local import LocalStorage
 from plugins.storage.nats import NatsStorage
+from tests.conftest import own_broker
 
 BACKENDS = ["local", "nats"]
+TINY_BUCKET = "tiny"
 BASE_URL = "http://gw.example:8000/"
+
+
+@pytest_asyncio.fixture(scope="module")
+async def storage_broker(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[NatsServer]:
+    async with own_broker(tmp_path_factory.mktemp("storage-nats")) as broker:
+        yield broker
+
+
+@pytest.fixture
+def nats_server(storage_broker: NatsServer) -> NatsServer:
+    """The module's broker: a nats-server start per test cost more than the test."""
+    return storage_broker
+
+
+@pytest.fixture
+async def js(nc: Client, subjects: Subjects) -> JetStreamContext:
+    """The contract's resources, the object stores an earlier test filled made empty again."""
+    context = nc.jetstream()
+    for bucket in (subjects.outputs_bucket, TINY_BUCKET):
+        with contextlib.suppress(NotFoundError):
+            await context.delete_object_store(bucket)
+    await ensure_resources(context, subjects)
+    return context
 
 
 @pytest.fixture
@@ -68,8 +102,9 @@ async def local_full_storage(tmp_path: Path) -> AsyncIterator[LocalStorage]:
 @pytest.fixture
 async def nats_full_storage(js: JetStreamContext) -> AsyncIterator[NatsStorage]:
     # A bucket capped at 512 KiB: JetStream refuses chunks beyond it (discard new).
-    await js.create_object_store("tiny", api.ObjectStoreConfig(bucket="tiny", max_bytes=512 * 1024))
-    async with NatsStorage(js, bucket="tiny") as storage:
+    config = api.ObjectStoreConfig(bucket=TINY_BUCKET, max_bytes=512 * 1024)
+    await js.create_object_store(TINY_BUCKET, config)
+    async with NatsStorage(js, bucket=TINY_BUCKET) as storage:
         yield storage
 
 

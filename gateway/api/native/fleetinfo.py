@@ -20,6 +20,7 @@ import httpx
 
 from gateway.balancer.servers import ServerState, ServerTable
 from gateway.comfyui.nodedef import NodeDef
+from gateway.comfyui.tls import tls_context
 from gateway.comfyui.urls import base_url
 from gateway.settings import Settings
 
@@ -82,7 +83,9 @@ class FleetInfo:
             if cached is not None:
                 return cached
             try:
-                async with httpx.AsyncClient(timeout=_FETCH_TIMEOUT_S) as client:
+                async with httpx.AsyncClient(
+                    timeout=_FETCH_TIMEOUT_S, verify=tls_context()
+                ) as client:
                     reply = await client.get(f"{base_url(state.address)}/object_info")
                 reply.raise_for_status()
                 definitions: dict[str, Any] = reply.json()
