@@ -151,12 +151,13 @@ async def test_the_heartbeat_says_which_models_the_server_holds(
             job = await bus.dispatch(sd(checkpoint, seed))
             end = await bus.wait_event(job.job_id)
             assert event_type(end) == "succeeded", end
+        # The residency is read before the end is sent: a heartbeat after it tells all.
         beat = await bus.wait(
             lambda: next(
-                (b for _, b in reversed(bus.heartbeats) if b.server_id == SERVER and b.model_slots),
+                (b for _, b in reversed(bus.heartbeats) if b.server_id == SERVER and b.ts > end.ts),
                 None,
             ),
-            what="a heartbeat that learnt how many models the server keeps",
+            what="a heartbeat after the last job",
         )
     assert beat.resident_models == ["b.ckpt", "c.ckpt"]
     assert beat.model_slots == 2
