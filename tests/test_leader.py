@@ -4,10 +4,13 @@ import asyncio
 
 import httpx
 import msgspec
+from nats.aio.client import Client
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
 from gateway.balancer.dispatcher import CONSUMER
+from gateway.balancer.history import learn_from_history
+from gateway.balancer.servers import ServerTable
 from gateway.bus.connection import session
 from gateway.bus.contract import (
     Dispatched,
@@ -156,3 +159,18 @@ def test_a_dispatched_event_landing_after_running_does_not_undo_it() -> None:
         event_id="e3", job_id="j", seq=3, ts=3.0, data=DispatchedData(server_id="s", attempt=1)
     )
     assert apply_event(running, late) is None
+
+
+async def test_a_new_leader_that_hears_no_history_goes_on_from_the_defaults(nc: Client) -> None:
+    subjects = Subjects()
+    table = ServerTable()
+    # No log sink runs: at once.
+    assert await learn_from_history(nc, subjects, table) == 0
+    # One that never answers (hung, or busy with a long query): no longer than the bound.
+    silent = await nc.subscribe(subjects.logs_query)
+    try:
+        async with asyncio.timeout(5):
+            assert await learn_from_history(nc, subjects, table, within=0.2) == 0
+    finally:
+        await silent.unsubscribe()
+    assert table.costs.describe("any").shapes == 0

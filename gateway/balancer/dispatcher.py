@@ -23,6 +23,7 @@ from nats.js.kv import KeyValue
 from gateway.balancer.binding import Binder
 from gateway.balancer.book import JobBook
 from gateway.balancer.expiry import EndedRecords
+from gateway.balancer.history import learn_from_history
 from gateway.balancer.joblog import JobLog
 from gateway.balancer.lead import Lead
 from gateway.balancer.recording import Recorder
@@ -52,8 +53,10 @@ class Dispatcher:
         stale_grace: float = 3.0,
         records_retention_s: float = 0.0,
     ) -> None:
+        self._nc = nc
         self._js = js
         self._subjects = subjects
+        self._servers = servers
         self._tick = tick
         self._wake = asyncio.Event()
         ended = (
@@ -87,7 +90,11 @@ class Dispatcher:
     async def run(self) -> None:
         """Lead until cancelled."""
         self._recorder.forget_held()
-        await self._recovery.load_records()
+        # Before the first round: a new leader places jobs by what the fleet ran already.
+        await asyncio.gather(
+            self._recovery.load_records(),
+            learn_from_history(self._nc, self._subjects, self._servers),
+        )
         self._recorder.replayed_upto = await self._replay_horizon()
         sub = await through_election(
             lambda: self._js.pull_subscribe(
