@@ -23,7 +23,7 @@ from nats.js.kv import KeyValue
 from gateway.balancer.binding import Binder
 from gateway.balancer.book import JobBook
 from gateway.balancer.expiry import EndedRecords
-from gateway.balancer.history import learn_from_history
+from gateway.balancer.history import HistoryLesson
 from gateway.balancer.joblog import JobLog
 from gateway.balancer.lead import Lead
 from gateway.balancer.recording import Recorder
@@ -91,10 +91,8 @@ class Dispatcher:
         """Lead until cancelled."""
         self._recorder.forget_held()
         # Before the first round: a new leader places jobs by what the fleet ran already.
-        await asyncio.gather(
-            self._recovery.load_records(),
-            learn_from_history(self._nc, self._subjects, self._servers),
-        )
+        history = HistoryLesson(self._nc, self._subjects, self._servers)
+        await asyncio.gather(self._recovery.load_records(), history.first())
         self._recorder.replayed_upto = await self._replay_horizon()
         sub = await through_election(
             lambda: self._js.pull_subscribe(
@@ -117,6 +115,7 @@ class Dispatcher:
             asyncio.create_task(self._dispatch_loop(), name="dispatcher-binding"),
         }
         try:
+            history.keep_asking()
             done, _ = await asyncio.wait(loops, return_when=asyncio.FIRST_COMPLETED)
             for task in done:
                 task.result()  # a loop only ends by failing: raise what it raised
@@ -124,7 +123,7 @@ class Dispatcher:
             # Not a TaskGroup: its single cancellation of each child can be lost inside nats-py,
             # and then leadership could never be given up.
             try:
-                await stop_tasks(*loops)
+                await stop_tasks(*loops, *history.tasks)
             finally:
                 await sub.unsubscribe()
 

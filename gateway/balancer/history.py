@@ -7,11 +7,13 @@ model a 5 s load. It asks the log sink instead, on `comfy.logs.query` as every g
 time, workflow (for the shape) and node times (for the loaders), and learns from them as if it
 had seen them run. Bounded: at most `JOBS` jobs in one reply (the sink cuts a reply to one
 message, the newest jobs first), a few seconds' wait; with no answer the leader goes on from the
-fallbacks and learns online.
+fallbacks and learns online. A sink that is not there yet (`up` starts it beside the gateway)
+is asked again in the background, every second for a minute, until it answers.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any, Final
 
@@ -38,6 +40,9 @@ JOBS: Final = 500
 # back dispatching for longer than this.
 _QUERY_S: Final = 2.0
 WAIT_S: Final = 3.0
+# While no sink answered: asked again this often, for this long, behind the dispatching.
+_AGAIN_EVERY_S: Final = 1.0
+_AGAIN_FOR_S: Final = 60.0
 
 # Jobs that succeeded in one try (their run time is one attempt's), newest first, each with its
 # workflow and the time of each node it ran, from its node_started to the next one or its end
@@ -73,18 +78,49 @@ _workflow: Final = msgspec.json.Decoder(dict[str, Any])
 _node_times: Final = msgspec.json.Decoder(dict[str, float])
 
 
+class HistoryLesson:
+    """One leadership's lesson from the log index: asked at its start, and asked again in the
+    background while no log sink has answered."""
+
+    def __init__(self, nc: Client, subjects: Subjects, servers: ServerTable) -> None:
+        self._nc, self._subjects, self._servers = nc, subjects, servers
+        self.tasks: list[asyncio.Task[None]] = []  # the leader stops them with its own
+        self.learnt: int | None = None  # jobs learnt from; None while no sink answered
+
+    async def first(self, *, within: float = WAIT_S) -> None:
+        """Ask once, `within` seconds at most."""
+        self.learnt = await learn_from_history(
+            self._nc, self._subjects, self._servers, within=within
+        )
+
+    def keep_asking(self) -> None:
+        """If no sink answered, ask again in a task (in `tasks`) until one does."""
+        if self.learnt is None and not self.tasks:
+            log.info("no log sink answered: placing from defaults, asking it again meanwhile")
+            self.tasks.append(asyncio.create_task(self._again(), name="balancer-history"))
+
+    async def _again(self) -> None:
+        loop = asyncio.get_running_loop()
+        until = loop.time() + _AGAIN_FOR_S
+        try:
+            while self.learnt is None and loop.time() < until:
+                await asyncio.sleep(_AGAIN_EVERY_S)  # paced retries of a real request
+                self.learnt = await learn_from_history(self._nc, self._subjects, self._servers)
+        except Exception:  # dispatching goes on without it; say why it stopped
+            log.exception("learning from the log index failed; placing from what runs teach")
+
+
 async def learn_from_history(
     nc: Client, subjects: Subjects, servers: ServerTable, *, within: float = WAIT_S
-) -> int:
-    """Teach the server table's cost model the recent jobs the log index holds; how many.
-
-    Waits `within` seconds at most; 0 when no sink answers in time (or none runs)."""
+) -> int | None:
+    """Teach the server table's cost model the recent jobs the log index holds; how many,
+    None when no log sink answered within `within` seconds (or none runs)."""
     query = LogQuery(sql=_SQL, max_rows=JOBS, timeout_s=min(_QUERY_S, within))
     try:
         reply = await nc.request(subjects.logs_query, encode(query), timeout=within)
     except (NatsError, TimeoutError) as exc:
-        log.warning("no history of run times from the log sink (%s): starting from defaults", exc)
-        return 0
+        log.debug("no history of run times from the log sink: %s", exc)
+        return None
     try:
         result = decode(reply.data, LogQueryResult)
     except ContractError:
