@@ -158,7 +158,7 @@ class Recorder:
             if isinstance(event, NodeStarted):
                 shape = book.shapes.get(event.job_id)
                 loaded = book.clock.node_started(event.job_id, shape, event.data.node_id, event.ts)
-                self._learn_loads(record.server_id, loaded)
+                self._learn_loads(event.server_id, loaded)  # the adapter's server, whatever try
             updated = apply_event(record, event)
             if updated is None:
                 return
