@@ -410,6 +410,7 @@ async def run(quick: bool) -> dict[str, Any]:
     )
     gateway = await live(jobs)
     blind_live = await live(jobs, blind=True)
+    del blind_live["dispatches"]  # the placements of the main run are the ones to read
     offline = {name: simulate(jobs, choose) for name, (_, choose, _) in STRATEGIES.items()}
     replayed = replay(jobs)
     stretch = gateway["run_over_nominal_all"]
