@@ -352,6 +352,7 @@ async def _live(jobs: list[FleetJob]) -> dict[str, Any]:
     loaded = {job_id for job_id, _ in load_rows}
     job_of = dict(zip(ids, jobs, strict=True))
     stretch: dict[str, list[float]] = {}
+    runs: list[list[Any]] = []  # job, server, seconds from running to its end, nominal seconds
     misjudged: list[float] = []
     estimate = {r[0]: float(r[1] or 0) + float(r[2] or 0) for r in reasons}
     sources: dict[str, int] = {}
@@ -363,6 +364,7 @@ async def _live(jobs: list[FleetJob]) -> dict[str, Any]:
             continue
         nominal = (job.work + (load_time(job.model) if r[0] in loaded else 0)) / SPEEDS[server_id]
         stretch.setdefault(server_id, []).append(ran / nominal)
+        runs.append([ids.index(r[0]), server_id, round(ran, 3), round(nominal, 3)])
         if estimate.get(r[0]):
             misjudged.append(ran / estimate[r[0]])
     # Each placement as it was made, and whether the job then loaded its model: a load the
@@ -380,6 +382,7 @@ async def _live(jobs: list[FleetJob]) -> dict[str, Any]:
     ]
     return {
         "run_over_nominal_all": statistics.median(v for vs in stretch.values() for v in vs),
+        "runs": sorted(runs),
         "dispatches": dispatches,
         "unexpected_loads": sum(
             1 for d in dispatches if d["loaded"] and d["reason"] and not d["reason"]["loads"]
@@ -410,7 +413,7 @@ async def run(quick: bool) -> dict[str, Any]:
     )
     gateway = await live(jobs)
     blind_live = await live(jobs, blind=True)
-    del blind_live["dispatches"]  # the placements of the main run are the ones to read
+    del blind_live["dispatches"], blind_live["runs"]  # the main run's are the ones to read
     offline = {name: simulate(jobs, choose) for name, (_, choose, _) in STRATEGIES.items()}
     replayed = replay(jobs)
     stretch = gateway["run_over_nominal_all"]
