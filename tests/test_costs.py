@@ -10,10 +10,13 @@ import msgspec
 import pytest
 
 from gateway.api.servers import health_of
+from gateway.balancer.book import JobBook
 from gateway.balancer.costs import DEFAULT_LOAD_S, CostModel, Estimate, ServerCosts
+from gateway.balancer.estimates import RoundCosts, bound_work
 from gateway.balancer.loadclock import LoadClock
 from gateway.balancer.placement import Candidate, Pending, hold, schedule
-from gateway.balancer.servers import ServerState
+from gateway.balancer.servers import ServerState, ServerTable
+from gateway.bus.contract import JobRecord, JobStatus
 from gateway.comfyui.shape import JobShape, shape_of
 
 RECORDINGS = Path(__file__).resolve().parent / "data" / "comfyui-protocol"
@@ -50,6 +53,7 @@ def test_run_times_are_learnt_per_shape_and_scaled_to_other_servers_and_sizes() 
     small, big = shape_of(sd("a", steps=10)), shape_of(sd("a", steps=40))
     assert costs.run_seconds("fast", small, fallback_per_unit=0.5) == Estimate(5.0, "fallback")
     for _ in range(3):
+        costs.observe_load("fast", "a", 2.0)
         costs.observe_run("fast", small, 3.0, {"a": 2.0})  # 1 s of sampling, 2 s of loading
         costs.observe_run("slow", small, 4.0, {})
     assert costs.run_seconds("fast", small, 9.9) == Estimate(1.0, "learnt")
@@ -60,21 +64,33 @@ def test_run_times_are_learnt_per_shape_and_scaled_to_other_servers_and_sizes() 
     assert costs.run_seconds("fast", big, 9.9) == Estimate(pytest.approx(4.0), "scaled")
     assert costs.load_seconds("fast", "a") == 2.0
     assert costs.load_seconds("slow", "a") == 2.0  # as loaded elsewhere
-    assert costs.load_seconds("slow", "never") == 2.0  # as a typical load
+    assert costs.load_seconds("slow", "never") == 2.0  # as the longest load seen
     assert CostModel().load_seconds("x", "never") == DEFAULT_LOAD_S
     costs.forget("fast")
     assert costs.run_seconds("fast", small, 0.5).source == "fallback"
     assert costs.describe("slow").shapes == 2
 
 
+def test_loads_are_scaled_between_servers_and_an_unknown_model_costs_the_longest_seen() -> None:
+    costs = CostModel()
+    costs.observe_load("fast", "a", 1.0)
+    costs.observe_load("fast", "c", 3.0)
+    costs.observe_load("slow", "a", 4.0)
+    # c loads three times as long as a on the fast server, which loads a four times faster.
+    assert costs.load_seconds("slow", "c") == 12.0
+    assert costs.load_seconds("fast", "new") == 3.0
+    assert costs.load_seconds("slow", "new") == 12.0
+    assert costs.load_seconds("other", "c") == 3.0  # nothing loaded there to compare
+
+
 def test_a_loaders_time_runs_until_the_next_node_starts_or_the_job_ends() -> None:
     shape = shape_of({**sd("a"), "7": {"class_type": "LoraLoader", "inputs": {"lora_name": "l"}}})
     clock = LoadClock()
-    clock.node_started("j", shape, "4", 10.0)
-    clock.node_started("j", shape, "5", 12.5)
-    clock.node_started("j", shape, "7", 13.0)
-    assert clock.ended("j", 13.5) == {"a": 2.5, "l": 0.5}
-    assert clock.ended("j", 20.0) == {}
+    assert clock.node_started("j", shape, "4", 10.0) == {}
+    assert clock.node_started("j", shape, "5", 12.5) == {"a": 2.5}  # known before the job ends
+    assert clock.node_started("j", shape, "7", 13.0) == {}
+    assert clock.ended("j", 13.5) == ({"l": 0.5}, {"a": 2.5, "l": 0.5})
+    assert clock.ended("j", 20.0) == ({}, {})
 
 
 def test_hold_keeps_the_most_recent_models_within_the_slots() -> None:
@@ -149,6 +165,61 @@ def test_held_models_follow_the_jobs_planned_and_the_oldest_leaves() -> None:
     assert again.held == ["m"] and again.loads == []
 
 
+def test_a_load_that_pushes_out_a_model_waiting_jobs_need_counts_its_reload() -> None:
+    costs = Table({"a": 1.0, "b": 2.0}, {"m": 4.0, "n": 4.0})
+    servers = [
+        Candidate(
+            server_id="a", capacity=2, bound=0, seconds_per_job=1.0, resident=("m",), model_slots=1
+        ),
+        Candidate(server_id="b", capacity=2, bound=0, seconds_per_job=2.0, model_slots=1),
+    ]
+    # n finishes first on the fast server (5 s against 6 s), but loading it there pushes out m,
+    # which the next job needs: 5 + 4 s of reloading m against 6 s on b.
+    jobs = [("n1", "n"), ("m1", "m")]
+    bindings = schedule(_pending(jobs, {"a", "b"}), servers, costs)
+    assert [(b.job_id, b.server_id) for b in bindings] == [("n1", "b"), ("m1", "a")]
+    first = bindings[0].reason
+    assert (first.finish_s, first.evicts_s) == (6.0, 0.0)
+    assert (first.next_best, first.next_best_finish_s, first.next_best_evicts_s) == ("a", 5.0, 4.0)
+    # With nothing waiting for m, it may go: the earliest finish wins again.
+    alone = schedule(_pending(jobs[:1], {"a", "b"}), servers, costs)
+    assert [(b.server_id, b.reason.evicts_s) for b in alone] == [("a", 0.0)]
+
+
+def test_a_running_jobs_work_ahead_is_what_is_left_of_it() -> None:
+    book = JobBook(None, None)  # type: ignore[arg-type]  # only its indexes are read
+    shapes = {"m": shape_of(sd("m")), "n": shape_of(sd("n"))}
+    for job_id, model, status in (
+        ("run", "m", JobStatus.RUNNING),
+        ("next", "n", JobStatus.DISPATCHED),
+    ):
+        record = JobRecord(
+            job_id=job_id,
+            status=status,
+            server_id="a",
+            submitted_at=0.0,
+            updated_at=1.0 if job_id == "next" else 0.0,
+            log_file_path="",
+        )
+        book.keep(record)
+        book.shapes[job_id] = shapes[model]
+    book.started_at["run"] = 100.0
+    table = ServerTable()
+    for model, shape in shapes.items():
+        table.costs.observe_run("a", shape, 10.0, {})
+        table.costs.observe_load("a", model, 3.0)
+    costs = RoundCosts(table, 0.1)
+    state = ServerState(server_id="a", resident=["m", "x"])
+
+    def work(at: float, slots: int) -> tuple[float, list[str]]:
+        return bound_work(book, state, costs, seconds_per_job=1.0, slots=slots, at=at)
+
+    # 6 s left of the running job, then n loaded and run.
+    assert work(104.0, slots=2) == (6.0 + 3.0 + 10.0, ["n", "m"])
+    # Past its estimate, it still holds its server a little.
+    assert work(130.0, slots=1) == (1.0 + 3.0 + 10.0, ["n"])
+
+
 def test_health_shows_what_others_loaded_to_admin_keys_only() -> None:
     state = ServerState(server_id="a", resident=["m"], model_slots=2)
     learnt = ServerCosts(seconds_per_unit=0.1, shapes=1, load_seconds={"m": 2.0})
@@ -177,7 +248,7 @@ def test_node_times_read_from_a_real_servers_messages_as_they_arrived() -> None:
     clock = LoadClock()
     for node_id, t in started:
         clock.node_started("heavy", shape, node_id, t)
-    loads = clock.ended("heavy", started[-1][1])
+    _, loads = clock.ended("heavy", started[-1][1])
     after = next(t for n, t in started if int(n) == int(blur) + 1)
     assert loads == {"blur": pytest.approx(after - dict(started)[blur])}
     assert loads["blur"] > 1.0  # ImageBlur(15) on 2048 x 2048 took seconds on that CPU

@@ -11,7 +11,9 @@ from nats.js.errors import KeyNotFoundError, NotFoundError
 
 from gateway.balancer.dispatcher import CONSUMER
 from gateway.balancer.fleet import FleetView
+from gateway.balancer.history import HistoryLesson, learn_from_history
 from gateway.balancer.role import Balancer
+from gateway.balancer.servers import ServerTable
 from gateway.bus.connection import session
 from gateway.bus.contract import (
     Dispatched,
@@ -29,6 +31,7 @@ from gateway.bus.contract import (
 from gateway.bus.jobstate import apply_event
 from gateway.bus.lease import hold_lease
 from gateway.lifecycle import stop_tasks
+from gateway.logsink.sink import run_logsink
 from gateway.settings import Settings
 from plugins.simulator import SimulatorConfig
 from tests.e2e.conftest import running_system, tiny
@@ -197,3 +200,32 @@ async def test_a_balancer_leads_only_once_it_has_read_the_server_registry(
 
 async def _leads(balancer: Balancer) -> bool:
     return balancer.leads
+
+
+async def test_a_new_leader_that_hears_no_history_goes_on_and_asks_again(
+    nc: Client, settings: Settings
+) -> None:
+    subjects = Subjects()
+    table = ServerTable()
+    # One that never answers (hung, or busy with a long query): no longer than the bound.
+    silent = await nc.subscribe(subjects.logs_query)
+    try:
+        async with asyncio.timeout(5):
+            assert await learn_from_history(nc, subjects, table, within=0.2) is None
+    finally:
+        await silent.unsubscribe()
+    # No log sink runs: at once; then asked again behind the dispatching until one answers.
+    lesson = HistoryLesson(nc, subjects, table)
+    async with asyncio.timeout(5):
+        await lesson.first()
+    assert lesson.learnt is None
+    lesson.keep_asking()
+    stop = asyncio.Event()
+    sink = asyncio.create_task(run_logsink(settings, stop, nc=nc))
+    try:
+        async with asyncio.timeout(20):
+            await asyncio.gather(*lesson.tasks)
+    finally:
+        stop.set()
+        await sink
+    assert lesson.learnt == 0  # an empty index: nothing to learn, and no more asking

@@ -121,3 +121,17 @@ def test_a_remove_then_register_stands_in_whichever_order_each_copy_arrives() ->
     table.on_removed("a", revision=9)
     table.on_registered(record("a", "h:2"), revision=8)
     assert table.is_removed("a") and table.get("a") is None
+
+
+def test_a_server_not_yet_seen_evicting_keeps_as_many_models_as_its_fleet_else_one() -> None:
+    clock = Clock()
+    table = ServerTable(clock)
+    table.on_heartbeat(beat("new"))
+    assert table.typical_model_slots() == 1  # ComfyUI's default cache: the last prompt's
+    for server_id, slots in (("a", 2), ("b", 2), ("c", 3)):
+        table.on_heartbeat(
+            Heartbeat(server_id=server_id, address="h:1", ts=0.0, healthy=True, model_slots=slots)
+        )
+    assert table.typical_model_slots() == 2
+    clock.now += 60  # none heartbeats any more: none tells
+    assert table.typical_model_slots() == 1

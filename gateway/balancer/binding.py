@@ -67,12 +67,17 @@ class Binder:
 
     def _candidates(self, costs: RoundCosts) -> list[Candidate]:
         typical = self._lead.servers.typical_seconds_per_job() or _DEFAULT_SECONDS_PER_JOB
+        typical_slots = self._lead.servers.typical_model_slots()
+        at = now()
         candidates = []
         for s in self._lead.servers.open_for_work():
             if s.capabilities is None:
                 continue
             seconds_per_job = s.seconds_per_job or typical / max(s.weight, 0.01)
-            busy, resident = bound_work(self._lead.book, s, costs, seconds_per_job)
+            slots = s.model_slots or typical_slots
+            busy, resident = bound_work(
+                self._lead.book, s, costs, seconds_per_job=seconds_per_job, slots=slots, at=at
+            )
             candidates.append(
                 Candidate(
                     server_id=s.server_id,
@@ -81,7 +86,7 @@ class Binder:
                     seconds_per_job=seconds_per_job,
                     busy_s=busy,
                     resident=tuple(resident),
-                    model_slots=s.model_slots,
+                    model_slots=slots,
                 )
             )
         return candidates

@@ -4,13 +4,16 @@ Two things are learnt per server. A job's run time without its model loads, per 
 (`gateway/comfyui/shape.py`: node types, models, steps, pixels, frames), and the server's
 seconds per unit of work (a 512 x 512 sampler step) over every shape it ran. A model's load
 time, from the loader node's time when it ran (a held model's loader is served from the cache
-and costs nothing). Each is the median of the last few, so one run stretched by a crash or a
-busy disk does not stick.
+and costs nothing), learnt as soon as the loader is done. Each is the median of the last few,
+so one run stretched by a crash or a busy disk does not stick.
 
 An estimate for a shape the server has not run yet comes from the same shape on another
 server, scaled by the two servers' seconds per unit; failing that, from the job's units times
 the server's seconds per unit; failing that, from the caller's fallback (the fleet's typical
-server). A model never loaded anywhere costs the typical load seen so far.
+server). A model the server never loaded costs what it took elsewhere, scaled by how the two
+servers' loads of the models both loaded compare (disks and buses differ as GPUs do); one never
+loaded anywhere, the longest load seen so far: guessing an unknown checkpoint cheap spreads it
+over the fleet, a load on every server.
 """
 
 from __future__ import annotations
@@ -62,14 +65,18 @@ class CostModel:
         self._rates: dict[str, list[float]] = {}  # server -> seconds per unit
         self._loads: dict[str, dict[str, list[float]]] = {}  # server -> model -> seconds
 
+    def observe_load(self, server_id: str, model: str, seconds: float) -> None:
+        """The server loaded `model` in `seconds`."""
+        if seconds >= 0:
+            _push(self._loads.setdefault(server_id, {}).setdefault(model, []), seconds, 5)
+
     def observe_run(
         self, server_id: str, shape: JobShape, seconds: float, loads: Mapping[str, float]
     ) -> None:
-        """A successful run of `seconds`, of which `loads` (model -> seconds) went to loading."""
+        """A successful run of `seconds`, of which `loads` (model -> seconds, each told to
+        `observe_load` already) went to loading."""
         if seconds < 0:
             return
-        for model, load in loads.items():
-            _push(self._loads.setdefault(server_id, {}).setdefault(model, []), load, 5)
         compute = max(0.0, seconds - sum(loads.values()))
         runs = self._runs.setdefault(server_id, {})
         if shape.key not in runs and len(runs) >= _SHAPES_REMEMBERED:
@@ -107,16 +114,34 @@ class CostModel:
 
     def load_seconds(self, server_id: str, model: str) -> float:
         """Expected time to load `model` on the server when it does not hold it."""
-        here = self._loads.get(server_id, {}).get(model)
-        if here:
-            return statistics.median(here)
+        mine = self._loads.get(server_id, {})
+        if mine.get(model):
+            return statistics.median(mine[model])
         elsewhere = [
-            statistics.median(loads[model]) for loads in self._loads.values() if loads.get(model)
+            statistics.median(theirs[model]) * self._load_pace(mine, theirs)
+            for other_id, theirs in self._loads.items()
+            if other_id != server_id and theirs.get(model)
         ]
         if elsewhere:
             return statistics.median(elsewhere)
-        known = [statistics.median(v) for loads in self._loads.values() for v in loads.values()]
-        return statistics.median(known) if known else DEFAULT_LOAD_S
+        known = [
+            statistics.median(times) * self._load_pace(mine, theirs)
+            for theirs in self._loads.values()
+            for times in theirs.values()
+            if times
+        ]
+        return max(known) if known else DEFAULT_LOAD_S
+
+    @staticmethod
+    def _load_pace(mine: Mapping[str, list[float]], theirs: Mapping[str, list[float]]) -> float:
+        """How much longer a load takes on one server than on another: the median ratio of
+        the models both loaded, 1 with none in common."""
+        ratios = [
+            statistics.median(mine[m]) / statistics.median(theirs[m])
+            for m in mine.keys() & theirs.keys()
+            if mine[m] and theirs[m] and statistics.median(theirs[m]) > 0
+        ]
+        return statistics.median(ratios) if ratios else 1.0
 
     def typical_per_unit(self, server_ids: list[str], weights: Mapping[str, float]) -> float | None:
         """The median seconds per unit of these servers, per unit of weight; None if none."""

@@ -25,6 +25,7 @@ from gateway.balancer.backlog import BacklogWriter
 from gateway.balancer.binding import Binder
 from gateway.balancer.book import JobBook
 from gateway.balancer.expiry import EndedRecords
+from gateway.balancer.history import HistoryLesson
 from gateway.balancer.joblog import JobLog
 from gateway.balancer.lead import Lead
 from gateway.balancer.recording import Recorder
@@ -56,8 +57,10 @@ class Dispatcher:
         records_retention_s: float = 0.0,
         shares: Shares | None = None,
     ) -> None:
+        self._nc = nc
         self._js = js
         self._subjects = subjects
+        self._servers = servers
         self._tick = tick
         self._wake = asyncio.Event()
         ended = (
@@ -96,7 +99,9 @@ class Dispatcher:
     async def run(self) -> None:
         """Lead until cancelled."""
         self._recorder.forget_held()
-        await self._recovery.load_records()
+        # Before the first round: a new leader places jobs by what the fleet ran already.
+        history = HistoryLesson(self._nc, self._subjects, self._servers)
+        await asyncio.gather(self._recovery.load_records(), history.first())
         self._recorder.replayed_upto = await self._replay_horizon()
         sub = await through_election(
             lambda: self._js.pull_subscribe(
@@ -120,6 +125,7 @@ class Dispatcher:
             asyncio.create_task(self._backlog.run(), name="dispatcher-backlog"),
         }
         try:
+            history.keep_asking()
             done, _ = await asyncio.wait(loops, return_when=asyncio.FIRST_COMPLETED)
             for task in done:
                 task.result()  # a loop only ends by failing: raise what it raised
@@ -127,7 +133,7 @@ class Dispatcher:
             # Not a TaskGroup: its single cancellation of each child can be lost inside nats-py,
             # and then leadership could never be given up.
             try:
-                await stop_tasks(*loops)
+                await stop_tasks(*loops, *history.tasks)
             finally:
                 await sub.unsubscribe()
 

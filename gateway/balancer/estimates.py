@@ -2,12 +2,15 @@
 
 A round asks the cost of many queued jobs on every server, and jobs of one shape share it:
 each (server, shape) and (server, model) is estimated once per round. A server's work ahead is
-its bound jobs, each at its whole estimate (a running one too, as before costs were known:
-subtracting what it has run did not measure better), loading the models it will not hold by
-then; what it holds afterwards follows them.
+its bound jobs, each at its estimate (a running one less what it has run: counted whole, a
+12 s model load just begun and one nearly done look alike, and jobs go elsewhere to load
+their model again), loading the models it will not hold by then; what it holds afterwards
+follows them, the least recently used leaving beyond the models it keeps.
 """
 
 from __future__ import annotations
+
+from typing import Final
 
 from gateway.balancer.book import JobBook
 from gateway.balancer.costs import Estimate
@@ -15,6 +18,9 @@ from gateway.balancer.placement import hold
 from gateway.balancer.servers import ServerState, ServerTable
 from gateway.bus.contract import JobStatus
 from gateway.comfyui.shape import JobShape
+
+# A running job past its estimate still has some of it ahead: it is not done until it ends.
+_LEFT_AT_LEAST: Final = 0.1
 
 
 class RoundCosts:
@@ -49,11 +55,18 @@ class RoundCosts:
 
 
 def bound_work(
-    book: JobBook, state: ServerState, costs: RoundCosts, seconds_per_job: float
+    book: JobBook,
+    state: ServerState,
+    costs: RoundCosts,
+    *,
+    seconds_per_job: float,
+    slots: int,
+    at: float,
 ) -> tuple[float, list[str]]:
-    """(seconds of work bound to the server, the models it holds once that is done)."""
+    """(seconds of work bound to the server from `at` on, the models it holds once that is
+    done), `slots` of them at most."""
     server_id = state.server_id
-    resident = list(state.resident)
+    resident = state.resident[:slots]
     records = [book.records[j] for j in book.bound.of(server_id) if j in book.records]
     # The running job first, then the others in the order they were bound (ComfyUI's queue).
     records.sort(key=lambda r: (r.status is not JobStatus.RUNNING, r.updated_at))
@@ -66,6 +79,9 @@ def bound_work(
         work = costs.run_seconds(server_id, shape).seconds + sum(
             costs.load_seconds(server_id, m) for m in shape.models if m not in resident
         )
+        started = book.started_at.get(record.job_id)
+        if record.status is JobStatus.RUNNING and started is not None:
+            work = max(work - (at - started), _LEFT_AT_LEAST * work)
         busy += work
-        hold(resident, shape.models, state.model_slots)
+        hold(resident, shape.models, slots)
     return busy, resident

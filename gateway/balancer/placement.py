@@ -5,11 +5,14 @@ request (a pinned server, required labels). Choosing among servers that may run 
 scheduling: jobs in queue order go, one by one, to the server expected to finish them first,
 counting what that server already holds; a job is bound only when that server has room. A job
 whose best server is busy waits for it rather than going to a slow server that happens to be idle,
-which is what keeps the makespan close to ideal on a fleet of uneven GPUs.
+which is what keeps the makespan close to ideal on a fleet of uneven GPUs. A load that would push
+out a model that jobs waiting behind it still need is charged that model's reload too: without
+it, each job's own earliest finish has servers trade models back and forth.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Protocol
 
@@ -149,11 +152,12 @@ def schedule(
 
     Each job goes, in turn, to the eligible server with the earliest expected finish: the work
     already bound there and planned for it this round, plus the job's run time there, plus the
-    loading of the models it needs that the server will not hold by then. So jobs of one model
-    go where it is held as long as waiting for that server beats loading it elsewhere, and a
-    server's held models follow the jobs planned for it. Only jobs whose chosen server has room
-    are bound; the rest wait. `lookahead` limits how many queued jobs the plan considers (0:
-    twice the fleet's total capacity, enough to fill every slot).
+    loading of the models it needs that the server will not hold by then; a load that would
+    push out a model later jobs of the plan need counts that model's reload as well. So jobs
+    of one model go where it is held as long as waiting for that server beats loading it
+    elsewhere, and a server's held models follow the jobs planned for it. Only jobs whose
+    chosen server has room are bound; the rest wait. `lookahead` limits how many queued jobs
+    the plan considers (0: twice the fleet's total capacity, enough to fill every slot).
     """
     servers = {c.server_id: msgspec.structs.replace(c) for c in candidates}
     if not servers:
@@ -164,8 +168,13 @@ def schedule(
     }
     held = {s.server_id: list(s.resident) for s in servers.values()}
     limit = lookahead or 2 * sum(s.capacity for s in servers.values()) + 1
+    window = pending[:limit] if len(pending) > limit else pending
+    # Models the jobs not planned yet need, counted per job.
+    wanted = Counter(m for job in window if job.shape is not None for m in job.shape.models)
     bindings: list[Binding] = []
-    for job in pending[:limit] if len(pending) > limit else pending:
+    for job in window:
+        if job.shape is not None:
+            wanted.subtract(job.shape.models)
         # Only the best two options matter, and a reason is written only for a binding:
         # most jobs of the window are planned, not bound, and a round runs many times a second.
         best: _Option | None = None
@@ -174,7 +183,7 @@ def schedule(
             server = servers.get(server_id)
             if server is None:
                 continue
-            option = _option(job, server, busy_until[server_id], held[server_id], costs)
+            option = _option(job, server, busy_until[server_id], held[server_id], costs, wanted)
             if best is None or option.key < best.key:
                 best, second = option, best
             elif second is None or option.key < second.key:
@@ -190,6 +199,7 @@ def schedule(
             chosen.bound += 1
             if second is not None:
                 reason.next_best, reason.next_best_finish_s = second.server_id, second.finish
+                reason.next_best_evicts_s = second.evicts_s
             bindings.append(Binding(job.job_id, chosen.server_id, reason))
     return bindings
 
@@ -203,11 +213,13 @@ class _Option(msgspec.Struct, frozen=True):
     queued_s: float
     estimate: Estimate
     loads: tuple[str, ...]
+    evicts_s: float = 0.0
 
     @property
     def key(self) -> tuple[float, float, str]:
-        """The least is best: soonest finish, then the least loading, then the id."""
-        return (self.finish, self.load_s, self.server_id)
+        """The least is best: soonest finish with the reloads it causes, then the least
+        loading, then the id."""
+        return (self.finish + self.evicts_s, self.load_s, self.server_id)
 
     def reason(self, bound: int, job: Pending, held: list[str]) -> PlacementReason:
         return PlacementReason(
@@ -217,24 +229,37 @@ class _Option(msgspec.Struct, frozen=True):
             loads=list(self.loads),
             queued_s=self.queued_s,
             finish_s=self.finish,
+            evicts_s=self.evicts_s,
             bound=bound,
             held=[m for m in job.shape.models if m in held] if job.shape is not None else [],
         )
 
 
 def _option(
-    job: Pending, server: Candidate, busy: float, held: list[str], costs: Estimator | None
+    job: Pending,
+    server: Candidate,
+    busy: float,
+    held: list[str],
+    costs: Estimator | None,
+    wanted: Mapping[str, int],
 ) -> _Option:
     if costs is None or job.shape is None:
         estimate = Estimate(server.seconds_per_job, "fallback")
-        loads: tuple[str, ...] = ()
-        load_s = 0.0
-    else:
-        estimate = costs.run_seconds(server.server_id, job.shape)
-        loads = tuple(m for m in job.shape.models if m not in held)
-        load_s = sum(costs.load_seconds(server.server_id, m) for m in loads)
+        return _Option(busy + estimate.seconds, 0.0, server.server_id, busy, estimate, ())
+    estimate = costs.run_seconds(server.server_id, job.shape)
+    loads = tuple(m for m in job.shape.models if m not in held)
+    load_s = sum(costs.load_seconds(server.server_id, m) for m in loads)
+    evicts_s = 0.0
+    if loads:
+        after = list(held)
+        hold(after, job.shape.models, server.model_slots)
+        evicts_s = sum(
+            costs.load_seconds(server.server_id, m)
+            for m in held
+            if m not in after and wanted.get(m, 0) > 0
+        )
     finish = busy + load_s + estimate.seconds
-    return _Option(finish, load_s, server.server_id, busy, estimate, loads)
+    return _Option(finish, load_s, server.server_id, busy, estimate, loads, evicts_s)
 
 
 def plan(

@@ -157,7 +157,8 @@ class Recorder:
                 await feed(self._lead.js, self._lead.subjects, record, event, _stream_seq(message))
             if isinstance(event, NodeStarted) and _of_running_attempt(record, event):
                 shape = book.shapes.get(event.job_id)
-                book.clock.node_started(event.job_id, shape, event.data.node_id, event.ts)
+                loaded = book.clock.node_started(event.job_id, shape, event.data.node_id, event.ts)
+                self._learn_loads(event.server_id, loaded)  # the adapter's server, whatever try
             updated = apply_event(record, event)
             if updated is None:
                 return
@@ -212,7 +213,8 @@ class Recorder:
     def _finish(self, before: JobRecord, after: JobRecord, event: Event) -> None:
         book = self._lead.book
         shape = book.shapes.get(after.job_id)
-        loads = book.clock.ended(after.job_id, event.ts)
+        loaded, loads = book.clock.ended(after.job_id, event.ts)
+        self._learn_loads(before.server_id, loaded)
         book.forget(after.job_id)
         started = book.started_at.pop(after.job_id, None)
         # Only a success tells how fast a server is: a failure or a cancel may come at once or
@@ -239,6 +241,13 @@ class Recorder:
         elif isinstance(event, Cancelled) and before.status in BOUND and before.server_id:
             # Cancelled while bound: make sure the adapter stops it too.
             asyncio.get_running_loop().create_task(self._forward_cancel(before))
+
+    def _learn_loads(self, server_id: str | None, loaded: dict[str, float]) -> None:
+        # As soon as a loader is done, not at the job's end: the next round may place a job
+        # of that model, and the first load of a big one is the one that misleads most.
+        for model, seconds in loaded.items():
+            if server_id is not None:
+                self._lead.servers.costs.observe_load(server_id, model, seconds)
 
     async def _forward_cancel(self, record: JobRecord, reason: str | None = None) -> None:
         assert record.server_id is not None

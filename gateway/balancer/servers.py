@@ -224,6 +224,14 @@ class ServerTable:
         if state is not None and models:
             hold(state.resident, models, state.model_slots)
 
+    def typical_model_slots(self) -> int:
+        """How many models a server is taken to keep until its adapter has seen it: as many
+        as the live servers that told (fleets are set up alike), else one, as ComfyUI's
+        default cache keeps only its last prompt's outputs. Taking more than it keeps sends
+        jobs to a server for a model it no longer holds."""
+        told = [s.model_slots for s in self.live() if s.model_slots is not None]
+        return max(1, statistics.median_low(told)) if told else 1
+
     def typical_seconds_per_job(self) -> float | None:
         """Median estimate over the live measured servers, per unit of weight; None if none."""
         estimates = [

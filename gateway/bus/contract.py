@@ -381,6 +381,10 @@ class PlacementReason(msgspec.Struct, kw_only=True):
     """The work already bound to the server, or planned for it ahead of this job."""
     finish_s: float = 0.0
     """queued_s + load_s + estimate_s: when the job should be done there."""
+    evicts_s: float = 0.0
+    """Time to load again the models its loads would push out there that jobs waiting behind
+    it need (not named: they may be other callers'). The server chosen has the least
+    finish_s + evicts_s."""
     bound: int = 0
     """Jobs bound to the server when this one was."""
     held: list[str] = msgspec.field(default_factory=list)
@@ -388,6 +392,7 @@ class PlacementReason(msgspec.Struct, kw_only=True):
     it held would tell what other callers ran)."""
     next_best: str | None = None
     next_best_finish_s: float | None = None
+    next_best_evicts_s: float | None = None
 
 
 class DispatchedData(msgspec.Struct, kw_only=True):

@@ -6,6 +6,8 @@ is listed in `execution_cached` (its model was held and nothing was loaded), and
 loaded its files. So the adapter keeps the models its prompts used, most recent first, and
 learns how many the server keeps: a model loaded again although fewer than N others were used
 since means it holds fewer than N; one served from the cache after N others, at least N + 1.
+It remembers more models than it reports held, so that a hit deeper than it thought still
+teaches it.
 """
 
 from __future__ import annotations
@@ -16,9 +18,10 @@ from typing import Any, Final
 from gateway.comfyui.shape import loaders
 from plugins.comfyui.messages import HistoryEntry
 
-# Until evictions tell, this many models are taken to be held (a list longer than the truth
-# is corrected by the next reload of one of them).
-_UNKNOWN_SLOTS_KEPT: Final = 8
+# Models remembered in the order they were used: what is reported held until evictions tell
+# how many the server keeps (a list longer than the truth is corrected by the next reload of
+# one of them), and what a later hit or reload is read against.
+_USES_REMEMBERED: Final = 8
 
 
 def cached_nodes(entry: HistoryEntry) -> list[str] | None:
@@ -46,8 +49,16 @@ class Residency:
     """The models the server holds, most recently used first, and how many it keeps."""
 
     def __init__(self) -> None:
-        self.models: list[str] = []
+        self._used: list[str] = []  # most recent first, _USES_REMEMBERED at most
+        self._last = 1  # models the last prompt used: held whatever the slots
         self.slots: int | None = None  # learnt from evictions and hits; None until one
+
+    @property
+    def models(self) -> list[str]:
+        """The models it holds, most recent first: all remembered until the slots are known."""
+        if self.slots is None:
+            return list(self._used)
+        return self._used[: max(self.slots, self._last)]
 
     def observe(self, workflow: Mapping[str, Any], cached: Iterable[str]) -> None:
         """A prompt succeeded with these nodes served from the cache."""
@@ -55,18 +66,19 @@ class Residency:
         if not held and not loaded:
             return
         for model in held:
-            if model in self.models and self.slots is not None:
+            index = self._used.index(model) if model in self._used else 0
+            if index:
                 # Served after `index` others were used since: it keeps at least index + 1.
-                self.slots = max(self.slots, self.models.index(model) + 1)
+                self.slots = max(self.slots or 1, index + 1)
         for model in loaded:
-            if model in self.models:
+            if model in self._used:
                 # Loaded again after only `index` others: it keeps at most `index` of them.
-                index = self.models.index(model)
+                index = self._used.index(model)
                 self.slots = max(1, min(self.slots or index, index))
         used = [*held, *loaded]
-        self.models = [*used, *(m for m in self.models if m not in used)]
-        keep = self.slots if self.slots is not None else _UNKNOWN_SLOTS_KEPT
-        self.models = self.models[: max(keep, len(used))]
+        self._last = len(used)
+        self._used = [*used, *(m for m in self._used if m not in used)]
+        del self._used[max(_USES_REMEMBERED, len(used)) :]
 
     def observe_history(self, entry: HistoryEntry) -> None:
         """A successful prompt's history entry: what its loaders found held, what they loaded."""
@@ -76,4 +88,4 @@ class Residency:
 
     def forget(self) -> None:
         """The server restarted (or was told to free its models): it holds nothing."""
-        self.models = []
+        self._used = []

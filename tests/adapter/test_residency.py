@@ -74,15 +74,19 @@ def test_loaders_served_from_the_cache_were_held_and_the_others_loaded() -> None
 def test_residency_keeps_the_most_recent_first_and_learns_how_many_are_kept() -> None:
     residency = Residency()
     residency.observe(sd("a"), cached=[])
+    residency.observe(sd("a"), cached=["4"])  # held right after its own use: tells nothing
     residency.observe(sd("b"), cached=[])
-    residency.observe(sd("a"), cached=["4"])  # a was held while b was used too
-    assert residency.models == ["a", "b"] and residency.slots is None
+    assert residency.models == ["b", "a"] and residency.slots is None
     residency.observe(sd("c"), cached=[])
-    residency.observe(sd("b"), cached=[])  # loaded again after a and c: two kept at most
+    residency.observe(sd("b"), cached=[])  # loaded again after c only: one kept at most
+    assert residency.slots == 1
+    assert residency.models == ["b"]
+    residency.observe(sd("c"), cached=["4"])  # still held with b used since: two at least
     assert residency.slots == 2
-    assert residency.models == ["b", "c"]
-    residency.observe(sd("c"), cached=["4"])
     assert residency.models == ["c", "b"]
+    residency.observe(sd("a"), cached=["4"])  # a deeper hit than it reported held
+    assert residency.slots == 3
+    assert residency.models == ["a", "c", "b"]
     residency.forget()
     assert residency.models == []
 
@@ -147,12 +151,13 @@ async def test_the_heartbeat_says_which_models_the_server_holds(
             job = await bus.dispatch(sd(checkpoint, seed))
             end = await bus.wait_event(job.job_id)
             assert event_type(end) == "succeeded", end
+        # The residency is read before the end is sent: a heartbeat after it tells all.
         beat = await bus.wait(
             lambda: next(
-                (b for _, b in reversed(bus.heartbeats) if b.server_id == SERVER and b.model_slots),
+                (b for _, b in reversed(bus.heartbeats) if b.server_id == SERVER and b.ts > end.ts),
                 None,
             ),
-            what="a heartbeat that learnt how many models the server keeps",
+            what="a heartbeat after the last job",
         )
     assert beat.resident_models == ["b.ckpt", "c.ckpt"]
     assert beat.model_slots == 2

@@ -1,4 +1,5 @@
-"""Placement by cost: jobs follow the server that holds their model, and say why they went."""
+"""Placement by cost: jobs follow the server that holds their model, and say why they went; a
+new leader places them by the run times the log index holds."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import httpx
 
 from plugins.simulator import SimulatorConfig
 from tests.e2e.conftest import System
+from tests.helpers import poll_until
 
 MODELS = {"checkpoints": ["m.ckpt", "n.ckpt"]}
 
@@ -61,7 +63,9 @@ async def test_jobs_of_a_model_follow_the_server_holding_it_and_say_why(system: 
     await system.add_server("b", config)
     async with httpx.AsyncClient(base_url=system.url, timeout=90) as client:
         # "a" is first in every tie; the model goes to "b" first, pinned.
-        await _run(client, {"workflow": sd("m.ckpt", 1), "server": "b"})
+        first = await _run(client, {"workflow": sd("m.ckpt", 1), "server": "b"})
+        fresh = (await _dispatched(client, first["job_id"]))["data"]["reason"]
+        assert fresh["estimate_from"] == "fallback"  # a leader that has seen nothing run
         for seed in range(2, 4):
             result = await _run(client, {"workflow": sd("m.ckpt", seed)})
             assert result["server_id"] == "b"
@@ -77,3 +81,18 @@ async def test_jobs_of_a_model_follow_the_server_holding_it_and_say_why(system: 
     assert learnt["b"]["seconds_per_unit"] is not None and learnt["b"]["shapes_learnt"] == 1
     assert learnt["b"]["load_seconds"]["m.ckpt"] > 0
     assert learnt["a"]["seconds_per_unit"] is None
+
+    # A new leader (its gateway's table starts empty) learns from the log index before it
+    # places a job: the shape ran on b already.
+    await system.stop_all_gateways()
+    system.url = await system.start_gateway()
+    async with httpx.AsyncClient(base_url=system.url, timeout=90) as client:
+        await poll_until(lambda: _both_known(client), "the new gateway knows both servers")
+        result = await _run(client, {"workflow": sd("m.ckpt", 4)})
+        reason = (await _dispatched(client, result["job_id"]))["data"]["reason"]
+    assert (result["server_id"], reason["estimate_from"]) == ("b", "learnt"), reason
+
+
+async def _both_known(client: httpx.AsyncClient) -> bool:
+    servers = (await client.get("/servers")).json()
+    return sum(s["status"] == "healthy" and s["node_types"] > 0 for s in servers) == 2
