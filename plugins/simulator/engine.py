@@ -2,6 +2,9 @@
 
 One asyncio task runs prompts one at a time, lowest `number` first. Every message it produces
 goes through the Hub synchronously, so per-client order is the order of production.
+
+Why this module is long: the queue, the worker, the cache and the history share each prompt's
+state and the order of its messages; split apart, each part would reach into the others.
 """
 
 from __future__ import annotations
