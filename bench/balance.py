@@ -11,9 +11,10 @@
    as a strong reference, speed-aware earliest-finish list scheduling.
 2. The same jobs with the fastest server crashed (sim.crash()) at half the ideal makespan.
 3. The e2e test's case: speeds 1x, 2x, 4x, 70 equal 3-node jobs at node_seconds 0.05/0.1/0.2.
-4. A fleet's workload (bench/fleetload.py): model loads, two models held per server, jobs 20x
+4. A fleet's workload (bench/fleet.py): model loads, two models held per server, jobs 20x
    apart in size, bursts; against round-robin, fewest queued, model-blind earliest finish,
-   SwarmUI-like model-aware least queued, and a lower bound. `--fleet-only` runs only this.
+   SwarmUI-like model-aware least queued, the gateway's placement replayed, and a lower bound.
+   `--fleet-only` runs only this.
 5. Fair share between API keys (bench/fairness.py): a light key's wait while a heavy key
    floods, against an idle fleet. `--fairness` runs only this.
 
@@ -32,7 +33,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench import fairness, fleetload
+from bench import fairness
+from bench import fleet as fleet_section
 from bench.common import (
     goal,
     print_goals,
@@ -219,7 +221,7 @@ async def live_run(
 
 async def main(quick: bool, fleet_only: bool = False) -> dict[str, Any]:
     if fleet_only:
-        fleet = await fleetload.run(quick)
+        fleet = await fleet_section.run(quick)
         goals = fleet_goals(fleet)
         say("")
         print_goals(goals)
@@ -371,7 +373,7 @@ async def main(quick: bool, fleet_only: bool = False) -> dict[str, Any]:
         goal(f"e2e case node_seconds={k}: makespan / ideal", v["ratio"], "x", 1.05, False)
         for k, v in e2e.items()
     ]
-    fleet = await fleetload.run(quick)
+    fleet = await fleet_section.run(quick)
     goals += fleet_goals(fleet)
     say("")
     print_goals(goals)

@@ -1,6 +1,6 @@
 """The gateway's own placement, replayed on a simulated clock: where the live gap comes from.
 
-Part of `bench/fleetload.py`. The same jobs and arrivals as the live run go through the
+Part of `bench/fleet.py`. The same jobs and arrivals as the live run go through the
 balancer's own code, `placement.schedule` with `RoundCosts` and `bound_work` over a real
 `JobBook` and `ServerTable` (whose `CostModel` learns from the runs), with capacity 2 per
 server and late binding; each server is the fake's model of a GPU (two models held, least
