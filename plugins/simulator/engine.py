@@ -2,9 +2,6 @@
 
 One asyncio task runs prompts one at a time, lowest `number` first. Every message it produces
 goes through the Hub synchronously, so per-client order is the order of production.
-
-Why this module is long: the queue, the worker, the cache and the history share each prompt's
-state and the order of its messages; split apart, each part would reach into the others.
 """
 
 from __future__ import annotations
@@ -17,7 +14,6 @@ import time
 import uuid
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from gateway.comfyui.graph import ExecutionList, is_link, signatures
@@ -27,6 +23,7 @@ from gateway.comfyui.validation import Validator
 
 from .config import SimulatorConfig
 from .costs import HeldModels, load_seconds, sampling_step_seconds
+from .folders import Folders
 from .history import History, QueueItem
 from .hub import Hub
 from .images import format_value
@@ -50,19 +47,6 @@ class BadRequest(Exception):
 
 class Crashed(Exception):
     """Raised inside the worker when an injected crash fires."""
-
-
-@dataclass(frozen=True)
-class Folders:
-    output: Path
-    input: Path
-    temp: Path
-
-    def get(self, kind: str) -> Path:
-        folders = {"output": self.output, "input": self.input, "temp": self.temp}
-        if kind not in folders:
-            raise KeyError(kind)
-        return folders[kind]
 
 
 @dataclass
@@ -102,11 +86,11 @@ class Engine:
         self.hub = hub
         self.history = History()
         self.hang = config.hang_queue
-        # Open unless a test holds it: a started prompt waits here before its nodes, as on a
-        # real server that is slow to start executing (see Simulator.hold_setup).
+        # Open unless a test holds them (Simulator.hold_setup, hold_nodes): a started prompt
+        # waits at the first before its nodes, as on a real server slow to start executing,
+        # and a node of a held type at its own.
         self.setup_gate = asyncio.Event()
         self.setup_gate.set()
-        # Node types a test holds (see Simulator.hold_nodes): such a node runs once released.
         self.node_gates: dict[str, asyncio.Event] = {}
         self.client_id: str | None = None
         self.last_node_id: str | None = None
@@ -402,8 +386,7 @@ class Engine:
             if self._matches(self.config.crash_on_node, node_id, class_type):
                 self._crash()
             loads = load_seconds(self.config, run.item.prompt[node_id])
-            gate = self.node_gates.get(class_type)
-            if gate is not None:
+            if (gate := self.node_gates.get(class_type)) is not None:
                 await gate.wait()
             await asyncio.sleep(max(0.0, self.config.seconds_for(class_type) + loads))
             if any(self._matches(s, node_id, class_type) for s in self.config.fail_nodes):

@@ -20,7 +20,8 @@ from typing import Any
 import uvicorn
 
 from .config import SimulatorConfig
-from .engine import Engine, Folders
+from .engine import Engine
+from .folders import Folders
 from .hub import Hub
 from .nodedefs import IMAGE_EXTENSIONS, NodeRegistry
 from .routes import App

@@ -1,21 +1,31 @@
 """Every client command with --json, its exit codes, and what people see, against the running
-system. The commands run in this process (as `comfyautomate` would run them) to keep it quick;
-tests/e2e/test_e2e_cli.py runs the real executable."""
+shared. The commands run in this process (as `comfyautomate` would run them) to keep it quick;
+tests/e2e/test_e2e_cli.py runs the real executable. One system for the module, with gpu1; a
+server a test adds it removes."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+import pytest_asyncio
 
 from gateway.app.cli import build_parser
 from plugins.simulator import SimulatorConfig, run_simulator
-from tests.e2e.conftest import System, tiny
+from tests.e2e.conftest import System, system_of_its_own, tiny
 from tests.helpers import poll_until
+
+
+@pytest_asyncio.fixture(scope="module")
+async def shared(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[System]:
+    async with system_of_its_own(tmp_path_factory.mktemp("cli-json")) as running:
+        await running.add_server("gpu1")
+        yield running
 
 
 async def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
@@ -30,14 +40,13 @@ def _lines(out: str) -> list[Any]:
 
 
 async def test_every_client_command_answers_json_and_its_exit_code(
-    system: System, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    shared: System, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    await system.add_server("gpu1")
-    at = ("--gateway", system.url, "--json")
+    at = ("--gateway", shared.url, "--json")
     workflow = tmp_path / "w.json"
     workflow.write_text(json.dumps(tiny(41)))
 
-    await _drain_and_undrain(system, capsys, at)
+    await _drain_and_undrain(shared, capsys, at)
 
     async with run_simulator(SimulatorConfig(base_dir=str(tmp_path / "sim"))) as other:
         code, out, _ = await _run(capsys, "servers", "add", "gpu1b", other.address, *at)
@@ -121,9 +130,9 @@ async def _running(client: httpx.AsyncClient, job_id: str) -> bool:
 
 
 async def test_user_errors_are_one_line_and_an_exit_code(
-    system: System, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    shared: System, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    at = ("--gateway", system.url)
+    at = ("--gateway", shared.url)
     not_json = tmp_path / "notes.txt"
     not_json.write_text("hello")
     cases = [
@@ -140,16 +149,15 @@ async def test_user_errors_are_one_line_and_an_exit_code(
 
 
 async def test_a_person_sees_every_node_end_and_whole_job_ids(
-    system: System,
+    shared: System,
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv("COLUMNS", "60")
-    await system.add_server("gpu1")
     workflow = tmp_path / "w.json"
     workflow.write_text(json.dumps(tiny(42)))
-    code, out, err = await _run(capsys, "submit", str(workflow), "--wait", "--gateway", system.url)
+    code, out, err = await _run(capsys, "submit", str(workflow), "--wait", "--gateway", shared.url)
     assert code == 0, err
     job_id = out.split("/images/")[1].split("/")[0]
     rows = [line for line in err.splitlines() if line.startswith("node ")]
@@ -159,12 +167,12 @@ async def test_a_person_sees_every_node_end_and_whole_job_ids(
     assert {row.split()[2] for row in rows} == {node["class_type"] for node in tiny(42).values()}
     assert f"job {job_id}: succeeded on gpu1" in err
 
-    code, out, _ = await _run(capsys, "jobs", "list", "--gateway", system.url)
+    code, out, _ = await _run(capsys, "jobs", "list", "--gateway", shared.url)
     assert code == 0 and job_id in out
 
     # No gateway, but the log file at hand: `logs show --data-dir` reads it.
     code, out, err = await _run(
-        capsys, "logs", "show", job_id, "--data-dir", system.settings.data_dir,
+        capsys, "logs", "show", job_id, "--data-dir", shared.settings.data_dir,
         "--gateway", "http://127.0.0.1:9",
     )  # fmt: skip
     assert code == 0, err
