@@ -146,8 +146,11 @@ export async function render(root, { signal }) {
   const running = h("section");
   const ended = h("section");
 
-  const button = (label, action, job, handler) =>
-    h("button", { type: "button", dataset: { action }, onclick: () => handler(job) }, label);
+  // The rows are drawn anew with every event: a click whose press and release straddle a
+  // redraw reaches no button. So the buttons only name their action and job, and the action is
+  // taken on the release, from the button under it (a keyboard's click has no pointer).
+  const button = (label, action, job) =>
+    h("button", { type: "button", dataset: { action, job: job.job_id } }, label);
   const onCancel = async (job) => {
     try {
       await cancelJob(job.job_id);
@@ -169,6 +172,20 @@ export async function render(root, { signal }) {
     }
   };
 
+  const handlers = { cancel: onCancel, retry: onRetry };
+  const act = (event) => {
+    const target = event.target.closest("button[data-action]");
+    if (target) handlers[target.dataset.action]?.({ job_id: target.dataset.job });
+  };
+  for (const section of [pending, running, ended]) {
+    section.addEventListener("pointerup", (event) => {
+      if (event.button === 0) act(event);
+    });
+    section.addEventListener("click", (event) => {
+      if (event.detail === 0) act(event);
+    });
+  }
+
   const rowOf = (job, cells, actions) =>
     h("tr", { dataset: { job: job.job_id, status: job.status } }, cells.map((c) => h("td", {}, c)), h("td", {}, actions));
 
@@ -188,7 +205,7 @@ export async function render(root, { signal }) {
             rowOf(
               job,
               [jobLink(job.job_id), ago(job.submitted_at), h("span", { class: "reason" }, waitingReason(servers, job.pinned, shares.get(job.caller)))],
-              button("Cancel", "cancel", job, onCancel),
+              button("Cancel", "cancel", job),
             ),
           ),
           "Nothing waits.",
@@ -203,7 +220,7 @@ export async function render(root, { signal }) {
             rowOf(
               job,
               [jobLink(job.job_id), badge(job.status), job.server_id || "–", progressOf(job)],
-              button("Cancel", "cancel", job, onCancel),
+              button("Cancel", "cancel", job),
             ),
           ),
           "Nothing runs.",
@@ -225,7 +242,7 @@ export async function render(root, { signal }) {
                 seconds(job.duration_s ?? null),
                 job.error_message ? h("span", { class: "error" }, job.error_message) : "",
               ],
-              button("Retry", "retry", job, onRetry),
+              button("Retry", "retry", job),
             ),
           ),
           "No job has ended yet.",
