@@ -11,7 +11,7 @@ import json
 import statistics
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -96,8 +96,11 @@ def write_results(name: str, payload: dict[str, Any]) -> Path:
 
 
 @asynccontextmanager
-async def running_system(**settings_kw: Any) -> AsyncIterator[System]:
+async def running_system(
+    headers: Mapping[str, str] | None = None, **settings_kw: Any
+) -> AsyncIterator[System]:
     """NATS (child process), log sink, adapter host and gateway in this loop; all stopped.
+    `headers` authenticate the system's own REST calls (with `api_keys` set).
 
     The submit rate limit is off unless `submit_rate_per_s` is given: a benchmark submits fast.
     """
@@ -112,7 +115,7 @@ async def running_system(**settings_kw: Any) -> AsyncIterator[System]:
                 port=0,
                 **({"submit_rate_per_s": 0.0} | settings_kw),
             )
-            async with system_on_broker(settings) as system:
+            async with system_on_broker(settings, headers=headers) as system:
                 yield system
         finally:
             await server.stop()

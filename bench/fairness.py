@@ -20,7 +20,6 @@ import argparse
 import asyncio
 import os
 import sys
-import tempfile
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -31,12 +30,18 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import goal, pct, print_goals, say, table, tiny, write_results
-from gateway.bus.natsserver import start_nats_server
-from gateway.settings import Settings
+from bench.common import (
+    goal,
+    pct,
+    print_goals,
+    running_system,
+    say,
+    table,
+    tiny,
+    write_results,
+)
 from plugins.simulator import SimulatorConfig
 from tests.e2e.conftest import System
-from tests.e2e.conftest import running_system as system_on_broker
 
 KEYS = {"ops": "bench-ops-key", "heavy": "bench-heavy-key", "light": "bench-light-key"}
 SERVERS = ("b1", "b2", "b3", "b4")
@@ -52,25 +57,13 @@ def _auth(who: str) -> dict[str, str]:
 @asynccontextmanager
 async def keyed_system(capacity: int) -> AsyncIterator[System]:
     """The system with the three keys, on its own broker, and the servers registered."""
-    with tempfile.TemporaryDirectory(prefix="comfybench-") as tmp:
-        server = await start_nats_server(
-            port=0, store_dir=Path(tmp) / "nats", log_file=Path(tmp) / "nats.log"
-        )
-        try:
-            settings = Settings(
-                nats_url=server.url,
-                data_dir=str(Path(tmp) / "data"),
-                port=0,
-                api_keys=[f"admin/ops@plain:{KEYS['ops']}"]
-                + [f"user/{who}@plain:{KEYS[who]}" for who in ("heavy", "light")],
-            )
-            async with system_on_broker(settings, headers=_auth("ops")) as system:
-                config = SimulatorConfig(node_seconds=NODE_SECONDS)
-                for server_id in SERVERS:
-                    await system.add_server(server_id, config, capacity=capacity)
-                yield system
-        finally:
-            await server.stop()
+    keys = [f"admin/ops@plain:{KEYS['ops']}"]
+    keys += [f"user/{who}@plain:{KEYS[who]}" for who in ("heavy", "light")]
+    async with running_system(headers=_auth("ops"), api_keys=keys) as system:
+        config = SimulatorConfig(node_seconds=NODE_SECONDS)
+        for server_id in SERVERS:
+            await system.add_server(server_id, config, capacity=capacity)
+        yield system
 
 
 async def _light_run(
